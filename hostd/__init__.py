@@ -1,0 +1,1 @@
+"""hostd: per-user system containers with a private Docker."""

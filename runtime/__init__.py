@@ -1,0 +1,1 @@
+"""System containers: images, ID-mapped rootfs, OCI spec, runc. Knows nothing of users or SSH."""

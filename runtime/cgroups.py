@@ -1,0 +1,141 @@
+"""A container's delegated cgroup subtree, planned as data and applied in one place.
+
+The inner systemd and dockerd must create and manage cgroups below their own root, so before
+every start the container's cgroup directories are created and handed to the container's root
+ID (runc removes them when the container exits).
+- cgroup v1: one directory per hierarchy (controllers and name=systemd); cpuset needs its
+  cpus/mems filled in before a task can join.
+- cgroup v2: one node, its parent enabling the controllers; the node, cgroup.procs,
+  cgroup.subtree_control and cgroup.threads are chowned. systemd inside moves itself into the
+  leaf init.scope, so the node holds no process once controllers are enabled below it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from dataclasses import dataclass
+
+from runtime.mountinfo import Mount
+
+V1_DELEGATED_FILES = ("cgroup.procs", "tasks", "cgroup.clone_children")
+V2_DELEGATED_FILES = ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads")
+V2_CONTROLLERS = ("cpuset", "cpu", "io", "memory", "pids")
+CPUSET_FILES = ("cpuset.cpus", "cpuset.mems")
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    root: str  # mount point
+    controllers: tuple[str, ...]  # v1 super options naming controllers (or name=systemd)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the host's cgroup hierarchies are mounted."""
+
+    version: int  # 1 (legacy or hybrid) or 2 (unified)
+    hierarchies: tuple[Hierarchy, ...]  # v1: one per hierarchy; v2: the single root
+
+
+@dataclass(frozen=True)
+class CgroupDir:
+    path: str
+    chown: tuple[str, ...]  # files inside to hand over; empty for the shared parent
+    copy_from_parent: tuple[str, ...] = ()  # v1 cpuset: inherit cpus and mems
+    enable_controllers: tuple[str, ...] = ()  # v2: written to cgroup.subtree_control
+
+
+@dataclass(frozen=True)
+class CgroupPlan:
+    runc_path: str  # linux.cgroupsPath in config.json
+    owner: int  # host ID of root inside
+    dirs: tuple[CgroupDir, ...]  # parents first
+
+
+def detect(mounts: list[Mount]) -> Layout:
+    unified = [m for m in mounts if m.target == "/sys/fs/cgroup" and m.fstype == "cgroup2"]
+    if unified:
+        return Layout(2, (Hierarchy("/sys/fs/cgroup", ()),))
+    v1 = [
+        Hierarchy(m.target, tuple(o for o in m.super_options if o not in ("rw", "ro")))
+        for m in mounts
+        if m.fstype == "cgroup"
+    ]
+    return Layout(1, tuple(sorted(v1, key=lambda h: h.root)))
+
+
+def plan(layout: Layout, parent: str, name: str, owner: int) -> CgroupPlan:
+    dirs: list[CgroupDir] = []
+    for h in layout.hierarchies:
+        root = h.root
+        if layout.version == 1:
+            inherit = CPUSET_FILES if "cpuset" in h.controllers else ()
+            dirs.append(CgroupDir(f"{root}/{parent}", (), inherit))
+            dirs.append(CgroupDir(f"{root}/{parent}/{name}", V1_DELEGATED_FILES, inherit))
+        else:
+            dirs.append(CgroupDir(f"{root}/{parent}", (), (), V2_CONTROLLERS))
+            dirs.append(CgroupDir(f"{root}/{parent}/{name}", V2_DELEGATED_FILES))
+    return CgroupPlan(f"/{parent}/{name}", owner, tuple(dirs))
+
+
+def apply(p: CgroupPlan) -> None:
+    """Create the directories (idempotent) and hand the container's ones to its root."""
+    for d in p.dirs:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d.path, 0o755)
+        for fname in d.copy_from_parent:
+            with open(f"{os.path.dirname(d.path)}/{fname}") as src:
+                value = src.read().strip()
+            with open(f"{d.path}/{fname}", "w") as dst:
+                dst.write(value)
+        if d.enable_controllers:
+            _enable(d.path, d.enable_controllers)
+        if d.chown:
+            os.chown(d.path, p.owner, p.owner)
+            for fname in d.chown:
+                with contextlib.suppress(FileNotFoundError):
+                    os.chown(f"{d.path}/{fname}", p.owner, p.owner)
+
+
+def _enable(path: str, controllers: tuple[str, ...]) -> None:
+    with open(f"{path}/cgroup.controllers") as f:
+        available = set(f.read().split())
+    wanted = [c for c in controllers if c in available]
+    if wanted:
+        with open(f"{path}/cgroup.subtree_control", "w") as f:
+            f.write(" ".join(f"+{c}" for c in wanted))
+
+
+def remove(p: CgroupPlan) -> None:
+    """Remove the container's directories (children first), then the parents if now empty."""
+    for d in reversed(p.dirs):
+        if d.chown:
+            _rmdir_tree(d.path)
+        else:
+            _rmdir_if_unused(d.path)
+
+
+def _rmdir_tree(path: str) -> None:
+    """rmdir a cgroup and any sub-cgroups left by the inner systemd/dockerd (deepest first)."""
+    if not os.path.isdir(path):
+        return
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            _rmdir_tree(entry.path)
+    os.rmdir(path)
+
+
+def _rmdir_if_unused(path: str) -> None:
+    """The shared parent goes once no container is below it."""
+    try:
+        os.rmdir(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+            raise
+
+
+def exists(p: CgroupPlan) -> list[str]:
+    """The container's own cgroup directories still present (for checks after removal)."""
+    return [d.path for d in p.dirs if d.chown and os.path.isdir(d.path)]

@@ -1,0 +1,535 @@
+"""The lifecycle API of system containers: create, start, stop, kill, delete, state, exec.
+
+All of a container's state lives in one directory, `<state>/containers/<name>/`:
+    meta.json            what it is (image version, ID range, rootfs mode)
+    config.json          the OCI bundle's config, regenerated at every start
+    rootfs/              overlay mount point (runc's root)
+    lower/               ID-mapped template mount point, or the shifted copy
+    data/upper, work     overlay upper and work directories
+    data/docker, data/containerd   bound at /var/lib/docker and /var/lib/containerd
+    etc/hostname, etc/hosts        bound over the image's
+    dev/fuse, dev/net-tun          device nodes usable by the container's root
+    console.log          output of init (systemd)
+Deleting the container deletes the directory: nothing else is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime import cgroups, fsutil, mountinfo, proc, rootfs, syscalls
+from runtime.errors import RuntimeFailure
+from runtime.ids import IdRange
+from runtime.images import ImageStore
+from runtime.names import check_name, hostname_for
+from runtime.runc import Runc
+from runtime.spec import Bind, ContainerSpec, build_config
+
+log = logging.getLogger(__name__)
+
+SYSTEMD_HALT = int(signal.SIGRTMIN) + 3  # what `systemctl halt` amounts to for PID 1
+DEFAULT_RECIPES = Path(__file__).resolve().parent.parent / "packaging" / "images"
+
+# Character devices the container's root may open, besides runc's defaults (null, zero, full,
+# random, urandom, tty). Our own nodes, owned by the container's root: the host's are 0600.
+DEVICES = {"fuse": (10, 229, "/dev/fuse"), "net-tun": (10, 200, "/dev/net/tun")}
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path
+    recipes_dir: Path = DEFAULT_RECIPES
+    cache_dir: Path = Path("/var/cache/hostd/debootstrap")
+    runc: str = "runc"
+    cgroup_parent: str = "hostd"
+    rootfs_mode: str = "auto"  # auto | idmapped | copy
+
+
+@dataclass(frozen=True)
+class Container:
+    """What meta.json records about a container."""
+
+    name: str
+    image: str
+    image_dir: str  # the image version it was created from
+    ids: IdRange
+    hostname: str
+    rootfs_mode: rootfs.RootfsMode
+    created: str
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["ids"] = self.ids.start
+        return json.dumps(data, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Container:
+        data: dict[str, Any] = json.loads(text)
+        data["ids"] = IdRange(int(data["ids"]))
+        data["rootfs_mode"] = rootfs.RootfsMode(data["rootfs_mode"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    container: Container
+    status: str  # stopped | created | running | paused
+    pid: int  # host PID of init while running, else 0
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state_dir = settings.state_dir
+        self.images = ImageStore(
+            settings.state_dir / "images", settings.recipes_dir, settings.cache_dir
+        )
+        self.runc = Runc(settings.runc, settings.state_dir / "runc")
+        if settings.rootfs_mode not in ("auto", "idmapped", "copy"):
+            raise RuntimeFailure(
+                f"unknown rootfs mode {settings.rootfs_mode!r}", 'use "auto", "idmapped" or "copy"'
+            )
+
+    # -- paths and records -----------------------------------------------------------------
+
+    def _dir(self, name: str) -> Path:
+        return self.state_dir / "containers" / check_name(name)
+
+    def _paths(self, name: str) -> rootfs.RootfsPaths:
+        d = self._dir(name)
+        return rootfs.RootfsPaths(d / "lower", d / "data/upper", d / "data/work", d / "rootfs")
+
+    def get(self, name: str) -> Container:
+        try:
+            return Container.from_json((self._dir(name) / "meta.json").read_text())
+        except FileNotFoundError:
+            raise RuntimeFailure(
+                f"container {name!r} does not exist", "create it first (see `list`)"
+            ) from None
+
+    def containers(self) -> list[Container]:
+        root = self.state_dir / "containers"
+        if not root.is_dir():
+            return []
+        return [self.get(p.name) for p in sorted(root.iterdir()) if (p / "meta.json").exists()]
+
+    def _cgroup_plan(self, c: Container) -> cgroups.CgroupPlan:
+        layout = cgroups.detect(mountinfo.current())
+        return cgroups.plan(layout, self.settings.cgroup_parent, c.name, c.ids.root)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise changes across processes (range checks, directory creation)."""
+        self.state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        with open(self.state_dir / "lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def check_host(self) -> None:
+        """Fail early, with the fix, when runc or a kernel feature is missing."""
+        proc.require(self.settings.runc, "runc")
+        if not os.path.exists("/proc/self/ns/user"):
+            raise RuntimeFailure(
+                "the kernel has no user namespaces", "use a kernel built with CONFIG_USER_NS=y"
+            )
+        with open("/proc/sys/user/max_user_namespaces") as f:
+            if int(f.read()) == 0:
+                raise RuntimeFailure(
+                    "user namespaces are disabled", "run `sysctl -w user.max_user_namespaces=15000`"
+                )
+        with open("/proc/filesystems") as f:
+            if "overlay" not in f.read().split():
+                raise RuntimeFailure(
+                    "the kernel has no overlay file system", "run `modprobe overlay`"
+                )
+
+    # -- create ----------------------------------------------------------------------------
+
+    def create(self, name: str, image: str, ids: IdRange, hostname: str | None = None) -> Container:
+        """Prepare a container (storage, root filesystem, bundle); transactional."""
+        check_name(name)
+        self.check_host()
+        with self._locked():
+            cdir = self._dir(name)
+            if cdir.exists():
+                raise RuntimeFailure(
+                    f"container {name!r} already exists", "delete it first or pick another name"
+                )
+            for other in self.containers():
+                if other.ids.overlaps(ids):
+                    raise RuntimeFailure(
+                        f"ID range {ids} overlaps {other.ids} of container {other.name!r}",
+                        "give each container its own range",
+                    )
+            image_dir = self.images.resolve(image)
+            with _Undo() as undo:
+                (self.state_dir / "containers").mkdir(mode=0o711, parents=True, exist_ok=True)
+                cdir.mkdir(mode=0o711)
+                undo.push(fsutil.remove_tree, cdir)
+                mode = self._prepare_storage(cdir, image_dir / "rootfs", ids)
+                c = Container(
+                    name=name,
+                    image=image,
+                    image_dir=str(image_dir),
+                    ids=ids,
+                    hostname=hostname or hostname_for(name),
+                    rootfs_mode=mode,
+                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                )
+                self._write_etc(c)
+                fsutil.atomic_write(cdir / "meta.json", c.to_json())
+            return c
+
+    def _prepare_storage(self, cdir: Path, template: Path, ids: IdRange) -> rootfs.RootfsMode:
+        for sub in ("rootfs", "lower", "data", "data/work", "etc", "dev"):
+            (cdir / sub).mkdir(mode=0o711)
+        for sub in ("data/upper", "data/docker", "data/containerd"):
+            (cdir / sub).mkdir(mode=0o755 if sub == "data/upper" else 0o710)
+            os.chown(cdir / sub, ids.root, ids.root)
+        for node, (major, minor, _) in DEVICES.items():
+            os.mknod(cdir / "dev" / node, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+            os.chown(cdir / "dev" / node, ids.root, ids.root)
+            os.chmod(cdir / "dev" / node, 0o666)  # mknod applied the umask
+        paths = rootfs.RootfsPaths(
+            cdir / "lower", cdir / "data/upper", cdir / "data/work", cdir / "rootfs"
+        )
+        wanted = self.settings.rootfs_mode
+        if wanted in ("auto", "idmapped"):
+            try:
+                rootfs.mount(template, ids, paths, rootfs.RootfsMode.IDMAPPED)
+                return rootfs.RootfsMode.IDMAPPED
+            except RuntimeFailure as exc:
+                rootfs.unmount(paths)
+                if wanted == "idmapped" or not rootfs.idmap_unsupported(exc):
+                    raise
+                log.warning("%s; falling back to a shifted copy of the image", exc.cause)
+        rootfs.shifted_copy(template, paths.lower, ids)
+        rootfs.mount(template, ids, paths, rootfs.RootfsMode.COPY)
+        return rootfs.RootfsMode.COPY
+
+    def _write_etc(self, c: Container) -> None:
+        """hostname and hosts, bound into the container so `sudo` can resolve its own name."""
+        etc = self._dir(c.name) / "etc"
+        hosts = (
+            f"127.0.0.1\tlocalhost\n127.0.1.1\t{c.hostname}\n"
+            "::1\tlocalhost ip6-localhost ip6-loopback\n"
+        )
+        for fname, text in (("hostname", c.hostname + "\n"), ("hosts", hosts)):
+            fsutil.atomic_write(etc / fname, text)
+            os.chown(etc / fname, c.ids.root, c.ids.root)
+
+    # -- start / stop ----------------------------------------------------------------------
+
+    def spec(self, c: Container) -> ContainerSpec:
+        cdir = self._dir(c.name)
+        data_opts = ("rbind", "nosuid", "nodev")
+        binds = [
+            Bind(str(cdir / "data/docker"), "/var/lib/docker", data_opts),
+            Bind(str(cdir / "data/containerd"), "/var/lib/containerd", data_opts),
+            Bind(str(cdir / "etc/hostname"), "/etc/hostname", ("bind", "nosuid", "nodev")),
+            Bind(str(cdir / "etc/hosts"), "/etc/hosts", ("bind", "nosuid", "nodev")),
+        ]
+        binds += [
+            Bind(str(cdir / "dev" / node), dest, ("bind", "nosuid"))
+            for node, (_, _, dest) in DEVICES.items()
+        ]
+        return ContainerSpec(
+            name=c.name,
+            hostname=c.hostname,
+            ids=c.ids,
+            rootfs=str(cdir / "rootfs"),
+            cgroups_path=self._cgroup_plan(c).runc_path,
+            binds=tuple(binds),
+        )
+
+    def start(self, name: str) -> ContainerState:
+        c = self.get(name)
+        self.check_host()
+        with self._locked():
+            current = self.runc.state(name)
+            if current is not None and current.status in ("running", "paused", "created"):
+                raise RuntimeFailure(
+                    f"container {name!r} is already {current.status}", "stop it first"
+                )
+            if current is not None:
+                self.runc.delete(name)
+            cdir = self._dir(name)
+            plan = self._cgroup_plan(c)
+            with _Undo() as undo:
+                rootfs.mount(Path(c.image_dir) / "rootfs", c.ids, self._paths(name), c.rootfs_mode)
+                undo.push(rootfs.unmount, self._paths(name))
+                cgroups.apply(plan)
+                undo.push(cgroups.remove, plan)
+                fsutil.atomic_write(
+                    cdir / "config.json", json.dumps(build_config(self.spec(c)), indent=1)
+                )
+                undo.push(self.runc.delete, name)
+                self.runc.run_detached(cdir, name, cdir / "console.log")
+        return self.state(name)
+
+    def stop(self, name: str, timeout: float = 30.0) -> None:
+        """Ask systemd to halt; kill everything if it has not within `timeout` seconds."""
+        c = self.get(name)
+        st = self.runc.state(name)
+        if st is not None and st.status in ("running", "paused", "created") and st.pid:
+            with _pidfd(st.pid) as pidfd:
+                if pidfd is not None:
+                    self.runc.kill(name, SYSTEMD_HALT)
+                    if not _wait_readable(pidfd, timeout):
+                        log.warning("%s did not halt within %s s: killing it", name, timeout)
+                        self.runc.kill(name, signal.SIGKILL, all_processes=True)
+                        _wait_readable(pidfd, 10.0)
+        self._release(c)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.get(name)
+        self.runc.kill(name, sig, all_processes=sig == signal.SIGKILL)
+
+    def _release(self, c: Container) -> None:
+        """Drop everything a stopped container holds: runc state, cgroups, mounts."""
+        with self._locked():
+            self.runc.delete(c.name)
+            cgroups.remove(self._cgroup_plan(c))
+            rootfs.unmount(self._paths(c.name))
+
+    def delete(self, name: str, force: bool = False) -> None:
+        c = self.get(name)
+        st = self.state(name)
+        if st.status != "stopped":
+            if not force:
+                raise RuntimeFailure(
+                    f"container {name!r} is {st.status}", "stop it first, or delete with force"
+                )
+            self.stop(name, timeout=0)
+        self._release(c)
+        with self._locked():
+            fsutil.remove_tree(self._dir(name))
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def state(self, name: str) -> ContainerState:
+        c = self.get(name)
+        st = self.runc.state(name)
+        if st is None:
+            return ContainerState(c, "stopped", 0)
+        return ContainerState(c, st.status, st.pid if st.status != "stopped" else 0)
+
+    def states(self) -> list[ContainerState]:
+        return [self.state(c.name) for c in self.containers()]
+
+    def wait_ready(self, name: str, timeout: float = 60.0) -> None:
+        """Return once systemd finished booting (`running`) and the inner dockerd answers."""
+        deadline = time.monotonic() + timeout
+        while True:  # until systemd's private socket exists, systemctl cannot ask it
+            res = self.exec(name, ["systemctl", "is-system-running", "--wait"], timeout=timeout)
+            status = res.stdout.strip()
+            if status or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)  # poll interval; the deadline bounds the wait
+        if status != "running":
+            failed = self.exec(name, ["systemctl", "--failed", "--no-legend", "--plain"]).stdout
+            units = ", ".join(line.split()[0] for line in failed.splitlines() if line.strip())
+            raise RuntimeFailure(
+                f"container {name!r} booted {status or 'nothing'}"
+                + (f" (failed units: {units})" if units else ""),
+                f"see `journalctl` inside, or {self._dir(name) / 'console.log'}",
+            )
+        pid = self.state(name).pid
+        sock_path = f"/proc/{pid}/root/run/docker.sock"
+        while not _docker_ping(sock_path):
+            if time.monotonic() > deadline:
+                raise RuntimeFailure(
+                    f"the Docker daemon in {name!r} did not answer",
+                    "see `journalctl -u docker` inside",
+                )
+            time.sleep(0.05)  # poll interval; the deadline above bounds the wait
+
+    # -- exec ------------------------------------------------------------------------------
+
+    def exec_argv(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        user: str = "0:0",
+        env: Sequence[str] = (),
+        cwd: str | None = None,
+    ) -> list[str]:
+        """argv that runs `argv` inside without a terminal, for callers spawning it themselves."""
+        return self.runc.exec_argv(name, argv, user=user, env=env, cwd=cwd)
+
+    def exec(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        user: str = "0:0",
+        env: Sequence[str] = (),
+        cwd: str | None = None,
+        input: bytes | None = None,
+        timeout: float | None = None,
+    ) -> proc.Result:
+        """Run `argv` inside and collect its output; the exit status is in the result."""
+        self._require_running(name)
+        return proc.run(
+            self.exec_argv(name, argv, user=user, env=env, cwd=cwd),
+            input=input,
+            timeout=timeout,
+            check=False,
+        )
+
+    def exec_tty(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        user: str = "0:0",
+        env: Sequence[str] = (),
+        cwd: str | None = None,
+        rows: int = 24,
+        cols: int = 80,
+    ) -> TtyProcess:
+        """Start `argv` inside on a new pty of the container's own devpts.
+
+        runc passes the pty master over a console socket and detaches, so the caller becomes
+        the child subreaper to be able to wait for the process and learn its exit status.
+        """
+        self._require_running(name)
+        syscalls.set_child_subreaper()
+        with tempfile.TemporaryDirectory(prefix="hostd-tty-") as tmp:
+            sock_path, pid_file = Path(tmp) / "console.sock", Path(tmp) / "pid"
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+                listener.bind(str(sock_path))
+                listener.listen(1)
+                listener.settimeout(30)
+                cmd = self.runc.exec_argv(
+                    name,
+                    argv,
+                    user=user,
+                    env=env,
+                    cwd=cwd,
+                    console_socket=sock_path,
+                    pid_file=pid_file,
+                )
+                runc = subprocess.Popen(
+                    cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                )
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    runc.kill()
+                    _, err = runc.communicate()
+                    raise RuntimeFailure(
+                        f"runc exec with a terminal failed: {err.decode()}",
+                        "check that the container is running",
+                    ) from None
+                with conn:
+                    _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+                _, err = runc.communicate()
+                if runc.returncode != 0 or not fds:
+                    for fd in fds:
+                        os.close(fd)
+                    raise RuntimeFailure(
+                        f"runc exec failed: {err.decode().strip()}",
+                        "check the command and the user",
+                    )
+            pid = int(pid_file.read_text())
+        tty = TtyProcess(pid, fds[0])
+        tty.resize(rows, cols)
+        return tty
+
+    def _require_running(self, name: str) -> None:
+        st = self.state(name)
+        if st.status != "running":
+            raise RuntimeFailure(f"container {name!r} is {st.status}", "start it first")
+
+
+class TtyProcess:
+    """A process inside a container on a pty: `master` is the pty master's fd."""
+
+    def __init__(self, pid: int, master: int) -> None:
+        self.pid = pid
+        self.master = master
+
+    def resize(self, rows: int, cols: int) -> None:
+        import struct
+        import termios
+
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def wait(self) -> int:
+        """Exit status (128 + signal when killed); needs this process as subreaper."""
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.master)
+        return (
+            os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+        )
+
+
+class _Undo:
+    """Undo steps of a half-done operation, in reverse, when it fails."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+
+    def push(self, fn: Callable[..., object], *args: object) -> None:
+        self._steps.append((fn, args))
+
+    def __enter__(self) -> _Undo:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            return
+        for fn, args in reversed(self._steps):
+            try:
+                fn(*args)
+            except Exception:  # keep undoing; the original error is what the caller sees
+                log.exception("undo step %s failed", getattr(fn, "__name__", fn))
+
+
+@contextlib.contextmanager
+def _pidfd(pid: int) -> Iterator[int | None]:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _wait_readable(fd: int, timeout: float) -> bool:
+    """Wait until `fd` is readable (a pidfd: the process exited), at most `timeout` seconds."""
+    ready, _, _ = select.select([fd], [], [], timeout)
+    return bool(ready)
+
+
+def _docker_ping(sock_path: str) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            s.connect(sock_path)
+            s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return b" 200 " in s.recv(64).split(b"\r\n", 1)[0]
+    except OSError:
+        return False

@@ -1,0 +1,257 @@
+"""Read-only image templates: built from a recipe with debootstrap, or imported from a tarball.
+
+Layout under the store root:
+    <name>                   symlink to the current version (swapped atomically)
+    .versions/<name>@<ver>/  rootfs/ and manifest.json, never modified after publication
+    .build/                  work in progress; a failed build leaves nothing elsewhere
+A rebuild publishes a new version; containers keep the version they were created from, so
+running containers are never disturbed. Unreferenced old versions are pruned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime import fsutil, proc
+from runtime.errors import RuntimeFailure
+from runtime.names import check_name
+
+INIT_PATHS = ("sbin/init", "lib/systemd/systemd", "usr/lib/systemd/systemd")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    created: str  # ISO 8601, UTC
+    source: str
+    size: int  # bytes on disk
+    packages: tuple[str, ...]  # "name version", from the image's dpkg database
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        return cls(**{**data, "packages": tuple(data["packages"])})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    directory: Path
+    suite: str
+    variant: str
+    mirror: str
+    packages: tuple[str, ...]
+
+    @classmethod
+    def load(cls, directory: Path) -> Recipe:
+        path = directory / "recipe.toml"
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+            return cls(
+                directory,
+                str(data["suite"]),
+                str(data.get("variant", "minbase")),
+                str(data["mirror"]),
+                tuple(str(p) for p in data.get("packages", ())),
+            )
+        except FileNotFoundError as exc:
+            raise RuntimeFailure(
+                f"no image recipe at {path}", "name one of the recipes in packaging/images"
+            ) from exc
+        except (tomllib.TOMLDecodeError, KeyError) as exc:
+            raise RuntimeFailure(f"bad image recipe {path}: {exc}", "fix the file") from exc
+
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+class ImageStore:
+    def __init__(self, root: Path, recipes: Path, cache: Path) -> None:
+        self.root = root
+        self.recipes = recipes
+        self.cache = cache  # debootstrap's package cache, kept across builds
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def versions_dir(self) -> Path:
+        return self.root / ".versions"
+
+    def resolve(self, name: str) -> Path:
+        """Directory of the current version of image `name` (holding rootfs/ and manifest)."""
+        check_name(name, "image")
+        link = self.root / name
+        if not link.is_symlink():
+            raise RuntimeFailure(
+                f"image {name!r} not found",
+                f"build it with `hostd-runtime image build {name}` or import a tarball",
+            )
+        return self.root / os.readlink(link)
+
+    def manifest(self, version_dir: Path) -> Manifest:
+        with open(version_dir / "manifest.json") as f:
+            return Manifest.from_json(json.load(f))
+
+    def manifests(self) -> list[Manifest]:
+        if not self.root.is_dir():
+            return []
+        return [
+            self.manifest(self.resolve(p.name))
+            for p in sorted(self.root.iterdir())
+            if p.is_symlink()
+        ]
+
+    # -- building --------------------------------------------------------------------------
+
+    def build(
+        self, name: str, recipe_name: str | None = None, progress: Progress = _quiet
+    ) -> Manifest:
+        """Build image `name` from recipe `recipe_name` (default: same name) and publish it."""
+        check_name(name, "image")
+        recipe = Recipe.load(self.recipes / (recipe_name or name))
+        debootstrap = proc.require("debootstrap", "debootstrap")
+        with self._workdir(name) as work:
+            rootfs = work / "rootfs"
+            self.cache.mkdir(parents=True, exist_ok=True)
+            progress(f"debootstrap {recipe.suite} ({len(recipe.packages)} extra packages)")
+            proc.run(
+                [
+                    debootstrap,
+                    f"--variant={recipe.variant}",
+                    f"--cache-dir={self.cache}",
+                    "--include=" + ",".join(recipe.packages),
+                    recipe.suite,
+                    str(rootfs),
+                    recipe.mirror,
+                ],
+                fix=f"check that {recipe.mirror} is reachable from this host",
+            )
+            progress("running setup.sh in the new root")
+            shutil.copy(recipe.directory / "setup.sh", rootfs / "hostd-setup.sh")
+            proc.run(
+                ["chroot", str(rootfs), "/bin/sh", "/hostd-setup.sh"],
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
+                fix=f"fix {recipe.directory / 'setup.sh'}",
+            )
+            (rootfs / "hostd-setup.sh").unlink()
+            files = recipe.directory / "files"
+            if files.is_dir():
+                shutil.copytree(files, rootfs, dirs_exist_ok=True, symlinks=True)
+            source = f"debootstrap {recipe.suite} {recipe.variant} from {recipe.mirror}"
+            return self._publish(name, work, source, progress)
+
+    def import_tarball(self, name: str, tarball: Path, progress: Progress = _quiet) -> Manifest:
+        """Import a root filesystem tarball (what `docker export` writes) as image `name`."""
+        check_name(name, "image")
+        if not tarball.is_file():
+            raise RuntimeFailure(f"no such tarball {tarball}", "give the path of a .tar(.gz) file")
+        with self._workdir(name) as work:
+            rootfs = work / "rootfs"
+            rootfs.mkdir(mode=0o755)
+            progress(f"unpacking {tarball}")
+            proc.run(
+                [
+                    "tar",
+                    "--numeric-owner",
+                    "--xattrs",
+                    "--xattrs-include=*",
+                    "-xpf",
+                    str(tarball),
+                    "-C",
+                    str(rootfs),
+                ],
+                fix="give a root filesystem tarball, as `docker export` writes",
+            )
+            if not any((rootfs / p).exists() or (rootfs / p).is_symlink() for p in INIT_PATHS):
+                raise RuntimeFailure(
+                    f"{tarball} has no init (/sbin/init)",
+                    "export a system image with systemd installed",
+                )
+            return self._publish(name, work, f"import {tarball.resolve()}", progress)
+
+    @contextmanager
+    def _workdir(self, name: str) -> Iterator[Path]:
+        """A build directory: removed on failure; on success it has been renamed away."""
+        build = self.root / ".build"
+        build.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o711)
+        work = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=build))
+        try:
+            yield work
+        finally:
+            fsutil.remove_tree(work)
+
+    def _publish(self, name: str, work: Path, source: str, progress: Progress) -> Manifest:
+        rootfs = work / "rootfs"
+        version = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+        manifest = Manifest(
+            name=name,
+            version=version,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            source=source,
+            size=_disk_usage(rootfs),
+            packages=_packages(rootfs),
+        )
+        (work / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1) + "\n")
+        os.chmod(work, 0o755)
+        self.versions_dir().mkdir(exist_ok=True)
+        final = self.versions_dir() / f"{name}@{version}"
+        os.rename(work, final)
+        fsutil.atomic_symlink(os.path.relpath(final, self.root), self.root / name)
+        progress(f"published {name}@{version} ({manifest.size // 2**20} MiB)")
+        return manifest
+
+    # -- removal ---------------------------------------------------------------------------
+
+    def remove(self, name: str, in_use: Iterable[Path]) -> None:
+        """Unpublish `name`; its versions go once no container uses them."""
+        current = self.resolve(name)
+        users = {p.resolve() for p in in_use}
+        if current.resolve() in users:
+            raise RuntimeFailure(
+                f"image {name!r} is used by containers", "delete those containers first"
+            )
+        (self.root / name).unlink()
+        self.prune(users)
+
+    def prune(self, in_use: Iterable[Path]) -> list[str]:
+        """Delete versions that are neither current nor used by a container."""
+        keep = {p.resolve() for p in in_use}
+        keep |= {
+            (self.root / os.readlink(p)).resolve() for p in self.root.iterdir() if p.is_symlink()
+        }
+        removed = []
+        if self.versions_dir().is_dir():
+            for version in self.versions_dir().iterdir():
+                if version.resolve() not in keep:
+                    fsutil.remove_tree(version)
+                    removed.append(version.name)
+        return removed
+
+
+def _disk_usage(path: Path) -> int:
+    out = proc.run(["du", "-sxB1", str(path)]).stdout
+    return int(out.split()[0])
+
+
+def _packages(rootfs: Path) -> tuple[str, ...]:
+    admindir = rootfs / "var/lib/dpkg"
+    if not (admindir / "status").exists():
+        return ()
+    out = proc.run(
+        ["dpkg-query", f"--admindir={admindir}", "-W", "-f", "${Package} ${Version}\\n"]
+    ).stdout
+    return tuple(sorted(line for line in out.splitlines() if line))

@@ -1,0 +1,57 @@
+"""Reading /proc/self/mountinfo: which mounts exist, and what cgroup layout the host has."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mount:
+    target: str
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse(text: str) -> list[Mount]:
+    mounts = []
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, rest = left.split(), right.split()
+        if len(fields) < 5 or len(rest) < 3:
+            continue
+        mounts.append(
+            Mount(_unescape(fields[4]), rest[0], _unescape(rest[1]), tuple(rest[2].split(",")))
+        )
+    return mounts
+
+
+def current() -> list[Mount]:
+    with open("/proc/self/mountinfo") as f:
+        return parse(f.read())
+
+
+def mounts_under(path: str, mounts: list[Mount] | None = None) -> list[str]:
+    """Mount points at or below `path`, deepest first (the order to unmount them)."""
+    prefix = path.rstrip("/") + "/"
+    found = {m.target for m in (mounts if mounts is not None else current())}
+    hits = [t for t in found if t == path.rstrip("/") or t.startswith(prefix)]
+    return sorted(hits, key=lambda t: t.count("/"), reverse=True)
+
+
+def is_mounted(path: str) -> bool:
+    return any(m.target == path.rstrip("/") for m in current())

@@ -1,0 +1,96 @@
+"""A container's root filesystem: an overlay over the shared, read-only image template.
+
+The lower layer is the template itself seen through an ID-mapped mount (files owned by 0 appear
+owned by the range's root), so no per-container copy is made. Where the kernel or file system
+refuses ID-mapped mounts, a one-time copy of the template with IDs shifted by the range start
+is the lower layer instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from runtime import mountinfo, proc, syscalls
+from runtime.errors import RuntimeFailure
+from runtime.ids import IdRange
+from runtime.userns import user_namespace
+
+log = logging.getLogger(__name__)
+
+# errnos with which the kernel says "no ID-mapped mounts here"
+_UNSUPPORTED = (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+class RootfsMode(StrEnum):
+    IDMAPPED = "idmapped"
+    COPY = "copy"
+
+
+@dataclass(frozen=True)
+class RootfsPaths:
+    lower: Path  # ID-mapped mount point of the template, or the shifted copy
+    upper: Path
+    work: Path
+    merged: Path  # what runc gets as root.path
+
+
+def mount(template: Path, ids: IdRange, paths: RootfsPaths, mode: RootfsMode) -> None:
+    """Mount the lower layer (ID-mapped mode) and the overlay; already mounted parts are kept."""
+    if mode is RootfsMode.IDMAPPED and not mountinfo.is_mounted(str(paths.lower)):
+        try:
+            with user_namespace(ids) as userns:
+                syscalls.idmapped_bind(str(template), str(paths.lower), userns)
+        except OSError as exc:
+            raise idmap_failure(paths.lower, exc) from exc
+    if not mountinfo.is_mounted(str(paths.merged)):
+        options = f"lowerdir={paths.lower},upperdir={paths.upper},workdir={paths.work}"
+        try:
+            syscalls.mount("overlay", str(paths.merged), "overlay", 0, options)
+        except OSError as exc:
+            raise RuntimeFailure(
+                f"cannot mount the overlay root filesystem at {paths.merged}: {exc.strerror}",
+                "check that the kernel has overlayfs (modprobe overlay)",
+            ) from exc
+
+
+def unmount(paths: RootfsPaths) -> None:
+    for target in (paths.merged, paths.lower):
+        if mountinfo.is_mounted(str(target)):
+            try:
+                syscalls.umount(str(target))
+            except OSError:
+                syscalls.umount(str(target), detach=True)
+
+
+def idmap_failure(where: Path, exc: OSError) -> RuntimeFailure:
+    return RuntimeFailure(
+        f"ID-mapped mounts unsupported on {where} ({exc.strerror})",
+        'upgrade the kernel to >= 5.19 or set the rootfs mode to "copy"',
+    )
+
+
+def idmap_unsupported(exc: BaseException) -> bool:
+    cause = exc.__cause__ if isinstance(exc, RuntimeFailure) else exc
+    return isinstance(cause, OSError) and cause.errno in _UNSUPPORTED
+
+
+def shifted_copy(template: Path, dest: Path, ids: IdRange) -> None:
+    """Copy the template to `dest` with every owner shifted into `ids` (one time, fallback)."""
+    proc.run(["cp", "-a", "--reflink=auto", f"{template}/.", str(dest)], fix="free disk space")
+    _shift(str(dest), ids)
+    for top, dirs, files in os.walk(dest):
+        for name in dirs + files:
+            _shift(os.path.join(top, name), ids)
+
+
+def _shift(path: str, ids: IdRange) -> None:
+    st = os.lstat(path)
+    os.lchown(path, ids.start + st.st_uid, ids.start + st.st_gid)
+    if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(st.st_mode):
+        os.chmod(path, stat.S_IMODE(st.st_mode))  # chown cleared setuid/setgid

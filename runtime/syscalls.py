@@ -1,0 +1,80 @@
+"""Chokepoint for the syscalls Python lacks (mount API, namespaces, prctl), via cffi.
+
+Every function raises OSError with the kernel's errno on failure.
+"""
+
+from __future__ import annotations
+
+import os
+
+from runtime._syscalls import ffi, lib
+
+
+def _check(ret: int, what: str, path: str = "") -> int:
+    if ret < 0:
+        err = ffi.errno
+        raise OSError(err, f"{what}: {os.strerror(err)}", path or None)
+    return ret
+
+
+def _enc(path: str) -> bytes:
+    return os.fsencode(path)
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    _check(
+        lib.mount(
+            _enc(source), _enc(target), _enc(fstype), flags, _enc(data) if data else ffi.NULL
+        ),
+        f"mount {fstype} on {target}",
+        target,
+    )
+
+
+def umount(target: str, detach: bool = False) -> None:
+    _check(lib.umount2(_enc(target), lib.MNT_DETACH if detach else 0), f"umount {target}", target)
+
+
+def idmapped_bind(source: str, target: str, userns_fd: int) -> None:
+    """Bind `source` at `target` with its IDs shifted through the user namespace `userns_fd`."""
+    tree = _check(
+        lib.hostd_open_tree(
+            -100, _enc(source), lib.OPEN_TREE_CLONE | lib.OPEN_TREE_CLOEXEC | lib.AT_RECURSIVE
+        ),
+        f"open_tree {source}",
+        source,
+    )
+    try:
+        attr = ffi.new("struct mount_attr *")
+        attr.attr_set = lib.MOUNT_ATTR_IDMAP
+        attr.userns_fd = userns_fd
+        _check(
+            lib.hostd_mount_setattr(
+                tree,
+                b"",
+                lib.AT_EMPTY_PATH | lib.AT_RECURSIVE,
+                attr,
+                ffi.sizeof("struct mount_attr"),
+            ),
+            f"mount_setattr(MOUNT_ATTR_IDMAP) on {source}",
+            source,
+        )
+        _check(
+            lib.hostd_move_mount(tree, b"", -100, _enc(target), lib.MOVE_MOUNT_F_EMPTY_PATH),
+            f"move_mount to {target}",
+            target,
+        )
+    finally:
+        os.close(tree)
+
+
+def unshare_user() -> None:
+    _check(lib.unshare(lib.CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+
+
+def set_child_subreaper() -> None:
+    """Adopt orphaned descendants, so a detached `runc exec` can be waited for."""
+    _check(lib.hostd_set_child_subreaper(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+__all__ = ["idmapped_bind", "mount", "umount", "set_child_subreaper", "unshare_user"]

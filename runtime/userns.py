@@ -1,0 +1,62 @@
+"""A user namespace with a given mapping, as a file descriptor, for ID-mapped mounts.
+
+The namespace is made by a short-lived helper process (`python -m runtime.userns`), never by
+the caller itself: unsharing in a multi-threaded daemon or in preexec_fn is unsafe.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from runtime.errors import RuntimeFailure
+from runtime.ids import IdRange
+
+
+@contextmanager
+def user_namespace(ids: IdRange) -> Iterator[int]:
+    """Yield an fd of a fresh user namespace mapping 0..65535 to `ids`; closed on exit."""
+    helper = subprocess.Popen(
+        [sys.executable, "-m", "runtime.userns"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert helper.stdin is not None and helper.stdout is not None and helper.stderr is not None
+    try:
+        if helper.stdout.readline() != b"ready\n":
+            helper.wait()
+            raise RuntimeFailure(
+                f"cannot create a user namespace: {helper.stderr.read().decode().strip()}",
+                "enable user namespaces (sysctl user.max_user_namespaces > 0)",
+            )
+        for kind in ("uid_map", "gid_map"):
+            with open(f"/proc/{helper.pid}/{kind}", "w") as f:
+                f.write(ids.map_line())
+        fd = os.open(f"/proc/{helper.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        helper.stdin.close()
+        helper.wait()
+        helper.stdout.close()
+        helper.stderr.close()
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _helper_main() -> None:
+    """Helper side: enter a new user namespace, say so, and live until stdin closes."""
+    from runtime.syscalls import unshare_user
+
+    unshare_user()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    sys.stdin.buffer.read()
+
+
+if __name__ == "__main__":
+    _helper_main()

@@ -130,7 +130,7 @@ def _dispatch(rt: Runtime, args: argparse.Namespace) -> int:
         _out(args, {"deleted": args.name}, f"deleted {args.name}")
     elif args.cmd == "list":
         states = rt.states()
-        rows = [
+        lines = [
             (
                 s.container.name,
                 s.status,
@@ -144,7 +144,7 @@ def _dispatch(rt: Runtime, args: argparse.Namespace) -> int:
         data = [
             {**json.loads(s.container.to_json()), "status": s.status, "pid": s.pid} for s in states
         ]
-        _table(args, data, ("NAME", "STATUS", "PID", "IMAGE", "IDS", "ROOTFS"), rows)
+        _table(args, data, ("NAME", "STATUS", "PID", "IMAGE", "IDS", "ROOTFS"), lines)
     elif args.cmd == "exec":
         command = args.command[1:] if args.command[:1] == ["--"] else args.command
         if not command:

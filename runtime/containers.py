@@ -38,7 +38,7 @@ from runtime.ids import IdRange
 from runtime.images import ImageStore
 from runtime.names import check_name, hostname_for
 from runtime.runc import Runc
-from runtime.spec import Bind, ContainerSpec, build_config
+from runtime.spec import Bind, ContainerSpec, build_config, tty_process
 
 log = logging.getLogger(__name__)
 
@@ -413,21 +413,27 @@ class Runtime:
         """
         self._require_running(name)
         syscalls.set_child_subreaper()
+        uid, _, gid = user.partition(":")
+        config = json.loads((self._dir(name) / "config.json").read_text())
+        process = tty_process(
+            config,
+            argv,
+            uid=int(uid),
+            gid=int(gid or uid),
+            env=env,
+            cwd=cwd or "/",
+            rows=rows,
+            cols=cols,
+        )
         with tempfile.TemporaryDirectory(prefix="hostd-tty-") as tmp:
             sock_path, pid_file = Path(tmp) / "console.sock", Path(tmp) / "pid"
+            process_file = Path(tmp) / "process.json"
+            process_file.write_text(json.dumps(process))
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
                 listener.bind(str(sock_path))
                 listener.listen(1)
                 listener.settimeout(30)
-                cmd = self.runc.exec_argv(
-                    name,
-                    argv,
-                    user=user,
-                    env=env,
-                    cwd=cwd,
-                    console_socket=sock_path,
-                    pid_file=pid_file,
-                )
+                cmd = self.runc.exec_tty_argv(name, process_file, sock_path, pid_file)
                 runc = subprocess.Popen(
                     cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
                 )
@@ -451,9 +457,7 @@ class Runtime:
                         "check the command and the user",
                     )
             pid = int(pid_file.read_text())
-        tty = TtyProcess(pid, fds[0])
-        tty.resize(rows, cols)
-        return tty
+        return TtyProcess(pid, fds[0])
 
     def _require_running(self, name: str) -> None:
         st = self.state(name)

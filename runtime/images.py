@@ -57,6 +57,8 @@ class Recipe:
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
+            if not isinstance(data.get("packages", []), list):
+                raise KeyError("packages must be a list of package names")
             return cls(
                 directory,
                 str(data["suite"]),
@@ -68,7 +70,7 @@ class Recipe:
             raise RuntimeFailure(
                 f"no image recipe at {path}", "name one of the recipes in packaging/images"
             ) from exc
-        except (tomllib.TOMLDecodeError, KeyError) as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, KeyError) as exc:
             raise RuntimeFailure(f"bad image recipe {path}: {exc}", "fix the file") from exc
 
 

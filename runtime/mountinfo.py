@@ -28,10 +28,12 @@ def _unescape(field: str) -> str:
 
 
 def parse(text: str) -> list[Mount]:
+    # Only space, tab, newline and backslash are escaped: split on exactly "\n" and " ", as
+    # paths may hold other characters str.split() and str.splitlines() would break on.
     mounts = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
         left, _, right = line.partition(" - ")
-        fields, rest = left.split(), right.split()
+        fields, rest = left.split(" "), right.split(" ")
         if len(fields) < 5 or len(rest) < 3:
             continue
         mounts.append(
@@ -41,7 +43,7 @@ def parse(text: str) -> list[Mount]:
 
 
 def current() -> list[Mount]:
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
         return parse(f.read())
 
 

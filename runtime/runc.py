@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,26 +68,35 @@ class Runc:
         user: str = "0:0",
         env: Sequence[str] = (),
         cwd: str | None = None,
-        console_socket: Path | None = None,
-        pid_file: Path | None = None,
     ) -> list[str]:
-        """argv of `runc exec`; with a console socket the process gets a pty and runc detaches."""
+        """argv of `runc exec` without a terminal: stdio and exit status pass straight through."""
         cmd = [*self._base(), "exec", "--user", user]
         if cwd:
             cmd += ["--cwd", cwd]
         for e in env:
             cmd += ["--env", e]
-        if console_socket is not None:
-            cmd += ["--tty", "--detach", "--console-socket", str(console_socket)]
-        if pid_file is not None:
-            cmd += ["--pid-file", str(pid_file)]
         return [*cmd, cid, *argv]
+
+    def exec_tty_argv(
+        self, cid: str, process_file: Path, console_socket: Path, pid_file: Path
+    ) -> list[str]:
+        """argv of `runc exec` on a new pty: runc sends the master to `console_socket` and
+        detaches (runc 1.1 allows a console socket only with --detach)."""
+        return [
+            *self._base(), "exec", "--process", str(process_file), "--detach",
+            "--console-socket", str(console_socket), "--pid-file", str(pid_file), cid,
+        ]  # fmt: skip
+
+
+# logrus quotes msg Go-style (\" and \\ inside), and may put more fields after it.
+_MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
 
 
 def _runc_error(log: str) -> str:
     """The message of runc's last error line (runc logs `level=error msg="..."`)."""
     lines = [ln for ln in log.splitlines() if ln.strip()]
     for line in reversed(lines):
-        if "level=error" in line and 'msg="' in line:
-            return line.split('msg="', 1)[1].rsplit('"', 1)[0]
+        found = _MSG.search(line)
+        if "level=error" in line and found:
+            return re.sub(r'\\(["\\])', r"\1", found.group(1))
     return lines[-1] if lines else "no output"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,3 +155,28 @@ def build_config(spec: ContainerSpec) -> dict[str, Any]:
             "readonlyPaths": list(READONLY_PATHS),
         },
     }
+
+
+def tty_process(
+    config: dict[str, Any],
+    argv: Sequence[str],
+    *,
+    uid: int,
+    gid: int,
+    env: Sequence[str],
+    cwd: str,
+    rows: int,
+    cols: int,
+) -> dict[str, Any]:
+    """process.json for `runc exec --process`: the container's own process settings
+    (capabilities included) with a terminal of the given size set before the program runs."""
+    process = dict(config["process"])
+    process.update(
+        terminal=True,
+        consoleSize={"height": rows, "width": cols},
+        args=list(argv),
+        user={"uid": uid, "gid": gid},
+        env=[*process.get("env", []), *env],
+        cwd=cwd,
+    )
+    return process

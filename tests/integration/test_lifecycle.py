@@ -1,0 +1,111 @@
+"""Create, boot, exec, stop and delete system containers with the real runc."""
+
+from __future__ import annotations
+
+import os
+import select
+from pathlib import Path
+
+from runtime import mountinfo
+from runtime.containers import Runtime
+from runtime.rootfs import RootfsMode
+from tests.integration.conftest import CGROUP_PARENT, ContainerFactory, sh
+
+
+def _cgroup_dirs(name: str) -> list[Path]:
+    return [p for p in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_PARENT}/{name}") if p.is_dir()]
+
+
+def _read_until(fd: int, marker: bytes) -> bytes:
+    """Read a pty until `marker` shows up (or the other side closes), bounded to 30 s."""
+    out = b""
+    while marker not in out:
+        ready, _, _ = select.select([fd], [], [], 30)
+        assert ready, f"timed out waiting for {marker!r}; got {out!r}"
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def test_create_maps_the_shared_template(rt: Runtime, make_container: ContainerFactory) -> None:
+    name = make_container("create", start=False)
+    c = rt.get(name)
+    assert c.rootfs_mode is RootfsMode.IDMAPPED
+    cdir = rt.state_dir / "containers" / name
+    template = Path(c.image_dir) / "rootfs"
+    # the template is seen through an ID-mapped mount: same files, owned by the range's root
+    assert os.stat(template / "usr/sbin/dockerd").st_uid == 0
+    assert os.stat(cdir / "rootfs/usr/sbin/dockerd").st_uid == c.ids.start
+    assert os.stat(cdir / "rootfs/usr/bin/sudo").st_mode & 0o4000  # setuid kept
+    # nothing of the template was copied into the container's storage
+    assert not any((cdir / "data/upper").iterdir())
+
+
+def test_boot_reaches_running_with_docker_ready(
+    rt: Runtime, make_container: ContainerFactory
+) -> None:
+    name = make_container("boot")
+    assert rt.state(name).status == "running"
+    assert sh(rt, name, "systemctl is-system-running").strip() == "running"
+    assert sh(rt, name, "hostname").strip() == rt.get(name).hostname
+    res = rt.exec(name, ["sudo", "-n", "true"])
+    assert res.returncode == 0 and "unable to resolve host" not in res.stderr
+    assert sh(rt, name, "docker info --format '{{.Driver}}'").strip() == "overlay2"
+    assert sh(rt, name, "findmnt -no FSTYPE /run").strip() == "tmpfs"
+
+
+def test_exec_passes_exit_status_and_user(rt: Runtime, make_container: ContainerFactory) -> None:
+    name = make_container("exec")
+    assert rt.exec(name, ["sh", "-c", "exit 7"]).returncode == 7
+    assert rt.exec(name, ["id", "-u"], user="1000:1000").stdout.strip() == "1000"
+    res = rt.exec(name, ["sh", "-c", "cat; echo err >&2"], input=b"in\n")
+    assert (res.stdout, res.stderr) == ("in\n", "err\n")
+
+
+def test_exec_with_terminal(rt: Runtime, make_container: ContainerFactory) -> None:
+    name = make_container("tty")
+    p = rt.exec_tty(
+        name,
+        ["sh", "-c", "tty; stty size; read line; stty size; echo got-$line; exit 5"],
+        env=["TERM=xterm"],
+        rows=40,
+        cols=100,
+    )
+    first = _read_until(p.master, b"40 100")
+    assert b"/dev/pts/0" in first
+    p.resize(50, 120)
+    os.write(p.master, b"hello\n")
+    second = _read_until(p.master, b"got-hello")
+    assert b"50 120" in second
+    assert p.wait() == 5
+
+
+def test_stop_then_start_again(rt: Runtime, make_container: ContainerFactory) -> None:
+    name = make_container("restart")
+    sh(rt, name, "echo persisted > /root/file")
+    rt.stop(name)
+    cdir = rt.state_dir / "containers" / name
+    assert rt.state(name).status == "stopped"
+    assert mountinfo.mounts_under(str(cdir)) == []
+    assert _cgroup_dirs(name) == []
+    rt.start(name)
+    rt.wait_ready(name)
+    assert sh(rt, name, "cat /root/file").strip() == "persisted"
+
+
+def test_delete_leaves_nothing(rt: Runtime, make_container: ContainerFactory) -> None:
+    name = make_container("gone")
+    cdir = rt.state_dir / "containers" / name
+    assert mountinfo.mounts_under(str(cdir)) and _cgroup_dirs(name)
+    rt.delete(name, force=True)
+    assert not cdir.exists()
+    assert mountinfo.mounts_under(str(cdir)) == []
+    assert _cgroup_dirs(name) == []
+    assert rt.runc.state(name) is None
+    assert not (rt.state_dir / "runc" / name).exists()
+    assert name not in [c.name for c in rt.containers()]

@@ -1,0 +1,85 @@
+"""What meta.json records about a container, and the undo log of half-done operations."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from runtime.containers import Container, _Undo
+from runtime.errors import RuntimeFailure
+from runtime.ids import IdRange
+from runtime.rootfs import RootfsMode
+
+
+def make_container(mode: RootfsMode = RootfsMode.IDMAPPED) -> Container:
+    return Container(
+        name="alice",
+        image="default",
+        image_dir="/state/images/.versions/default@20240501T101010-42",
+        ids=IdRange(231072),
+        hostname="alice",
+        rootfs_mode=mode,
+        created="2024-05-01T10:10:10Z",
+    )
+
+
+@pytest.mark.parametrize("mode", list(RootfsMode))
+def test_container_survives_meta_json(mode: RootfsMode) -> None:
+    c = make_container(mode)
+    back = Container.from_json(c.to_json())
+    assert back == c
+    assert type(back.rootfs_mode) is RootfsMode
+
+
+def test_meta_json_stores_plain_values() -> None:
+    data = json.loads(make_container().to_json())
+    assert data["ids"] == 231072
+    assert data["rootfs_mode"] == "idmapped"
+
+
+def test_meta_json_with_an_unsafe_range_is_refused() -> None:
+    data = json.loads(make_container().to_json())
+    with pytest.raises(RuntimeFailure, match="root"):
+        Container.from_json(json.dumps({**data, "ids": 0}))
+
+
+class Boom(Exception):
+    pass
+
+
+def run_undo(steps: list[str], fail_with: Exception | None, broken: str = "") -> None:
+    """Push steps a, b, c (each appends its name to `steps`), then fail or not."""
+
+    def step(name: str) -> None:
+        steps.append(name)
+        if name == broken:
+            raise OSError(f"{name} broke")
+
+    with _Undo() as undo:
+        for name in ("a", "b", "c"):
+            undo.push(step, name)
+        if fail_with is not None:
+            raise fail_with
+
+
+def test_undo_does_nothing_on_success() -> None:
+    steps: list[str] = []
+    run_undo(steps, fail_with=None)
+    assert steps == []
+
+
+def test_undo_runs_steps_in_reverse_on_failure_and_reraises() -> None:
+    steps: list[str] = []
+    with pytest.raises(Boom):
+        run_undo(steps, fail_with=Boom())
+    assert steps == ["c", "b", "a"]
+
+
+def test_undo_keeps_going_past_a_failing_step(caplog: pytest.LogCaptureFixture) -> None:
+    steps: list[str] = []
+    with caplog.at_level(logging.ERROR), pytest.raises(Boom):
+        run_undo(steps, fail_with=Boom(), broken="b")
+    assert steps == ["c", "b", "a"]
+    assert "b broke" in caplog.text

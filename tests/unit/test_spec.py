@@ -1,0 +1,187 @@
+"""config.json of a system container: the isolation it promises, checked without root."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from runtime.ids import MAX_ID, MIN_START, RANGE_SIZE, IdRange
+from runtime.spec import CAPABILITIES, Bind, ContainerSpec, build_config, tty_process
+
+START = 231072
+BINDS = (
+    Bind("/state/alice/data/docker", "/var/lib/docker"),
+    Bind("/state/alice/etc/hosts", "/etc/hosts", ("bind", "nosuid", "nodev")),
+)
+STANDARD_TMPFS = ("/dev", "/dev/shm", "/run", "/run/lock", "/tmp")
+
+
+def make_spec(**overrides: Any) -> ContainerSpec:
+    fields: dict[str, Any] = {
+        "name": "alice",
+        "hostname": "alice-box",
+        "ids": IdRange(START),
+        "rootfs": "/state/alice/rootfs",
+        "cgroups_path": "/hostd/alice",
+        "binds": BINDS,
+    }
+    return ContainerSpec(**{**fields, **overrides})
+
+
+@pytest.fixture
+def config() -> dict[str, Any]:
+    return build_config(make_spec())
+
+
+def mount_at(config: dict[str, Any], destination: str) -> dict[str, Any]:
+    found = [m for m in config["mounts"] if m["destination"] == destination]
+    assert len(found) == 1, f"{destination} mounted {len(found)} times"
+    return found[0]
+
+
+def destinations(config: dict[str, Any]) -> list[str]:
+    return [m["destination"] for m in config["mounts"]]
+
+
+def test_namespaces_are_exactly_the_isolating_set(config: dict[str, Any]) -> None:
+    types = [ns["type"] for ns in config["linux"]["namespaces"]]
+    assert sorted(types) == sorted(["user", "mount", "pid", "network", "ipc", "uts", "cgroup"])
+    assert all(set(ns) == {"type"} for ns in config["linux"]["namespaces"])  # no host ns paths
+
+
+def test_uid_and_gid_maps_are_the_single_container_range(config: dict[str, Any]) -> None:
+    expected = [{"containerID": 0, "hostID": START, "size": 65536}]
+    assert config["linux"]["uidMappings"] == expected
+    assert config["linux"]["gidMappings"] == expected
+
+
+@given(st.integers(MIN_START, MAX_ID - RANGE_SIZE + 1))
+def test_host_root_is_never_mapped(start: int) -> None:
+    linux = build_config(make_spec(ids=IdRange(start)))["linux"]
+    for entry in linux["uidMappings"] + linux["gidMappings"]:
+        assert not entry["hostID"] <= 0 < entry["hostID"] + entry["size"]
+
+
+def test_every_capability_set_is_full(config: dict[str, Any]) -> None:
+    caps = config["process"]["capabilities"]
+    assert set(caps) == {"bounding", "effective", "permitted", "inheritable", "ambient"}
+    for name, granted in caps.items():
+        assert granted == list(CAPABILITIES), name
+
+
+def test_capability_list_has_every_kernel_6_capability_once() -> None:
+    assert len(CAPABILITIES) == len(set(CAPABILITIES)) == 41  # CAP_LAST_CAP is 40
+    assert CAPABILITIES[0] == "CAP_CHOWN"
+    assert CAPABILITIES[-1] == "CAP_CHECKPOINT_RESTORE"
+
+
+def test_proc_and_sys_are_their_kernel_file_systems(config: dict[str, Any]) -> None:
+    assert mount_at(config, "/proc")["type"] == "proc"
+    assert mount_at(config, "/sys")["type"] == "sysfs"
+
+
+def test_cgroup_file_system_is_writable_for_the_inner_systemd(config: dict[str, Any]) -> None:
+    cgroup = mount_at(config, "/sys/fs/cgroup")
+    assert cgroup["type"] == "cgroup"
+    assert "rw" in cgroup["options"]
+    assert "ro" not in cgroup["options"]
+
+
+@pytest.mark.parametrize("destination", STANDARD_TMPFS)
+def test_scratch_directories_are_tmpfs(config: dict[str, Any], destination: str) -> None:
+    assert mount_at(config, destination)["type"] == "tmpfs"
+
+
+def test_devpts_is_a_private_instance_with_usable_ptmx(config: dict[str, Any]) -> None:
+    pts = mount_at(config, "/dev/pts")
+    assert pts["type"] == "devpts"
+    assert "newinstance" in pts["options"]
+    assert "ptmxmode=0666" in pts["options"]
+
+
+def test_mqueue_is_mounted(config: dict[str, Any]) -> None:
+    assert mount_at(config, "/dev/mqueue")["type"] == "mqueue"
+
+
+def test_parents_are_mounted_before_what_lies_below_them(config: dict[str, Any]) -> None:
+    order = destinations(config)
+    for parent, child in [
+        ("/dev", "/dev/pts"),
+        ("/dev", "/dev/shm"),
+        ("/dev", "/dev/mqueue"),
+        ("/sys", "/sys/fs/cgroup"),
+        ("/run", "/run/lock"),
+    ]:
+        assert order.index(parent) < order.index(child), (parent, child)
+
+
+def test_host_interfaces_are_masked_or_read_only(config: dict[str, Any]) -> None:
+    assert "/proc/sysrq-trigger" in config["linux"]["readonlyPaths"]
+    assert "/proc/kcore" in config["linux"]["maskedPaths"]
+
+
+def test_binds_follow_the_standard_mounts_with_their_options(config: dict[str, Any]) -> None:
+    standard = build_config(make_spec(binds=()))["mounts"]
+    assert config["mounts"][: len(standard)] == standard
+    assert config["mounts"][len(standard) :] == [
+        {
+            "destination": "/var/lib/docker",
+            "type": "bind",
+            "source": "/state/alice/data/docker",
+            "options": ["rbind", "nosuid", "nodev"],
+        },
+        {
+            "destination": "/etc/hosts",
+            "type": "bind",
+            "source": "/state/alice/etc/hosts",
+            "options": ["bind", "nosuid", "nodev"],
+        },
+    ]
+
+
+def test_init_defaults_to_sbin_init(config: dict[str, Any]) -> None:
+    assert config["process"]["args"] == ["/sbin/init"]
+    custom = build_config(make_spec(init=("/lib/systemd/systemd", "--log-level=debug")))
+    assert custom["process"]["args"] == ["/lib/systemd/systemd", "--log-level=debug"]
+
+
+def test_init_runs_as_root_inside_with_the_container_env(config: dict[str, Any]) -> None:
+    process = config["process"]
+    assert process["user"] == {"uid": 0, "gid": 0}
+    assert "container=hostd" in process["env"]
+    assert any(e.startswith("PATH=") for e in process["env"])
+
+
+def test_spec_fields_are_passed_through(config: dict[str, Any]) -> None:
+    assert config["hostname"] == "alice-box"
+    assert config["root"] == {"path": "/state/alice/rootfs", "readonly": False}
+    assert config["linux"]["cgroupsPath"] == "/hostd/alice"
+
+
+def test_devices_cgroup_allows_everything(config: dict[str, Any]) -> None:
+    # No type, major or minor: the rule matches every device.
+    assert config["linux"]["resources"]["devices"] == [{"allow": True, "access": "rwm"}]
+
+
+def test_config_survives_json(config: dict[str, Any]) -> None:
+    assert json.loads(json.dumps(config)) == config
+
+
+def test_tty_process_keeps_capabilities_and_sets_the_terminal_before_start() -> None:
+    config = build_config(make_spec())
+    process = tty_process(
+        config, ["bash", "-l"], uid=1000, gid=1000, env=["TERM=xterm"], cwd="/home/a",
+        rows=40, cols=100,
+    )  # fmt: skip
+    assert process["terminal"] is True
+    assert process["consoleSize"] == {"height": 40, "width": 100}
+    assert process["args"] == ["bash", "-l"]
+    assert process["user"] == {"uid": 1000, "gid": 1000}
+    assert process["cwd"] == "/home/a"
+    assert process["capabilities"] == config["process"]["capabilities"]
+    assert process["env"][-1] == "TERM=xterm" and process["env"][0].startswith("PATH=")
+    assert config["process"]["terminal"] is False  # the container's own config is untouched

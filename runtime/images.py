@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -198,7 +199,7 @@ class ImageStore:
 
     def _publish(self, name: str, work: Path, source: str, progress: Progress) -> Manifest:
         rootfs = work / "rootfs"
-        version = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+        version = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
         manifest = Manifest(
             name=name,
             version=version,

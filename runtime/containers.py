@@ -275,6 +275,7 @@ class Runtime:
             with _Undo() as undo:
                 rootfs.mount(Path(c.image_dir) / "rootfs", c.ids, self._paths(name), c.rootfs_mode)
                 undo.push(rootfs.unmount, self._paths(name))
+                self._write_etc(c)
                 cgroups.apply(plan)
                 undo.push(cgroups.remove, plan)
                 fsutil.atomic_write(
@@ -285,15 +286,20 @@ class Runtime:
         return self.state(name)
 
     def stop(self, name: str, timeout: float = 30.0) -> None:
-        """Ask systemd to halt; kill everything if it has not within `timeout` seconds."""
+        """Ask systemd to halt; kill everything if it has not within `timeout` seconds
+        (at once with timeout 0)."""
         c = self.get(name)
         st = self.runc.state(name)
         if st is not None and st.status in ("running", "paused", "created") and st.pid:
             with _pidfd(st.pid) as pidfd:
                 if pidfd is not None:
-                    self.runc.kill(name, SYSTEMD_HALT)
-                    if not _wait_readable(pidfd, timeout):
-                        log.warning("%s did not halt within %s s: killing it", name, timeout)
+                    halted = False
+                    if timeout > 0:
+                        self.runc.kill(name, SYSTEMD_HALT)
+                        halted = _wait_readable(pidfd, timeout)
+                        if not halted:
+                            log.warning("%s did not halt within %s s: killing it", name, timeout)
+                    if not halted:
                         self.runc.kill(name, signal.SIGKILL, all_processes=True)
                         _wait_readable(pidfd, 10.0)
         self._release(c)

@@ -1,0 +1,27 @@
+#!/bin/bash
+# Install what hostd needs on a Debian 12 host: system packages, then a virtualenv at .venv
+# with hostd installed editable (this builds the cffi syscall module). Idempotent; run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  runc uidmap debootstrap busybox-static iptables nftables lxcfs fuse3 e2fsprogs iproute2
+  libsystemd-dev openssh-client openssh-server
+  python3 python3-venv python3-dev gcc libffi-dev pkg-config
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+echo "hostd installed in $(pwd)/.venv"

@@ -4,7 +4,7 @@ The inner systemd and dockerd must create and manage cgroups below their own roo
 every start the container's cgroup directories are created and handed to the container's root
 ID (runc removes them when the container exits).
 - cgroup v1: one directory per hierarchy (controllers and name=systemd); cpuset needs its
-  cpus/mems filled in before a task can join.
+  cpus/mems filled in before a task can join. On hybrid hosts runc also uses the cgroup2 tree.
 - cgroup v2: one node, its parent enabling the controllers; the node, cgroup.procs,
   cgroup.subtree_control and cgroup.threads are chowned. systemd inside moves itself into the
   leaf init.scope, so the node holds no process once controllers are enabled below it.
@@ -23,6 +23,7 @@ V1_DELEGATED_FILES = ("cgroup.procs", "tasks", "cgroup.clone_children")
 V2_DELEGATED_FILES = ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads")
 V2_CONTROLLERS = ("cpuset", "cpu", "io", "memory", "pids")
 CPUSET_FILES = ("cpuset.cpus", "cpuset.mems")
+UNIFIED = "unified"  # marks the cgroup2 tree of a hybrid host
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ def detect(mounts: list[Mount]) -> Layout:
         for m in mounts
         if m.fstype == "cgroup"
     ]
+    # Hybrid hosts also mount an (empty) cgroup2 tree, where runc puts the container too.
+    v1 += [Hierarchy(m.target, (UNIFIED,)) for m in mounts if m.fstype == "cgroup2"]
     return Layout(1, tuple(sorted(v1, key=lambda h: h.root)))
 
 
@@ -70,7 +73,10 @@ def plan(layout: Layout, parent: str, name: str, owner: int) -> CgroupPlan:
     dirs: list[CgroupDir] = []
     for h in layout.hierarchies:
         root = h.root
-        if layout.version == 1:
+        if layout.version == 1 and UNIFIED in h.controllers:
+            dirs.append(CgroupDir(f"{root}/{parent}", ()))
+            dirs.append(CgroupDir(f"{root}/{parent}/{name}", V2_DELEGATED_FILES))
+        elif layout.version == 1:
             inherit = CPUSET_FILES if "cpuset" in h.controllers else ()
             dirs.append(CgroupDir(f"{root}/{parent}", (), inherit))
             dirs.append(CgroupDir(f"{root}/{parent}/{name}", V1_DELEGATED_FILES, inherit))

@@ -74,7 +74,7 @@ def main() -> None:
                 for k, v in sample.items():
                     results[mode][k].append(v)
         print(f"\nmedian of {args.runs} runs")
-        print(f"{'metric':36} {'idmapped':>10} {'copy':>10} {'copy/idmapped':>14}  goal")
+        print(f"{'metric':36} {'idmapped':>10} {'copy':>10} {'copy/idmapped':>14}  goal (idmapped)")
         for key, label in LABELS.items():
             a = statistics.median(results["idmapped"][key])
             b = statistics.median(results["copy"][key])

@@ -30,7 +30,10 @@ V2_UNIFIED = """\
 35 23 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 \
 rw,nsdelegate,memory_recursiveprot
 """
-V1_ROOTS = ("blkio", "cpu", "cpuacct", "cpuset", "devices", "freezer", "memory", "pids", "systemd")
+V1_ROOTS = (
+    "blkio", "cpu", "cpuacct", "cpuset", "devices", "freezer", "memory", "pids", "systemd",
+    "unified",
+)  # fmt: skip
 OWNER = 231072
 
 
@@ -52,6 +55,7 @@ def test_detects_hybrid_host_as_v1_with_one_hierarchy_per_controller_mount() -> 
     by_root = {h.root: h.controllers for h in layout.hierarchies}
     assert by_root["/sys/fs/cgroup/cpuset"] == ("cpuset",)
     assert by_root["/sys/fs/cgroup/systemd"] == ("name=systemd",)
+    assert by_root["/sys/fs/cgroup/unified"] == ("unified",)
 
 
 def test_v1_hierarchy_with_joined_controllers_keeps_them_all() -> None:
@@ -78,7 +82,10 @@ def test_v1_plan_has_shared_parent_and_delegated_leaf_per_hierarchy() -> None:
     assert [d.path for d in plan.dirs] == expected_paths
     for d in plan.dirs:
         is_leaf = d.path.endswith("/alice")
-        assert d.chown == (("cgroup.procs", "tasks", "cgroup.clone_children") if is_leaf else ())
+        unified = d.path.startswith("/sys/fs/cgroup/unified/")
+        v1_files = ("cgroup.procs", "tasks", "cgroup.clone_children")
+        v2_files = ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads")
+        assert d.chown == ((v2_files if unified else v1_files) if is_leaf else ())
         assert d.enable_controllers == ()
 
 

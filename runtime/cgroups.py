@@ -145,3 +145,34 @@ def _rmdir_if_unused(path: str) -> None:
 def exists(p: CgroupPlan) -> list[str]:
     """The container's own cgroup directories still present (for checks after removal)."""
     return [d.path for d in p.dirs if d.chown and os.path.isdir(d.path)]
+
+
+@dataclass(frozen=True)
+class Usage:
+    memory: int  # bytes
+    cpu_seconds: float  # CPU time since start
+    pids: int  # tasks
+
+
+def usage(layout: Layout, parent: str, name: str) -> Usage:
+    """Current usage read from the container's cgroup files."""
+    if layout.version == 2:
+        node = f"{layout.hierarchies[0].root}/{parent}/{name}"
+        stat = dict(line.split() for line in _read(f"{node}/cpu.stat").splitlines())
+        return Usage(
+            int(_read(f"{node}/memory.current")),
+            int(stat["usage_usec"]) / 1e6,
+            int(_read(f"{node}/pids.current")),
+        )
+    roots = {c: h.root for h in layout.hierarchies for c in h.controllers}
+    leaf = f"/{parent}/{name}"
+    return Usage(
+        int(_read(f"{roots['memory']}{leaf}/memory.usage_in_bytes")),
+        int(_read(f"{roots['cpuacct']}{leaf}/cpuacct.usage")) / 1e9,
+        int(_read(f"{roots['pids']}{leaf}/pids.current")),
+    )
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()

@@ -28,17 +28,18 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from runtime import cgroups, fsutil, mountinfo, proc, rootfs, syscalls
+from runtime import cgroups, fsutil, mountinfo, proc, rootfs, shares, syscalls
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
 from runtime.images import ImageStore
 from runtime.names import check_name, hostname_for
 from runtime.runc import Runc
-from runtime.spec import Bind, ContainerSpec, build_config, tty_process
+from runtime.shares import Share
+from runtime.spec import Bind, ContainerSpec, Limits, build_config, tty_process
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class Container:
     hostname: str
     rootfs_mode: rootfs.RootfsMode
     created: str
+    shares: tuple[Share, ...] = ()
+    limits: Limits = Limits()
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -82,6 +85,8 @@ class Container:
         data: dict[str, Any] = json.loads(text)
         data["ids"] = IdRange(int(data["ids"]))
         data["rootfs_mode"] = rootfs.RootfsMode(data["rootfs_mode"])
+        data["shares"] = tuple(Share(**s) for s in data.get("shares", ()))
+        data["limits"] = Limits(**data.get("limits", {}))
         return cls(**data)
 
 
@@ -109,6 +114,9 @@ class Runtime:
 
     def _dir(self, name: str) -> Path:
         return self.state_dir / "containers" / check_name(name)
+
+    def _share_dir(self, name: str, index: int) -> Path:
+        return self._dir(name) / "shares" / str(index)
 
     def _paths(self, name: str) -> rootfs.RootfsPaths:
         d = self._dir(name)
@@ -162,7 +170,15 @@ class Runtime:
 
     # -- create ----------------------------------------------------------------------------
 
-    def create(self, name: str, image: str, ids: IdRange, hostname: str | None = None) -> Container:
+    def create(
+        self,
+        name: str,
+        image: str,
+        ids: IdRange,
+        hostname: str | None = None,
+        shares: Sequence[Share] = (),
+        limits: Limits | None = None,
+    ) -> Container:
         """Prepare a container (storage, root filesystem, bundle); transactional."""
         check_name(name)
         self.check_host()
@@ -192,6 +208,8 @@ class Runtime:
                     hostname=hostname or hostname_for(name),
                     rootfs_mode=mode,
                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    shares=tuple(shares),
+                    limits=limits or Limits(),
                 )
                 self._write_etc(c)
                 fsutil.atomic_write(cdir / "meta.json", c.to_json())
@@ -216,7 +234,7 @@ class Runtime:
                 rootfs.mount(template, ids, paths, rootfs.RootfsMode.IDMAPPED)
                 return rootfs.RootfsMode.IDMAPPED
             except RuntimeFailure as exc:
-                rootfs.unmount(paths)
+                fsutil.unmount_all(cdir)
                 if wanted == "idmapped" or not rootfs.idmap_unsupported(exc):
                     raise
                 log.warning("%s; falling back to a shifted copy of the image", exc.cause)
@@ -250,6 +268,10 @@ class Runtime:
             Bind(str(cdir / "dev" / node), dest, ("bind", "nosuid"))
             for node, (_, _, dest) in DEVICES.items()
         ]
+        binds += [
+            Bind(str(self._share_dir(c.name, i)), share.destination, ("rbind", "nosuid", "nodev"))
+            for i, share in enumerate(c.shares)
+        ]
         return ContainerSpec(
             name=c.name,
             hostname=c.hostname,
@@ -257,6 +279,7 @@ class Runtime:
             rootfs=str(cdir / "rootfs"),
             cgroups_path=self._cgroup_plan(c).runc_path,
             binds=tuple(binds),
+            limits=c.limits,
         )
 
     def start(self, name: str) -> ContainerState:
@@ -273,8 +296,10 @@ class Runtime:
             cdir = self._dir(name)
             plan = self._cgroup_plan(c)
             with _Undo() as undo:
+                undo.push(fsutil.unmount_all, cdir)
                 rootfs.mount(Path(c.image_dir) / "rootfs", c.ids, self._paths(name), c.rootfs_mode)
-                undo.push(rootfs.unmount, self._paths(name))
+                for i, share in enumerate(c.shares):
+                    shares.mount(share, c.ids, self._share_dir(name, i))
                 self._write_etc(c)
                 cgroups.apply(plan)
                 undo.push(cgroups.remove, plan)
@@ -308,12 +333,39 @@ class Runtime:
         self.get(name)
         self.runc.kill(name, sig, all_processes=sig == signal.SIGKILL)
 
+    def set_limits(self, name: str, limits: Limits) -> bool:
+        """Record new limits; apply them at once if running. True when applied live."""
+        with self._locked():
+            c = replace(self.get(name), limits=limits)
+            fsutil.atomic_write(self._dir(name) / "meta.json", c.to_json())
+        if self.state(name).status != "running":
+            return False
+        self.runc.update(name, limits.runc_update_args())
+        return True
+
+    def usage(self, name: str) -> cgroups.Usage | None:
+        """Memory, CPU time and tasks used now (None when not running)."""
+        c = self.get(name)
+        if self.state(name).status != "running":
+            return None
+        layout = cgroups.detect(mountinfo.current())
+        return cgroups.usage(layout, self.settings.cgroup_parent, c.name)
+
+    def disk_used(self, name: str) -> int:
+        """Bytes of the container's own storage (upper layer, Docker data, shifted copy)."""
+        cdir = self._dir(name)
+        return sum(
+            fsutil.disk_usage(cdir / sub)
+            for sub in ("data", "lower")
+            if not mountinfo.is_mounted(str(cdir / sub))
+        )
+
     def _release(self, c: Container) -> None:
         """Drop everything a stopped container holds: runc state, cgroups, mounts."""
         with self._locked():
             self.runc.delete(c.name)
             cgroups.remove(self._cgroup_plan(c))
-            rootfs.unmount(self._paths(c.name))
+            fsutil.unmount_all(self._dir(c.name))
 
     def delete(self, name: str, force: bool = False) -> None:
         c = self.get(name)

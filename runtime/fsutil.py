@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from runtime import mountinfo, syscalls
+from runtime import mountinfo, proc, syscalls
 from runtime.errors import RuntimeFailure
 
 
@@ -47,3 +47,9 @@ def remove_tree(path: Path) -> None:
             f"cannot remove {path}: still mounted at {left[0]}", f"unmount it (umount -l {left[0]})"
         )
     shutil.rmtree(path)
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes allocated below `path`, not crossing into other file systems."""
+    out = proc.run(["du", "-sxB1", str(path)]).stdout
+    return int(out.split()[0])

@@ -205,7 +205,7 @@ class ImageStore:
             version=version,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             source=source,
-            size=_disk_usage(rootfs),
+            size=fsutil.disk_usage(rootfs),
             packages=_packages(rootfs),
         )
         (work / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1) + "\n")
@@ -243,11 +243,6 @@ class ImageStore:
                     fsutil.remove_tree(version)
                     removed.append(version.name)
         return removed
-
-
-def _disk_usage(path: Path) -> int:
-    out = proc.run(["du", "-sxB1", str(path)]).stdout
-    return int(out.split()[0])
 
 
 def _packages(rootfs: Path) -> tuple[str, ...]:

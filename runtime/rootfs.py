@@ -44,7 +44,7 @@ def mount(template: Path, ids: IdRange, paths: RootfsPaths, mode: RootfsMode) ->
     """Mount the lower layer (ID-mapped mode) and the overlay; already mounted parts are kept."""
     if mode is RootfsMode.IDMAPPED and not mountinfo.is_mounted(str(paths.lower)):
         try:
-            with user_namespace(ids) as userns:
+            with user_namespace(ids.map_line(), ids.map_line()) as userns:
                 syscalls.idmapped_bind(str(template), str(paths.lower), userns)
         except OSError as exc:
             raise idmap_failure(paths.lower, exc) from exc
@@ -57,15 +57,6 @@ def mount(template: Path, ids: IdRange, paths: RootfsPaths, mode: RootfsMode) ->
                 f"cannot mount the overlay root filesystem at {paths.merged}: {exc.strerror}",
                 "check that the kernel has overlayfs (modprobe overlay)",
             ) from exc
-
-
-def unmount(paths: RootfsPaths) -> None:
-    for target in (paths.merged, paths.lower):
-        if mountinfo.is_mounted(str(target)):
-            try:
-                syscalls.umount(str(target))
-            except OSError:
-                syscalls.umount(str(target), detach=True)
 
 
 def idmap_failure(where: Path, exc: OSError) -> RuntimeFailure:

@@ -57,6 +57,9 @@ class Runc:
         argv = [*self._base(), "kill", *(["--all"] if all_processes else []), cid, str(signal)]
         proc.run(argv, check=False)
 
+    def update(self, cid: str, args: Sequence[str]) -> None:
+        proc.run([*self._base(), "update", *args, cid], fix="see runc's message")
+
     def delete(self, cid: str) -> None:
         proc.run([*self._base(), "delete", "--force", cid], check=False)
 

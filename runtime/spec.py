@@ -49,6 +49,38 @@ class Bind:
     options: tuple[str, ...] = ("rbind", "nosuid", "nodev")
 
 
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of the whole container (None: unlimited)."""
+
+    cpus: float | None = None  # hard cap in CPUs
+    memory: int | None = None  # bytes
+    pids: int | None = None
+
+    def resources(self) -> dict[str, Any]:
+        """linux.resources entries (besides devices) for these limits."""
+        res: dict[str, Any] = {}
+        if self.memory is not None:
+            res["memory"] = {"limit": self.memory}
+        if self.cpus is not None:
+            res["cpu"] = {"quota": round(self.cpus * CPU_PERIOD_US), "period": CPU_PERIOD_US}
+        if self.pids is not None:
+            res["pids"] = {"limit": self.pids}
+        return res
+
+    def runc_update_args(self) -> list[str]:
+        """`runc update` flags setting every limit, lifting the ones that are None."""
+        quota = round(self.cpus * CPU_PERIOD_US) if self.cpus is not None else -1
+        return [
+            "--memory", str(self.memory if self.memory is not None else -1),
+            "--cpu-period", str(CPU_PERIOD_US), "--cpu-quota", str(quota),
+            "--pids-limit", str(self.pids if self.pids is not None else -1),
+        ]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     """Everything config.json depends on; the runtime fills it from a container's state."""
@@ -59,6 +91,7 @@ class ContainerSpec:
     rootfs: str  # absolute path of the prepared (mounted) root filesystem
     cgroups_path: str
     binds: tuple[Bind, ...] = ()
+    limits: Limits = Limits()
     init: tuple[str, ...] = ("/sbin/init",)
     env: tuple[str, ...] = ("container=hostd",)
 
@@ -150,7 +183,7 @@ def build_config(spec: ContainerSpec) -> dict[str, Any]:
             # Device access is bounded by the user namespace (no mknod of real devices, only
             # the nodes bound into /dev); the inner Docker must be free to grant its containers
             # what it has, `--privileged` included, so the devices cgroup allows all.
-            "resources": {"devices": [{"allow": True, "access": "rwm"}]},
+            "resources": {"devices": [{"allow": True, "access": "rwm"}], **spec.limits.resources()},
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
         },

@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from runtime.errors import RuntimeFailure
-from runtime.ids import IdRange
 
 
 @contextmanager
-def user_namespace(ids: IdRange) -> Iterator[int]:
-    """Yield an fd of a fresh user namespace mapping 0..65535 to `ids`; closed on exit."""
+def user_namespace(uid_map: str, gid_map: str) -> Iterator[int]:
+    """Yield an fd of a fresh user namespace with the given /proc/PID/{uid,gid}_map contents;
+    closed on exit."""
     helper = subprocess.Popen(
         [sys.executable, "-m", "runtime.userns"],
         stdin=subprocess.PIPE,
@@ -33,9 +33,9 @@ def user_namespace(ids: IdRange) -> Iterator[int]:
                 f"cannot create a user namespace: {helper.stderr.read().decode().strip()}",
                 "enable user namespaces (sysctl user.max_user_namespaces > 0)",
             )
-        for kind in ("uid_map", "gid_map"):
+        for kind, content in (("uid_map", uid_map), ("gid_map", gid_map)):
             with open(f"/proc/{helper.pid}/{kind}", "w") as f:
-                f.write(ids.map_line())
+                f.write(content)
         fd = os.open(f"/proc/{helper.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         helper.stdin.close()

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from runtime.containers import Runtime, Settings, TtyProcess
+from runtime.containers import Runtime, Settings
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
+from runtime.ttyexec import TtyProcess
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -24,15 +24,13 @@ import select
 import signal
 import socket
 import stat
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from runtime import cgroups, fsutil, mountinfo, proc, rootfs, shares, syscalls
+from runtime import cgroups, fsutil, mountinfo, proc, rootfs, shares, ttyexec
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
 from runtime.images import ImageStore
@@ -40,6 +38,7 @@ from runtime.names import check_name, hostname_for
 from runtime.runc import Runc
 from runtime.shares import Share
 from runtime.spec import Bind, ContainerSpec, Limits, build_config, tty_process
+from runtime.ttyexec import TtyProcess
 
 log = logging.getLogger(__name__)
 
@@ -464,85 +463,20 @@ class Runtime:
         rows: int = 24,
         cols: int = 80,
     ) -> TtyProcess:
-        """Start `argv` inside on a new pty of the container's own devpts.
-
-        runc passes the pty master over a console socket and detaches, so the caller becomes
-        the child subreaper to be able to wait for the process and learn its exit status.
-        """
+        """Start `argv` inside on a new pty of the container's own devpts."""
         self._require_running(name)
-        syscalls.set_child_subreaper()
         uid, _, gid = user.partition(":")
         config = json.loads((self._dir(name) / "config.json").read_text())
         process = tty_process(
-            config,
-            argv,
-            uid=int(uid),
-            gid=int(gid or uid),
-            env=env,
-            cwd=cwd or "/",
-            rows=rows,
-            cols=cols,
-        )
-        with tempfile.TemporaryDirectory(prefix="hostd-tty-") as tmp:
-            sock_path, pid_file = Path(tmp) / "console.sock", Path(tmp) / "pid"
-            process_file = Path(tmp) / "process.json"
-            process_file.write_text(json.dumps(process))
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-                listener.bind(str(sock_path))
-                listener.listen(1)
-                listener.settimeout(30)
-                cmd = self.runc.exec_tty_argv(name, process_file, sock_path, pid_file)
-                runc = subprocess.Popen(
-                    cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-                )
-                try:
-                    conn, _ = listener.accept()
-                except TimeoutError:
-                    runc.kill()
-                    _, err = runc.communicate()
-                    raise RuntimeFailure(
-                        f"runc exec with a terminal failed: {err.decode()}",
-                        "check that the container is running",
-                    ) from None
-                with conn:
-                    _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
-                _, err = runc.communicate()
-                if runc.returncode != 0 or not fds:
-                    for fd in fds:
-                        os.close(fd)
-                    raise RuntimeFailure(
-                        f"runc exec failed: {err.decode().strip()}",
-                        "check the command and the user",
-                    )
-            pid = int(pid_file.read_text())
-        return TtyProcess(pid, fds[0])
+            config, argv, uid=int(uid), gid=int(gid or uid), env=env, cwd=cwd or "/",
+            rows=rows, cols=cols,
+        )  # fmt: skip
+        return ttyexec.start(self.runc.base_argv(), name, process)
 
     def _require_running(self, name: str) -> None:
         st = self.state(name)
         if st.status != "running":
             raise RuntimeFailure(f"container {name!r} is {st.status}", "start it first")
-
-
-class TtyProcess:
-    """A process inside a container on a pty: `master` is the pty master's fd."""
-
-    def __init__(self, pid: int, master: int) -> None:
-        self.pid = pid
-        self.master = master
-
-    def resize(self, rows: int, cols: int) -> None:
-        import struct
-        import termios
-
-        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-    def wait(self) -> int:
-        """Exit status (128 + signal when killed); needs this process as subreaper."""
-        _, status = os.waitpid(self.pid, 0)
-        os.close(self.master)
-        return (
-            os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-        )
 
 
 class _Undo:

@@ -24,6 +24,9 @@ class Runc:
     binary: str
     root: Path  # runc's own state directory, private to this runtime
 
+    def base_argv(self) -> list[str]:
+        return self._base()
+
     def _base(self) -> list[str]:
         return [self.binary, "--root", str(self.root)]
 
@@ -79,16 +82,6 @@ class Runc:
         for e in env:
             cmd += ["--env", e]
         return [*cmd, cid, *argv]
-
-    def exec_tty_argv(
-        self, cid: str, process_file: Path, console_socket: Path, pid_file: Path
-    ) -> list[str]:
-        """argv of `runc exec` on a new pty: runc sends the master to `console_socket` and
-        detaches (runc 1.1 allows a console socket only with --detach)."""
-        return [
-            *self._base(), "exec", "--process", str(process_file), "--detach",
-            "--console-socket", str(console_socket), "--pid-file", str(pid_file), cid,
-        ]  # fmt: skip
 
 
 # logrus quotes msg Go-style (\" and \\ inside), and may put more fields after it.

@@ -104,19 +104,6 @@ def test_exec_argv_with_user_cwd_and_env() -> None:
     ]  # fmt: skip
 
 
-def test_exec_tty_argv_uses_a_process_file_a_console_socket_and_detaches() -> None:
-    argv = RUNC.exec_tty_argv(
-        "alice", Path("/tmp/t/process.json"), Path("/tmp/t/console.sock"), Path("/tmp/t/pid")
-    )
-    assert argv == [
-        *BASE,
-        "--process", "/tmp/t/process.json", "--detach",
-        "--console-socket", "/tmp/t/console.sock",
-        "--pid-file", "/tmp/t/pid",
-        "alice",
-    ]  # fmt: skip
-
-
 def test_exec_argv_options_of_the_command_stay_after_the_container_id() -> None:
     argv = RUNC.exec_argv("alice", ["--tty", "-c", "x"])
     assert argv[-4:] == ["alice", "--tty", "-c", "x"]

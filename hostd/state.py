@@ -1,0 +1,310 @@
+"""hostd's durable state: tenants, their quotas and an audit log, in one SQLite file.
+
+Every write is one transaction (WAL, synchronous=FULL), so `kill -9` or a power cut at any point
+leaves either the whole change or none of it. The schema is versioned by PRAGMA user_version and
+grows only by appending to MIGRATIONS, so an older database is brought up to date on open and a
+newer one is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import astuple, dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+
+from hostd.errors import HostdError
+
+PHASES = ("adding", "ready", "removing")
+DESIRED = ("running", "stopped")
+BUSY_TIMEOUT_S = 10.0  # how long a writer waits for another process's transaction to finish
+MAX_INTEGER = 2**63 - 1  # SQLite's largest INTEGER
+
+# Migration N (1-based) takes the database from user_version N-1 to N in one transaction.
+# Never edit a released migration: append a new one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE tenants (
+            user TEXT PRIMARY KEY,
+            uid INTEGER NOT NULL,
+            gid INTEGER NOT NULL,
+            home TEXT NOT NULL,
+            range_start INTEGER NOT NULL UNIQUE,
+            image TEXT NOT NULL,
+            phase TEXT NOT NULL CHECK (phase IN ('adding', 'ready', 'removing')),
+            desired TEXT NOT NULL CHECK (desired IN ('running', 'stopped')),
+            created TEXT NOT NULL
+        )""",
+        """CREATE TABLE quotas (
+            user TEXT PRIMARY KEY REFERENCES tenants(user) ON DELETE CASCADE,
+            cpus REAL,
+            memory INTEGER,
+            pids INTEGER,
+            disk INTEGER
+        )""",
+        # No foreign key on purpose: the audit log outlives the tenants it mentions.
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at TEXT NOT NULL,
+            user TEXT,
+            what TEXT NOT NULL
+        )""",
+    ),
+)
+
+_TENANT_COLUMNS = "user, uid, gid, home, range_start, image, phase, desired, created"
+
+
+def utc_now() -> str:
+    """The timestamp format of the state database: ISO-8601 in UTC, to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _check_phase(phase: str) -> None:
+    if phase not in PHASES:
+        raise ValueError(f"phase {phase!r} is not one of {PHASES}")
+
+
+def _check_desired(desired: str) -> None:
+    if desired not in DESIRED:
+        raise ValueError(f"desired state {desired!r} is not one of {DESIRED}")
+
+
+@dataclass(frozen=True)
+class Quota:
+    """A tenant's limits; None means unlimited. memory and disk in bytes, cpus in CPUs."""
+
+    cpus: float | None = None
+    memory: int | None = None
+    pids: int | None = None
+    disk: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if not 0 < value <= MAX_INTEGER:  # also false for NaN and infinity
+                raise HostdError(
+                    f"quota {f.name} = {value} is out of range",
+                    "give a positive number, or no value for unlimited",
+                )
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A Unix user with a system container; `phase` tracks half-done adds and removals."""
+
+    user: str
+    uid: int
+    gid: int
+    home: str
+    range_start: int
+    image: str
+    phase: str
+    desired: str
+    created: str
+
+    def __post_init__(self) -> None:
+        _check_phase(self.phase)
+        _check_desired(self.desired)
+
+
+class State:
+    """The state database. Thread-safe: one connection, used under a lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # 0600 before SQLite makes it
+        self._lock = threading.Lock()
+        # isolation_level=None: no implicit transactions; _write() issues BEGIN/COMMIT itself.
+        self._db = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self._check_version()
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def __enter__(self) -> State:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return _user_version(self._db)
+
+    def _check_version(self) -> None:
+        """Refuse a database written by a newer hostd before changing anything in it."""
+        found, known = _user_version(self._db), len(MIGRATIONS)
+        if found > known:
+            raise HostdError(
+                f"{self.path} has schema version {found}, newer than this hostd ({known})",
+                "upgrade hostd",
+            )
+
+    def _migrate(self) -> None:
+        for version, statements in enumerate(MIGRATIONS, start=1):
+            with self._write() as db:
+                # Read inside the transaction: another process may have migrated meanwhile.
+                if _user_version(db) >= version:
+                    continue
+                for sql in statements:
+                    db.execute(sql)
+                db.execute(f"PRAGMA user_version = {version}")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: all of it is committed, or none of it."""
+        with self._lock:
+            # IMMEDIATE takes the write lock now, so checks made inside stay true until COMMIT.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # SQLite may already have rolled back (disk full...)
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def _change_one(self, user: str, sql: str, params: tuple[object, ...]) -> None:
+        with self._write() as db:
+            if db.execute(sql, params).rowcount == 0:
+                raise _not_a_tenant(user)
+
+    def begin_add(self, tenant: Tenant, quota: Quota) -> None:
+        """Record a tenant being added (phase 'adding') with its quota, both or neither."""
+        if tenant.phase != "adding":
+            raise ValueError(f"a new tenant starts in phase 'adding', not {tenant.phase!r}")
+        with self._write() as db:
+            try:
+                db.execute(
+                    f"INSERT INTO tenants ({_TENANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    astuple(tenant),
+                )
+            except sqlite3.IntegrityError:
+                if db.execute("SELECT 1 FROM tenants WHERE user = ?", (tenant.user,)).fetchone():
+                    raise HostdError(
+                        f"user {tenant.user} is already a tenant",
+                        "remove it first, or pick another user",
+                    ) from None
+                owner = db.execute(
+                    "SELECT user FROM tenants WHERE range_start = ?", (tenant.range_start,)
+                ).fetchone()
+                if owner:
+                    raise HostdError(
+                        f"ID range starting at {tenant.range_start} is already given to {owner[0]}",
+                        "allocate a range that is not in the state database (any phase)",
+                    ) from None
+                raise
+            db.execute(
+                "INSERT INTO quotas (user, cpus, memory, pids, disk) VALUES (?, ?, ?, ?, ?)",
+                (tenant.user, *astuple(quota)),
+            )
+
+    def set_phase(self, user: str, phase: str) -> None:
+        _check_phase(phase)
+        self._change_one(user, "UPDATE tenants SET phase = ? WHERE user = ?", (phase, user))
+
+    def set_desired(self, user: str, desired: str) -> None:
+        _check_desired(desired)
+        self._change_one(user, "UPDATE tenants SET desired = ? WHERE user = ?", (desired, user))
+
+    def delete_tenant(self, user: str) -> None:
+        """Forget a tenant; its quota goes with it (ON DELETE CASCADE), its events stay."""
+        self._change_one(user, "DELETE FROM tenants WHERE user = ?", (user,))
+
+    def tenant(self, user: str) -> Tenant | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE user = ?", (user,)
+            ).fetchone()
+        return None if row is None else Tenant(*row)
+
+    def tenants(self) -> list[Tenant]:
+        """Every tenant, in any phase, ordered by user name."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_TENANT_COLUMNS} FROM tenants ORDER BY user")
+            return [Tenant(*row) for row in rows]
+
+    def range_starts(self) -> list[int]:
+        """Every ID range handed out, whatever the tenant's phase: allocation must avoid them."""
+        with self._lock:
+            rows = self._db.execute("SELECT range_start FROM tenants ORDER BY range_start")
+            return [start for (start,) in rows]
+
+    def quota(self, user: str) -> Quota:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT q.cpus, q.memory, q.pids, q.disk"
+                " FROM tenants t LEFT JOIN quotas q ON q.user = t.user WHERE t.user = ?",
+                (user,),
+            ).fetchone()
+        if row is None:
+            raise _not_a_tenant(user)
+        return Quota(*row)
+
+    def set_quota(self, user: str, quota: Quota) -> None:
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM tenants WHERE user = ?", (user,)).fetchone():
+                raise _not_a_tenant(user)
+            db.execute(
+                "INSERT OR REPLACE INTO quotas (user, cpus, memory, pids, disk)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (user, *astuple(quota)),
+            )
+
+    def log_event(self, user: str | None, what: str) -> None:
+        """Append to the audit log of admin actions (add, remove, quota, start, stop)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO events (at, user, what) VALUES (?, ?, ?)", (utc_now(), user, what)
+            )
+
+    def events(
+        self, user: str | None = None, limit: int = 100
+    ) -> list[tuple[str, str | None, str]]:
+        """The latest `limit` events as (at, user, what), oldest first; user None means all."""
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        where, params = ("", ()) if user is None else ("WHERE user = ?", (user,))
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, user, what FROM"
+                f" (SELECT id, at, user, what FROM events {where} ORDER BY id DESC LIMIT ?)"
+                " ORDER BY id",
+                (*params, limit),
+            )
+            return [(at, who, what) for at, who, what in rows]
+
+
+def _user_version(db: sqlite3.Connection) -> int:
+    version: int = db.execute("PRAGMA user_version").fetchone()[0]
+    return version
+
+
+def _not_a_tenant(user: str) -> HostdError:
+    return HostdError(f"user {user} is not a tenant", "check the name, or add the user first")

@@ -1,0 +1,327 @@
+"""The state database: migrations, tenant bookkeeping, thread safety and crash safety."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hostd import state
+from hostd.errors import HostdError
+from hostd.state import MAX_INTEGER, MIGRATIONS, Quota, State, Tenant
+
+
+def make_tenant(user: str, range_start: int, **changes: object) -> Tenant:
+    tenant = Tenant(
+        user=user,
+        uid=1000,
+        gid=1000,
+        home=f"/home/{user}",
+        range_start=range_start,
+        image="default",
+        phase="adding",
+        desired="running",
+        created="2024-01-01T00:00:00+00:00",
+    )
+    return replace(tenant, **changes)  # type: ignore[arg-type]
+
+
+def raw(path: Path) -> closing[sqlite3.Connection]:
+    """A connection that bypasses State, to look at the file as another process would."""
+    return closing(sqlite3.connect(path, isolation_level=None))
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "hostd.db"
+
+
+@pytest.fixture
+def db(db_path: Path) -> Iterator[State]:
+    with State(db_path) as s:
+        yield s
+
+
+def test_new_database_is_migrated_to_the_latest_version(db_path: Path) -> None:
+    with State(db_path) as s:
+        assert s.schema_version == len(MIGRATIONS)
+    assert db_path.parent.stat().st_mode & 0o777 == 0o700
+    assert db_path.stat().st_mode & 0o777 == 0o600
+    with raw(db_path) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"tenants", "quotas", "events"} <= tables
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_an_empty_file_is_migrated(db_path: Path) -> None:
+    db_path.parent.mkdir()
+    db_path.touch()
+    with State(db_path) as s:
+        assert s.schema_version == len(MIGRATIONS)
+
+
+def test_reopening_keeps_data_and_version(db_path: Path) -> None:
+    with State(db_path) as s:
+        s.begin_add(make_tenant("alice", 100000), Quota(memory=2**30))
+    for _ in range(2):
+        with State(db_path) as s:
+            assert s.schema_version == len(MIGRATIONS)
+            assert [t.user for t in s.tenants()] == ["alice"]
+            assert s.quota("alice") == Quota(memory=2**30)
+
+
+def test_database_from_a_newer_hostd_is_refused_untouched(db_path: Path) -> None:
+    db_path.parent.mkdir()
+    with raw(db_path) as conn:
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    before = db_path.read_bytes()
+    with pytest.raises(HostdError) as info:
+        State(db_path)
+    assert str(info.value) == (
+        f"{db_path} has schema version {len(MIGRATIONS) + 1}, "
+        f"newer than this hostd ({len(MIGRATIONS)}): upgrade hostd"
+    )
+    assert db_path.read_bytes() == before
+
+
+def test_a_failing_migration_leaves_the_previous_version(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    State(db_path).close()
+    broken = (*MIGRATIONS, ("CREATE TABLE extra (x INTEGER)", "NOT SQL AT ALL"))
+    monkeypatch.setattr(state, "MIGRATIONS", broken)
+    with pytest.raises(sqlite3.OperationalError):
+        State(db_path)
+    with raw(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'extra'").fetchone()
+
+
+def test_begin_add_records_tenant_and_quota(db: State) -> None:
+    alice = make_tenant("alice", 100000)
+    db.begin_add(alice, Quota(cpus=1.5, pids=500))
+    assert db.tenant("alice") == alice
+    assert db.quota("alice") == Quota(cpus=1.5, pids=500)
+    assert db.tenant("bob") is None
+
+
+def test_begin_add_requires_phase_adding(db: State) -> None:
+    with pytest.raises(ValueError, match="adding"):
+        db.begin_add(make_tenant("alice", 100000, phase="ready"), Quota())
+    assert db.tenants() == []
+
+
+def test_duplicate_user_is_refused_and_nothing_changes(db: State) -> None:
+    db.begin_add(make_tenant("alice", 100000), Quota(memory=1 << 30))
+    with pytest.raises(HostdError, match="^user alice is already a tenant: "):
+        db.begin_add(make_tenant("alice", 200000, image="other"), Quota(memory=1))
+    assert db.tenants() == [make_tenant("alice", 100000)]
+    assert db.quota("alice") == Quota(memory=1 << 30)
+    assert db.range_starts() == [100000]
+
+
+def test_taken_range_is_refused_and_nothing_changes(db: State) -> None:
+    db.begin_add(make_tenant("alice", 100000), Quota())
+    with pytest.raises(HostdError) as info:
+        db.begin_add(make_tenant("bob", 100000), Quota(pids=10))
+    assert "100000" in info.value.cause and "alice" in info.value.cause
+    assert db.tenant("bob") is None
+    with raw(db.path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM quotas").fetchone()[0] == 1
+
+
+def test_phase_and_desired_updates(db: State) -> None:
+    db.begin_add(make_tenant("alice", 100000), Quota())
+    db.set_phase("alice", "ready")
+    db.set_desired("alice", "stopped")
+    tenant = db.tenant("alice")
+    assert tenant is not None and (tenant.phase, tenant.desired) == ("ready", "stopped")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: s.set_phase("alice", "gone"),
+        lambda s: s.set_desired("alice", "paused"),
+        lambda s: make_tenant("bob", 1, phase="nope"),
+        lambda s: make_tenant("bob", 1, desired="nope"),
+        lambda s: s.events(limit=-1),
+    ],
+)
+def test_invalid_values_are_programming_errors(db: State, call: object) -> None:
+    db.begin_add(make_tenant("alice", 100000), Quota())
+    with pytest.raises(ValueError):
+        call(db)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: s.set_phase("bob", "ready"),
+        lambda s: s.set_desired("bob", "stopped"),
+        lambda s: s.delete_tenant("bob"),
+        lambda s: s.quota("bob"),
+        lambda s: s.set_quota("bob", Quota()),
+    ],
+)
+def test_unknown_user_is_reported(db: State, call: object) -> None:
+    with pytest.raises(HostdError, match="^user bob is not a tenant: "):
+        call(db)  # type: ignore[operator]
+
+
+def test_delete_cascades_quota_and_frees_the_range(db: State) -> None:
+    db.begin_add(make_tenant("alice", 100000), Quota(disk=10 << 30))
+    db.log_event("alice", "add")
+    db.delete_tenant("alice")
+    assert db.tenant("alice") is None
+    assert db.range_starts() == []
+    with raw(db.path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM quotas").fetchone()[0] == 0
+    assert [e[1:] for e in db.events()] == [("alice", "add")]  # the audit log outlives tenants
+    db.begin_add(make_tenant("alice", 100000), Quota())
+
+
+def test_tenants_and_ranges_cover_every_phase_in_order(db: State) -> None:
+    for user, start in [("carol", 300000), ("alice", 500000), ("bob", 100000)]:
+        db.begin_add(make_tenant(user, start), Quota())
+    db.set_phase("bob", "ready")
+    db.set_phase("carol", "removing")
+    assert [t.user for t in db.tenants()] == ["alice", "bob", "carol"]
+    assert db.range_starts() == [100000, 300000, 500000]
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=50)
+@given(
+    st.builds(
+        Quota,
+        cpus=st.none() | st.floats(min_value=0.01, max_value=1024),
+        memory=st.none() | st.integers(1, MAX_INTEGER),
+        pids=st.none() | st.integers(1, MAX_INTEGER),
+        disk=st.none() | st.integers(1, MAX_INTEGER),
+    )
+)
+def test_quota_round_trips(db: State, quota: Quota) -> None:
+    if db.tenant("alice") is None:
+        db.begin_add(make_tenant("alice", 100000), Quota())
+    db.set_quota("alice", quota)
+    assert db.quota("alice") == quota
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"cpus": 0.0},
+        {"cpus": float("nan")},
+        {"cpus": float("inf")},
+        {"memory": -1},
+        {"pids": 0},
+        {"disk": MAX_INTEGER + 1},
+    ],
+)
+def test_out_of_range_quota_is_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(HostdError, match="out of range"):
+        Quota(**kwargs)  # type: ignore[arg-type]
+
+
+def test_events_are_filtered_and_limited(db: State) -> None:
+    for i in range(5):
+        db.log_event("alice", f"quota {i}")
+    db.log_event("bob", "add")
+    db.log_event(None, "reload")
+    assert [what for _, _, what in db.events("alice", limit=2)] == ["quota 3", "quota 4"]
+    assert [(who, what) for _, who, what in db.events(limit=3)] == [
+        ("alice", "quota 4"),
+        ("bob", "add"),
+        (None, "reload"),
+    ]
+    assert db.events(limit=0) == []
+    at = db.events()[0][0]
+    assert at.endswith("+00:00") and at[:4].isdigit() and "T" in at
+
+
+def test_concurrent_use_from_threads(db: State) -> None:
+    per_thread = 25
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(per_thread):
+                user = f"u{n}-{i}"
+                db.begin_add(make_tenant(user, 100000 + (n * per_thread + i) * 65536), Quota())
+                db.set_phase(user, "ready")
+                db.log_event(user, "add")
+                assert db.tenant(user) is not None
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(db.tenants()) == 8 * per_thread
+    assert all(t.phase == "ready" for t in db.tenants())
+    assert len(set(db.range_starts())) == 8 * per_thread
+    assert len(db.events(limit=1000)) == 8 * per_thread
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from hostd.state import Quota, State, Tenant
+
+    s = State(Path(sys.argv[1]))
+    base = int(sys.argv[2])
+    for i in range(100000):
+        user = f"c{base}-{i}"
+        s.begin_add(
+            Tenant(user, 1000, 1000, "/home/x", (base + i) * 65536, "default",
+                   "adding", "running", "2024-01-01T00:00:00+00:00"),
+            Quota(cpus=1.0, memory=i + 1, pids=i + 1, disk=i + 1),
+        )
+        print(user, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("kill_after", [1, 37, 150])
+def test_sigkill_while_adding_leaves_a_consistent_database(db_path: Path, kill_after: int) -> None:
+    committed: list[str] = []
+    for round_, base in enumerate([10, 200000]):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(db_path), str(base)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert child.stdout is not None
+        for _ in range(kill_after * (round_ + 1)):
+            committed.append(child.stdout.readline().strip())
+        child.send_signal(signal.SIGKILL)
+        rest, _ = child.communicate()
+        committed += rest.split()
+        assert child.returncode == -signal.SIGKILL
+
+        with raw(db_path) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+            orphans = conn.execute(
+                "SELECT COUNT(*) FROM tenants WHERE user NOT IN (SELECT user FROM quotas)"
+            ).fetchone()[0]
+            assert orphans == 0
+        with State(db_path) as s:
+            users = {t.user for t in s.tenants()}
+            assert set(committed) <= users  # every reported commit survived
+            assert len(users) <= len(committed) + round_ + 1  # at most one unreported each

@@ -9,12 +9,9 @@ import argparse
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import sys
-import termios
-import tty
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +19,7 @@ from pathlib import Path
 from runtime.containers import Runtime, Settings
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
-from runtime.ttyexec import TtyProcess
+from runtime.ttyexec import relay
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,8 +98,8 @@ def _dispatch(rt: Runtime, args: argparse.Namespace) -> int:
                 (m.name, m.version, f"{m.size / 2**20:.0f} MiB", str(len(m.packages)), m.created)
                 for m in ms
             ]
-            _table(
-                args,
+            print_table(
+                args.json,
                 [asdict(m) for m in ms],
                 ("NAME", "VERSION", "SIZE", "PACKAGES", "CREATED"),
                 rows,
@@ -145,7 +142,7 @@ def _dispatch(rt: Runtime, args: argparse.Namespace) -> int:
         data = [
             {**json.loads(s.container.to_json()), "status": s.status, "pid": s.pid} for s in states
         ]
-        _table(args, data, ("NAME", "STATUS", "PID", "IMAGE", "IDS", "ROOTFS"), lines)
+        print_table(args.json, data, ("NAME", "STATUS", "PID", "IMAGE", "IDS", "ROOTFS"), lines)
     elif args.cmd == "exec":
         command = args.command[1:] if args.command[:1] == ["--"] else args.command
         if not command:
@@ -153,63 +150,27 @@ def _dispatch(rt: Runtime, args: argparse.Namespace) -> int:
         if args.tty:
             size = shutil.get_terminal_size()
             term = os.environ.get("TERM", "xterm")
-            return _relay(
-                rt.exec_tty(
-                    args.name,
-                    command,
-                    user=args.user,
-                    env=[f"TERM={term}"],
-                    rows=size.lines,
-                    cols=size.columns,
-                )
-            )
+            p = rt.exec_tty(
+                args.name, command, user=args.user, env=[f"TERM={term}"],
+                rows=size.lines, cols=size.columns,
+            )  # fmt: skip
+            relay(p.master)
+            return p.wait()
         rt.state(args.name)  # a clear error for an unknown container
         argv = rt.exec_argv(args.name, command, user=args.user)
         os.execvp(argv[0], argv)
     return 0
 
 
-def _relay(p: TtyProcess) -> int:
-    """Connect our terminal to the pty until the process closes it; return its exit status."""
-    stdin = sys.stdin.fileno()
-    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
-
-    def on_winch(*_: object) -> None:
-        size = shutil.get_terminal_size()
-        p.resize(size.lines, size.columns)
-
-    signal.signal(signal.SIGWINCH, on_winch)
-    if saved is not None:
-        tty.setraw(stdin)
-    try:
-        while True:
-            ready, _, _ = select.select([stdin, p.master], [], [])
-            if p.master in ready:
-                try:
-                    data = os.read(p.master, 65536)
-                except OSError:  # EIO: the other side closed
-                    break
-                if not data:
-                    break
-                os.write(sys.stdout.fileno(), data)
-            if stdin in ready:
-                data = os.read(stdin, 65536)
-                if data:
-                    os.write(p.master, data)
-    finally:
-        if saved is not None:
-            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
-    return p.wait()
-
-
 def _out(args: argparse.Namespace, data: object, text: str) -> None:
     print(json.dumps(data, indent=1) if args.json else text)
 
 
-def _table(
-    args: argparse.Namespace, data: object, head: Sequence[str], rows: Sequence[tuple[str, ...]]
+def print_table(
+    as_json: bool, data: object, head: Sequence[str], rows: Sequence[Sequence[str]]
 ) -> None:
-    if args.json:
+    """Aligned columns for people, or `data` as JSON with --json (shared with hostctl)."""
+    if as_json:
         print(json.dumps(data, indent=1))
         return
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]

@@ -426,11 +426,12 @@ class Runtime:
         argv: Sequence[str],
         *,
         user: str = "0:0",
+        groups: Sequence[int] = (),
         env: Sequence[str] = (),
         cwd: str | None = None,
     ) -> list[str]:
         """argv that runs `argv` inside without a terminal, for callers spawning it themselves."""
-        return self.runc.exec_argv(name, argv, user=user, env=env, cwd=cwd)
+        return self.runc.exec_argv(name, argv, user=user, groups=groups, env=env, cwd=cwd)
 
     def exec(
         self,
@@ -438,6 +439,7 @@ class Runtime:
         argv: Sequence[str],
         *,
         user: str = "0:0",
+        groups: Sequence[int] = (),
         env: Sequence[str] = (),
         cwd: str | None = None,
         input: bytes | None = None,
@@ -446,7 +448,7 @@ class Runtime:
         """Run `argv` inside and collect its output; the exit status is in the result."""
         self._require_running(name)
         return proc.run(
-            self.exec_argv(name, argv, user=user, env=env, cwd=cwd),
+            self.exec_argv(name, argv, user=user, groups=groups, env=env, cwd=cwd),
             input=input,
             timeout=timeout,
             check=False,
@@ -458,6 +460,7 @@ class Runtime:
         argv: Sequence[str],
         *,
         user: str = "0:0",
+        groups: Sequence[int] = (),
         env: Sequence[str] = (),
         cwd: str | None = None,
         rows: int = 24,
@@ -468,8 +471,8 @@ class Runtime:
         uid, _, gid = user.partition(":")
         config = json.loads((self._dir(name) / "config.json").read_text())
         process = tty_process(
-            config, argv, uid=int(uid), gid=int(gid or uid), env=env, cwd=cwd or "/",
-            rows=rows, cols=cols,
+            config, argv, uid=int(uid), gid=int(gid or uid), groups=groups, env=env,
+            cwd=cwd or "/", rows=rows, cols=cols,
         )  # fmt: skip
         return ttyexec.start(self.runc.base_argv(), name, process)
 

@@ -72,11 +72,14 @@ class Runc:
         argv: Sequence[str],
         *,
         user: str = "0:0",
+        groups: Sequence[int] = (),
         env: Sequence[str] = (),
         cwd: str | None = None,
     ) -> list[str]:
         """argv of `runc exec` without a terminal: stdio and exit status pass straight through."""
         cmd = [*self._base(), "exec", "--user", user]
+        for gid in groups:
+            cmd += ["--additional-gids", str(gid)]
         if cwd:
             cmd += ["--cwd", cwd]
         for e in env:

@@ -196,6 +196,7 @@ def tty_process(
     *,
     uid: int,
     gid: int,
+    groups: Sequence[int] = (),
     env: Sequence[str],
     cwd: str,
     rows: int,
@@ -208,7 +209,7 @@ def tty_process(
         terminal=True,
         consoleSize={"height": rows, "width": cols},
         args=list(argv),
-        user={"uid": uid, "gid": gid},
+        user={"uid": uid, "gid": gid, "additionalGids": list(groups)},
         env=[*process.get("env", []), *env],
         cwd=cwd,
     )

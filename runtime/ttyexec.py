@@ -13,12 +13,16 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
+import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import termios
+import tty
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,14 +40,62 @@ class TtyProcess:
         self.master = master
         self.pid = pid
 
+    @property
+    def helper_pid(self) -> int:
+        """PID of the helper (our child) that exits with the program."""
+        return self._helper.pid
+
     def resize(self, rows: int, cols: int) -> None:
         fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def close_master(self) -> None:
+        """Drop this process's copy of the master (after handing it to someone else)."""
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
 
     def wait(self) -> int:
         """The program's exit status (128 + N when killed by signal N)."""
         status = self._helper.wait()
-        os.close(self.master)
+        self.close_master()
         return status
+
+
+def relay(master: int) -> None:
+    """Connect this process's terminal (or plain stdio) to a pty master until it closes;
+    window size changes follow SIGWINCH."""
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+
+    def follow_size(*_: object) -> None:
+        size = shutil.get_terminal_size()
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", size.lines, size.columns, 0, 0))
+
+    previous = signal.signal(signal.SIGWINCH, follow_size)
+    if saved is not None:
+        tty.setraw(stdin)
+    inputs = [stdin, master]
+    try:
+        while True:
+            ready, _, _ = select.select(inputs, [], [])
+            if master in ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the program and all its children closed the pty
+                    break
+                if not data:
+                    break
+                os.write(stdout, data)
+            if stdin in ready:
+                data = os.read(stdin, 65536)
+                if data:
+                    os.write(master, data)
+                else:
+                    inputs.remove(stdin)
+    finally:
+        signal.signal(signal.SIGWINCH, previous)
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
 
 
 def start(runc_base: Sequence[str], cid: str, process: dict[str, Any]) -> TtyProcess:

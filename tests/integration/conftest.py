@@ -19,6 +19,7 @@ import pytest
 from runtime import fsutil
 from runtime.containers import Runtime, Settings
 from runtime.ids import IdRange
+from tests.integration.hostd_harness import Hostd, UnixUsers
 
 CGROUP_PARENT = "hostd-test"
 _starts = itertools.count(1_000_000, 65536)
@@ -115,3 +116,34 @@ def sh(rt: Runtime, name: str, script: str, input: bytes | None = None) -> str:
 
 def load_busybox(rt: Runtime, name: str, tar: Path) -> None:
     sh(rt, name, "docker import - busybox:local >/dev/null", input=tar.read_bytes())
+
+
+@pytest.fixture(scope="session")
+def hostd(rt: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostd]:
+    """A real hostd sharing the session's state dir (and default image); its subordinate ID
+    files are temp files, never the machine's /etc/subuid."""
+    tmp = tmp_path_factory.mktemp("hostd")
+    os.chmod(tmp, 0o755)  # the user socket must be reachable by test users
+    run = tmp / "run"
+    h = Hostd(
+        config=tmp / "hostd.toml", subuid=tmp / "subuid", subgid=tmp / "subgid",
+        admin_socket=run / "admin.sock", user_socket=run / "user.sock",
+        state_dir=rt.state_dir, log=tmp / "hostd.log",
+    )  # fmt: skip
+    h.config.write_text(
+        f'[paths]\nstate_dir = "{rt.state_dir}"\nrun_dir = "{run}"\n'
+        f'admin_socket = "{h.admin_socket}"\nuser_socket = "{h.user_socket}"\n'
+        f'subuid = "{h.subuid}"\nsubgid = "{h.subgid}"\n'
+        f'[runtime]\ncgroup_parent = "{CGROUP_PARENT}"\nstop_timeout = 10\n'
+        "[subids]\nmin = 200000000\nmax = 300000000\n"
+    )
+    h.start()
+    yield h
+    h.stop()
+
+
+@pytest.fixture(scope="session")
+def unix_users() -> Iterator[UnixUsers]:
+    users = UnixUsers()
+    yield users
+    users.remove_all()

@@ -180,7 +180,7 @@ def test_tty_process_keeps_capabilities_and_sets_the_terminal_before_start() -> 
     assert process["terminal"] is True
     assert process["consoleSize"] == {"height": 40, "width": 100}
     assert process["args"] == ["bash", "-l"]
-    assert process["user"] == {"uid": 1000, "gid": 1000}
+    assert process["user"] == {"uid": 1000, "gid": 1000, "additionalGids": []}
     assert process["cwd"] == "/home/a"
     assert process["capabilities"] == config["process"]["capabilities"]
     assert process["env"][-1] == "TERM=xterm" and process["env"][0].startswith("PATH=")

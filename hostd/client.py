@@ -1,0 +1,60 @@
+"""Client side of hostd's sockets, for hostctl and the login hook."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hostd.api import Channel
+from hostd.errors import HostdError
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def connect(path: Path) -> Channel:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise HostdError(
+            f"hostd is not running (no socket at {path})", "start it: `systemctl start hostd`"
+        ) from None
+    except PermissionError:
+        sock.close()
+        raise HostdError(
+            f"no permission to use {path}", "run as root or as a member of group hostd-admin"
+        ) from None
+    return Channel(sock)
+
+
+def call(
+    path: Path,
+    op: str,
+    args: dict[str, Any] | None = None,
+    fds: Sequence[int] = (),
+    progress: Callable[[str], None] = _quiet,
+    on_tty: Callable[[int], None] | None = None,
+) -> Any:
+    """Send one request and return its result; a failure raises HostdError with the message.
+    `on_tty` receives a pty master sent back by `exec` and runs the session."""
+    chan = connect(path)
+    with chan.sock:
+        chan.send({"op": op, "args": args or {}}, fds)
+        while True:
+            msg, got = chan.receive()
+            if msg is None:
+                raise HostdError("hostd closed the connection", "see hostd's log")
+            if "progress" in msg:
+                progress(str(msg["progress"]))
+            elif msg.get("tty") and got and on_tty is not None:
+                on_tty(got[0])
+            elif "ok" in msg:
+                if not msg["ok"]:
+                    cause, _, fix = str(msg["error"]).rpartition(": ")
+                    raise HostdError(cause or fix, fix if cause else "see hostd's log")
+                return msg.get("result")

@@ -1,0 +1,340 @@
+"""hostd's configuration: /etc/hostd/hostd.toml and drop-ins, checked once into frozen dataclasses.
+
+Drop-ins (`hostd.toml.d/*.toml`, by name) override the main file key by key, so packages and
+admins can change one setting without editing the main file. A mistake stops the daemon with the
+file and key to fix: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from hostd.errors import HostdError
+from hostd.units import parse_count, parse_cpus, parse_size
+from runtime.containers import Settings
+from runtime.errors import RuntimeFailure
+from runtime.ids import MAX_ID, MIN_START, RANGE_SIZE
+from runtime.names import check_name
+
+MAIN = Path("/etc/hostd/hostd.toml")
+
+
+@dataclass(frozen=True)
+class Paths:
+    state_dir: Path
+    run_dir: Path
+    admin_socket: Path
+    user_socket: Path
+    subuid: Path
+    subgid: Path
+    login_defs: Path
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    runc: str
+    cgroup_parent: str
+    rootfs_mode: str  # auto | idmapped | copy
+    default_image: str
+    recipes_dir: Path | None  # None: the runtime's own recipes
+    cache_dir: Path
+    stop_timeout: float  # seconds
+
+
+@dataclass(frozen=True)
+class SubIdConfig:
+    """Where users' ID ranges may be allocated: [min, max], `count` IDs each."""
+
+    min: int
+    max: int
+    count: int
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    admin_group: str
+    min_uid: int  # accounts below are system accounts and get no container
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Defaults for new tenants; None is unlimited."""
+
+    cpus: float | None
+    memory: int | None  # bytes
+    pids: int | None
+    disk: int | None  # bytes
+
+
+@dataclass(frozen=True)
+class Config:
+    paths: Paths
+    runtime: RuntimeConfig
+    subids: SubIdConfig
+    users: UserConfig
+    limits: Limits
+
+    def runtime_settings(self) -> Settings:
+        """The runtime's view: it knows nothing of users, only where and how to run containers."""
+        recipes = (
+            {} if self.runtime.recipes_dir is None else {"recipes_dir": self.runtime.recipes_dir}
+        )
+        return Settings(
+            state_dir=self.paths.state_dir,
+            runc=self.runtime.runc,
+            cgroup_parent=self.runtime.cgroup_parent,
+            rootfs_mode=self.runtime.rootfs_mode,
+            cache_dir=self.runtime.cache_dir,
+            **recipes,
+        )
+
+
+# -- checks: each takes a TOML value, returns what the dataclass holds, or raises ValueError(fix)
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, str) or not PurePosixPath(value).is_absolute() or "\0" in value:
+        raise ValueError('use an absolute path (starting with "/")')
+    return Path(value)
+
+
+def _program(value: Any) -> str:
+    """A name looked up in PATH or an absolute path: never relative to the daemon's directory."""
+    if not isinstance(value, str) or not re.fullmatch(r"/[^\0]*|[^/\0]+", value):
+        raise ValueError("use a program name found in PATH or an absolute path")
+    return value
+
+
+def _cgroup_name(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,255}", value):
+        raise ValueError("use one cgroup name of letters, digits, '_', '.' and '-', no '/'")
+    if ".." in value or value == ".":
+        raise ValueError("use a cgroup name that is not '.' and has no '..'")
+    return value
+
+
+def _rootfs_mode(value: Any) -> str:
+    if value not in ("auto", "idmapped", "copy"):
+        raise ValueError('use "auto", "idmapped" or "copy"')
+    return str(value)
+
+
+def _image(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError('use an image name like "default"')
+    return check_name(value, "image")
+
+
+def _group(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", value):
+        raise ValueError('use a group name like "hostd-admin"')
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if type(value) not in (int, float) or not 0 < value < math.inf:
+        raise ValueError("use a positive number of seconds like 30")
+    return float(value)
+
+
+def _id(lowest: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if type(value) is not int or not lowest <= value <= MAX_ID:
+            raise ValueError(f"use a whole number from {lowest} to {MAX_ID}")
+        return value
+
+    return check
+
+
+def _count(value: Any) -> int:
+    if type(value) is not int or value != RANGE_SIZE:
+        raise ValueError(f"every user gets exactly {RANGE_SIZE} IDs: remove the key")
+    return RANGE_SIZE
+
+
+def _text(value: Any) -> str:
+    """A number or string limit as text for the unit parsers (which reject "True" and "1e3")."""
+    if not isinstance(value, str | int | float):
+        raise ValueError('use a string like "2G" or a number')
+    return str(value)
+
+
+def _cpus(value: Any) -> float:
+    return parse_cpus(_text(value), os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class _Key:
+    default: Any  # as written in TOML; None: unset
+    check: Callable[[Any], Any]
+    login_defs: str | None = None  # the login.defs setting that overrides the default
+
+
+_SCHEMA: dict[str, dict[str, _Key]] = {
+    "paths": {
+        "state_dir": _Key("/var/lib/hostd", _path),
+        "run_dir": _Key("/run/hostd", _path),
+        "admin_socket": _Key("/run/hostd/admin.sock", _path),
+        "user_socket": _Key("/run/hostd/user.sock", _path),
+        "subuid": _Key("/etc/subuid", _path),
+        "subgid": _Key("/etc/subgid", _path),
+        "login_defs": _Key("/etc/login.defs", _path),
+    },
+    "runtime": {
+        "runc": _Key("runc", _program),
+        "cgroup_parent": _Key("hostd", _cgroup_name),
+        "rootfs_mode": _Key("auto", _rootfs_mode),
+        "default_image": _Key("default", _image),
+        "recipes_dir": _Key(None, _path),
+        "cache_dir": _Key("/var/cache/hostd/debootstrap", _path),
+        "stop_timeout": _Key(30.0, _seconds),
+    },
+    "subids": {
+        "min": _Key(100000, _id(MIN_START), "SUB_UID_MIN"),
+        "max": _Key(600100000, _id(MIN_START), "SUB_UID_MAX"),
+        "count": _Key(RANGE_SIZE, _count),
+    },
+    "users": {
+        "admin_group": _Key("hostd-admin", _group),
+        "min_uid": _Key(1000, _id(1), "UID_MIN"),
+    },
+    "limits": {
+        "cpus": _Key(None, _cpus),
+        "memory": _Key(None, lambda v: parse_size(_text(v), "memory")),
+        "pids": _Key(None, lambda v: parse_count(_text(v), "pids")),
+        "disk": _Key(None, lambda v: parse_size(_text(v), "disk")),
+    },
+}
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """A value before checking, and where it came from, for error messages."""
+
+    value: Any
+    origin: str  # a file, or "default"
+    text: str  # as written: '[runtime] rootfs_mode = "fast"' or 'SUB_UID_MIN 1000'
+
+    def check(self, check: Callable[[Any], Any]) -> Any:
+        if self.value is None:
+            return None
+        try:
+            return check(self.value)
+        except RuntimeFailure as exc:
+            fix = exc.fix
+        except ValueError as exc:
+            fix = str(exc)
+        raise HostdError(f"{self.origin}: {self.text} is invalid", fix)
+
+
+def _toml(section: str, key: str, value: Any, origin: str) -> _Setting:
+    rendered = json.dumps(value, ensure_ascii=False, default=str)
+    return _Setting(value, origin, f"[{section}] {key} = {rendered}")
+
+
+def load(main: Path = MAIN, dropin_dir: Path | None = None) -> Config:
+    """The configuration from `main` (all defaults if missing) and its drop-ins, checked."""
+    if dropin_dir is None:
+        dropin_dir = main.with_name(main.name + ".d")
+    given: dict[tuple[str, str], _Setting] = {}
+    for file in [main, *sorted(dropin_dir.glob("*.toml"), key=lambda p: p.name)]:
+        given.update(_read_toml(file))
+    defaults = {
+        (section, key): _toml(section, key, spec.default, "default")
+        for section, keys in _SCHEMA.items()
+        for key, spec in keys.items()
+    }
+    login_defs = given.get(("paths", "login_defs"), defaults["paths", "login_defs"]).check(_path)
+    settings = defaults | _from_login_defs(login_defs) | given
+    values = {
+        section: {key: settings[section, key].check(spec.check) for key, spec in keys.items()}
+        for section, keys in _SCHEMA.items()
+    }
+    subids = values["subids"]
+    if subids["min"] + subids["count"] - 1 > subids["max"]:
+        low, high = settings["subids", "min"], settings["subids", "max"]
+        raise HostdError(
+            f"{low.text} ({low.origin}) and {high.text} ({high.origin})"
+            f" leave no room for {subids['count']} IDs",
+            "lower min or raise max",
+        )
+    return Config(
+        paths=Paths(**values["paths"]),
+        runtime=RuntimeConfig(**values["runtime"]),
+        subids=SubIdConfig(**subids),
+        users=UserConfig(**values["users"]),
+        limits=Limits(**values["limits"]),
+    )
+
+
+def _from_login_defs(path: Path) -> dict[tuple[str, str], _Setting]:
+    """Settings whose default /etc/login.defs overrides, so hostd agrees with useradd."""
+    defs = read_login_defs(path)
+    found = {}
+    for section, keys in _SCHEMA.items():
+        for key, spec in keys.items():
+            if spec.login_defs is not None and spec.login_defs in defs:
+                text = defs[spec.login_defs]
+                value = int(text) if re.fullmatch(r"[0-9]{1,10}", text) else text
+                found[section, key] = _Setting(value, str(path), f"{spec.login_defs} {text}")
+    return found
+
+
+def _read_toml(file: Path) -> dict[tuple[str, str], _Setting]:
+    text = _read_text(file)
+    if text is None:
+        return {}
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise HostdError(f"{file}: {exc}", "fix the TOML syntax") from None
+    found = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise HostdError(
+                f"{file}: {section} is outside any section", "see etc/hostd.toml for the sections"
+            )
+        if section not in _SCHEMA:
+            raise HostdError(
+                f"{file}: unknown section [{section}]", "see etc/hostd.toml for the sections"
+            )
+        for key, value in table.items():
+            if key not in _SCHEMA[section]:
+                raise HostdError(
+                    f"{file}: unknown key [{section}] {key}", "see etc/hostd.toml for the keys"
+                )
+            found[section, key] = _toml(section, key, value, str(file))
+    return found
+
+
+def read_login_defs(path: Path) -> dict[str, str]:
+    """`KEY VALUE` lines of /etc/login.defs (none if it is missing), for its ID ranges."""
+    text = _read_text(path) or ""
+    defs = {}
+    for line in text.splitlines():
+        fields = line.split(None, 1)
+        if len(fields) == 2 and not fields[0].startswith("#"):
+            defs[fields[0]] = fields[1].strip()
+    return defs
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's text, None if it does not exist."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise HostdError(
+            f"cannot read {path} ({exc.strerror})", "make it a readable file"
+        ) from None
+    except UnicodeDecodeError:
+        raise HostdError(f"{path} is not UTF-8 text", "fix or remove the file") from None

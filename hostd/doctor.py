@@ -1,0 +1,113 @@
+"""`hostctl doctor`: can this host run hostd? One line per check: ok, or what to do."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from hostd.config import Config
+from hostd.subids import SubIdFiles
+from runtime import cgroups, mountinfo, proc, syscalls
+from runtime.ids import IdRange
+from runtime.userns import user_namespace
+
+
+class Check(NamedTuple):
+    name: str
+    ok: bool
+    detail: str
+
+
+def _kernel(_: Config) -> tuple[bool, str]:
+    release = platform.release()
+    major, minor = (int(x) for x in release.split(".")[:2])
+    if (major, minor) >= (5, 19):
+        return True, release
+    return False, f'{release}: ID-mapped overlay layers need >= 5.19 (or rootfs_mode = "copy")'
+
+
+def _userns(_: Config) -> tuple[bool, str]:
+    path = Path("/proc/sys/user/max_user_namespaces")
+    if not path.exists():
+        return False, "no user namespaces: use a kernel with CONFIG_USER_NS=y"
+    n = int(path.read_text())
+    return (n > 0, f"max_user_namespaces = {n}" if n > 0
+            else "disabled: sysctl -w user.max_user_namespaces=15000")  # fmt: skip
+
+
+def _idmap(cfg: Config) -> tuple[bool, str]:
+    base = cfg.paths.state_dir
+    base.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=base, prefix=".doctor-") as tmp:
+        src, dst = Path(tmp) / "src", Path(tmp) / "dst"
+        src.mkdir()
+        dst.mkdir()
+        ids = IdRange(cfg.subids.min)
+        try:
+            with user_namespace(ids.map_line(), ids.map_line()) as fd:
+                syscalls.idmapped_bind(str(src), str(dst), fd)
+            owner = os.stat(dst).st_uid
+            syscalls.umount(str(dst))
+        except OSError as exc:
+            return False, (f"refused on {base} ({exc.strerror}): containers will use a "
+                           "shifted copy (rootfs_mode = \"copy\")")  # fmt: skip
+    return owner == ids.start, f"supported on {base}"
+
+
+def _overlay(_: Config) -> tuple[bool, str]:
+    found = "overlay" in Path("/proc/filesystems").read_text().split()
+    return found, "available" if found else "missing: modprobe overlay"
+
+
+def _cgroups(_: Config) -> tuple[bool, str]:
+    layout = cgroups.detect(mountinfo.current())
+    if layout.version == 2:
+        return True, "v2 (unified)"
+    names = ",".join(c for h in layout.hierarchies for c in h.controllers)
+    hybrid = any("unified" in h.controllers for h in layout.hierarchies)
+    return bool(layout.hierarchies), f"v1{' hybrid' if hybrid else ''} ({names})"
+
+
+def _runc(cfg: Config) -> tuple[bool, str]:
+    path = shutil.which(cfg.runtime.runc)
+    if path is None:
+        return False, "not found: apt-get install runc"
+    first = proc.run([path, "--version"], check=False).stdout.splitlines()[:1]
+    return True, first[0] if first else path
+
+
+def _subids(cfg: Config) -> tuple[bool, str]:
+    files = SubIdFiles(cfg.paths.subuid, cfg.paths.subgid)
+    uids, gids = files.read()
+    return True, (f"{cfg.paths.subuid}: {len(uids)} ranges, {cfg.paths.subgid}: {len(gids)}; "
+                  f"hostd allocates in {cfg.subids.min}-{cfg.subids.max}")  # fmt: skip
+
+
+def _nft(_: Config) -> tuple[bool, str]:
+    path = shutil.which("nft")
+    if path is None:
+        return False, "not found: apt-get install nftables"
+    return True, proc.run([path, "--version"], check=False).stdout.strip()
+
+
+CHECKS: tuple[tuple[str, Callable[[Config], tuple[bool, str]]], ...] = (
+    ("kernel", _kernel), ("user namespaces", _userns), ("ID-mapped mounts", _idmap),
+    ("overlay", _overlay), ("cgroups", _cgroups), ("runc", _runc), ("subuid files", _subids),
+    ("nftables", _nft),
+)  # fmt: skip
+
+
+def run(cfg: Config) -> list[Check]:
+    results = []
+    for name, check in CHECKS:
+        try:
+            ok, detail = check(cfg)
+        except Exception as exc:  # a broken check is a finding, not a crash
+            ok, detail = False, f"check failed: {exc}"
+        results.append(Check(name, ok, detail))
+    return results

@@ -1,0 +1,257 @@
+"""The operations behind hostd's two sockets, and who may call which.
+
+Admin socket: every operation. User socket: the caller (identified by SO_PEERCRED) may only
+start, inspect and enter their own container.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import re
+import select
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hostd.api import Channel, Peer
+from hostd.errors import HostdError
+from hostd.state import Quota
+from hostd.tenants import Tenants, TenantStatus, inner_id
+from hostd.units import parse_count, parse_cpus, parse_size
+from runtime.errors import RuntimeFailure
+
+log = logging.getLogger(__name__)
+
+USER_OPS = ("status", "start", "exec")
+
+
+@dataclass(frozen=True)
+class Account:
+    """An account inside a container, as runc exec needs it."""
+
+    ids: str  # uid:gid
+    groups: list[int]
+    env: list[str]
+    home: str
+
+
+def _quota_changes(args: dict[str, Any]) -> dict[str, Any]:
+    """Parse the limit arguments present in `args` ("none" lifts a limit)."""
+    parsers: dict[str, Callable[[str], Any]] = {
+        "cpus": lambda v: parse_cpus(v, os.cpu_count() or 1),
+        "memory": lambda v: parse_size(v, "memory"),
+        "pids": lambda v: parse_count(v, "pids"),
+        "disk": lambda v: parse_size(v, "disk"),
+    }
+    return {
+        key: None if str(args[key]).lower() in ("none", "unlimited") else parse(str(args[key]))
+        for key, parse in parsers.items()
+        if args.get(key) is not None
+    }
+
+
+def status_dict(s: TenantStatus) -> dict[str, Any]:
+    data = asdict(s)
+    data["quota"] = asdict(s.quota)
+    return data
+
+
+class Service:
+    def __init__(self, tenants: Tenants, admin_group: str) -> None:
+        self.tenants = tenants
+        self.runtime = tenants.runtime
+        self.admin_group = admin_group
+
+    def is_admin(self, peer: Peer) -> bool:
+        if peer.uid == 0:
+            return True
+        try:
+            gid = grp.getgrnam(self.admin_group).gr_gid
+        except KeyError:
+            return False
+        try:
+            with open(f"/proc/{peer.pid}/status") as f:
+                groups = next(line for line in f if line.startswith("Groups:")).split()[1:]
+        except (OSError, StopIteration):
+            return False
+        return peer.gid == gid or str(gid) in groups
+
+    # -- one connection --------------------------------------------------------------------
+
+    def handle(self, chan: Channel, peer: Peer, admin_socket: bool) -> None:
+        """Serve one request on `chan` (runs in its own thread)."""
+        fds: list[int] = []
+        try:
+            request, fds = chan.receive()
+            if request is None:
+                return
+            op, args = str(request.get("op")), dict(request.get("args") or {})
+            if admin_socket and not self.is_admin(peer):
+                raise HostdError(f"uid {peer.uid} is not an admin",
+                                 f"use sudo or join group {self.admin_group}")  # fmt: skip
+            if not admin_socket:
+                args = self._as_user(peer, op, args)
+
+            def progress(msg: str) -> None:
+                chan.send({"progress": msg})
+
+            result = self._dispatch(op, args, fds, chan, progress)
+            chan.send({"ok": True, "result": result})
+        except RuntimeFailure as exc:  # HostdError included
+            self._reply_error(chan, str(exc))
+        except (ValueError, KeyError, TypeError) as exc:
+            self._reply_error(chan, f"bad request: {exc}: see `hostctl --help`")
+        except Exception as exc:  # never let a bug kill the daemon; the client gets one line
+            log.exception("request failed")
+            self._reply_error(chan, f"internal error: {exc}: see hostd's log")
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    @staticmethod
+    def _reply_error(chan: Channel, message: str) -> None:
+        with contextlib.suppress(OSError):  # the client may be gone
+            chan.send({"ok": False, "error": message})
+
+    def _as_user(self, peer: Peer, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Restrict a user-socket request to the caller's own container."""
+        if op not in USER_OPS:
+            raise HostdError(f"{op} is for admins", "ask an admin (hostctl) to do it")
+        try:
+            name = pwd.getpwuid(peer.uid).pw_name
+        except KeyError:
+            raise HostdError(f"uid {peer.uid} has no account", "ask an admin") from None
+        self.tenants.get(name)
+        args["user"] = name
+        if op == "exec":  # as themselves inside, never as root
+            t = self.tenants.get(name)
+            args["as_user"] = f"{inner_id(t.uid)}:{inner_id(t.gid)}"
+        return args
+
+    # -- operations ------------------------------------------------------------------------
+
+    def _dispatch(self, op: str, args: dict[str, Any], fds: list[int], chan: Channel,
+                  progress: Callable[[str], None]) -> Any:  # fmt: skip
+        t, rt = self.tenants, self.runtime
+        if op == "ping":
+            return {"pid": os.getpid()}
+        if op == "image.build":
+            return asdict(rt.images.build(args.get("name") or "default", args.get("recipe"),
+                                          progress))  # fmt: skip
+        if op == "image.import":
+            if len(fds) != 1:
+                raise HostdError("image.import needs the tarball as a file descriptor",
+                                 "use `hostctl image import NAME FILE`")  # fmt: skip
+            return asdict(rt.images.import_tarball(args["name"], Path(f"/proc/self/fd/{fds[0]}"),
+                                                   progress))  # fmt: skip
+        if op == "image.list":
+            return [asdict(m) for m in rt.images.manifests()]
+        if op == "image.remove":
+            rt.images.remove(args["name"], [Path(c.image_dir) for c in rt.containers()])
+            return {"removed": args["name"]}
+        if op == "user.add":
+            changes = _quota_changes(args)
+            defaults = t.config.limits
+            quota = Quota(**{**asdict(Quota(defaults.cpus, defaults.memory, defaults.pids,
+                                            defaults.disk)), **changes})  # fmt: skip
+            tenant = t.add(args["user"], args.get("image"), quota, progress)
+            return asdict(tenant)
+        if op == "user.list":
+            return [status_dict(t.status(x.user)) for x in t.state.tenants()]
+        if op == "user.show":
+            tenant = t.get(args["user"])
+            return {**asdict(tenant), **status_dict(t.status(tenant.user)),
+                    "events": t.state.events(tenant.user, 20)}  # fmt: skip
+        if op == "user.remove":
+            t.remove(args["user"], bool(args.get("keep_data")), progress)
+            return {"removed": args["user"]}
+        if op == "quota.set":
+            changes = _quota_changes(args)
+            if not changes:
+                raise HostdError("no limit given", "pass --cpus, --memory, --pids or --disk")
+            live = t.set_quota(args["user"], changes)
+            return {"quota": asdict(t.state.quota(args["user"])),
+                    "applied": "now" if live else "at next start"}  # fmt: skip
+        if op in ("start", "restart"):
+            (t.start if op == "start" else t.restart)(args["user"], progress)
+            return {op: args["user"]}
+        if op == "stop":
+            t.stop(args["user"])
+            return {"stop": args["user"]}
+        if op == "status":
+            users = [args["user"]] if args.get("user") else [x.user for x in t.state.tenants()]
+            return [status_dict(t.status(u)) for u in users]
+        if op == "exec":
+            return self._exec(args, fds, chan, progress)
+        raise HostdError(f"unknown operation {op!r}", "see `hostctl --help`")
+
+    def _exec(self, args: dict[str, Any], fds: list[int], chan: Channel,
+              progress: Callable[[str], None]) -> dict[str, int]:  # fmt: skip
+        """Run a command inside: on the caller's own stdio (3 fds) or on a pty sent back."""
+        user, argv = args["user"], [str(a) for a in args["argv"]]
+        if not argv:
+            raise HostdError("no command given", "add one after `--`")
+        if self.runtime.state(user).status != "running":
+            self.tenants.start(user, progress)
+        account = self._account_inside(user, str(args.get("as_user") or "root"))
+        env = account.env + ([f"TERM={args['term']}"] if args.get("term") else [])
+        as_user, groups, cwd = account.ids, account.groups, account.home
+        if args.get("tty"):
+            p = self.runtime.exec_tty(user, argv, user=as_user, groups=groups, env=env, cwd=cwd,
+                                      rows=int(args.get("rows", 24)),
+                                      cols=int(args.get("cols", 80)))  # fmt: skip
+            chan.send({"tty": True}, [p.master])
+            p.close_master()
+            _wait_or_hangup(chan, p.helper_pid, lambda: _signal(p.pid, signal.SIGHUP))
+            return {"exit": p.wait()}
+        if len(fds) != 3:
+            raise HostdError("exec needs stdin, stdout and stderr", "use hostctl exec")
+        proc = subprocess.Popen(self.runtime.exec_argv(user, argv, user=as_user, groups=groups,
+                                                       env=env, cwd=cwd),
+                                stdin=fds[0], stdout=fds[1], stderr=fds[2])  # fmt: skip
+        _wait_or_hangup(chan, proc.pid, proc.terminate)  # runc passes SIGTERM on
+        return {"exit": proc.wait()}
+
+    def _account_inside(self, container: str, account: str) -> Account:
+        """runc's numeric IDs, login environment and home of an account inside."""
+        if re.fullmatch(r"\d+(:\d+)?", account):
+            uid, _, gid = account.partition(":")
+            return Account(f"{uid}:{gid or uid}", [], [], "/")
+        script = 'getent passwd "$1" && id -G "$1"'
+        res = self.runtime.exec(container, ["sh", "-c", script, "-", account])
+        lines = res.stdout.strip().splitlines()
+        fields = lines[0].split(":") if lines else []
+        if res.returncode != 0 or len(fields) < 7 or len(lines) < 2:
+            raise HostdError(f"no account {account!r} inside {container}'s container",
+                             "give an existing user (or root)")  # fmt: skip
+        name, _, uid, gid, _, home, shell = fields[:7]
+        env = [f"HOME={home}", f"USER={name}", f"LOGNAME={name}", f"SHELL={shell}"]
+        groups = [int(g) for g in lines[1].split() if g != gid]
+        return Account(f"{uid}:{gid}", groups, env, home or "/")
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _wait_or_hangup(chan: Channel, pid: int, hangup: Callable[[], None]) -> None:
+    """Wait for process `pid` (our child) to exit, ending it if the client goes away first."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        while True:
+            ready, _, _ = select.select([chan.sock.fileno(), pidfd], [], [])
+            if pidfd in ready:
+                return
+            if not chan.sock.recv(4096):  # end of stream: the client left
+                hangup()
+                return
+    finally:
+        os.close(pidfd)

@@ -1,0 +1,303 @@
+"""Tenants: Unix users turned into owners of a system container. The daemon's core logic.
+
+Adding a user is a transaction over three stores: the state database, /etc/subuid+subgid and
+the runtime's container directory. The state row is written first (phase `adding`, with the
+range), so a crash at any later point is repaired by `reconcile()`, and a range recorded in
+the state is never handed out again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from hostd.config import Config
+from hostd.errors import HostdError
+from hostd.state import Quota, State, Tenant, utc_now
+from hostd.subids import SubIdFiles, allocate
+from runtime.containers import Runtime
+from runtime.errors import RuntimeFailure
+from runtime.ids import RANGE_SIZE, IdRange
+from runtime.names import check_name
+from runtime.shares import Share
+from runtime.spec import Limits
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+INNER_ID_LIMIT = 60000  # inner IDs for the user's account stay below the range's nobody (65534)
+FALLBACK_INNER_ID = 1000
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class TenantStatus:
+    user: str
+    state: str  # stopped | running | ... (the runtime's), or the tenant's phase while not ready
+    uptime: float | None  # seconds since its init started
+    memory: int | None  # bytes in use
+    cpu_seconds: float | None
+    pids: int | None
+    disk: int  # bytes of its storage
+    quota: Quota
+    range_start: int
+    image: str
+
+
+def limits_of(quota: Quota) -> Limits:
+    return Limits(cpus=quota.cpus, memory=quota.memory, pids=quota.pids)
+
+
+def inner_id(host_id: int) -> int:
+    """The account's ID inside: the host's when it fits the range's usual user space."""
+    return host_id if 0 < host_id < INNER_ID_LIMIT else FALLBACK_INNER_ID
+
+
+class Tenants:
+    def __init__(self, config: Config, state: State, runtime: Runtime) -> None:
+        self.config = config
+        self.state = state
+        self.runtime = runtime
+        self.subids = SubIdFiles(config.paths.subuid, config.paths.subgid)
+        self._alloc = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, user: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(user, threading.Lock())
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def get(self, user: str) -> Tenant:
+        check_name(user, "user")
+        tenant = self.state.tenant(user)
+        if tenant is None:
+            raise HostdError(f"{user} is not a tenant", f"add them with `hostctl user add {user}`")
+        return tenant
+
+    def _account(self, user: str) -> pwd.struct_passwd:
+        check_name(user, "user")
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            raise HostdError(
+                f"no Unix account named {user!r}", f"create it first (`adduser {user}`)"
+            ) from None
+        if pw.pw_uid == 0 or pw.pw_uid < self.config.users.min_uid:
+            raise HostdError(
+                f"{user} is a system account (uid {pw.pw_uid} < {self.config.users.min_uid})",
+                "only human users can be tenants (see [users] min_uid in hostd.toml)",
+            )
+        if not os.path.isdir(pw.pw_dir):
+            raise HostdError(
+                f"home directory {pw.pw_dir} of {user} does not exist",
+                f"create it (`mkhomedir_helper {user}`)",
+            )
+        return pw
+
+    def _share(self, pw: pwd.struct_passwd) -> Share:
+        return Share(
+            pw.pw_dir, pw.pw_dir, pw.pw_uid, pw.pw_gid, inner_id(pw.pw_uid), inner_id(pw.pw_gid)
+        )
+
+    # -- add / remove ----------------------------------------------------------------------
+
+    def add(
+        self, user: str, image: str | None = None, quota: Quota | None = None,
+        progress: Progress = _quiet,
+    ) -> Tenant:  # fmt: skip
+        pw = self._account(user)
+        image = image or self.config.runtime.default_image
+        defaults = self.config.limits
+        quota = quota or Quota(defaults.cpus, defaults.memory, defaults.pids, defaults.disk)
+        self.runtime.images.resolve(image)  # fail before touching anything
+        with self._lock(user):
+            if self.state.tenant(user) is not None:
+                raise HostdError(f"{user} is already a tenant", "see `hostctl user show`")
+            with self._alloc, self.subids.locked():
+                uids, gids = self.subids.read()
+                cfg = self.config.subids
+                start = allocate(user, pw.pw_uid, uids, gids, self.state.range_starts(),
+                                 cfg.min, cfg.max, RANGE_SIZE)  # fmt: skip
+                tenant = Tenant(user, pw.pw_uid, pw.pw_gid, pw.pw_dir, start, image,
+                                "adding", "stopped", utc_now())  # fmt: skip
+                self.state.begin_add(tenant, quota)
+                try:
+                    self.subids.add(user, start, RANGE_SIZE)
+                except BaseException:
+                    self.state.delete_tenant(user)
+                    raise
+            try:
+                progress(f"creating the container ({RANGE_SIZE} IDs from {start})")
+                self._create_container(tenant, pw, quota)
+            except BaseException:
+                self._forget(tenant)
+                raise
+            self.state.set_phase(user, "ready")
+            self.state.log_event(user, f"add image={image} range={start}")
+            log.info("added tenant %s (IDs %s)", user, IdRange(start))
+            return replace(tenant, phase="ready")
+
+    def _create_container(self, t: Tenant, pw: pwd.struct_passwd, quota: Quota) -> None:
+        ids = IdRange(t.range_start)
+        try:
+            existing = self.runtime.get(t.user)
+        except RuntimeFailure:
+            existing = None
+        if existing is not None:  # kept by `user remove --keep-data`: adopt it
+            if existing.ids != ids:
+                raise HostdError(
+                    f"a container named {t.user} exists with IDs {existing.ids}, not {ids}",
+                    f"delete it (`hostd-runtime delete {t.user}`) or restore /etc/subuid",
+                )
+            self.runtime.set_limits(t.user, limits_of(quota))
+            return
+        self.runtime.create(t.user, t.image, ids, shares=[self._share(pw)],
+                            limits=limits_of(quota))  # fmt: skip
+
+    def _forget(self, t: Tenant) -> None:
+        """Undo an add: container, subordinate IDs, state row (in that order)."""
+        try:
+            self.runtime.get(t.user)
+            self.runtime.delete(t.user, force=True)
+        except RuntimeFailure:
+            pass
+        with self.subids.locked():
+            self.subids.remove(t.user, t.range_start, RANGE_SIZE)
+        self.state.delete_tenant(t.user)
+
+    def remove(self, user: str, keep_data: bool = False, progress: Progress = _quiet) -> None:
+        """Stop and forget a tenant. Without `keep_data` its files go, then its IDs are
+        released; with it, container and IDs stay reserved for a later `add`."""
+        with self._lock(user):
+            t = self.get(user)
+            if keep_data:
+                progress("stopping the container")
+                self._stop_container(user)
+                self.state.delete_tenant(user)
+            else:
+                self.state.set_phase(user, "removing")  # a crash from here on is finished later
+                progress("stopping the container")
+                self._stop_container(user)
+                progress("deleting the container and its data")
+                self._forget(t)
+            self.state.log_event(user, "remove" + (" keep-data" if keep_data else ""))
+
+    # -- run state -------------------------------------------------------------------------
+
+    def start(self, user: str, progress: Progress = _quiet) -> None:
+        with self._lock(user):
+            t = self.get(user)
+            if self.runtime.state(user).status != "running":
+                progress("starting the container")
+                self.runtime.start(user)
+            progress("waiting for systemd and dockerd")
+            self.runtime.wait_ready(user)
+            self._ensure_account(t)
+            self.state.set_desired(user, "running")
+
+    def stop(self, user: str) -> None:
+        with self._lock(user):
+            self.get(user)
+            self._stop_container(user)
+            self.state.set_desired(user, "stopped")
+
+    def _stop_container(self, user: str) -> None:
+        try:
+            self.runtime.stop(user, self.config.runtime.stop_timeout)
+        except RuntimeFailure as exc:
+            if "does not exist" not in exc.cause:
+                raise
+
+    def restart(self, user: str, progress: Progress = _quiet) -> None:
+        self.stop(user)
+        self.start(user, progress)
+
+    def _ensure_account(self, t: Tenant) -> None:
+        """The user's account inside: same name, home at the host path, sudo and docker."""
+        uid, gid = inner_id(t.uid), inner_id(t.gid)
+        script = (
+            'getent group "$1" >/dev/null || getent group "$3" >/dev/null '
+            '|| groupadd -g "$3" "$1"; '
+            'getent passwd "$1" >/dev/null || useradd -u "$2" -g "$3" -G sudo,docker '
+            '-M -d "$4" -s /bin/bash "$1"'
+        )
+        res = self.runtime.exec(t.user, ["sh", "-c", script, "-", t.user, str(uid), str(gid),
+                                         t.home])  # fmt: skip
+        if res.returncode != 0:
+            raise HostdError(f"cannot create the account {t.user} inside: "
+                             f"{res.last_error_line()}", "see `hostctl logs`")  # fmt: skip
+
+    def set_quota(self, user: str, changes: dict[str, Any]) -> bool:
+        """Change some limits; True when they took effect on the running container."""
+        with self._lock(user):
+            self.get(user)
+            quota = replace(self.state.quota(user), **changes)
+            self.state.set_quota(user, quota)
+            self.state.log_event(user, "quota " + " ".join(f"{k}={v}" for k, v in changes.items()))
+            return self.runtime.set_limits(user, limits_of(quota))
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self, user: str) -> TenantStatus:
+        t = self.get(user)
+        quota = self.state.quota(user)
+        if t.phase != "ready":
+            return TenantStatus(user, t.phase, None, None, None, None, 0, quota, t.range_start,
+                                t.image)  # fmt: skip
+        st = self.runtime.state(user)
+        used = self.runtime.usage(user) if st.status == "running" else None
+        return TenantStatus(
+            user=user,
+            state=st.status,
+            uptime=_uptime(st.pid) if st.pid else None,
+            memory=used.memory if used else None,
+            cpu_seconds=used.cpu_seconds if used else None,
+            pids=used.pids if used else None,
+            disk=self.runtime.disk_used(user),
+            quota=quota,
+            range_start=t.range_start,
+            image=t.image,
+        )
+
+    # -- crash repair ----------------------------------------------------------------------
+
+    def reconcile(self) -> list[str]:
+        """Finish or roll back what a crash interrupted; restart tenants that should run.
+        Returns what was done, one line each."""
+        done = []
+        for t in self.state.tenants():
+            if t.phase == "adding":
+                self._forget(t)
+                done.append(f"rolled back the interrupted add of {t.user}")
+            elif t.phase == "removing":
+                self._stop_container(t.user)
+                self._forget(t)
+                done.append(f"finished removing {t.user}")
+            elif t.desired == "running" and self.runtime.state(t.user).status != "running":
+                try:
+                    self.start(t.user)
+                    done.append(f"restarted {t.user}")
+                except RuntimeFailure as exc:
+                    done.append(f"cannot restart {t.user}: {exc}")
+        return done
+
+
+def _uptime(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            now = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, now - start_ticks / os.sysconf("SC_CLK_TCK"))

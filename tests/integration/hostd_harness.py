@@ -1,0 +1,85 @@
+"""A real hostd for integration tests (temp config and subuid files) and Unix test users."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Hostd:
+    config: Path
+    subuid: Path
+    subgid: Path
+    admin_socket: Path
+    user_socket: Path
+    state_dir: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hostd.daemon", "--config", str(self.config)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not self._answers():  # reconcile may start containers first
+            assert self.proc.poll() is None, f"hostd exited: {self.log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "hostd did not open its socket within 60 s"
+            time.sleep(0.05)
+
+    def _answers(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(self.admin_socket))
+                return True
+            except OSError:
+                return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=60)
+        self.proc = None
+
+    def hostctl(self, *args: str, input: bytes | None = None, check: bool = True,
+                user: int | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        raw = subprocess.run(
+            [sys.executable, "-m", "hostd.hostctl", "--config", str(self.config), *args],
+            input=input or b"", capture_output=True, timeout=600, user=user,
+        )  # fmt: skip
+        res = subprocess.CompletedProcess(
+            raw.args, raw.returncode, raw.stdout.decode(errors="replace"),
+            raw.stderr.decode(errors="replace"),
+        )  # fmt: skip
+        if check:
+            assert res.returncode == 0, f"hostctl {' '.join(args)}: {res.stderr}{res.stdout}"
+        return res
+
+
+class UnixUsers:
+    """Real accounts for tests (useradd), all removed at the end of the session."""
+
+    def __init__(self) -> None:
+        self.made: list[str] = []
+        self._n = 0
+
+    def make(self) -> str:
+        self._n += 1
+        name = f"hdit{os.getpid() % 100000}x{self._n}"
+        subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True)
+        self.made.append(name)
+        return name
+
+    def remove_all(self) -> None:
+        for name in self.made:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                subprocess.run(["userdel", "-r", "-f", name], check=True, capture_output=True)

@@ -1,0 +1,359 @@
+"""hostd.toml and its drop-ins: defaults, override order, and errors that name the file and key."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import get_type_hints
+
+import pytest
+
+from hostd.config import (
+    Config,
+    Limits,
+    Paths,
+    RuntimeConfig,
+    SubIdConfig,
+    UserConfig,
+    load,
+    read_login_defs,
+)
+from hostd.errors import HostdError
+from runtime.containers import DEFAULT_RECIPES, Settings
+
+SHIPPED = Path(__file__).resolve().parents[2] / "etc" / "hostd.toml"
+
+
+def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
+    return Config(
+        paths=Paths(
+            state_dir=Path("/var/lib/hostd"),
+            run_dir=Path("/run/hostd"),
+            admin_socket=Path("/run/hostd/admin.sock"),
+            user_socket=Path("/run/hostd/user.sock"),
+            subuid=Path("/etc/subuid"),
+            subgid=Path("/etc/subgid"),
+            login_defs=login_defs,
+        ),
+        runtime=RuntimeConfig(
+            runc="runc",
+            cgroup_parent="hostd",
+            rootfs_mode="auto",
+            default_image="default",
+            recipes_dir=None,
+            cache_dir=Path("/var/cache/hostd/debootstrap"),
+            stop_timeout=30.0,
+        ),
+        subids=SubIdConfig(min=100000, max=600100000, count=65536),
+        users=UserConfig(admin_group="hostd-admin", min_uid=1000),
+        limits=Limits(cpus=None, memory=None, pids=None, disk=None),
+    )
+
+
+class Files:
+    """A main file and its drop-in directory under tmp_path, with a login.defs of the test's own
+    (empty unless written), so the machine's /etc/login.defs never leaks into a test."""
+
+    def __init__(self, root: Path) -> None:
+        self.main = root / "hostd.toml"
+        self.dropins = root / "hostd.toml.d"
+        self.login_defs = root / "login.defs"
+        self.write_dropin("00-test.toml", f'[paths]\nlogin_defs = "{self.login_defs}"\n')
+
+    def write_main(self, text: str) -> Path:
+        self.main.write_text(text)
+        return self.main
+
+    def write_dropin(self, name: str, text: str) -> Path:
+        self.dropins.mkdir(exist_ok=True)
+        (self.dropins / name).write_text(text)
+        return self.dropins / name
+
+    def load(self) -> Config:
+        return load(self.main)
+
+    def error(self) -> str:
+        with pytest.raises(HostdError) as info:
+            load(self.main)
+        return str(info.value)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Files:
+    return Files(tmp_path)
+
+
+def test_missing_files_give_the_defaults(files: Files) -> None:
+    assert files.load() == defaults(files.login_defs)
+
+
+def test_missing_main_file_and_drop_in_directory_give_the_defaults(tmp_path: Path) -> None:
+    config = load(tmp_path / "hostd.toml")
+    assert config.paths == defaults().paths
+    assert config.runtime == defaults().runtime
+    assert config.limits == defaults().limits
+
+
+def test_main_file_values_are_used(files: Files) -> None:
+    files.write_main(
+        '[paths]\nstate_dir = "/srv/hostd"\n'
+        '[runtime]\nrootfs_mode = "copy"\nstop_timeout = 5\nrecipes_dir = "/srv/recipes"\n'
+        '[users]\nadmin_group = "wheel"\n'
+        '[limits]\ncpus = "0.5"\nmemory = "2G"\npids = 4096\ndisk = 10737418240\n'
+    )
+    config = files.load()
+    assert config.paths.state_dir == Path("/srv/hostd")
+    assert config.paths.run_dir == Path("/run/hostd")
+    assert config.runtime.rootfs_mode == "copy"
+    assert config.runtime.stop_timeout == 5.0
+    assert config.runtime.recipes_dir == Path("/srv/recipes")
+    assert config.users.admin_group == "wheel"
+    assert config.limits == Limits(cpus=0.5, memory=2 * 1024**3, pids=4096, disk=10 * 1024**3)
+
+
+def test_drop_ins_override_key_by_key_in_name_order(files: Files) -> None:
+    files.write_main(
+        '[runtime]\nrunc = "/usr/sbin/runc"\nstop_timeout = 10\ncgroup_parent = "main"\n'
+        "[limits]\npids = 100\n"
+    )
+    # Written in reverse order: names decide, not creation time; "9-" sorts after "10-".
+    files.write_dropin("9-late.toml", '[runtime]\nrunc = "/opt/runc"\n')
+    files.write_dropin("10-early.toml", '[runtime]\nrunc = "/early/runc"\ncgroup_parent = "x"\n')
+    files.write_dropin("20-limits.toml", '[limits]\nmemory = "1G"\n')
+    files.write_dropin("30-ignored.toml.bak", '[runtime]\nrunc = "/not/this"\n')
+    config = files.load()
+    assert config.runtime.runc == "/opt/runc"
+    assert config.runtime.cgroup_parent == "x"
+    assert config.runtime.stop_timeout == 10.0
+    assert config.limits.pids == 100
+    assert config.limits.memory == 1024**3
+
+
+def test_drop_ins_apply_without_a_main_file(files: Files) -> None:
+    files.write_dropin("50-state.toml", '[paths]\nstate_dir = "/srv/hostd"\n')
+    assert files.load().paths.state_dir == Path("/srv/hostd")
+
+
+def test_drop_in_directory_can_be_given(files: Files, tmp_path: Path) -> None:
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "a.toml").write_text('[runtime]\nrunc = "/elsewhere/runc"\n')
+    assert load(files.main, other).runtime.runc == "/elsewhere/runc"
+
+
+def test_unknown_key_names_the_file_and_key(files: Files) -> None:
+    path = files.write_dropin("10-x.toml", '[paths]\nstatedir = "/srv"\n')
+    assert files.error() == f"{path}: unknown key [paths] statedir: see etc/hostd.toml for the keys"
+
+
+def test_unknown_section_names_the_file_and_section(files: Files) -> None:
+    files.write_main('[path]\nstate_dir = "/srv"\n')
+    assert files.error() == (
+        f"{files.main}: unknown section [path]: see etc/hostd.toml for the sections"
+    )
+
+
+def test_key_outside_a_section_is_refused(files: Files) -> None:
+    files.write_main('state_dir = "/srv"\n')
+    assert files.error() == (
+        f"{files.main}: state_dir is outside any section: see etc/hostd.toml for the sections"
+    )
+
+
+def test_toml_syntax_error_names_the_file(files: Files) -> None:
+    files.write_main("[paths\n")
+    assert re.fullmatch(
+        rf"{re.escape(str(files.main))}: .*line 1.*: fix the TOML syntax", files.error()
+    )
+
+
+def test_bad_value_names_file_key_value_and_fix(files: Files) -> None:
+    files.write_main('[runtime]\nrootfs_mode = "fast"\n')
+    assert files.error() == (
+        f'{files.main}: [runtime] rootfs_mode = "fast" is invalid: use "auto", "idmapped" or "copy"'
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "line", "fix"),
+    [
+        ("paths", 'state_dir = "var/lib/hostd"', "absolute path"),
+        ("paths", 'subuid = ""', "absolute path"),
+        ("paths", "run_dir = 5", "absolute path"),
+        ("runtime", 'runc = "bin/runc"', "PATH or an absolute path"),
+        ("runtime", 'runc = ""', "PATH or an absolute path"),
+        ("runtime", 'rootfs_mode = "IDMAPPED"', '"auto", "idmapped" or "copy"'),
+        ("runtime", 'cgroup_parent = "a/b"', "no '/'"),
+        ("runtime", 'cgroup_parent = "/hostd"', "no '/'"),
+        ("runtime", 'cgroup_parent = ".."', "no '..'"),
+        ("runtime", 'cgroup_parent = "."', "no '..'"),
+        ("runtime", 'cgroup_parent = ""', "no '/'"),
+        ("runtime", 'default_image = "../etc"', "letters, digits"),
+        ("runtime", 'recipes_dir = "recipes"', "absolute path"),
+        ("runtime", "stop_timeout = 0", "positive number of seconds"),
+        ("runtime", "stop_timeout = -1.5", "positive number of seconds"),
+        ("runtime", "stop_timeout = nan", "positive number of seconds"),
+        ("runtime", "stop_timeout = inf", "positive number of seconds"),
+        ("runtime", 'stop_timeout = "30"', "positive number of seconds"),
+        ("subids", "count = 1000", "exactly 65536 IDs"),
+        ("subids", "count = 65536.0", "exactly 65536 IDs"),
+        ("subids", "min = 1000", "from 65536 to"),
+        ("subids", "min = -1", "from 65536 to"),
+        ("subids", 'min = "100000"', "from 65536 to"),
+        ("subids", "max = 4294967295", "from 65536 to 4294967294"),
+        ("users", "min_uid = 0", "from 1 to"),
+        ("users", "min_uid = true", "from 1 to"),
+        ("users", 'admin_group = "hostd admins"', "group name"),
+        ("limits", 'memory = "10XB"', "positive size like 512M"),
+        ("limits", 'memory = "1.5"', "positive size like 512M"),
+        ("limits", 'disk = "0"', "positive size like 512M"),
+        ("limits", "disk = 0", "positive size like 512M"),
+        ("limits", 'disk = "2000000T"', "at most 1048576T"),
+        ("limits", "pids = 0", "positive whole number"),
+        ("limits", "pids = 1.5", "positive whole number"),
+        ("limits", "pids = true", "positive whole number"),
+        ("limits", "cpus = 0", "positive number of CPUs"),
+        ("limits", "cpus = -1", "positive number of CPUs"),
+        ("limits", 'cpus = "lots"', "positive number of CPUs"),
+        ("limits", "cpus = [1]", 'string like "2G" or a number'),
+        (
+            "limits",
+            f"cpus = {(os.cpu_count() or 1) + 1}",
+            f"use at most {os.cpu_count() or 1} (its CPU count)",
+        ),
+    ],
+)
+def test_bad_values_are_refused(files: Files, section: str, line: str, fix: str) -> None:
+    path = files.write_dropin("50-bad.toml", f"[{section}]\n{line}\n")
+    message = files.error()
+    key, _, _ = line.partition(" = ")
+    assert message.startswith(f"{path}: [{section}] {key} = ")
+    assert " is invalid: " in message
+    assert fix in message.partition(" is invalid: ")[2]
+
+
+@pytest.mark.parametrize(
+    ("lines", "room"),
+    [("min = 700000000", False), ("min = 600100000", False), ("min = 600034465", True)],
+)
+def test_min_needs_room_for_a_range_below_max(files: Files, lines: str, room: bool) -> None:
+    files.write_main(f"[subids]\n{lines}\n")
+    if room:
+        assert files.load().subids.min == 600034465
+        return
+    value = lines.partition(" = ")[2]
+    assert files.error() == (
+        f"[subids] min = {value} ({files.main}) and [subids] max = 600100000 (default)"
+        " leave no room for 65536 IDs: lower min or raise max"
+    )
+
+
+LOGIN_DEFS = """\
+# /etc/login.defs
+MAIL_DIR        /var/mail
+
+UID_MIN                  2000
+UID_MAX                 60000
+#SUB_UID_MIN            999999
+SUB_UID_MIN\t\t   200000
+SUB_UID_MAX    300000000
+ENCRYPT_METHOD SHA512
+"""
+
+
+def test_login_defs_supplies_unset_subids_and_min_uid(files: Files) -> None:
+    files.login_defs.write_text(LOGIN_DEFS)
+    config = files.load()
+    assert config.subids == SubIdConfig(min=200000, max=300000000, count=65536)
+    assert config.users.min_uid == 2000
+
+
+def test_config_file_beats_login_defs(files: Files) -> None:
+    files.login_defs.write_text(LOGIN_DEFS)
+    files.write_main("[subids]\nmin = 300000\n[users]\nmin_uid = 500\n")
+    config = files.load()
+    assert config.subids == SubIdConfig(min=300000, max=300000000, count=65536)
+    assert config.users.min_uid == 500
+
+
+@pytest.mark.parametrize("value", ["1000", "lots"])
+def test_bad_login_defs_value_names_login_defs(files: Files, value: str) -> None:
+    files.login_defs.write_text(f"SUB_UID_MIN {value}\n")
+    assert files.error() == (
+        f"{files.login_defs}: SUB_UID_MIN {value} is invalid: use a whole number from 65536 to"
+        " 4294967294"
+    )
+
+
+def test_read_login_defs(tmp_path: Path) -> None:
+    path = tmp_path / "login.defs"
+    path.write_text(LOGIN_DEFS + "LONE_KEY\n   \n  # indented comment\n")
+    assert read_login_defs(path) == {
+        "MAIL_DIR": "/var/mail",
+        "UID_MIN": "2000",
+        "UID_MAX": "60000",
+        "SUB_UID_MIN": "200000",
+        "SUB_UID_MAX": "300000000",
+        "ENCRYPT_METHOD": "SHA512",
+    }
+    assert read_login_defs(tmp_path / "missing") == {}
+
+
+def test_unreadable_file_is_an_error_not_defaults(files: Files) -> None:
+    files.main.mkdir()
+    assert files.error() == f"cannot read {files.main} (Is a directory): make it a readable file"
+
+
+def test_shipped_config_loads_to_the_defaults(tmp_path: Path) -> None:
+    no_dropins = tmp_path / "none"
+    assert load(SHIPPED, no_dropins) == load(tmp_path / "missing.toml", no_dropins)
+
+
+def test_shipped_config_documents_every_key_with_a_valid_value(tmp_path: Path) -> None:
+    """Uncommenting every `# key = value` line gives a loadable file with exactly our keys."""
+    lines = SHIPPED.read_text().splitlines()
+    uncommented = [re.sub(r"^# (\w+ = )", r"\1", line) for line in lines]
+    keys = {
+        (section, line.partition(" = ")[0])
+        for section, line in _sections(uncommented)
+        if not line.startswith("#") and " = " in line
+    }
+    expected = {
+        (section, key.name)
+        for section, cls in get_type_hints(Config).items()
+        for key in dataclasses.fields(cls)
+    }
+    assert keys == expected
+    edited = tmp_path / "hostd.toml"
+    edited.write_text("\n".join(uncommented))
+    load(edited, tmp_path / "none")
+
+
+def _sections(lines: list[str]) -> list[tuple[str, str]]:
+    section, found = "", []
+    for line in lines:
+        if m := re.fullmatch(r"\[(\w+)\]", line):
+            section = m[1]
+        else:
+            found.append((section, line))
+    return found
+
+
+def test_runtime_settings_carry_paths_and_runtime_options(files: Files) -> None:
+    files.write_main(
+        '[paths]\nstate_dir = "/srv/hostd"\n'
+        '[runtime]\nrunc = "/usr/local/bin/runc"\ncgroup_parent = "tenants"\n'
+        'rootfs_mode = "copy"\ncache_dir = "/srv/cache"\n'
+    )
+    assert files.load().runtime_settings() == Settings(
+        state_dir=Path("/srv/hostd"),
+        runc="/usr/local/bin/runc",
+        cgroup_parent="tenants",
+        rootfs_mode="copy",
+        cache_dir=Path("/srv/cache"),
+        recipes_dir=DEFAULT_RECIPES,
+    )
+    files.write_dropin("50-recipes.toml", '[runtime]\nrecipes_dir = "/srv/recipes"\n')
+    assert files.load().runtime_settings().recipes_dir == Path("/srv/recipes")

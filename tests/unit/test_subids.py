@@ -1,0 +1,417 @@
+"""Subordinate IDs: allocation never collides, files keep others' lines, locks are shadow's."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hostd.errors import HostdError
+from hostd.subids import SubIdEntry, SubIdFiles, allocate, parse
+from runtime.ids import RANGE_SIZE
+
+USER, UID = "alice", 1000
+COUNT = 4  # small ranges in a small space, so hypothesis hits every edge
+SPACE = 80
+
+entry_lists = st.lists(
+    st.builds(
+        SubIdEntry,
+        owner=st.sampled_from(["bob", "carol", "1001", "podman-user"]),
+        start=st.one_of(st.integers(0, SPACE), st.integers(0, SPACE // 4).map(lambda n: 4 * n)),
+        count=st.one_of(st.integers(1, 12), st.sampled_from([4, 8])),
+    ),
+    max_size=8,
+)
+own_entries = st.lists(
+    st.builds(
+        SubIdEntry,
+        owner=st.sampled_from([USER, str(UID)]),
+        start=st.integers(0, SPACE),
+        count=st.sampled_from([COUNT, COUNT + 1]),
+    ),
+    max_size=3,
+)
+reserved_starts = st.lists(st.integers(0, SPACE), max_size=4)
+bounds = st.integers(0, 20).flatmap(lambda lo: st.tuples(st.just(lo), st.integers(lo - 1, SPACE)))
+
+
+def _spans(entries: list[SubIdEntry], reserved: list[int]) -> list[SubIdEntry]:
+    return entries + [SubIdEntry("(reserved)", s, COUNT) for s in reserved]
+
+
+def _lowest_free(taken: list[SubIdEntry], lo: int, hi: int) -> int | None:
+    """The answer by brute force: every start from lo up."""
+    for start in range(lo, hi - COUNT + 2):
+        if not any(SubIdEntry(USER, start, COUNT).overlaps(t) for t in taken):
+            return start
+    return None
+
+
+@given(entry_lists, entry_lists, reserved_starts, bounds)
+def test_allocate_takes_lowest_free_start_or_says_it_is_full(
+    uid_entries: list[SubIdEntry],
+    gid_entries: list[SubIdEntry],
+    reserved: list[int],
+    lo_hi: tuple[int, int],
+) -> None:
+    lo, hi = lo_hi
+    expected = _lowest_free(_spans(uid_entries + gid_entries, reserved), lo, hi)
+    if expected is None:
+        with pytest.raises(HostdError, match=f"no free subordinate ID range of {COUNT} between"):
+            allocate(USER, UID, uid_entries, gid_entries, reserved, lo, hi, COUNT)
+    else:
+        assert allocate(USER, UID, uid_entries, gid_entries, reserved, lo, hi, COUNT) == expected
+
+
+@given(entry_lists, entry_lists, own_entries, own_entries, reserved_starts, bounds)
+def test_allocate_never_overlaps_others_and_is_idempotent(
+    uid_entries: list[SubIdEntry],
+    gid_entries: list[SubIdEntry],
+    own_uid: list[SubIdEntry],
+    own_gid: list[SubIdEntry],
+    reserved: list[int],
+    lo_hi: tuple[int, int],
+) -> None:
+    lo, hi = lo_hi
+    uid_entries, gid_entries = uid_entries + own_uid, gid_entries + own_gid
+    try:
+        start = allocate(USER, UID, uid_entries, gid_entries, reserved, lo, hi, COUNT)
+    except HostdError:
+        return
+    got = SubIdEntry(USER, start, COUNT)
+    assert lo <= got.start and got.end <= hi
+    others = [
+        e
+        for e in _spans(uid_entries + gid_entries, reserved)
+        if not (e.owner in (USER, str(UID)) and (e.start, e.count) == (start, COUNT))
+    ]
+    assert not any(got.overlaps(e) for e in others)
+
+    again = allocate(USER, UID, uid_entries + [got], gid_entries + [got], reserved, lo, hi, COUNT)
+    assert again == start
+
+
+def test_allocate_reuses_a_range_useradd_gave_by_name_or_uid() -> None:
+    bob = SubIdEntry("bob", 100000, RANGE_SIZE)
+    for owner in (USER, str(UID)):
+        mine = SubIdEntry(owner, 165536, RANGE_SIZE)
+        entries = [bob, mine]
+        assert allocate(USER, UID, entries, entries, [], 100000, 600100000) == 165536
+
+
+@pytest.mark.parametrize(
+    ("uid_entry", "gid_entry", "why"),
+    [
+        (SubIdEntry(USER, 165536, RANGE_SIZE), None, "missing from subgid"),
+        (SubIdEntry(USER, 165536, RANGE_SIZE), SubIdEntry(USER, 231072, RANGE_SIZE), "differs"),
+        (SubIdEntry(USER, 165536, 1000), SubIdEntry(USER, 165536, 1000), "too small"),
+        (SubIdEntry(USER, 10000, RANGE_SIZE), SubIdEntry(USER, 10000, RANGE_SIZE), "below lo"),
+        (
+            SubIdEntry(USER, 140000, RANGE_SIZE),
+            SubIdEntry(USER, 140000, RANGE_SIZE),
+            "overlaps bob",
+        ),
+    ],
+)
+def test_allocate_does_not_reuse_an_unfit_range(
+    uid_entry: SubIdEntry, gid_entry: SubIdEntry | None, why: str
+) -> None:
+    bob = SubIdEntry("bob", 100000, RANGE_SIZE)
+    uid = [bob, uid_entry]
+    gid = [bob] + ([gid_entry] if gid_entry else [])
+    start = allocate(USER, UID, uid, gid, [], 100000, 600100000)
+    assert start != uid_entry.start, why
+    new = SubIdEntry(USER, start, RANGE_SIZE)
+    assert not any(new.overlaps(e) for e in uid + gid)
+
+
+def test_allocate_fills_a_gap_of_exactly_one_range() -> None:
+    taken = [SubIdEntry("bob", 100000, RANGE_SIZE), SubIdEntry("carol", 231072, RANGE_SIZE)]
+    assert allocate(USER, UID, taken, taken, [], 100000, 600100000) == 165536
+
+
+def test_allocate_skips_reserved_ranges_and_foreign_gid_entries() -> None:
+    gid = [SubIdEntry("podman", 100000, RANGE_SIZE)]
+    assert allocate(USER, UID, [], gid, [165536], 100000, 600100000) == 231072
+
+
+def test_allocate_in_a_full_space_names_the_limits_and_the_fix() -> None:
+    full = [SubIdEntry("bob", 100000, RANGE_SIZE)]
+    with pytest.raises(HostdError) as err:
+        allocate(USER, UID, full, full, [], 100000, 231070)
+    assert str(err.value) == (
+        "no free subordinate ID range of 65536 between 100000 and 231070: "
+        "raise SUB_UID_MAX in /etc/login.defs or [subids] max in hostd.toml"
+    )
+
+
+def test_entry_end_and_overlaps() -> None:
+    a = SubIdEntry("a", 100000, RANGE_SIZE)
+    assert a.end == 165535
+    assert a.overlaps(SubIdEntry("b", 165535, 1))
+    assert not a.overlaps(SubIdEntry("b", 165536, RANGE_SIZE))
+    assert not a.overlaps(SubIdEntry("b", 34464, RANGE_SIZE))
+
+
+def test_parse_reads_entries_as_shadow_does_and_skips_the_rest() -> None:
+    text = (
+        "# managed by hand\n"
+        "\n"
+        "bob:100000:65536\n"
+        "1001:165536:65536\n"
+        "hex:0x3a980:0x10000\n"  # shadow's strtoul(..., 0) reads hex and octal too
+        "oct:0400000:010\n"
+        "#old:1:2\n"
+        "bad:12\n"
+        "bad:1:2:3\n"
+        ":1:2\n"
+        "bad:x:2\n"
+        "bad:1:2 \n"
+        "bad:09:1\n"
+        "crlf:1:2\r\n"
+        "last:300000:65536"
+    )
+    assert parse(text) == [
+        SubIdEntry("bob", 100000, 65536),
+        SubIdEntry("1001", 165536, 65536),
+        SubIdEntry("hex", 240000, 65536),
+        SubIdEntry("oct", 131072, 8),
+        SubIdEntry("last", 300000, 65536),
+    ]
+
+
+# --- files -------------------------------------------------------------------------------------
+
+ORIGINAL = (
+    "# comment kept as is\n"
+    "\n"
+    "bob:100000:65536\n"
+    "  weird line that is not an entry\n"
+    "crlf:1:2\r\n"
+    "caf\xe9:165536:65536\n"
+)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> SubIdFiles:
+    return SubIdFiles(tmp_path / "subuid", tmp_path / "subgid", lock_timeout=0.5)
+
+
+def _write_both(files: SubIdFiles, data: bytes) -> None:
+    files.subuid.write_bytes(data)
+    files.subgid.write_bytes(data)
+
+
+def test_add_then_remove_leaves_every_other_byte(files: SubIdFiles) -> None:
+    original = ORIGINAL.encode("latin-1") + b"\xff\xfe:raw bytes\n"  # not UTF-8 either
+    _write_both(files, original)
+    with files.locked():
+        files.add(USER, 231072, RANGE_SIZE)
+        for path in (files.subuid, files.subgid):
+            assert path.read_bytes() == original + b"alice:231072:65536\n"
+        files.remove(USER, 231072, RANGE_SIZE)
+    for path in (files.subuid, files.subgid):
+        assert path.read_bytes() == original
+    assert sorted(p.name for p in files.subuid.parent.iterdir()) == ["subgid", "subuid"]
+
+
+def test_add_is_idempotent_and_knows_equivalent_lines(files: SubIdFiles) -> None:
+    _write_both(files, b"alice:0x3a980:65536\n")
+    with files.locked():
+        files.add(USER, 240000, RANGE_SIZE)
+        files.add(USER, 300000, RANGE_SIZE)
+        files.add(USER, 300000, RANGE_SIZE)
+    assert files.subuid.read_text() == "alice:0x3a980:65536\nalice:300000:65536\n"
+    assert files.read() == (parse(files.subuid.read_text()),) * 2
+
+
+def test_add_after_a_last_line_without_newline(files: SubIdFiles) -> None:
+    _write_both(files, b"bob:100000:65536")
+    with files.locked():
+        files.add(USER, 165536, RANGE_SIZE)
+    assert files.subgid.read_text() == "bob:100000:65536\nalice:165536:65536\n"
+
+
+def test_remove_takes_only_that_range_and_is_idempotent(files: SubIdFiles) -> None:
+    text = "alice:100000:65536\nbob:165536:65536\nalice:165536:65536\nalice:231072:65536"
+    _write_both(files, text.encode())
+    with files.locked():
+        files.remove(USER, 231072, RANGE_SIZE)  # the last line, without a newline
+        files.remove(USER, 165536, RANGE_SIZE)
+        inode = files.subuid.stat().st_ino
+        files.remove(USER, 165536, RANGE_SIZE)
+        files.remove("carol", 100000, RANGE_SIZE)
+    assert files.subuid.read_text() == "alice:100000:65536\nbob:165536:65536\n"
+    assert files.subuid.stat().st_ino == inode  # nothing to remove: not rewritten
+
+
+def test_missing_files_read_empty_and_are_created_0644(files: SubIdFiles) -> None:
+    assert files.read() == ([], [])
+    with files.locked():
+        files.remove(USER, 100000, RANGE_SIZE)
+        assert not files.subuid.exists()
+        files.add(USER, 100000, RANGE_SIZE)
+    for path in (files.subuid, files.subgid):
+        assert path.read_text() == "alice:100000:65536\n"
+        assert path.stat().st_mode & 0o7777 == 0o644
+
+
+def test_rewrite_keeps_mode(files: SubIdFiles) -> None:
+    _write_both(files, b"")
+    files.subuid.chmod(0o600)
+    with files.locked():
+        files.add(USER, 100000, RANGE_SIZE)
+    assert files.subuid.stat().st_mode & 0o7777 == 0o600
+    assert files.subgid.stat().st_mode & 0o7777 == 0o644
+
+
+def test_changes_outside_locked_are_refused(files: SubIdFiles) -> None:
+    with pytest.raises(AssertionError):
+        files.add(USER, 100000, RANGE_SIZE)
+    with pytest.raises(AssertionError):
+        files.remove(USER, 100000, RANGE_SIZE)
+    assert not files.subuid.exists()
+
+
+@pytest.mark.parametrize("name", ["", "a:b", "a\nb", "#a"])
+def test_names_that_would_break_the_file_are_refused(files: SubIdFiles, name: str) -> None:
+    with files.locked(), pytest.raises(HostdError, match="cannot be written to"):
+        files.add(name, 100000, RANGE_SIZE)
+    assert not files.subuid.exists()
+
+
+# --- locks -------------------------------------------------------------------------------------
+
+
+def _lock_of(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+@pytest.fixture
+def live_pid() -> Iterator[int]:
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _leftovers(files: SubIdFiles) -> list[str]:
+    return sorted(p.name for p in files.subuid.parent.iterdir())
+
+
+def test_locked_creates_shadow_lock_files_and_removes_them(files: SubIdFiles) -> None:
+    with files.locked():
+        for path in (files.subuid, files.subgid):
+            assert _lock_of(path).read_text() == str(os.getpid())  # no newline, as shadow
+        assert _leftovers(files) == ["subgid.lock", "subuid.lock"]
+    assert _leftovers(files) == []
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(files: SubIdFiles) -> None:
+    _lock_of(files.subuid).write_text(str(_dead_pid()))
+    _lock_of(files.subgid).write_text(str(os.getpid()))  # ours, yet not held: from before a reboot
+    with files.locked():
+        files.add(USER, 100000, RANGE_SIZE)
+    assert _leftovers(files) == ["subgid", "subuid"]
+
+
+def test_live_lock_makes_locked_wait_then_fail(files: SubIdFiles, live_pid: int) -> None:
+    lock = _lock_of(files.subgid)
+    lock.write_text(str(live_pid))
+    began = time.monotonic()
+    with pytest.raises(HostdError) as err, files.locked():
+        pytest.fail("got the lock")
+    assert time.monotonic() - began >= 0.5
+    assert str(err.value) == (
+        f"{lock} is held by pid {live_pid}: "
+        "wait for useradd/usermod to finish or remove a stale lock"
+    )
+    assert lock.read_text() == str(live_pid)
+    assert _leftovers(files) == ["subgid.lock"]  # our subuid.lock was released
+
+
+def test_lock_without_a_valid_pid_is_not_taken_over(files: SubIdFiles) -> None:
+    _lock_of(files.subuid).write_text("123\n")
+    with (
+        pytest.raises(HostdError, match=r"holds no valid pid \('123\\n'\): wait for"),
+        files.locked(),
+    ):
+        pytest.fail("got the lock")
+
+
+def test_locked_gets_the_lock_once_its_holder_lets_go(tmp_path: Path, live_pid: int) -> None:
+    files = SubIdFiles(tmp_path / "subuid", tmp_path / "subgid", lock_timeout=10)
+    lock = _lock_of(files.subuid)
+    lock.write_text(str(live_pid))
+    release = threading.Timer(0.3, lock.unlink)
+    release.start()
+    began = time.monotonic()
+    with files.locked():
+        assert time.monotonic() - began >= 0.3
+        assert lock.read_text() == str(os.getpid())
+    release.join()
+
+
+def test_threads_of_one_process_take_turns(tmp_path: Path) -> None:
+    files = SubIdFiles(tmp_path / "subuid", tmp_path / "subgid", lock_timeout=10)
+    inside = threading.Event()
+    events: list[str] = []
+
+    def hold() -> None:
+        with files.locked():
+            inside.set()
+            time.sleep(0.2)
+            events.append("first out")
+
+    first = threading.Thread(target=hold)
+    first.start()
+    inside.wait()
+    with files.locked():
+        events.append("second in")
+        files.add(USER, 100000, RANGE_SIZE)
+    first.join()
+    assert events == ["first out", "second in"]
+
+
+def _allocate_and_add(subuid: str, subgid: str, user: str, uid: int) -> int:
+    files = SubIdFiles(Path(subuid), Path(subgid))
+    with files.locked():
+        uid_entries, gid_entries = files.read()
+        start = allocate(user, uid, uid_entries, gid_entries, [], 100000, 600100000)
+        time.sleep(0.01)  # widen the window a lost update would need
+        files.add(user, start, RANGE_SIZE)
+    return start
+
+
+def test_concurrent_adders_get_disjoint_ranges(files: SubIdFiles) -> None:
+    header = b"# shared with useradd\nbob:100000:65536\n"
+    _write_both(files, header)
+    jobs = [(str(files.subuid), str(files.subgid), f"user{i}", 2000 + i) for i in range(10)]
+    with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
+        starts = pool.starmap(_allocate_and_add, jobs)
+    assert len(set(starts)) == 10
+    uid_entries, gid_entries = files.read()
+    assert uid_entries == gid_entries
+    assert sorted(e.owner for e in uid_entries) == ["bob"] + sorted(f"user{i}" for i in range(10))
+    ranges = sorted(uid_entries, key=lambda e: e.start)
+    assert all(a.end < b.start for a, b in zip(ranges, ranges[1:], strict=False))
+    for path in (files.subuid, files.subgid):
+        text = path.read_bytes()
+        assert text.startswith(header) and text.endswith(b"\n")
+        assert len(parse(text.decode())) == len(text.splitlines()) - 1  # all but the comment
+    assert _leftovers(files) == ["subgid", "subuid"]

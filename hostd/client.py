@@ -44,17 +44,29 @@ def call(
     `on_tty` receives a pty master sent back by `exec` and runs the session."""
     chan = connect(path)
     with chan.sock:
-        chan.send({"op": op, "args": args or {}}, fds)
-        while True:
-            msg, got = chan.receive()
-            if msg is None:
-                raise HostdError("hostd closed the connection", "see hostd's log")
-            if "progress" in msg:
-                progress(str(msg["progress"]))
-            elif msg.get("tty") and got and on_tty is not None:
-                on_tty(got[0])
-            elif "ok" in msg:
-                if not msg["ok"]:
-                    cause, _, fix = str(msg["error"]).rpartition(": ")
-                    raise HostdError(cause or fix, fix if cause else "see hostd's log")
-                return msg.get("result")
+        return request(chan, op, args, fds, progress, on_tty)
+
+
+def request(
+    chan: Channel,
+    op: str,
+    args: dict[str, Any] | None = None,
+    fds: Sequence[int] = (),
+    progress: Callable[[str], None] = _quiet,
+    on_tty: Callable[[int], None] | None = None,
+) -> Any:
+    """`call` on an already connected channel."""
+    chan.send({"op": op, "args": args or {}}, fds)
+    while True:
+        msg, got = chan.receive()
+        if msg is None:
+            raise HostdError("hostd closed the connection", "see hostd's log")
+        if "progress" in msg:
+            progress(str(msg["progress"]))
+        elif msg.get("tty") and got and on_tty is not None:
+            on_tty(got[0])
+        elif "ok" in msg:
+            if not msg["ok"]:
+                cause, _, fix = str(msg["error"]).rpartition(": ")
+                raise HostdError(cause or fix, fix if cause else "see hostd's log")
+            return msg.get("result")

@@ -123,7 +123,8 @@ def _run(args: argparse.Namespace) -> int:
             _print(args, m, f"built {m['name']}@{m['version']} ({format_size(m['size'])})")
         elif args.sub == "import":
             with open(args.tarball, "rb") as f:
-                m = call(sock, "image.import", {"name": args.name}, [f.fileno()], progress)
+                request = {"name": args.name, "filename": str(args.tarball.resolve())}
+                m = call(sock, "image.import", request, [f.fileno()], progress)
             _print(args, m, f"imported {m['name']}@{m['version']} ({format_size(m['size'])})")
         elif args.sub == "list":
             ms = rpc("image.list")

@@ -149,8 +149,9 @@ class Service:
             if len(fds) != 1:
                 raise HostdError("image.import needs the tarball as a file descriptor",
                                  "use `hostctl image import NAME FILE`")  # fmt: skip
-            return asdict(rt.images.import_tarball(args["name"], Path(f"/proc/self/fd/{fds[0]}"),
-                                                   progress))  # fmt: skip
+            tarball = Path(f"/proc/{os.getpid()}/fd/{fds[0]}")  # readable by tar, our child
+            return asdict(rt.images.import_tarball(args["name"], tarball, progress,
+                                                   args.get("filename")))  # fmt: skip
         if op == "image.list":
             return [asdict(m) for m in rt.images.manifests()]
         if op == "image.remove":

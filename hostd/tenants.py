@@ -166,11 +166,8 @@ class Tenants:
 
     def _forget(self, t: Tenant) -> None:
         """Undo an add: container, subordinate IDs, state row (in that order)."""
-        try:
-            self.runtime.get(t.user)
+        if self.runtime.exists(t.user):
             self.runtime.delete(t.user, force=True)
-        except RuntimeFailure:
-            pass
         with self.subids.locked():
             self.subids.remove(t.user, t.range_start, RANGE_SIZE)
         self.state.delete_tenant(t.user)

@@ -129,6 +129,10 @@ class Runtime:
                 f"container {name!r} does not exist", "create it first (see `list`)"
             ) from None
 
+    def exists(self, name: str) -> bool:
+        """Whether anything of container `name` is on disk, complete or not."""
+        return self._dir(name).is_dir()
+
     def containers(self) -> list[Container]:
         root = self.state_dir / "containers"
         if not root.is_dir():
@@ -367,6 +371,14 @@ class Runtime:
             fsutil.unmount_all(self._dir(c.name))
 
     def delete(self, name: str, force: bool = False) -> None:
+        """Delete a container and all its data; also the remains of one whose creation was
+        interrupted (a crash before its meta.json was written)."""
+        cdir = self._dir(name)
+        if cdir.is_dir() and not (cdir / "meta.json").exists():
+            with self._locked():
+                self.runc.delete(name)
+                fsutil.remove_tree(cdir)
+            return
         c = self.get(name)
         st = self.state(name)
         if st.status != "stopped":

@@ -156,15 +156,18 @@ class ImageStore:
             source = f"debootstrap {recipe.suite} {recipe.variant} from {recipe.mirror}"
             return self._publish(name, work, source, progress)
 
-    def import_tarball(self, name: str, tarball: Path, progress: Progress = _quiet) -> Manifest:
-        """Import a root filesystem tarball (what `docker export` writes) as image `name`."""
+    def import_tarball(
+        self, name: str, tarball: Path, progress: Progress = _quiet, label: str | None = None
+    ) -> Manifest:
+        """Import a root filesystem tarball (what `docker export` writes) as image `name`;
+        `label` names its origin in the manifest when `tarball` is not a meaningful path."""
         check_name(name, "image")
         if not tarball.is_file():
             raise RuntimeFailure(f"no such tarball {tarball}", "give the path of a .tar(.gz) file")
         with self._workdir(name) as work:
             rootfs = work / "rootfs"
             rootfs.mkdir(mode=0o755)
-            progress(f"unpacking {tarball}")
+            progress(f"unpacking {label or tarball}")
             proc.run(
                 [
                     "tar",
@@ -183,7 +186,7 @@ class ImageStore:
                     f"{tarball} has no init (/sbin/init)",
                     "export a system image with systemd installed",
                 )
-            return self._publish(name, work, f"import {tarball.resolve()}", progress)
+            return self._publish(name, work, f"import {label or tarball.resolve()}", progress)
 
     @contextmanager
     def _workdir(self, name: str) -> Iterator[Path]:

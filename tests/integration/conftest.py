@@ -123,8 +123,8 @@ def hostd(rt: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hos
     """A real hostd sharing the session's state dir (and default image); its subordinate ID
     files are temp files, never the machine's /etc/subuid."""
     tmp = tmp_path_factory.mktemp("hostd")
-    os.chmod(tmp, 0o755)  # the user socket must be reachable by test users
-    run = tmp / "run"
+    run = Path(tempfile.mkdtemp(prefix="hostd-it-", dir="/run"))
+    os.chmod(run, 0o755)  # test users must reach the user socket
     h = Hostd(
         config=tmp / "hostd.toml", subuid=tmp / "subuid", subgid=tmp / "subgid",
         admin_socket=run / "admin.sock", user_socket=run / "user.sock",
@@ -140,6 +140,7 @@ def hostd(rt: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hos
     h.start()
     yield h
     h.stop()
+    shutil.rmtree(run)
 
 
 @pytest.fixture(scope="session")

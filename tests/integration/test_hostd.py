@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
+import signal
+import socket
 import sqlite3
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
+from hostd.api import Channel
+from hostd.client import request
+from hostd.errors import HostdError
 from hostd.subids import parse
 from runtime import mountinfo
 from runtime.containers import Runtime
@@ -66,3 +78,221 @@ def test_add_start_docker_restart_hostd_remove(
     hostd.hostctl("user", "remove", user)
     _assert_gone(hostd, user)
     assert Path(home, "from-inside").exists()  # the host home is the user's, not the tenant's
+
+
+def test_kill_9_mid_add_is_repaired_on_restart(hostd: Hostd, unix_users: UnixUsers) -> None:
+    """Kill hostd while an add is half done (its state row says `adding`), restart it."""
+    caught = 0
+    for _ in range(10):
+        user = unix_users.make()
+        add = subprocess.Popen(
+            [sys.executable, "-m", "hostd.hostctl", "--config", str(hostd.config),
+             "user", "add", user],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while add.poll() is None and time.monotonic() < deadline:
+            if _tenant_rows(hostd).get(user, (0, ""))[1] == "adding":
+                hostd.stop(signal.SIGKILL)
+                caught += 1
+                break
+        add.wait(timeout=60)
+        if hostd.proc is not None:  # the add finished before we saw it half done
+            hostd.hostctl("user", "remove", user)
+            continue
+        hostd.start()  # reconcile rolls the interrupted add back
+        _assert_gone(hostd, user)
+        hostd.hostctl("user", "add", user)  # and the user can be added again
+        assert _tenant_rows(hostd)[user][1] == "ready"
+        hostd.hostctl("user", "remove", user)
+        if caught >= 3:
+            break
+    assert caught >= 1, "never caught an add half-way"
+
+
+def test_bad_input_leaves_state_unchanged(hostd: Hostd, unix_users: UnixUsers) -> None:
+    user = unix_users.make()
+    hostd.hostctl("user", "add", user)
+    before = (_tenant_rows(hostd), _subuid_owners(hostd))
+    cases = {
+        ("user", "add", "nosuchuser"): "no Unix account named 'nosuchuser'",
+        ("user", "add", "root"): "root is a system account",
+        ("user", "add", "daemon"): "daemon is a system account",
+        ("user", "add", "../etc"): "invalid user name",
+        ("user", "add", "a/b"): "invalid user name",
+        ("user", "add", user): "already a tenant",
+        ("quota", "set", user, "--memory", "10XB"): "invalid memory size '10XB'",
+        ("quota", "set", user, "--memory", "-1"): "memory",
+        ("quota", "set", user, "--pids", "0"): "pids",
+        ("quota", "set", user, "--cpus", "9999"): "cpus",
+        ("quota", "set", "nosuchuser", "--pids", "10"): "nosuchuser is not a tenant",
+        ("start", "nosuchuser"): "nosuchuser is not a tenant",
+        ("user", "add", unix_users.make(), "--image", "nope"): "image 'nope' not found",
+    }
+    for args, message in cases.items():
+        res = hostd.hostctl(*args, check=False)
+        assert res.returncode == 1, args
+        assert message in res.stderr, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "Traceback" not in res.stderr
+    assert (_tenant_rows(hostd), _subuid_owners(hostd)) == before
+    hostd.hostctl("user", "remove", user)
+
+
+def test_twenty_parallel_adds_get_disjoint_ranges(hostd: Hostd, unix_users: UnixUsers) -> None:
+    users = [unix_users.make() for _ in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda u: hostd.hostctl("user", "add", u, check=False), users))
+    assert [r.returncode for r in results] == [0] * 20, [r.stderr for r in results]
+    owners = _subuid_owners(hostd)
+    starts = sorted(owners[u] for u in users)
+    assert all(b - a >= 65536 for a, b in zip(starts, starts[1:], strict=False))
+    assert {u: s for u, (s, _) in _tenant_rows(hostd).items() if u in users} == {
+        u: owners[u] for u in users
+    }
+    with ThreadPoolExecutor(20) as pool:
+        removed = list(pool.map(lambda u: hostd.hostctl("user", "remove", u, check=False), users))
+    assert [r.returncode for r in removed] == [0] * 20
+    for u in users:
+        _assert_gone(hostd, u)
+
+
+def test_quota_status_logs_and_keep_data(hostd: Hostd, unix_users: UnixUsers) -> None:
+    user = unix_users.make()
+    hostd.hostctl("user", "add", user, "--memory", "1G")
+    res = hostd.hostctl("quota", "set", user, "--memory", "2G", "--pids", "1500")
+    assert "applied at next start" in res.stdout
+    hostd.hostctl("start", user)
+    res = hostd.hostctl("quota", "set", user, "--memory", "3G")
+    assert "applied now" in res.stdout
+    limit = hostd.hostctl("exec", user, "--", "cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+    assert int(limit.stdout) == 3 * 2**30
+    table = hostd.hostctl("status", user).stdout
+    assert table.splitlines()[0].split() == ["USER", "STATE", "UPTIME", "MEMORY", "CPU", "PIDS",
+                                             "DISK"]  # fmt: skip
+    row = table.splitlines()[1].split()
+    assert row[:2] == [user, "running"] and row[3].endswith("/3G") and row[5].endswith("/1500")
+    assert "Startup finished" in hostd.hostctl("logs", user, "-n", "200").stdout
+    show = hostd.hostctl("user", "show", user).stdout
+    assert "quota:" in show and "memory=3G" in show
+    # --keep-data: the container and its IDs stay reserved, a later add adopts them
+    start = _subuid_owners(hostd)[user]
+    hostd.hostctl("exec", user, "--", "sh", "-c", "echo kept > /root/marker")
+    hostd.hostctl("user", "remove", user, "--keep-data")
+    assert user not in _tenant_rows(hostd) and _subuid_owners(hostd)[user] == start
+    hostd.hostctl("user", "add", user)
+    hostd.hostctl("start", user)
+    assert hostd.hostctl("exec", user, "--", "cat", "/root/marker").stdout.strip() == "kept"
+    hostd.hostctl("user", "remove", user)
+    _assert_gone(hostd, user)
+
+
+def _connect_as(user: str, path: Path) -> socket.socket:
+    """A socket connected to `path` by a process running as `user`, so hostd's SO_PEERCRED
+    sees that user (the child hands the connected socket back and exits)."""
+    pw = pwd.getpwnam(user)
+    parent, child = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only connects
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            conn = socket.socket(socket.AF_UNIX)
+            try:
+                conn.connect(str(path))
+                socket.send_fds(child, [b"ok"], [conn.fileno()])
+            except PermissionError:
+                child.sendall(b"EACCES")
+            code = 0
+        finally:
+            os._exit(code)
+    os.waitpid(pid, 0)
+    child.close()
+    with parent:
+        msg, fds, _, _ = socket.recv_fds(parent, 16, 1)
+    if not fds:
+        raise PermissionError(msg.decode())
+    return socket.socket(fileno=fds[0])
+
+
+def _request_as(user: str, path: Path, op: str, args: dict[str, object]) -> object:
+    with _connect_as(user, path) as conn:
+        return request(Channel(conn), op, args, [0, 1, 2] if op == "exec" else [])
+
+
+def test_user_socket_is_limited_to_the_callers_container(
+    hostd: Hostd, unix_users: UnixUsers, capfd: pytest.CaptureFixture[str]
+) -> None:
+    tenant, other = unix_users.make(), unix_users.make()
+    hostd.hostctl("user", "add", tenant)
+    exec_args: dict[str, object] = {"argv": ["id", "-un"], "user": "root", "as_user": "root"}
+    capfd.readouterr()
+    assert _request_as(tenant, hostd.user_socket, "exec", exec_args) == {"exit": 0}
+    assert capfd.readouterr().out.strip() == tenant  # as themselves, never as root
+    status = _request_as(tenant, hostd.user_socket, "status", {"user": other})
+    assert [s["user"] for s in status] == [tenant]  # type: ignore[attr-defined]
+    with pytest.raises(HostdError, match="user.add is for admins"):
+        _request_as(tenant, hostd.user_socket, "user.add", {"user": other})
+    with pytest.raises(HostdError, match=f"{other} is not a tenant"):
+        _request_as(other, hostd.user_socket, "exec", exec_args)
+    with pytest.raises(PermissionError):
+        _connect_as(tenant, hostd.admin_socket)
+    hostd.hostctl("user", "remove", tenant)
+
+
+def test_hostctl_says_when_hostd_is_not_running(tmp_path: Path) -> None:
+    cfg = tmp_path / "hostd.toml"
+    cfg.write_text(f'[paths]\nadmin_socket = "{tmp_path}/none.sock"\n')
+    res = subprocess.run([sys.executable, "-m", "hostd.hostctl", "--config", str(cfg), "status"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 1
+    assert res.stderr.strip() == (
+        f"hostctl: hostd is not running (no socket at {tmp_path}/none.sock): "
+        "start it: `systemctl start hostd`"
+    )
+
+
+def test_image_import_passes_the_file_not_the_path(hostd: Hostd, busybox_tar: Path) -> None:
+    out = hostd.hostctl("image", "import", "bbimp", str(busybox_tar)).stdout
+    assert out.startswith("imported bbimp@")
+    assert "bbimp" in hostd.hostctl("image", "list").stdout
+    hostd.hostctl("image", "remove", "bbimp")
+    assert "bbimp" not in hostd.hostctl("image", "list").stdout
+
+
+def test_doctor(hostd: Hostd) -> None:
+    res = hostd.hostctl("doctor", check=False)
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["CHECK", "STATUS", "DETAIL"]
+    names = [line.split("  ")[0] for line in lines[1:]]
+    assert names == ["kernel", "user namespaces", "ID-mapped mounts", "overlay", "cgroups",
+                     "runc", "subuid files", "nftables"]  # fmt: skip
+    assert res.returncode == 0, res.stdout
+
+
+def test_ready_notification_and_unit_file(hostd: Hostd, tmp_path: Path) -> None:
+    """Type=notify: READY=1 reaches NOTIFY_SOCKET; the unit file passes systemd's checks."""
+    hostd.stop()
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(sock_path))
+        listener.settimeout(60)
+        os.environ["NOTIFY_SOCKET"] = str(sock_path)
+        try:
+            hostd.start()
+        finally:
+            del os.environ["NOTIFY_SOCKET"]
+        messages = []
+        while "READY=1" not in messages:
+            messages.append(listener.recv(4096).decode())
+    assert messages[0].startswith("STATUS=")
+    unit = Path(__file__).parents[2] / "packaging/systemd/hostd.service"
+    exe = shutil.which("hostd")
+    if exe is None:
+        pytest.skip("the hostd entry point is not installed: pip install -e .")
+    local = tmp_path / "hostd.service"
+    local.write_text(unit.read_text().replace("/usr/local/bin/hostd", exe))
+    res = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

@@ -286,6 +286,9 @@ class Tenants:
                     done.append(f"restarted {t.user}")
                 except RuntimeFailure as exc:
                     done.append(f"cannot restart {t.user}: {exc}")
+        for name in self.runtime.incomplete():
+            self.runtime.delete(name, force=True)
+            done.append(f"removed the remains of the interrupted creation of {name}")
         return done
 
 

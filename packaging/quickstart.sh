@@ -1,20 +1,35 @@
 #!/bin/bash
-# End to end on a fresh Debian 12 host, as root: install dependencies, build the default
-# system-container image, create and boot a container, and run `docker run` inside it.
+# End to end on a fresh Debian 12 host, as root: install hostd, build the default image, start
+# hostd, make the invoking user (the one who ran sudo) a tenant, and run `docker run` in their
+# container as them. Run as root directly, it uses a demo account, `hostddemo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash packaging/install-deps.sh
 
-STATE=${HOSTD_STATE_DIR:-/var/lib/hostd}
-NAME=${HOSTD_DEMO_NAME:-demo}
-# A high range clear of the host's own users and of /etc/subuid's usual ranges.
-START=${HOSTD_DEMO_UID_START:-1879048192}
-rt() { .venv/bin/hostd-runtime --state-dir "$STATE" "$@"; }
+for tool in hostd hostctl hostd-runtime; do ln -sfn "$PWD/.venv/bin/$tool" "/usr/local/bin/$tool"; done
+install -d /etc/hostd
+[ -e /etc/hostd/hostd.toml ] || install -m 0644 etc/hostd.toml /etc/hostd/hostd.toml
 
-rt image list | grep -q '^default ' || rt image build default
-if rt list | grep -q "^$NAME "; then rt delete --force "$NAME"; fi
-rt create "$NAME" --image default --uid-start "$START"
-rt start --wait "$NAME"
+if [ -d /run/systemd/system ]; then  # systemd is PID 1
+  install -m 0644 packaging/systemd/hostd.service /etc/systemd/system/hostd.service
+  systemctl daemon-reload
+  systemctl enable --now hostd
+elif ! hostctl status >/dev/null 2>&1; then
+  echo "no systemd here: starting hostd in the background (log: /var/log/hostd.log)"
+  nohup hostd >>/var/log/hostd.log 2>&1 &
+fi
+for _ in $(seq 100); do hostctl status >/dev/null 2>&1 && break; sleep 0.1; done
+hostctl status >/dev/null
+
+hostctl image list | grep -q '^default ' || hostctl image build default
+
+user=${SUDO_USER:-}
+if [ -z "$user" ] || [ "$user" = root ]; then
+  user=hostddemo
+  id "$user" >/dev/null 2>&1 || useradd -m -s /bin/bash "$user"
+fi
+hostctl user show "$user" >/dev/null 2>&1 || hostctl user add "$user"
+hostctl start "$user"
 
 # No registry here: give the inner Docker a 1 MB busybox image made from busybox-static.
 img=$(mktemp -d)
@@ -22,11 +37,11 @@ trap 'rm -rf "$img"' EXIT
 mkdir -p "$img/bin"
 cp /bin/busybox "$img/bin/"
 for applet in sh echo cat ls uname id; do ln -s busybox "$img/bin/$applet"; done
-tar -C "$img" -c . | rt exec "$NAME" -- docker import - busybox:local >/dev/null
+tar -C "$img" -c . | hostctl exec "$user" --user "$user" -- docker import - busybox:local >/dev/null
 
-echo "--- inside container '$NAME': docker run"
-rt exec "$NAME" -- docker run --rm busybox:local sh -c 'echo "hello from $(uname -n), uid $(id -u) inside"'
-rt exec "$NAME" -- docker info --format 'inner Docker storage driver: {{.Driver}}'
-rt list
-echo "init of '$NAME' runs on the host as uid $(stat -c %u "/proc/$(rt list | awk -v n="$NAME" '$1==n {print $3}')")"
-echo "a shell inside: sudo .venv/bin/hostd-runtime exec -t $NAME -- bash"
+echo "--- as $user inside their container: docker run"
+hostctl exec "$user" --user "$user" -- docker run --rm busybox:local \
+  sh -c 'echo "hello from container $(uname -n), uid $(id -u) inside it"'
+hostctl exec "$user" --user "$user" -- docker info --format 'inner Docker storage driver: {{.Driver}}'
+hostctl status "$user"
+echo "a shell inside: sudo hostctl exec -t $user --user $user -- bash -l"

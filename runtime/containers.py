@@ -133,6 +133,13 @@ class Runtime:
         """Whether anything of container `name` is on disk, complete or not."""
         return self._dir(name).is_dir()
 
+    def incomplete(self) -> list[str]:
+        """Containers whose creation was interrupted (no meta.json): remains to delete."""
+        root = self.state_dir / "containers"
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if not (p / "meta.json").exists())
+
     def containers(self) -> list[Container]:
         root = self.state_dir / "containers"
         if not root.is_dir():

@@ -109,3 +109,15 @@ def test_delete_leaves_nothing(rt: Runtime, make_container: ContainerFactory) ->
     assert rt.runc.state(name) is None
     assert not (rt.state_dir / "runc" / name).exists()
     assert name not in [c.name for c in rt.containers()]
+
+
+def test_remains_of_an_interrupted_create_are_listed_and_deleted(
+    rt: Runtime, make_container: ContainerFactory
+) -> None:
+    name = make_container("half", start=False)
+    cdir = rt.state_dir / "containers" / name
+    (cdir / "meta.json").unlink()  # as if the creating process died before its last step
+    assert name in rt.incomplete() and name not in [c.name for c in rt.containers()]
+    assert mountinfo.mounts_under(str(cdir))  # the rootfs was already mounted
+    rt.delete(name)
+    assert not cdir.exists() and mountinfo.mounts_under(str(cdir)) == []

@@ -7,6 +7,7 @@ file and key to fix: a typo must not silently fall back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -75,12 +76,22 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class NetworkSettings:
+    bridge: str
+    subnet: str  # IPv4 network; the bridge takes its first address
+    nft_table: str
+    dns: tuple[str, ...]  # nameservers for tenants; empty: the host's (non-loopback) ones
+    privileged_ports: bool  # may ports below 1024 be granted?
+
+
+@dataclass(frozen=True)
 class Config:
     paths: Paths
     runtime: RuntimeConfig
     subids: SubIdConfig
     users: UserConfig
     limits: Limits
+    network: NetworkSettings
 
     def runtime_settings(self) -> Settings:
         """The runtime's view: it knows nothing of users, only where and how to run containers."""
@@ -167,6 +178,43 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _hostd_name(longest: int) -> Callable[[Any], str]:
+    """Kernel objects we create carry the project's prefix, so they are recognisably ours."""
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not re.fullmatch(rf"hostd[A-Za-z0-9_]{{0,{longest - 5}}}",
+                                                          value):  # fmt: skip
+            raise ValueError(f'use "hostd" followed by up to {longest - 5} letters or digits')
+        return value
+
+    return check
+
+
+def _subnet(value: Any) -> str:
+    try:
+        net = ipaddress.IPv4Network(value)
+    except (ValueError, TypeError):
+        raise ValueError('use an IPv4 network like "10.213.0.0/16"') from None
+    if net.prefixlen > 28 or not net.is_private:
+        raise ValueError("use a private IPv4 network of at least 16 addresses (/28)")
+    return str(net)
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError('use a list like ["192.0.2.53"]')
+    try:
+        return tuple(str(ipaddress.ip_address(v)) for v in value)
+    except ValueError:
+        raise ValueError('use a list of IP addresses like ["192.0.2.53"]') from None
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("use true or false")
+    return value
+
+
 def _cpus(value: Any) -> float:
     return parse_cpus(_text(value), os.cpu_count() or 1)
 
@@ -205,6 +253,13 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     "users": {
         "admin_group": _Key("hostd-admin", _group),
         "min_uid": _Key(1000, _id(1), "UID_MIN"),
+    },
+    "network": {
+        "bridge": _Key("hostd0", _hostd_name(15)),
+        "subnet": _Key("10.213.0.0/16", _subnet),
+        "nft_table": _Key("hostd", _hostd_name(64)),
+        "dns": _Key([], _addresses),
+        "privileged_ports": _Key(False, _bool),
     },
     "limits": {
         "cpus": _Key(None, _cpus),
@@ -272,6 +327,7 @@ def load(main: Path = MAIN, dropin_dir: Path | None = None) -> Config:
         subids=SubIdConfig(**subids),
         users=UserConfig(**values["users"]),
         limits=Limits(**values["limits"]),
+        network=NetworkSettings(**values["network"]),
     )
 
 

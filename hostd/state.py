@@ -55,6 +55,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             what TEXT NOT NULL
         )""",
     ),
+    (  # 2: networking: one address per tenant, host ports granted to tenants
+        """CREATE TABLE addresses (
+            user TEXT PRIMARY KEY REFERENCES tenants(user) ON DELETE CASCADE,
+            idx INTEGER NOT NULL UNIQUE
+        )""",
+        """CREATE TABLE port_grants (
+            first INTEGER NOT NULL,
+            last INTEGER NOT NULL,
+            user TEXT NOT NULL REFERENCES tenants(user) ON DELETE CASCADE,
+            PRIMARY KEY (first, last),
+            CHECK (0 < first AND first <= last AND last < 65536)
+        )""",
+    ),
 )
 
 _TENANT_COLUMNS = "user, uid, gid, home, range_start, image, phase, desired, created"
@@ -276,6 +289,55 @@ class State:
                 " VALUES (?, ?, ?, ?, ?)",
                 (user, *astuple(quota)),
             )
+
+    # -- networking ------------------------------------------------------------------------
+
+    def address_index(self, user: str) -> int:
+        """The tenant's network address slot: its own, or the lowest free one (kept)."""
+        with self._write() as db:
+            row = db.execute("SELECT idx FROM addresses WHERE user = ?", (user,)).fetchone()
+            if row:
+                return int(row[0])
+            if not db.execute("SELECT 1 FROM tenants WHERE user = ?", (user,)).fetchone():
+                raise _not_a_tenant(user)
+            used = {int(r[0]) for r in db.execute("SELECT idx FROM addresses")}
+            idx = next(i for i in range(len(used) + 1) if i not in used)
+            db.execute("INSERT INTO addresses (user, idx) VALUES (?, ?)", (user, idx))
+            return idx
+
+    def grant_ports(self, user: str, first: int, last: int) -> None:
+        """Give `user` the host ports first..last; refused if any belongs to someone."""
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM tenants WHERE user = ?", (user,)).fetchone():
+                raise _not_a_tenant(user)
+            clash = db.execute(
+                "SELECT first, last, user FROM port_grants WHERE first <= ? AND ? <= last",
+                (last, first),
+            ).fetchone()
+            if clash:
+                owner = "them" if clash[2] == user else clash[2]
+                raise HostdError(
+                    f"ports {first}-{last} overlap {clash[0]}-{clash[1]} granted to {owner}",
+                    "revoke those first or pick other ports",
+                )
+            db.execute("INSERT INTO port_grants (first, last, user) VALUES (?, ?, ?)",
+                       (first, last, user))  # fmt: skip
+
+    def revoke_ports(self, user: str, first: int, last: int) -> None:
+        with self._write() as db:
+            gone = db.execute(
+                "DELETE FROM port_grants WHERE user = ? AND first = ? AND last = ?",
+                (user, first, last),
+            ).rowcount
+            if not gone:
+                raise HostdError(f"{user} has no grant of ports {first}-{last}",
+                                 "see `hostctl ports list`")  # fmt: skip
+
+    def port_grants(self) -> list[tuple[int, int, str]]:
+        """(first, last, user) of every grant, by port."""
+        with self._lock:
+            rows = self._db.execute("SELECT first, last, user FROM port_grants ORDER BY first")
+            return [(int(a), int(b), str(u)) for a, b, u in rows]
 
     def log_event(self, user: str | None, what: str) -> None:
         """Append to the audit log of admin actions (add, remove, quota, start, stop)."""

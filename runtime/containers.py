@@ -317,7 +317,8 @@ class Runtime:
                     cdir / "config.json", json.dumps(build_config(self.spec(c)), indent=1)
                 )
                 undo.push(self.runc.delete, name)
-                self.runc.run_detached(cdir, name, cdir / "console.log")
+                self.runc.create(cdir, name, cdir / "console.log")
+                self.runc.start(name)
         return self.state(name)
 
     def stop(self, name: str, timeout: float = 30.0) -> None:

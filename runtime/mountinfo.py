@@ -48,11 +48,12 @@ def current() -> list[Mount]:
 
 
 def mounts_under(path: str, mounts: list[Mount] | None = None) -> list[str]:
-    """Mount points at or below `path`, deepest first (the order to unmount them)."""
+    """Mount points at or below `path` in the order to unmount them: deepest first, and among
+    equally deep ones newest first (an overlay uses a volume mounted beside it before it)."""
     prefix = path.rstrip("/") + "/"
-    found = {m.target for m in (mounts if mounts is not None else current())}
-    hits = [t for t in found if t == path.rstrip("/") or t.startswith(prefix)]
-    return sorted(hits, key=lambda t: t.count("/"), reverse=True)
+    targets = [m.target for m in (mounts if mounts is not None else current())]
+    hits = [t for t in reversed(targets) if t == path.rstrip("/") or t.startswith(prefix)]
+    return sorted(dict.fromkeys(hits), key=lambda t: t.count("/"), reverse=True)
 
 
 def is_mounted(path: str) -> bool:

@@ -30,12 +30,13 @@ class Runc:
     def _base(self) -> list[str]:
         return [self.binary, "--root", str(self.root)]
 
-    def run_detached(self, bundle: Path, cid: str, console_log: Path) -> None:
-        """`runc run -d`: the container's init inherits our stdio, so give it a log file."""
+    def create(self, bundle: Path, cid: str, console_log: Path) -> int:
+        """`runc create`: namespaces made, init waiting for `start`; returns init's host PID.
+        init inherits our stdio, so it gets a log file (never a shared file like /dev/null)."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(console_log, "wb") as log:
             done = subprocess.run(
-                [*self._base(), "run", "--detach", "--bundle", str(bundle), cid],
+                [*self._base(), "create", "--bundle", str(bundle), cid],
                 stdout=log,
                 stderr=log,
                 input=b"",
@@ -43,10 +44,15 @@ class Runc:
             )
         if done.returncode != 0:
             error = _runc_error(console_log.read_text(errors="replace"))
-            raise RuntimeFailure(
-                f"runc could not start {cid}: {error}",
-                f"see {console_log}",
-            )
+            raise RuntimeFailure(f"runc could not start {cid}: {error}", f"see {console_log}")
+        st = self.state(cid)
+        if st is None or not st.pid:
+            raise RuntimeFailure(f"runc created {cid} but reports no init", f"see {console_log}")
+        return st.pid
+
+    def start(self, cid: str) -> None:
+        """Let the created container's init (systemd) run."""
+        proc.run([*self._base(), "start", cid], fix="see the container's console.log")
 
     def state(self, cid: str) -> RuncState | None:
         """runc's view of the container, or None when runc does not know it."""

@@ -63,20 +63,30 @@ class Limits:
     def resources(self) -> dict[str, Any]:
         """linux.resources entries (besides devices) for these limits."""
         res: dict[str, Any] = {}
-        if self.memory is not None:
-            res["memory"] = {"limit": self.memory}
-        if self.cpus is not None:
-            res["cpu"] = {"quota": round(self.cpus * CPU_PERIOD_US), "period": CPU_PERIOD_US}
+        if self.memory is not None:  # memory+swap = memory: no swapping past the limit
+            res["memory"] = {"limit": self.memory, "swap": self.memory}
+        if self.cpus is not None:  # a hard cap, and a share in proportion under contention
+            res["cpu"] = {
+                "quota": round(self.cpus * CPU_PERIOD_US),
+                "period": CPU_PERIOD_US,
+                "shares": self.shares(),
+            }
         if self.pids is not None:
             res["pids"] = {"limit": self.pids}
         return res
 
+    def shares(self) -> int:
+        """cpu.shares: 1024 per CPU of the cap (the kernel's default for one)."""
+        return round(1024 * self.cpus) if self.cpus is not None else 1024
+
     def runc_update_args(self) -> list[str]:
         """`runc update` flags setting every limit, lifting the ones that are None."""
         quota = round(self.cpus * CPU_PERIOD_US) if self.cpus is not None else -1
+        memory = str(self.memory if self.memory is not None else -1)
         return [
-            "--memory", str(self.memory if self.memory is not None else -1),
+            "--memory", memory, "--memory-swap", memory,
             "--cpu-period", str(CPU_PERIOD_US), "--cpu-quota", str(quota),
+            "--cpu-share", str(self.shares()),
             "--pids-limit", str(self.pids if self.pids is not None else -1),
         ]  # fmt: skip
 

@@ -13,6 +13,7 @@ import pytest
 from hostd.config import (
     Config,
     Limits,
+    NetworkSettings,
     Paths,
     RuntimeConfig,
     SubIdConfig,
@@ -49,6 +50,13 @@ def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
         subids=SubIdConfig(min=100000, max=600100000, count=65536),
         users=UserConfig(admin_group="hostd-admin", min_uid=1000),
         limits=Limits(cpus=None, memory=None, pids=None, disk=None),
+        network=NetworkSettings(
+            bridge="hostd0",
+            subnet="10.213.0.0/16",
+            nft_table="hostd",
+            dns=(),
+            privileged_ports=False,
+        ),  # fmt: skip
     )
 
 
@@ -357,3 +365,29 @@ def test_runtime_settings_carry_paths_and_runtime_options(files: Files) -> None:
     )
     files.write_dropin("50-recipes.toml", '[runtime]\nrecipes_dir = "/srv/recipes"\n')
     assert files.load().runtime_settings().recipes_dir == Path("/srv/recipes")
+
+
+@pytest.mark.parametrize(
+    ("line", "fix"),
+    [
+        ('bridge = "br0"', 'use "hostd" followed by'),
+        ('bridge = "hostd-with-a-long-name"', 'use "hostd" followed by'),
+        ('subnet = "8.8.0.0/16"', "private IPv4 network"),
+        ('subnet = "10.0.0.0/30"', "private IPv4 network"),
+        ('dns = "1.1.1.1"', "use a list"),
+        ('dns = ["nope"]', "IP addresses"),
+        ('privileged_ports = "yes"', "true or false"),
+    ],
+)
+def test_bad_network_settings(tmp_path: Path, line: str, fix: str) -> None:
+    main = tmp_path / "hostd.toml"
+    main.write_text(f"[network]\n{line}\n")
+    with pytest.raises(HostdError, match=re.escape(fix)):
+        load(main)
+
+
+def test_network_settings(tmp_path: Path) -> None:
+    main = tmp_path / "hostd.toml"
+    main.write_text('[network]\nbridge = "hostd7"\nsubnet = "10.9.0.0/24"\ndns = ["10.0.0.53"]\n')
+    net = load(main).network
+    assert (net.bridge, net.subnet, net.dns) == ("hostd7", "10.9.0.0/24", ("10.0.0.53",))

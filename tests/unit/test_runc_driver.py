@@ -61,12 +61,12 @@ def test_without_error_line_the_last_line_is_the_error() -> None:
     assert _runc_error("\n  \n") == "no output"
 
 
-def test_run_detached_failure_reports_runc_error_and_log(tmp_path: Path) -> None:
+def test_create_failure_reports_runc_error_and_log(tmp_path: Path) -> None:
     runc = fake_runc(
         tmp_path, """echo 'time="2024-05-01T10:00:00Z" level=error msg="no config"' >&2; exit 1"""
     )
     with pytest.raises(RuntimeFailure) as info:
-        runc.run_detached(tmp_path, "alice", tmp_path / "console.log")
+        runc.create(tmp_path, "alice", tmp_path / "console.log")
     assert info.value.cause == "runc could not start alice: no config"
     assert info.value.fix == f"see {tmp_path / 'console.log'}"
 

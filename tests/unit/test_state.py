@@ -325,3 +325,33 @@ def test_sigkill_while_adding_leaves_a_consistent_database(db_path: Path, kill_a
             users = {t.user for t in s.tenants()}
             assert set(committed) <= users  # every reported commit survived
             assert len(users) <= len(committed) + round_ + 1  # at most one unreported each
+
+
+def test_address_slots_are_stable_lowest_free_and_freed_with_the_tenant(db: State) -> None:
+    for i, user in enumerate(("a", "b", "c")):
+        db.begin_add(make_tenant(user, 100000 + i * 65536), Quota())
+    assert [db.address_index(u) for u in ("a", "b", "c")] == [0, 1, 2]
+    assert db.address_index("b") == 1  # kept
+    db.delete_tenant("b")
+    db.begin_add(make_tenant("d", 400000), Quota())
+    assert db.address_index("d") == 1  # the freed slot is reused
+    with pytest.raises(HostdError, match="is not a tenant"):
+        db.address_index("nobody")
+
+
+def test_port_grants_never_overlap_and_go_with_the_tenant(db: State) -> None:
+    db.begin_add(make_tenant("a", 100000), Quota())
+    db.begin_add(make_tenant("b", 165536), Quota())
+    db.grant_ports("a", 20000, 20009)
+    with pytest.raises(HostdError, match="overlap 20000-20009 granted to a"):
+        db.grant_ports("b", 20005, 20020)
+    with pytest.raises(HostdError, match="granted to them"):
+        db.grant_ports("a", 20009, 20009)
+    db.grant_ports("b", 20010, 20010)
+    assert db.port_grants() == [(20000, 20009, "a"), (20010, 20010, "b")]
+    with pytest.raises(HostdError, match="has no grant of ports 20000-20001"):
+        db.revoke_ports("a", 20000, 20001)
+    db.delete_tenant("a")
+    assert db.port_grants() == [(20010, 20010, "b")]
+    db.revoke_ports("b", 20010, 20010)
+    assert db.port_grants() == []

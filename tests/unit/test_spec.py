@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from runtime.ids import MAX_ID, MIN_START, RANGE_SIZE, IdRange
-from runtime.spec import CAPABILITIES, Bind, ContainerSpec, build_config, tty_process
+from runtime.spec import CAPABILITIES, Bind, ContainerSpec, Limits, build_config, tty_process
 
 START = 231072
 BINDS = (
@@ -185,3 +185,25 @@ def test_tty_process_keeps_capabilities_and_sets_the_terminal_before_start() -> 
     assert process["capabilities"] == config["process"]["capabilities"]
     assert process["env"][-1] == "TERM=xterm" and process["env"][0].startswith("PATH=")
     assert config["process"]["terminal"] is False  # the container's own config is untouched
+
+
+def test_limits_give_memory_without_extra_swap_a_cpu_cap_and_share_and_pids() -> None:
+    limits = Limits(cpus=1.5, memory=512 * 2**20, pids=700)
+    res = build_config(make_spec(limits=limits))["linux"]["resources"]
+    assert res["memory"] == {"limit": 512 * 2**20, "swap": 512 * 2**20}
+    assert res["cpu"] == {"quota": 150000, "period": 100000, "shares": 1536}
+    assert res["pids"] == {"limit": 700}
+    assert res["devices"] == [{"allow": True, "access": "rwm"}]
+
+
+def test_no_limits_leave_only_the_device_rule() -> None:
+    assert set(build_config(make_spec())["linux"]["resources"]) == {"devices"}
+
+
+def test_runc_update_sets_every_limit_and_lifts_missing_ones() -> None:
+    args = Limits(memory=2**30).runc_update_args()
+    pairs = dict(zip(args[::2], args[1::2], strict=True))
+    assert pairs == {
+        "--memory": str(2**30), "--memory-swap": str(2**30), "--cpu-period": "100000",
+        "--cpu-quota": "-1", "--cpu-share": "1024", "--pids-limit": "-1",
+    }  # fmt: skip

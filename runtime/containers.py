@@ -24,13 +24,15 @@ import select
 import signal
 import socket
 import stat
+import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from runtime import cgroups, fsutil, mountinfo, proc, rootfs, shares, ttyexec
+from runtime import cgroups, fsutil, lxcfs, mountinfo, proc, rootfs, shares, ttyexec, volume
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
 from runtime.images import ImageStore
@@ -41,6 +43,7 @@ from runtime.spec import Bind, ContainerSpec, Limits, build_config, tty_process
 from runtime.ttyexec import TtyProcess
 
 log = logging.getLogger(__name__)
+_LXCFS_LOCK = threading.Lock()  # one lxcfs per host, started by whichever start comes first
 
 SYSTEMD_HALT = int(signal.SIGRTMIN) + 3  # what `systemctl halt` amounts to for PID 1
 DEFAULT_RECIPES = Path(__file__).resolve().parent.parent / "packaging" / "images"
@@ -58,6 +61,7 @@ class Settings:
     runc: str = "runc"
     cgroup_parent: str = "hostd"
     rootfs_mode: str = "auto"  # auto | idmapped | copy
+    lxcfs: Path | None = None  # lxcfs mount point: a truthful /proc inside; None: the host's
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class Container:
     created: str
     shares: tuple[Share, ...] = ()
     limits: Limits = Limits()
+    disk: int | None = None  # size of the data volume (data.img); None: no cap, a plain dir
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -188,6 +193,7 @@ class Runtime:
         hostname: str | None = None,
         shares: Sequence[Share] = (),
         limits: Limits | None = None,
+        disk: int | None = None,
     ) -> Container:
         """Prepare a container (storage, root filesystem, bundle); transactional."""
         check_name(name)
@@ -209,7 +215,7 @@ class Runtime:
                 (self.state_dir / "containers").mkdir(mode=0o711, parents=True, exist_ok=True)
                 cdir.mkdir(mode=0o711)
                 undo.push(fsutil.remove_tree, cdir)
-                mode = self._prepare_storage(cdir, image_dir / "rootfs", ids)
+                mode = self._prepare_storage(cdir, image_dir / "rootfs", ids, disk)
                 c = Container(
                     name=name,
                     image=image,
@@ -220,13 +226,21 @@ class Runtime:
                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     shares=tuple(shares),
                     limits=limits or Limits(),
+                    disk=disk,
                 )
                 self._write_etc(c)
                 fsutil.atomic_write(cdir / "meta.json", c.to_json())
             return c
 
-    def _prepare_storage(self, cdir: Path, template: Path, ids: IdRange) -> rootfs.RootfsMode:
-        for sub in ("rootfs", "lower", "data", "data/work", "etc", "dev"):
+    def _prepare_storage(
+        self, cdir: Path, template: Path, ids: IdRange, disk: int | None
+    ) -> rootfs.RootfsMode:
+        (cdir / "data").mkdir(mode=0o711)
+        if disk is not None:  # everything writable of the container goes on the capped volume
+            volume.create(cdir / "data.img", disk)
+            volume.mount(cdir / "data.img", cdir / "data")
+            os.chmod(cdir / "data", 0o711)
+        for sub in ("rootfs", "lower", "data/work", "etc", "dev"):
             (cdir / sub).mkdir(mode=0o711)
         for sub in ("data/upper", "data/docker", "data/containerd"):
             (cdir / sub).mkdir(mode=0o755 if sub == "data/upper" else 0o710)
@@ -282,6 +296,8 @@ class Runtime:
             Bind(str(self._share_dir(c.name, i)), share.destination, ("rbind", "nosuid", "nodev"))
             for i, share in enumerate(c.shares)
         ]
+        if self.settings.lxcfs is not None:
+            binds += lxcfs.binds(self.settings.lxcfs)
         return ContainerSpec(
             name=c.name,
             hostname=c.hostname,
@@ -290,6 +306,7 @@ class Runtime:
             cgroups_path=self._cgroup_plan(c).runc_path,
             binds=tuple(binds),
             limits=c.limits,
+            cpu_set=self._cpu_set(c.name, c.limits),
         )
 
     def start(self, name: str) -> ContainerState:
@@ -306,11 +323,16 @@ class Runtime:
             cdir = self._dir(name)
             plan = self._cgroup_plan(c)
             with _Undo() as undo:
-                undo.push(fsutil.unmount_all, cdir)
+                undo.push(self._unmount, c)
+                if c.disk is not None:
+                    self._mount_volume(c)
                 rootfs.mount(Path(c.image_dir) / "rootfs", c.ids, self._paths(name), c.rootfs_mode)
                 for i, share in enumerate(c.shares):
                     shares.mount(share, c.ids, self._share_dir(name, i))
                 self._write_etc(c)
+                if self.settings.lxcfs is not None:
+                    with _LXCFS_LOCK:
+                        lxcfs.ensure_running(self.settings.lxcfs)
                 cgroups.apply(plan)
                 undo.push(cgroups.remove, plan)
                 fsutil.atomic_write(
@@ -351,8 +373,14 @@ class Runtime:
             fsutil.atomic_write(self._dir(name) / "meta.json", c.to_json())
         if self.state(name).status != "running":
             return False
-        self.runc.update(name, limits.runc_update_args())
+        self.runc.update(
+            name, [*limits.runc_update_args(), "--cpuset-cpus", self._cpu_set(name, limits)]
+        )
         return True
+
+    @staticmethod
+    def _cpu_set(name: str, limits: Limits) -> str:
+        return limits.cpu_set(os.cpu_count() or 1, zlib.crc32(name.encode()))
 
     def usage(self, name: str) -> cgroups.Usage | None:
         """Memory, CPU time and tasks used now (None when not running)."""
@@ -365,6 +393,8 @@ class Runtime:
     def disk_used(self, name: str) -> int:
         """Bytes of the container's own storage (upper layer, Docker data, shifted copy)."""
         cdir = self._dir(name)
+        if self.get(name).disk is not None and mountinfo.is_mounted(str(cdir / "data")):
+            return volume.usage(cdir / "data")[0]
         return sum(
             fsutil.disk_usage(cdir / sub)
             for sub in ("data", "lower")
@@ -376,7 +406,43 @@ class Runtime:
         with self._locked():
             self.runc.delete(c.name)
             cgroups.remove(self._cgroup_plan(c))
-            fsutil.unmount_all(self._dir(c.name))
+            self._unmount(c)
+
+    def _unmount(self, c: Container) -> None:
+        cdir = self._dir(c.name)
+        fsutil.unmount_all(cdir)
+        if c.disk is not None:
+            volume.unmount(cdir / "data")  # waits until the loop device is released
+
+    def _mount_volume(self, c: Container) -> None:
+        """Mount the data volume, first growing or shrinking it to a size changed while the
+        container ran (the kernel may not allow it live)."""
+        assert c.disk is not None
+        image, data = self._dir(c.name) / "data.img", self._dir(c.name) / "data"
+        if not mountinfo.is_mounted(str(data)) and image.stat().st_size != c.disk:
+            volume.resize(image, data, c.disk)
+        volume.mount(image, data)
+
+    def set_disk(self, name: str, size: int) -> bool:
+        """Change the data volume's size; True when it took effect on the running container.
+        Growing is live where the kernel allows it (CAP_SYS_RESOURCE); shrinking needs the
+        container stopped."""
+        c = self.get(name)
+        if c.disk is None:
+            raise RuntimeFailure(f"container {name!r} has no capped volume",
+                                 "recreate it with a disk size")  # fmt: skip
+        size = volume.check_size(size)
+        running = self.state(name).status != "stopped"
+        if running and size < c.disk:
+            raise RuntimeFailure(f"lowering the disk of {name!r} needs it stopped",
+                                 "stop it, then set the size again")  # fmt: skip
+        cdir = self._dir(name)
+        live = running and volume.can_grow_live()
+        if not running or live:
+            live = volume.resize(cdir / "data.img", cdir / "data", size) and running
+        with self._locked():
+            fsutil.atomic_write(cdir / "meta.json", replace(c, disk=size).to_json())
+        return live
 
     def delete(self, name: str, force: bool = False) -> None:
         """Delete a container and all its data; also the remains of one whose creation was

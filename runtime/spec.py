@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,15 @@ class Limits:
         """cpu.shares: 1024 per CPU of the cap (the kernel's default for one)."""
         return round(1024 * self.cpus) if self.cpus is not None else 1024
 
+    def cpu_set(self, host_cpus: int, seed: int) -> str:
+        """The CPUs the container may run on: ceil(cpus) of them (so `nproc` inside tells its
+        share), starting at a CPU chosen by `seed` so containers spread over the host."""
+        if self.cpus is None or math.ceil(self.cpus) >= host_cpus:
+            return f"0-{host_cpus - 1}" if host_cpus > 1 else "0"
+        first = seed % host_cpus
+        cpus = sorted((first + i) % host_cpus for i in range(math.ceil(self.cpus)))
+        return ",".join(str(c) for c in cpus)
+
     def runc_update_args(self) -> list[str]:
         """`runc update` flags setting every limit, lifting the ones that are None."""
         quota = round(self.cpus * CPU_PERIOD_US) if self.cpus is not None else -1
@@ -102,6 +112,7 @@ class ContainerSpec:
     cgroups_path: str
     binds: tuple[Bind, ...] = ()
     limits: Limits = Limits()
+    cpu_set: str | None = None  # cpuset.cpus, from Limits.cpu_set
     init: tuple[str, ...] = ("/sbin/init",)
     env: tuple[str, ...] = ("container=hostd",)
 
@@ -193,11 +204,19 @@ def build_config(spec: ContainerSpec) -> dict[str, Any]:
             # Device access is bounded by the user namespace (no mknod of real devices, only
             # the nodes bound into /dev); the inner Docker must be free to grant its containers
             # what it has, `--privileged` included, so the devices cgroup allows all.
-            "resources": {"devices": [{"allow": True, "access": "rwm"}], **spec.limits.resources()},
+            "resources": _resources(spec),
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
         },
     }
+
+
+def _resources(spec: ContainerSpec) -> dict[str, Any]:
+    res: dict[str, Any] = {"devices": [{"allow": True, "access": "rwm"}]}
+    res.update(spec.limits.resources())
+    if spec.cpu_set is not None:
+        res.setdefault("cpu", {})["cpus"] = spec.cpu_set
+    return res
 
 
 def tty_process(

@@ -207,3 +207,18 @@ def test_runc_update_sets_every_limit_and_lifts_missing_ones() -> None:
         "--memory": str(2**30), "--memory-swap": str(2**30), "--cpu-period": "100000",
         "--cpu-quota": "-1", "--cpu-share": "1024", "--pids-limit": "-1",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("cpus", "host", "seed", "expected"),
+    [(None, 8, 3, "0-7"), (1, 8, 3, "3"), (1.5, 8, 7, "0,7"), (2, 2, 0, "0-1"), (16, 8, 1, "0-7")],
+)
+def test_cpu_set_has_ceil_cpus_spread_by_seed(
+    cpus: float | None, host: int, seed: int, expected: str
+) -> None:
+    assert Limits(cpus=cpus).cpu_set(host, seed) == expected
+
+
+def test_cpu_set_lands_in_the_resources() -> None:
+    res = build_config(make_spec(cpu_set="2,3"))["linux"]["resources"]
+    assert res["cpu"] == {"cpus": "2,3"}

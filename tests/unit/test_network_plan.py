@@ -1,0 +1,254 @@
+"""Tenant network plans (names, addresses, nft ruleset, resolv.conf), checked without root."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from runtime.errors import RuntimeFailure
+from runtime.network import (
+    IFNAMSIZ,
+    NetworkConfig,
+    PortGrant,
+    host_nameservers,
+    resolv_conf,
+    ruleset,
+    tenant_mac,
+    veth_name,
+)
+
+CFG = NetworkConfig(bridge="hostd0", subnet="10.213.0.0/16", nft_table="hostd")
+A, B = IPv4Address("10.213.0.2"), IPv4Address("10.213.0.3")
+GRANTS = (PortGrant(20001, 20001, B), PortGrant(30000, 30010, A))
+
+
+def rules(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines()]
+
+
+def chain(text: str, name: str) -> list[str]:
+    lines = rules(text)
+    start = lines.index(f"chain {name} {{") + 1
+    return lines[start : lines.index("}", start)]
+
+
+# -- ruleset ---------------------------------------------------------------------------------
+
+
+def test_ruleset_is_one_table_of_the_project() -> None:
+    text = ruleset(CFG)
+    assert text.startswith("table inet hostd {\n")
+    assert text.endswith("}\n")
+    assert text.count("table ") == 1
+
+
+def test_ruleset_is_deterministic_whatever_the_grant_order() -> None:
+    assert ruleset(CFG, GRANTS) == ruleset(CFG, GRANTS[::-1]) == ruleset(CFG, list(GRANTS))
+
+
+def test_tenants_are_masqueraded_on_the_way_out() -> None:
+    assert 'oifname != "hostd0" ip saddr 10.213.0.0/16 masquerade' in chain(
+        ruleset(CFG), "postrouting"
+    )
+
+
+def test_tenants_cannot_reach_each_other_through_the_host() -> None:
+    forward = chain(ruleset(CFG), "forward")
+    assert forward[1] == 'iifname "hostd0" oifname "hostd0" drop'  # before any accept
+    assert forward[-1] == 'oifname "hostd0" drop'  # nothing reaches a tenant unasked
+
+
+def test_tenants_may_send_only_ipv4_from_their_subnet() -> None:
+    forward = chain(ruleset(CFG), "forward")
+    accept = forward.index('iifname "hostd0" ip saddr 10.213.0.0/16 accept')
+    assert forward[accept + 1] == 'iifname "hostd0" drop'
+
+
+def test_tenants_reach_no_host_service_without_dns() -> None:
+    text = ruleset(CFG)
+    assert chain(text, "input")[1:] == ['iifname "hostd0" jump from_tenants']
+    assert chain(text, "from_tenants") == ["ct state established,related accept", "drop"]
+
+
+def test_dns_on_the_bridge_address_is_allowed_when_configured() -> None:
+    with_dns = NetworkConfig(dns=("10.213.0.1",))
+    assert chain(ruleset(with_dns), "from_tenants") == [
+        "ct state established,related accept",
+        "ip daddr 10.213.0.1 meta l4proto { tcp, udp } th dport 53 accept",
+        "drop",
+    ]
+    # other nameservers are reached through NAT: nothing opens on the host
+    elsewhere = NetworkConfig(dns=("192.0.2.53",))
+    assert chain(ruleset(elsewhere), "from_tenants") == chain(ruleset(CFG), "from_tenants")
+
+
+def test_grants_dnat_from_elsewhere_and_from_the_host_itself() -> None:
+    text = ruleset(CFG, GRANTS)
+    prerouting, output = chain(text, "prerouting"), chain(text, "output")
+    assert prerouting[0].startswith("type nat hook prerouting")
+    assert prerouting[1:] == [
+        'iifname != "hostd0" meta nfproto ipv4 fib daddr type local jump grants'
+    ]
+    assert output[0].startswith("type nat hook output")
+    assert output[1:] == ["meta nfproto ipv4 fib daddr type local jump grants"]
+    assert chain(text, "grants") == [
+        "meta l4proto { tcp, udp } th dport 20001 dnat ip to 10.213.0.3",
+        "meta l4proto { tcp, udp } th dport 30000-30010 dnat ip to 10.213.0.2",
+    ]
+
+
+def test_granted_ports_reach_tenants_and_localhost_is_masqueraded() -> None:
+    text = ruleset(CFG, GRANTS)
+    assert 'oifname "hostd0" ct status dnat accept' in chain(text, "forward")
+    assert 'oifname "hostd0" ip saddr 127.0.0.0/8 masquerade' in chain(text, "postrouting")
+
+
+def test_no_grants_means_an_empty_grants_chain() -> None:
+    assert chain(ruleset(CFG), "grants") == []
+
+
+def test_overlapping_grants_are_refused() -> None:
+    with pytest.raises(RuntimeFailure, match="overlap"):
+        ruleset(CFG, [PortGrant(20001, 20005, A), PortGrant(20005, 20005, B)])
+
+
+def test_grants_must_target_a_tenant_address() -> None:
+    for address in ("10.213.0.1", "10.213.255.255", "10.214.0.2"):
+        with pytest.raises(RuntimeFailure, match="not a tenant address"):
+            ruleset(CFG, [PortGrant(20001, 20001, IPv4Address(address))])
+
+
+@pytest.mark.parametrize("first,last", [(0, 10), (10, 9), (1, 65536)])
+def test_port_ranges_are_checked(first: int, last: int) -> None:
+    with pytest.raises(RuntimeFailure, match="invalid port range"):
+        PortGrant(first, last, A)
+
+
+def test_nft_accepts_the_ruleset() -> None:
+    """`nft -c` needs CAP_NET_ADMIN: check in a throwaway user and network namespace."""
+    if shutil.which("nft") is None or shutil.which("unshare") is None:
+        pytest.skip("nft or unshare missing: apt-get install nftables util-linux")
+    probe = subprocess.run(["unshare", "-U", "-r", "-n", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no unprivileged user namespaces: {probe.stderr.decode().strip()}")
+    for cfg, grants in ((CFG, ()), (NetworkConfig(dns=("10.213.0.1",)), GRANTS)):
+        done = subprocess.run(
+            ["unshare", "-U", "-r", "-n", "nft", "-c", "-f", "-"],
+            input=ruleset(cfg, grants).encode(),
+            capture_output=True,
+        )
+        assert done.returncode == 0, done.stderr.decode()
+
+
+# -- names and addresses -----------------------------------------------------------------------
+
+
+@given(st.text(min_size=1, max_size=80))
+def test_veth_names_fit_the_kernel_and_are_ours(container: str) -> None:
+    name = veth_name(container)
+    assert len(name) <= IFNAMSIZ
+    assert name.startswith("hostd")
+    assert name.isascii() and name.isalnum()
+    assert name == veth_name(container)  # stable
+
+
+def test_veth_names_differ_between_containers_and_from_the_bridge() -> None:
+    names = {veth_name(f"user{i}") for i in range(1000)}
+    assert len(names) == 1000
+    assert "hostd0" not in names
+    assert veth_name("alice") == "hostd2bd806c97f"  # stable across runs and machines
+
+
+def test_tenant_mac_is_local_unicast_and_matches_the_veth_name() -> None:
+    mac = tenant_mac("alice")
+    assert mac == "02:2b:d8:06:c9:7f"
+    assert mac.replace(":", "")[2:] == veth_name("alice")[len("hostd") :]
+
+
+def test_addresses_start_after_the_bridge() -> None:
+    assert str(CFG.bridge_address()) == "10.213.0.1/16"
+    assert CFG.address_for(0) == IPv4Address("10.213.0.2")
+    assert CFG.address_for(1) == IPv4Address("10.213.0.3")
+
+
+def test_a_full_subnet_says_so() -> None:
+    small = NetworkConfig(subnet="10.213.128.0/24")
+    assert small.address_for(252) == IPv4Address("10.213.128.254")
+    with pytest.raises(RuntimeFailure, match=r"subnet 10.213.128.0/24 is full"):
+        small.address_for(253)
+
+
+@given(st.integers(min_value=16, max_value=30), st.data())
+def test_every_tenant_address_is_in_the_subnet_and_not_reserved(
+    prefix: int, data: st.DataObject
+) -> None:
+    cfg = NetworkConfig(subnet=f"10.213.0.0/{prefix}")
+    net = IPv4Network(cfg.subnet)
+    index = data.draw(st.integers(min_value=0, max_value=cfg.capacity() - 1))
+    address = cfg.address_for(index)
+    assert address in net
+    assert address not in (net.network_address, net.broadcast_address, cfg.bridge_address().ip)
+    assert cfg.check_tenant_address(address) == address
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"bridge": "br0"},
+        {"bridge": "hostd0123456789x"},  # 16 characters
+        {"bridge": "hostd 0"},
+        {"nft_table": "filter"},
+        {"nft_table": "hostd;flush ruleset"},
+        {"subnet": "10.213.0.1/16"},  # host bits set
+        {"subnet": "10.213.0.0/31"},
+        {"dns": ("not-an-address",)},
+    ],
+)
+def test_bad_settings_are_refused(fields: dict[str, object]) -> None:
+    with pytest.raises(RuntimeFailure):
+        NetworkConfig(**fields)  # type: ignore[arg-type]
+
+
+# -- resolv.conf -------------------------------------------------------------------------------
+
+
+def test_resolv_conf_lists_the_nameservers() -> None:
+    text = resolv_conf(NetworkConfig(dns=("10.213.0.1", "192.0.2.53")))
+    assert [ln for ln in text.splitlines() if not ln.startswith("#")] == [
+        "nameserver 10.213.0.1",
+        "nameserver 192.0.2.53",
+    ]
+    assert text.endswith("\n")
+
+
+def test_resolv_conf_without_nameservers_has_none() -> None:
+    text = resolv_conf(NetworkConfig())
+    assert not [ln for ln in text.splitlines() if ln.startswith("nameserver")]
+
+
+def test_host_nameservers_skip_loopback_ipv6_and_comments(tmp_path: Path) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text(
+        "# nameserver 192.0.2.99\n"
+        "; nameserver 192.0.2.98\n"
+        "nameserver 127.0.0.53\n"
+        "nameserver ::1\n"
+        "nameserver 192.0.2.53  # primary\n"
+        "nameserver 2001:db8::53\n"
+        "nameserver bogus\n"
+        "nameserver\n"
+        "search example.org\n"
+        "nameserver 198.51.100.53\n"
+        "nameserver 192.0.2.53\n"
+    )
+    assert host_nameservers(conf) == ("192.0.2.53", "198.51.100.53")
+
+
+def test_host_nameservers_of_a_missing_file(tmp_path: Path) -> None:
+    assert host_nameservers(tmp_path / "missing") == ()

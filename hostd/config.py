@@ -14,7 +14,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -24,6 +24,7 @@ from runtime.containers import Settings
 from runtime.errors import RuntimeFailure
 from runtime.ids import MAX_ID, MIN_START, RANGE_SIZE
 from runtime.names import check_name
+from runtime.network import NetworkConfig, host_nameservers
 
 MAIN = Path("/etc/hostd/hostd.toml")
 
@@ -95,17 +96,25 @@ class Config:
 
     def runtime_settings(self) -> Settings:
         """The runtime's view: it knows nothing of users, only where and how to run containers."""
-        recipes = (
-            {} if self.runtime.recipes_dir is None else {"recipes_dir": self.runtime.recipes_dir}
+        net = self.network
+        network = NetworkConfig(
+            bridge=net.bridge,
+            subnet=net.subnet,
+            nft_table=net.nft_table,
+            dns=net.dns or host_nameservers(),
         )
-        return Settings(
+        settings = Settings(
             state_dir=self.paths.state_dir,
             runc=self.runtime.runc,
             cgroup_parent=self.runtime.cgroup_parent,
             rootfs_mode=self.runtime.rootfs_mode,
             cache_dir=self.runtime.cache_dir,
-            **recipes,
+            lxcfs=self.paths.state_dir / "lxcfs",
+            network=network,
         )
+        if self.runtime.recipes_dir is not None:
+            settings = replace(settings, recipes_dir=self.runtime.recipes_dir)
+        return settings
 
 
 # -- checks: each takes a TOML value, returns what the dataclass holds, or raises ValueError(fix)

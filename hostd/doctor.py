@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from hostd.config import Config
 from hostd.subids import SubIdFiles
-from runtime import cgroups, mountinfo, proc, syscalls
+from runtime import cgroups, mountinfo, proc, syscalls, volume
 from runtime.ids import IdRange
 from runtime.userns import user_namespace
 
@@ -95,10 +95,25 @@ def _nft(_: Config) -> tuple[bool, str]:
     return True, proc.run([path, "--version"], check=False).stdout.strip()
 
 
+def _disk(_: Config) -> tuple[bool, str]:
+    missing = [p for p in ("mkfs.ext4", "resize2fs", "losetup") if shutil.which(p) is None]
+    if missing:
+        return False, f"{', '.join(missing)} missing: apt-get install e2fsprogs util-linux"
+    growth = ("raised live" if volume.can_grow_live()
+              else "raised at next start (no CAP_SYS_RESOURCE for online resize)")  # fmt: skip
+    return True, f"per-tenant ext4 image on a loop device; quotas are {growth}"
+
+
+def _lxcfs(_: Config) -> tuple[bool, str]:
+    if shutil.which("lxcfs") is None:
+        return False, "not found: apt-get install lxcfs fuse3 (else /proc shows the host's)"
+    return True, proc.run(["lxcfs", "--version"], check=False).stdout.strip() or "installed"
+
+
 CHECKS: tuple[tuple[str, Callable[[Config], tuple[bool, str]]], ...] = (
     ("kernel", _kernel), ("user namespaces", _userns), ("ID-mapped mounts", _idmap),
     ("overlay", _overlay), ("cgroups", _cgroups), ("runc", _runc), ("subuid files", _subids),
-    ("nftables", _nft),
+    ("nftables", _nft), ("disk quota", _disk), ("lxcfs", _lxcfs),
 )  # fmt: skip
 
 

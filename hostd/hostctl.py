@@ -66,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("user")
     limits(q)
 
+    ports = sub.add_parser("ports", help="host ports forwarded to tenants").add_subparsers(
+        dest="sub", required=True
+    )
+    for verb in ("grant", "revoke"):
+        pg = ports.add_parser(verb, help=f"{verb} host ports (PORT or FIRST-LAST)")
+        pg.add_argument("user")
+        pg.add_argument("ports")
+    ports.add_parser("list")
+
     for verb in ("start", "stop", "restart"):
         sub.add_parser(verb, help=f"{verb} a tenant's container").add_argument("user")
     st = sub.add_parser("status", help="state and usage against quota")
@@ -155,8 +164,18 @@ def _run(args: argparse.Namespace) -> int:
             )
     elif args.cmd == "quota":
         res = rpc("quota.set", user=args.user, **_limits(args))
-        _print(args, res, f"quota of {args.user}: {_quota_text(res['quota'])} "
-                          f"(applied {res['applied']})")  # fmt: skip
+        when = ", ".join(f"{k} {v}" for k, v in res["applied"].items())
+        _print(args, res, f"quota of {args.user}: {_quota_text(res['quota'])} (applied: {when})")
+    elif args.cmd == "ports":
+        if args.sub == "list":
+            grants = rpc("ports.list")
+            rows = [(f"{g['first']}-{g['last']}" if g["first"] != g["last"] else str(g["first"]),
+                     g["user"], g["address"]) for g in grants]  # fmt: skip
+            print_table(args.json, grants, ("PORTS", "USER", "ADDRESS"), rows)
+        else:
+            res = rpc(f"ports.{args.sub}", user=args.user, ports=args.ports)
+            verb = "granted to" if res["granted"] else "revoked from"
+            _print(args, res, f"ports {res['first']}-{res['last']} {verb} {args.user}")
     elif args.cmd in ("start", "stop", "restart"):
         _print(args, rpc(args.cmd, user=args.user), f"{args.cmd}: {args.user} done")
     elif args.cmd == "status":

@@ -24,7 +24,7 @@ from hostd.api import Channel, Peer
 from hostd.errors import HostdError
 from hostd.state import Quota
 from hostd.tenants import Tenants, TenantStatus, inner_id
-from hostd.units import parse_count, parse_cpus, parse_size
+from hostd.units import parse_count, parse_cpus, parse_ports, parse_size
 from runtime.errors import RuntimeFailure
 
 log = logging.getLogger(__name__)
@@ -177,9 +177,8 @@ class Service:
             changes = _quota_changes(args)
             if not changes:
                 raise HostdError("no limit given", "pass --cpus, --memory, --pids or --disk")
-            live = t.set_quota(args["user"], changes)
-            return {"quota": asdict(t.state.quota(args["user"])),
-                    "applied": "now" if live else "at next start"}  # fmt: skip
+            applied = t.set_quota(args["user"], changes)
+            return {"quota": asdict(t.state.quota(args["user"])), "applied": applied}
         if op in ("start", "restart"):
             (t.start if op == "start" else t.restart)(args["user"], progress)
             return {op: args["user"]}
@@ -189,6 +188,16 @@ class Service:
         if op == "status":
             users = [args["user"]] if args.get("user") else [x.user for x in t.state.tenants()]
             return [status_dict(t.status(u)) for u in users]
+        if op in ("ports.grant", "ports.revoke"):
+            first, last = parse_ports(str(args["ports"]))
+            grant = op == "ports.grant"
+            (t.grant_ports if grant else t.revoke_ports)(args["user"], first, last)
+            return {"user": args["user"], "first": first, "last": last, "granted": grant}
+        if op == "ports.list":
+            return [
+                {"first": a, "last": b, "user": u, "address": str(t.address(u))}
+                for a, b, u in t.state.port_grants()
+            ]
         if op == "exec":
             return self._exec(args, fds, chan, progress)
         raise HostdError(f"unknown operation {op!r}", "see `hostctl --help`")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass, fields
 from datetime import UTC, datetime
@@ -292,16 +292,22 @@ class State:
 
     # -- networking ------------------------------------------------------------------------
 
-    def address_index(self, user: str) -> int:
-        """The tenant's network address slot: its own, or the lowest free one (kept)."""
+    def address_index(
+        self, user: str, exclude: Iterable[int] = (), prefer: int | None = None
+    ) -> int:
+        """The tenant's network address slot: its own, else `prefer` if free, else the lowest
+        free one not in `exclude` (slots held outside the database); then kept."""
         with self._write() as db:
             row = db.execute("SELECT idx FROM addresses WHERE user = ?", (user,)).fetchone()
             if row:
                 return int(row[0])
             if not db.execute("SELECT 1 FROM tenants WHERE user = ?", (user,)).fetchone():
                 raise _not_a_tenant(user)
-            used = {int(r[0]) for r in db.execute("SELECT idx FROM addresses")}
-            idx = next(i for i in range(len(used) + 1) if i not in used)
+            used = {int(r[0]) for r in db.execute("SELECT idx FROM addresses")} | set(exclude)
+            if prefer is not None and prefer not in used:
+                idx = prefer
+            else:
+                idx = next(i for i in range(len(used) + 1) if i not in used)
             db.execute("INSERT INTO addresses (user, idx) VALUES (?, ?)", (user, idx))
             return idx
 

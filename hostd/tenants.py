@@ -14,6 +14,7 @@ import pwd
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from ipaddress import IPv4Address
 from typing import Any
 
 from hostd.config import Config
@@ -24,6 +25,7 @@ from runtime.containers import Runtime
 from runtime.errors import RuntimeFailure
 from runtime.ids import RANGE_SIZE, IdRange
 from runtime.names import check_name
+from runtime.network import PortGrant
 from runtime.shares import Share
 from runtime.spec import Limits
 
@@ -67,6 +69,7 @@ class Tenants:
         self.state = state
         self.runtime = runtime
         self.subids = SubIdFiles(config.paths.subuid, config.paths.subgid)
+        self.network = runtime.network_config()
         self._alloc = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -159,10 +162,31 @@ class Tenants:
                     f"a container named {t.user} exists with IDs {existing.ids}, not {ids}",
                     f"delete it (`hostd-runtime delete {t.user}`) or restore /etc/subuid",
                 )
+            kept = None if existing.address is None else self._slot(IPv4Address(existing.address))
+            self.state.address_index(t.user, prefer=kept)
             self.runtime.set_limits(t.user, limits_of(quota))
             return
-        self.runtime.create(t.user, t.image, ids, shares=[self._share(pw)],
-                            limits=limits_of(quota))  # fmt: skip
+        self.runtime.create(
+            t.user, t.image, ids, shares=[self._share(pw)], limits=limits_of(quota),
+            disk=quota.disk or self._whole_disk(), address=self.address(t.user),
+        )  # fmt: skip
+
+    def _slot(self, address: IPv4Address) -> int:
+        return int(address) - int(self.network.address_for(0))
+
+    def address(self, user: str) -> IPv4Address:
+        """The tenant's address on the bridge (allocated once, kept in the state)."""
+        held = [
+            self._slot(IPv4Address(c.address))
+            for c in self.runtime.containers()
+            if c.address is not None and c.name != user
+        ]
+        return self.network.address_for(self.state.address_index(user, exclude=held))
+
+    def _whole_disk(self) -> int:
+        """The volume size of an unlimited tenant: the host file system's (the file is sparse)."""
+        st = os.statvfs(self.config.paths.state_dir)
+        return st.f_blocks * st.f_frsize
 
     def _forget(self, t: Tenant) -> None:
         """Undo an add: container, subordinate IDs, state row (in that order)."""
@@ -188,6 +212,7 @@ class Tenants:
                 progress("deleting the container and its data")
                 self._forget(t)
             self.state.log_event(user, "remove" + (" keep-data" if keep_data else ""))
+        self.apply_network()  # their port grants went with them
 
     # -- run state -------------------------------------------------------------------------
 
@@ -234,14 +259,51 @@ class Tenants:
             raise HostdError(f"cannot create the account {t.user} inside: "
                              f"{res.last_error_line()}", "see `hostctl logs`")  # fmt: skip
 
-    def set_quota(self, user: str, changes: dict[str, Any]) -> bool:
-        """Change some limits; True when they took effect on the running container."""
+    def set_quota(self, user: str, changes: dict[str, Any]) -> dict[str, str]:
+        """Change some limits. Says for each whether it applies "now" (to the running
+        container) or "at next start"."""
         with self._lock(user):
             self.get(user)
             quota = replace(self.state.quota(user), **changes)
+            when: dict[str, str] = {}
+            if "disk" in changes:
+                live = self.runtime.set_disk(user, quota.disk or self._whole_disk())
+                when["disk"] = "now" if live else "at next start"
+            if set(changes) - {"disk"}:
+                live = self.runtime.set_limits(user, limits_of(quota))
+                when.update({k: "now" if live else "at next start" for k in changes if k != "disk"})
             self.state.set_quota(user, quota)
             self.state.log_event(user, "quota " + " ".join(f"{k}={v}" for k, v in changes.items()))
-            return self.runtime.set_limits(user, limits_of(quota))
+            return when
+
+    # -- ports -----------------------------------------------------------------------------
+
+    def grants(self) -> list[PortGrant]:
+        return [PortGrant(a, b, self.address(u)) for a, b, u in self.state.port_grants()]
+
+    def apply_network(self) -> None:
+        """Bridge and nft rules exactly as the state says (at start and after every change)."""
+        self.runtime.setup_network(self.grants())
+
+    def grant_ports(self, user: str, first: int, last: int) -> None:
+        self.get(user)
+        if first < 1024 and not self.config.network.privileged_ports:
+            raise HostdError(
+                f"ports below 1024 ({first}) are privileged",
+                "grant ports >= 1024, or set [network] privileged_ports = true",
+            )
+        self.state.grant_ports(user, first, last)
+        try:
+            self.apply_network()
+        except BaseException:
+            self.state.revoke_ports(user, first, last)
+            raise
+        self.state.log_event(user, f"ports grant {first}-{last}")
+
+    def revoke_ports(self, user: str, first: int, last: int) -> None:
+        self.state.revoke_ports(user, first, last)
+        self.apply_network()
+        self.state.log_event(user, f"ports revoke {first}-{last}")
 
     # -- status ----------------------------------------------------------------------------
 
@@ -272,6 +334,7 @@ class Tenants:
         """Finish or roll back what a crash interrupted; restart tenants that should run.
         Returns what was done, one line each."""
         done = []
+        self.apply_network()
         for t in self.state.tenants():
             if t.phase == "adding":
                 self._forget(t)

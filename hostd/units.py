@@ -72,3 +72,15 @@ def parse_count(text: str, what: str) -> int:
     if count > MAX:
         raise HostdError(f"{what} {text!r} is too large", f"use at most {MAX}")
     return count
+
+
+def parse_ports(text: str) -> tuple[int, int]:
+    """A host port or an inclusive range: "8080" or "20000-20009"."""
+    m = re.fullmatch(r"([0-9]{1,5})(?:-([0-9]{1,5}))?", text.strip())
+    first = int(m[1]) if m else 0
+    last = int(m[2] or m[1]) if m else 0
+    if not m or not 1 <= first <= last <= 65535:
+        raise HostdError(
+            f"invalid port range {text!r}", "use a port or a range like 20000-20009 (1-65535)"
+        )
+    return first, last

@@ -29,14 +29,27 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from runtime import cgroups, fsutil, lxcfs, mountinfo, proc, rootfs, shares, ttyexec, volume
+from runtime import (
+    cgroups,
+    fsutil,
+    lxcfs,
+    mountinfo,
+    network,
+    proc,
+    rootfs,
+    shares,
+    ttyexec,
+    volume,
+)
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
 from runtime.images import ImageStore
 from runtime.names import check_name, hostname_for
+from runtime.network import NetworkConfig
 from runtime.runc import Runc
 from runtime.shares import Share
 from runtime.spec import Bind, ContainerSpec, Limits, build_config, tty_process
@@ -62,6 +75,7 @@ class Settings:
     cgroup_parent: str = "hostd"
     rootfs_mode: str = "auto"  # auto | idmapped | copy
     lxcfs: Path | None = None  # lxcfs mount point: a truthful /proc inside; None: the host's
+    network: NetworkConfig | None = None  # the host bridge; None: containers get only loopback
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,7 @@ class Container:
     shares: tuple[Share, ...] = ()
     limits: Limits = Limits()
     disk: int | None = None  # size of the data volume (data.img); None: no cap, a plain dir
+    address: str | None = None  # IPv4 address on the host bridge; None: loopback only
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -194,6 +209,7 @@ class Runtime:
         shares: Sequence[Share] = (),
         limits: Limits | None = None,
         disk: int | None = None,
+        address: IPv4Address | None = None,
     ) -> Container:
         """Prepare a container (storage, root filesystem, bundle); transactional."""
         check_name(name)
@@ -204,11 +220,20 @@ class Runtime:
                 raise RuntimeFailure(
                     f"container {name!r} already exists", "delete it first or pick another name"
                 )
+            if address is not None:
+                if self.settings.network is None:
+                    raise RuntimeFailure("an address needs a network", "configure the bridge")
+                self.settings.network.check_tenant_address(address)
             for other in self.containers():
                 if other.ids.overlaps(ids):
                     raise RuntimeFailure(
                         f"ID range {ids} overlaps {other.ids} of container {other.name!r}",
                         "give each container its own range",
+                    )
+                if address is not None and other.address == str(address):
+                    raise RuntimeFailure(
+                        f"address {address} belongs to container {other.name!r}",
+                        "give each container its own address",
                     )
             image_dir = self.images.resolve(image)
             with _Undo() as undo:
@@ -227,6 +252,7 @@ class Runtime:
                     shares=tuple(shares),
                     limits=limits or Limits(),
                     disk=disk,
+                    address=None if address is None else str(address),
                 )
                 self._write_etc(c)
                 fsutil.atomic_write(cdir / "meta.json", c.to_json())
@@ -273,7 +299,10 @@ class Runtime:
             f"127.0.0.1\tlocalhost\n127.0.1.1\t{c.hostname}\n"
             "::1\tlocalhost ip6-localhost ip6-loopback\n"
         )
-        for fname, text in (("hostname", c.hostname + "\n"), ("hosts", hosts)):
+        files = [("hostname", c.hostname + "\n"), ("hosts", hosts)]
+        if c.address is not None:
+            files.append(("resolv.conf", network.resolv_conf(self.network_config())))
+        for fname, text in files:
             fsutil.atomic_write(etc / fname, text)
             os.chown(etc / fname, c.ids.root, c.ids.root)
 
@@ -288,6 +317,10 @@ class Runtime:
             Bind(str(cdir / "etc/hostname"), "/etc/hostname", ("bind", "nosuid", "nodev")),
             Bind(str(cdir / "etc/hosts"), "/etc/hosts", ("bind", "nosuid", "nodev")),
         ]
+        if c.address is not None:
+            binds.append(
+                Bind(str(cdir / "etc/resolv.conf"), "/etc/resolv.conf", ("bind", "nosuid", "nodev"))
+            )
         binds += [
             Bind(str(cdir / "dev" / node), dest, ("bind", "nosuid"))
             for node, (_, _, dest) in DEVICES.items()
@@ -339,7 +372,10 @@ class Runtime:
                     cdir / "config.json", json.dumps(build_config(self.spec(c)), indent=1)
                 )
                 undo.push(self.runc.delete, name)
-                self.runc.create(cdir, name, cdir / "console.log")
+                pid = self.runc.create(cdir, name, cdir / "console.log")
+                if c.address is not None:  # before init runs, so it boots with its network
+                    undo.push(network.detach, name)
+                    network.attach(self.network_config(), name, IPv4Address(c.address), pid)
                 self.runc.start(name)
         return self.state(name)
 
@@ -405,8 +441,20 @@ class Runtime:
         """Drop everything a stopped container holds: runc state, cgroups, mounts."""
         with self._locked():
             self.runc.delete(c.name)
+            if c.address is not None:
+                network.detach(c.name)
             cgroups.remove(self._cgroup_plan(c))
             self._unmount(c)
+
+    def network_config(self) -> NetworkConfig:
+        if self.settings.network is None:
+            raise RuntimeFailure("containers have addresses but no network is configured",
+                                 "configure the bridge")  # fmt: skip
+        return self.settings.network
+
+    def setup_network(self, grants: Sequence[network.PortGrant] = ()) -> None:
+        """Bridge, sysctls and nft rules of the host, with these port grants (idempotent)."""
+        network.setup_host(self.network_config(), grants)
 
     def _unmount(self, c: Container) -> None:
         cdir = self._dir(c.name)

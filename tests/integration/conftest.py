@@ -16,12 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from runtime import fsutil
+from hostd import config as config_mod
+from runtime import fsutil, lxcfs, network
 from runtime.containers import Runtime, Settings
 from runtime.ids import IdRange
 from tests.integration.hostd_harness import Hostd, UnixUsers
 
 CGROUP_PARENT = "hostd-test"
+TEST_BRIDGE = f"hostdt{os.getpid() % 10000}"  # never the production hostd0
+TEST_TABLE = f"hostd_test_{os.getpid()}"
 _starts = itertools.count(1_000_000, 65536)
 
 
@@ -136,11 +139,21 @@ def hostd(rt: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hos
         f'subuid = "{h.subuid}"\nsubgid = "{h.subgid}"\n'
         f'[runtime]\ncgroup_parent = "{CGROUP_PARENT}"\nstop_timeout = 10\n'
         "[subids]\nmin = 200000000\nmax = 300000000\n"
+        f'[network]\nbridge = "{TEST_BRIDGE}"\nnft_table = "{TEST_TABLE}"\n'
+        'subnet = "10.231.64.0/20"\ndns = ["10.231.64.1"]\n'
     )
     h.start()
     yield h
     h.stop()
     shutil.rmtree(run)
+    settings = config_mod.load(h.config).runtime_settings()
+    hostd_rt = Runtime(settings)
+    for c in hostd_rt.containers():  # tenants of this hostd, then its bridge, rules and lxcfs
+        if c.address is not None:
+            hostd_rt.delete(c.name, force=True)
+    network.teardown_host(hostd_rt.network_config())
+    assert settings.lxcfs is not None
+    lxcfs.stop(settings.lxcfs)
 
 
 @pytest.fixture(scope="session")

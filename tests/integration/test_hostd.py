@@ -161,10 +161,10 @@ def test_quota_status_logs_and_keep_data(hostd: Hostd, unix_users: UnixUsers) ->
     user = unix_users.make()
     hostd.hostctl("user", "add", user, "--memory", "1G")
     res = hostd.hostctl("quota", "set", user, "--memory", "2G", "--pids", "1500")
-    assert "applied at next start" in res.stdout
+    assert "applied: memory at next start, pids at next start" in res.stdout
     hostd.hostctl("start", user)
     res = hostd.hostctl("quota", "set", user, "--memory", "3G")
-    assert "applied now" in res.stdout
+    assert "applied: memory now" in res.stdout
     limit = hostd.hostctl("exec", user, "--", "cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
     assert int(limit.stdout) == 3 * 2**30
     table = hostd.hostctl("status", user).stdout
@@ -268,7 +268,7 @@ def test_doctor(hostd: Hostd) -> None:
     assert lines[0].split() == ["CHECK", "STATUS", "DETAIL"]
     names = [line.split("  ")[0] for line in lines[1:]]
     assert names == ["kernel", "user namespaces", "ID-mapped mounts", "overlay", "cgroups",
-                     "runc", "subuid files", "nftables"]  # fmt: skip
+                     "runc", "subuid files", "nftables", "disk quota", "lxcfs"]  # fmt: skip
     assert res.returncode == 0, res.stdout
 
 

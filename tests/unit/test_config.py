@@ -23,6 +23,7 @@ from hostd.config import (
 )
 from hostd.errors import HostdError
 from runtime.containers import DEFAULT_RECIPES, Settings
+from runtime.network import NetworkConfig, host_nameservers
 
 SHIPPED = Path(__file__).resolve().parents[2] / "etc" / "hostd.toml"
 
@@ -362,6 +363,8 @@ def test_runtime_settings_carry_paths_and_runtime_options(files: Files) -> None:
         rootfs_mode="copy",
         cache_dir=Path("/srv/cache"),
         recipes_dir=DEFAULT_RECIPES,
+        lxcfs=Path("/srv/hostd/lxcfs"),
+        network=NetworkConfig(dns=host_nameservers()),
     )
     files.write_dropin("50-recipes.toml", '[runtime]\nrecipes_dir = "/srv/recipes"\n')
     assert files.load().runtime_settings().recipes_dir == Path("/srv/recipes")

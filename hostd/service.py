@@ -23,9 +23,10 @@ from typing import Any
 from hostd.api import Channel, Peer
 from hostd.errors import HostdError
 from hostd.state import Quota
-from hostd.tenants import Tenants, TenantStatus, inner_id
+from hostd.tenants import Tenants, TenantStatus
 from hostd.units import parse_count, parse_cpus, parse_ports, parse_size
 from runtime.errors import RuntimeFailure
+from runtime.proc import child_env
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,8 @@ class Service:
             raise HostdError(f"uid {peer.uid} has no account", "ask an admin") from None
         self.tenants.get(name)
         args["user"] = name
-        if op == "exec":  # as themselves inside, never as root
-            t = self.tenants.get(name)
-            args["as_user"] = f"{inner_id(t.uid)}:{inner_id(t.gid)}"
+        if op == "exec":  # as their own account inside (same name, home, groups), never root
+            args["as_user"] = name
         return args
 
     # -- operations ------------------------------------------------------------------------
@@ -225,7 +225,8 @@ class Service:
             raise HostdError("exec needs stdin, stdout and stderr", "use hostctl exec")
         proc = subprocess.Popen(self.runtime.exec_argv(user, argv, user=as_user, groups=groups,
                                                        env=env, cwd=cwd),
-                                stdin=fds[0], stdout=fds[1], stderr=fds[2])  # fmt: skip
+                                stdin=fds[0], stdout=fds[1], stderr=fds[2],
+                                env=child_env())  # fmt: skip
         _wait_or_hangup(chan, proc.pid, proc.terminate)  # runc passes SIGTERM on
         return {"exit": proc.wait()}
 

@@ -32,10 +32,12 @@ def parse(text: str) -> list[Mount]:
     # paths may hold other characters str.split() and str.splitlines() would break on.
     mounts = []
     for line in text.split("\n"):
-        left, _, right = line.partition(" - ")
-        fields, rest = left.split(" "), right.split(" ")
-        if len(fields) < 5 or len(rest) < 3:
+        words = line.split(" ")
+        # the separator is the first "-" after the 6 fixed fields (a target may be "-" too)
+        sep = next((i for i in range(6, len(words)) if words[i] == "-"), None)
+        if sep is None or len(words) < sep + 4:
             continue
+        fields, rest = words[:sep], words[sep + 1 :]
         mounts.append(
             Mount(_unescape(fields[4]), rest[0], _unescape(rest[1]), tuple(rest[2].split(",")))
         )

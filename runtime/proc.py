@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,19 @@ class Result:
     def last_error_line(self) -> str:
         lines = [ln.strip() for ln in (self.stderr or self.stdout).splitlines() if ln.strip()]
         return lines[-1] if lines else f"exit status {self.returncode}"
+
+
+# Set by systemd for hostd itself. Inherited, they would make runc relay a container's
+# sd_notify to hostd's manager (and wait for it), or hand hostd's sockets on.
+_SERVICE_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                 "LISTEN_FDNAMES")  # fmt: skip
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for programs we start: ours without systemd's per-service variables."""
+    env = {k: v for k, v in os.environ.items() if k not in _SERVICE_ONLY}
+    env.update(extra or {})
+    return env
 
 
 def require(program: str, package: str) -> str:
@@ -45,7 +59,7 @@ def run(
             list(argv),
             input=input if input is not None else b"",
             capture_output=True,
-            env=dict(env) if env is not None else None,
+            env=dict(env) if env is not None else child_env(),
             timeout=timeout,
         )
     except FileNotFoundError as exc:

@@ -37,6 +37,7 @@ class Runc:
         with open(console_log, "wb") as log:
             done = subprocess.run(
                 [*self._base(), "create", "--bundle", str(bundle), cid],
+                env=proc.child_env(),
                 stdout=log,
                 stderr=log,
                 input=b"",

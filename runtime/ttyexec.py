@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from runtime import proc
 from runtime.errors import RuntimeFailure
 
 ERROR_EXIT = 125  # the helper failed before the program ran; stderr says why
@@ -106,6 +107,7 @@ def start(runc_base: Sequence[str], cid: str, process: dict[str, Any]) -> TtyPro
         helper = subprocess.Popen(
             [sys.executable, "-m", "runtime.ttyexec", str(child.fileno()), request],
             pass_fds=[child.fileno()],
+            env=proc.child_env(),
             stdin=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from runtime import proc
 from runtime.errors import RuntimeFailure
 
 
@@ -21,6 +22,7 @@ def user_namespace(uid_map: str, gid_map: str) -> Iterator[int]:
     closed on exit."""
     helper = subprocess.Popen(
         [sys.executable, "-m", "runtime.userns"],
+        env=proc.child_env(),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -86,6 +86,14 @@ class NetworkSettings:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    enabled: bool
+    listen: tuple[str, int]  # host, port
+    password_auth: bool  # through PAM (service "hostd"); keys only when false
+    max_failures: int  # failed logins per source address per minute before it is refused
+
+
+@dataclass(frozen=True)
 class Config:
     paths: Paths
     runtime: RuntimeConfig
@@ -93,6 +101,7 @@ class Config:
     users: UserConfig
     limits: Limits
     network: NetworkSettings
+    gateway: GatewaySettings
 
     def runtime_settings(self) -> Settings:
         """The runtime's view: it knows nothing of users, only where and how to run containers."""
@@ -218,6 +227,17 @@ def _addresses(value: Any) -> tuple[str, ...]:
         raise ValueError('use a list of IP addresses like ["192.0.2.53"]') from None
 
 
+def _listen(value: Any) -> tuple[str, int]:
+    host, _, port = str(value).rpartition(":")
+    try:
+        if not isinstance(value, str) or not 0 < int(port) < 65536:
+            raise ValueError
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise ValueError('use "ADDRESS:PORT" like "0.0.0.0:2222" or "[::]:2222"') from None
+    return host.strip("[]"), int(port)
+
+
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError("use true or false")
@@ -269,6 +289,12 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "nft_table": _Key("hostd", _hostd_name(64)),
         "dns": _Key([], _addresses),
         "privileged_ports": _Key(False, _bool),
+    },
+    "gateway": {
+        "enabled": _Key(True, _bool),
+        "listen": _Key("0.0.0.0:2222", _listen),
+        "password_auth": _Key(False, _bool),
+        "max_failures": _Key(10, _id(1)),
     },
     "limits": {
         "cpus": _Key(None, _cpus),
@@ -337,6 +363,7 @@ def load(main: Path = MAIN, dropin_dir: Path | None = None) -> Config:
         users=UserConfig(**values["users"]),
         limits=Limits(**values["limits"]),
         network=NetworkSettings(**values["network"]),
+        gateway=GatewaySettings(**values["gateway"]),
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hostd import config as config_mod
 from hostd.api import Channel, peer_of
+from hostd.gateway import Gateway
 from hostd.notify import notify, watchdog_interval
 from hostd.service import Service
 from hostd.state import State
@@ -80,6 +81,10 @@ class Daemon:
         notify("STATUS=reconciling")
         for line in await asyncio.to_thread(self.tenants.reconcile):
             log.info("reconcile: %s", line)
+        gateway = None
+        if self.cfg.gateway.enabled:
+            gateway = Gateway(self.tenants, self.cfg.gateway, self.cfg.paths.state_dir / "ssh")
+            await gateway.start()
         paths = self.cfg.paths
         admin = listen(paths.admin_socket, 0o660, self.cfg.users.admin_group)
         user = listen(paths.user_socket, 0o666, None)
@@ -99,6 +104,8 @@ class Daemon:
         log.info("hostd stopping; containers keep running")
         for task in tasks:
             task.cancel()
+        if gateway is not None:
+            await gateway.close()
         for sock, path in ((admin, paths.admin_socket), (user, paths.user_socket)):
             sock.close()
             with contextlib.suppress(FileNotFoundError):

@@ -11,12 +11,11 @@ import grp
 import logging
 import os
 import pwd
-import re
 import select
 import signal
 import subprocess
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +30,6 @@ from runtime.proc import child_env
 log = logging.getLogger(__name__)
 
 USER_OPS = ("status", "start", "exec")
-
-
-@dataclass(frozen=True)
-class Account:
-    """An account inside a container, as runc exec needs it."""
-
-    ids: str  # uid:gid
-    groups: list[int]
-    env: list[str]
-    home: str
 
 
 def _quota_changes(args: dict[str, Any]) -> dict[str, Any]:
@@ -210,7 +199,7 @@ class Service:
             raise HostdError("no command given", "add one after `--`")
         if self.runtime.state(user).status != "running":
             self.tenants.start(user, progress)
-        account = self._account_inside(user, str(args.get("as_user") or "root"))
+        account = self.tenants.account(user, str(args.get("as_user") or "root"))
         env = account.env + ([f"TERM={args['term']}"] if args.get("term") else [])
         as_user, groups, cwd = account.ids, account.groups, account.home
         if args.get("tty"):
@@ -229,23 +218,6 @@ class Service:
                                 env=child_env())  # fmt: skip
         _wait_or_hangup(chan, proc.pid, proc.terminate)  # runc passes SIGTERM on
         return {"exit": proc.wait()}
-
-    def _account_inside(self, container: str, account: str) -> Account:
-        """runc's numeric IDs, login environment and home of an account inside."""
-        if re.fullmatch(r"\d+(:\d+)?", account):
-            uid, _, gid = account.partition(":")
-            return Account(f"{uid}:{gid or uid}", [], [], "/")
-        script = 'getent passwd "$1" && id -G "$1"'
-        res = self.runtime.exec(container, ["sh", "-c", script, "-", account])
-        lines = res.stdout.strip().splitlines()
-        fields = lines[0].split(":") if lines else []
-        if res.returncode != 0 or len(fields) < 7 or len(lines) < 2:
-            raise HostdError(f"no account {account!r} inside {container}'s container",
-                             "give an existing user (or root)")  # fmt: skip
-        name, _, uid, gid, _, home, shell = fields[:7]
-        env = [f"HOME={home}", f"USER={name}", f"LOGNAME={name}", f"SHELL={shell}"]
-        groups = [int(g) for g in lines[1].split() if g != gid]
-        return Account(f"{uid}:{gid}", groups, env, home or "/")
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -52,6 +53,16 @@ class TenantStatus:
     quota: Quota
     range_start: int
     image: str
+
+
+@dataclass(frozen=True)
+class Account:
+    """An account inside a container, as runc exec needs it."""
+
+    ids: str  # uid:gid
+    groups: list[int]
+    env: list[str]
+    home: str
 
 
 def limits_of(quota: Quota) -> Limits:
@@ -258,6 +269,23 @@ class Tenants:
         if res.returncode != 0:
             raise HostdError(f"cannot create the account {t.user} inside: "
                              f"{res.last_error_line()}", "see `hostctl logs`")  # fmt: skip
+
+    def account(self, container: str, account: str) -> Account:
+        """runc's numeric IDs, login environment and home of an account inside."""
+        if re.fullmatch(r"\d+(:\d+)?", account):
+            uid, _, gid = account.partition(":")
+            return Account(f"{uid}:{gid or uid}", [], [], "/")
+        script = 'getent passwd "$1" && id -G "$1"'
+        res = self.runtime.exec(container, ["sh", "-c", script, "-", account])
+        lines = res.stdout.strip().splitlines()
+        fields = lines[0].split(":") if lines else []
+        if res.returncode != 0 or len(fields) < 7 or len(lines) < 2:
+            raise HostdError(f"no account {account!r} inside {container}'s container",
+                             "give an existing user (or root)")  # fmt: skip
+        name, _, uid, gid, _, home, shell = fields[:7]
+        env = [f"HOME={home}", f"USER={name}", f"LOGNAME={name}", f"SHELL={shell}"]
+        groups = [int(g) for g in lines[1].split() if g != gid]
+        return Account(f"{uid}:{gid}", groups, env, home or "/")
 
     def set_quota(self, user: str, changes: dict[str, Any]) -> dict[str, str]:
         """Change some limits. Says for each whether it applies "now" (to the running

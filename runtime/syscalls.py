@@ -72,9 +72,18 @@ def unshare_user() -> None:
     _check(lib.unshare(lib.CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
 
 
+def enter_netns(pid: int) -> None:
+    """Move this (single-threaded helper) process into the network namespace of `pid`."""
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(lib.setns(fd, lib.CLONE_NEWNET), f"setns(net of pid {pid})")
+    finally:
+        os.close(fd)
+
+
 def set_child_subreaper() -> None:
     """Adopt orphaned descendants, so a detached `runc exec` can be waited for."""
     _check(lib.hostd_set_child_subreaper(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-__all__ = ["idmapped_bind", "mount", "umount", "set_child_subreaper", "unshare_user"]
+__all__ = ["enter_netns", "idmapped_bind", "mount", "umount", "set_child_subreaper", "unshare_user"]

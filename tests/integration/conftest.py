@@ -20,7 +20,7 @@ from hostd import config as config_mod
 from runtime import fsutil, lxcfs, network
 from runtime.containers import Runtime, Settings
 from runtime.ids import IdRange
-from tests.integration.hostd_harness import Hostd, UnixUsers
+from tests.integration.hostd_harness import Hostd, UnixUsers, free_port
 
 CGROUP_PARENT = "hostd-test"
 TEST_BRIDGE = f"hostdt{os.getpid() % 10000}"  # never the production hostd0
@@ -131,7 +131,7 @@ def hostd(rt: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hos
     h = Hostd(
         config=tmp / "hostd.toml", subuid=tmp / "subuid", subgid=tmp / "subgid",
         admin_socket=run / "admin.sock", user_socket=run / "user.sock",
-        state_dir=rt.state_dir, log=tmp / "hostd.log",
+        state_dir=rt.state_dir, log=tmp / "hostd.log", ssh_port=free_port(),
     )  # fmt: skip
     h.config.write_text(
         f'[paths]\nstate_dir = "{rt.state_dir}"\nrun_dir = "{run}"\n'
@@ -139,6 +139,7 @@ def hostd(rt: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hos
         f'subuid = "{h.subuid}"\nsubgid = "{h.subgid}"\n'
         f'[runtime]\ncgroup_parent = "{CGROUP_PARENT}"\nstop_timeout = 10\n'
         "[subids]\nmin = 200000000\nmax = 300000000\n"
+        f'[gateway]\nlisten = "127.0.0.1:{h.ssh_port}"\nmax_failures = 1000\n'
         f'[network]\nbridge = "{TEST_BRIDGE}"\nnft_table = "{TEST_TABLE}"\n'
         'subnet = "10.231.64.0/20"\ndns = ["10.231.64.1"]\n'
     )

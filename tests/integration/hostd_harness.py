@@ -22,6 +22,7 @@ class Hostd:
     user_socket: Path
     state_dir: Path
     log: Path
+    ssh_port: int
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -63,6 +64,13 @@ class Hostd:
         if check:
             assert res.returncode == 0, f"hostctl {' '.join(args)}: {res.stderr}{res.stdout}"
         return res
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (the kernel's choice)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class UnixUsers:

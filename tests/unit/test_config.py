@@ -12,6 +12,7 @@ import pytest
 
 from hostd.config import (
     Config,
+    GatewaySettings,
     Limits,
     NetworkSettings,
     Paths,
@@ -57,7 +58,10 @@ def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
             nft_table="hostd",
             dns=(),
             privileged_ports=False,
-        ),  # fmt: skip
+        ),
+        gateway=GatewaySettings(
+            enabled=True, listen=("0.0.0.0", 2222), password_auth=False, max_failures=10
+        ),
     )
 
 

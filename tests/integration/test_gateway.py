@@ -1,0 +1,287 @@
+"""The SSH gateway with real OpenSSH clients (ssh, scp, sftp) and the docker CLI, on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import pty
+import pwd
+import re
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import termios
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.hostd_harness import Hostd, UnixUsers, free_port
+
+
+@dataclass(frozen=True)
+class Login:
+    user: str
+    key: Path
+    port: int
+    home: Path  # a client-side HOME with an ssh config for this login (for the docker CLI)
+
+    def ssh_args(self, *extra: str) -> list[str]:
+        return [
+            "ssh", "-p", str(self.port), "-i", str(self.key), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", *extra, f"{self.user}@127.0.0.1",
+        ]  # fmt: skip
+
+    def ssh(self, *command: str, input: bytes = b"", extra: tuple[str, ...] = ()
+            ) -> subprocess.CompletedProcess[bytes]:  # fmt: skip
+        return subprocess.run([*self.ssh_args(*extra), *command], input=input,
+                              capture_output=True, timeout=300)  # fmt: skip
+
+
+def _keypair(directory: Path, name: str) -> Path:
+    key = directory / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key
+
+
+def _authorize(user: str, line: str) -> None:
+    pw = pwd.getpwnam(user)
+    ssh_dir = Path(pw.pw_dir) / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    keys = ssh_dir / "authorized_keys"
+    keys.write_text(line)
+    for path in (ssh_dir, keys):
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    keys.chmod(0o600)
+
+
+@pytest.fixture(scope="module")
+def login(hostd: Hostd, unix_users: UnixUsers, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[Login]:  # fmt: skip
+    user = unix_users.make()
+    hostd.hostctl("user", "add", user)
+    keys = tmp_path_factory.mktemp("keys")
+    key = _keypair(keys, "id_ed25519")
+    _authorize(user, key.with_suffix(".pub").read_text())
+    home = tmp_path_factory.mktemp("client-home")
+    (home / ".ssh").mkdir(mode=0o700)
+    (home / ".ssh/config").write_text(
+        f"Host 127.0.0.1\n  IdentityFile {key}\n  StrictHostKeyChecking no\n"
+        "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n"
+    )
+    yield Login(user, key, hostd.ssh_port, home)
+    hostd.hostctl("user", "remove", user)
+
+
+def test_exec_status_streams_and_account(login: Login) -> None:
+    res = login.ssh("echo out; echo err >&2; exit 7")
+    assert (res.returncode, res.stdout, res.stderr) == (7, b"out\n", b"err\n")
+    res = login.ssh("id -un; id -nG; pwd")
+    name, groups, cwd = res.stdout.decode().splitlines()
+    assert name == login.user and {"sudo", "docker"} <= set(groups.split())
+    assert cwd == pwd.getpwnam(login.user).pw_dir
+    assert login.ssh("cat | wc -c", input=b"x" * 100000).stdout.strip() == b"100000"
+
+
+def test_host_key_is_kept_across_restarts(hostd: Hostd) -> None:
+    def fingerprint() -> str:
+        out = subprocess.run(["ssh-keyscan", "-p", str(hostd.ssh_port), "127.0.0.1"],
+                             capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+        return out.split()[-1]
+
+    before = fingerprint()
+    hostd.stop()
+    hostd.start()
+    assert fingerprint() == before
+
+
+def _winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _read_until(fd: int, pattern: bytes, seen: bytearray) -> bytes:
+    """Read the client's terminal until `pattern` matches what arrived (bounded: 60 s)."""
+    deadline = time.monotonic() + 60
+    while not re.search(pattern, seen):
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {pattern!r} in {bytes(seen)[-500:]!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return bytes(seen)
+
+
+def test_interactive_shell_on_a_pty(login: Login) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - becomes ssh
+        os.execvp("ssh", login.ssh_args("-tt"))
+    seen = bytearray()
+    try:
+        _winsize(fd, 30, 100)
+        os.write(fd, b"tty; echo MARK-$((6*7))\n")
+        _read_until(fd, rb"/dev/pts/\d+\s+MARK-42", seen)
+        os.write(fd, b"sudo -n true && echo SUDO-$((1+1))\n")
+        _read_until(fd, rb"SUDO-2", seen)
+        os.write(fd, b"stty size; echo SIZE-DONE\n")
+        _read_until(fd, rb"30 100\s+SIZE-DONE", seen)
+        _winsize(fd, 50, 132)
+        os.kill(pid, signal.SIGWINCH)
+        wait = b'for i in $(seq 100); do [ "$(stty size)" = "50 132" ] && break; sleep 0.1; done'
+        os.write(fd, wait + b"; stty size; echo RESIZED-DONE\n")
+        _read_until(fd, rb"50 132\s+RESIZED-DONE", seen)
+        os.write(fd, b"exit 3\n")
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status) == 3
+    finally:
+        os.close(fd)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def test_scp_and_sftp_round_trips(login: Login, tmp_path: Path) -> None:
+    data = os.urandom(5 * 2**20)
+    src = tmp_path / "up.bin"
+    src.write_bytes(data)
+    home = Path(pwd.getpwnam(login.user).pw_dir)
+    base = ["-P", str(login.port), "-i", str(login.key), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]  # fmt: skip
+    target = f"{login.user}@127.0.0.1"
+    for legacy, name in ((False, "sftp-mode.bin"), (True, "legacy.bin")):
+        mode = ["-O"] if legacy else []
+        subprocess.run(["scp", *mode, *base, str(src), f"{target}:{name}"], check=True, timeout=120)
+        assert (home / name).read_bytes() == data  # the host home, through the container
+        assert (home / name).stat().st_uid == pwd.getpwnam(login.user).pw_uid
+        back = tmp_path / f"back-{name}"
+        subprocess.run(["scp", *mode, *base, f"{target}:{name}", str(back)], check=True,
+                       timeout=120)  # fmt: skip
+        assert back.read_bytes() == data
+    batch = tmp_path / "batch"
+    batch.write_text(f"put {src} via-sftp.bin\nget via-sftp.bin {tmp_path}/sftp-back.bin\n")
+    sftp = ["sftp", *base, "-b", str(batch), target]
+    subprocess.run(sftp, check=True, capture_output=True, timeout=120)
+    assert hashlib.sha256((tmp_path / "sftp-back.bin").read_bytes()).digest() == (
+        hashlib.sha256(data).digest()
+    )
+
+
+def test_local_forward_reaches_an_inner_container(
+    login: Login, hostd: Hostd, busybox_tar: Path
+) -> None:
+    hostd.hostctl("exec", login.user, "--", "docker", "import", "-", "busybox:local",
+                  input=busybox_tar.read_bytes())  # fmt: skip
+    serve = (
+        "docker run -d -p 8080:80 busybox:local sh -c "
+        "'mkdir /www && echo forwarded > /www/index.html && httpd -f -p 80 -h /www'"
+    )
+    hostd.hostctl("exec", login.user, "--", "sh", "-c", serve)
+    local = free_port()
+    tunnel = subprocess.Popen(
+        login.ssh_args("-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{local}:127.0.0.1:8080")
+    )
+    try:
+        deadline, body = time.monotonic() + 60, b""
+        while b"forwarded" not in body:
+            assert time.monotonic() < deadline and tunnel.poll() is None, body
+            with socket.socket() as s, contextlib.suppress(OSError):
+                s.settimeout(5)
+                s.connect(("127.0.0.1", local))
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                body = s.recv(4096)
+    finally:
+        tunnel.terminate()
+        tunnel.wait()
+
+
+def test_docker_cli_over_ssh(login: Login) -> None:
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.skip("no docker CLI on this host: apt-get install docker.io (client only)")
+    # the docker CLI runs plain `ssh`, which reads ~/.ssh from the passwd entry, not $HOME:
+    # put an `ssh` first in PATH that uses this login's config
+    bin_dir = login.home / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    wrapper = bin_dir / "ssh"
+    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {login.home}/.ssh/config "$@"\n')
+    wrapper.chmod(0o755)
+    res = subprocess.run(
+        [docker, "--host", f"ssh://{login.user}@127.0.0.1:{login.port}", "version",
+         "--format", "{{.Server.Version}}"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", res.stdout.strip())
+
+
+def test_refusals(login: Login, hostd: Hostd, unix_users: UnixUsers, tmp_path: Path) -> None:
+    other_key = _keypair(tmp_path, "other")
+    wrong = Login(login.user, other_key, login.port, login.home)
+    res = wrong.ssh("true")
+    assert res.returncode == 255 and b"Permission denied" in res.stderr
+    outsider = unix_users.make()  # a Unix user who is not a tenant, with a valid key
+    _authorize(outsider, login.key.with_suffix(".pub").read_text())
+    res = Login(outsider, login.key, login.port, login.home).ssh("true")
+    assert res.returncode == 255 and b"Permission denied" in res.stderr
+    log = hostd.log.read_text()
+    assert f"login refused for {outsider} from 127.0.0.1: {outsider} has no container" in log
+    for user in ("root", "nosuchuser"):
+        res = Login(user, login.key, login.port, login.home).ssh("true")
+        assert res.returncode == 255 and b"Permission denied" in res.stderr
+    res = login.ssh("true", extra=("-o", "PreferredAuthentications=password"))
+    assert res.returncode == 255  # passwords are off by default
+    log = hostd.log.read_text()
+    assert "login refused for root from 127.0.0.1: root cannot log in through hostd" in log
+    assert f"failed login for {login.user} from 127.0.0.1" in log
+
+
+def test_authorized_keys_options(login: Login) -> None:
+    line = login.key.with_suffix(".pub").read_text().strip()
+    home = Path(pwd.getpwnam(login.user).pw_dir)
+    saved = (home / ".ssh/authorized_keys").read_text()
+    try:
+        _authorize(login.user, f'command="echo forced",no-pty {line}\n')
+        res = login.ssh("echo asked")
+        assert res.stdout == b"forced\n", (res.returncode, res.stderr)
+        _authorize(login.user, f"no-pty {line}\n")
+        res = login.ssh("tty", extra=("-tt",))
+        assert b"PTY allocation request failed" in res.stderr
+        assert b"/dev/pts" not in res.stdout
+        _authorize(login.user, f'from="192.0.2.1" {line}\n')
+        assert login.ssh("true").returncode == 255
+    finally:
+        _authorize(login.user, saved)
+
+
+def test_fifty_concurrent_sessions(login: Login, hostd: Hostd, unix_users: UnixUsers) -> None:
+    second = unix_users.make()
+    hostd.hostctl("user", "add", second)
+    _authorize(second, login.key.with_suffix(".pub").read_text())
+    logins = [login, Login(second, login.key, login.port, login.home)]
+    try:
+
+        def run(i: int) -> bytes:
+            res = logins[i % 2].ssh(f"echo session-$(({i}*2))")
+            assert res.returncode == 0, res.stderr
+            return res.stdout
+
+        with ThreadPoolExecutor(50) as pool:
+            outputs = list(pool.map(run, range(50)))
+        assert outputs == [f"session-{i * 2}\n".encode() for i in range(50)]
+    finally:
+        hostd.hostctl("user", "remove", second)

@@ -1,7 +1,9 @@
 #!/bin/bash
 # End to end on a fresh Debian 12 host, as root: install hostd, build the default image, start
-# hostd, make the invoking user (the one who ran sudo) a tenant, and run `docker run` in their
-# container as them. Run as root directly, it uses a demo account, `hostddemo`.
+# hostd with its SSH gateway (port 2222), make the invoking user (the one who ran sudo) a
+# tenant, and run `docker run` in their container over SSH, as them. Run as root directly, it
+# uses a demo account, `hostddemo`. For the SSH step the user gets a key of their own,
+# ~/.ssh/hostd_quickstart, added to their authorized_keys.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash packaging/install-deps.sh
@@ -9,6 +11,8 @@ bash packaging/install-deps.sh
 for tool in hostd hostctl hostd-runtime; do ln -sfn "$PWD/.venv/bin/$tool" "/usr/local/bin/$tool"; done
 install -d /etc/hostd
 [ -e /etc/hostd/hostd.toml ] || install -m 0644 etc/hostd.toml /etc/hostd/hostd.toml
+[ -e /etc/pam.d/hostd ] || install -m 0644 etc/pam.d/hostd /etc/pam.d/hostd
+bash packaging/install-login-hook.sh  # hostd-login, for OpenSSH (see etc/sshd_config.d)
 
 if [ -d /run/systemd/system ]; then  # systemd is PID 1
   install -m 0644 packaging/systemd/hostd.service /etc/systemd/system/hostd.service
@@ -39,9 +43,21 @@ cp /bin/busybox "$img/bin/"
 for applet in sh echo cat ls uname id; do ln -s busybox "$img/bin/$applet"; done
 tar -C "$img" -c . | hostctl exec "$user" --user "$user" -- docker import - busybox:local >/dev/null
 
-echo "--- as $user inside their container: docker run"
-hostctl exec "$user" --user "$user" -- docker run --rm busybox:local \
-  sh -c 'echo "hello from container $(uname -n), uid $(id -u) inside it"'
-hostctl exec "$user" --user "$user" -- docker info --format 'inner Docker storage driver: {{.Driver}}'
+home=$(getent passwd "$user" | cut -d: -f6)
+key="$home/.ssh/hostd_quickstart"
+if [ ! -e "$key" ]; then
+  install -d -m 0700 -o "$user" -g "$(id -gn "$user")" "$home/.ssh"
+  runuser -u "$user" -- ssh-keygen -q -t ed25519 -N "" -C "hostd quickstart" -f "$key"
+  cat "$key.pub" >> "$home/.ssh/authorized_keys"
+  chown "$user:" "$home/.ssh/authorized_keys"
+  chmod 0600 "$home/.ssh/authorized_keys"
+fi
+ssh_in() {
+  runuser -u "$user" -- ssh -p 2222 -i "$key" -o StrictHostKeyChecking=accept-new \
+    -o UserKnownHostsFile="$home/.ssh/hostd_known_hosts" -o LogLevel=ERROR "$user@127.0.0.1" "$@"
+}
+echo "--- ssh -p 2222 $user@localhost: docker run inside their container"
+ssh_in "docker run --rm busybox:local sh -c 'echo hello from container \$(uname -n), uid \$(id -u) inside it'"
+ssh_in 'echo "logged in as $(id -un) on $(hostname), groups: $(id -nG)"; docker info --format "inner Docker storage driver: {{.Driver}}"'
 hostctl status "$user"
-echo "a shell inside: sudo hostctl exec -t $user --user $user -- bash -l"
+echo "log in yourself: ssh -p 2222 $user@<this host>   (or: sudo hostctl exec -t $user --user $user -- bash -l)"

@@ -1,0 +1,199 @@
+"""Benchmark: hostd's SSH gateway against OpenSSH into the host, measured in one run.
+
+Prints, for the gateway (into the user's container) and for a plain sshd on loopback (into the
+host, the same user and key): warm login to first command output, scp of 200 MB up and down,
+and the cold first login (container stopped) to a ready shell, with the ratios against the
+issue's goals (warm login <= 1.5x OpenSSH, scp >= 0.5x OpenSSH's throughput).
+
+    sudo .venv/bin/python -m tests.benchmarks.bench_ssh [--runs 10] [--state-dir DIR]
+
+It starts its own hostd (temp config, temp subuid files, a bridge and nft table of its own) and
+its own sshd, creates one test account, and removes all of it at the end. Without --state-dir it
+builds the default image in a fresh directory first (about a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pty
+import select
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from hostd import config as config_mod
+from runtime import fsutil, lxcfs, network
+from runtime.containers import Runtime, Settings
+from tests.integration.hostd_harness import Hostd, UnixUsers, free_port
+
+SIZE = 200 * 2**20
+
+
+class Bench:
+    def __init__(self, work: Path, state: Path) -> None:
+        self.work, self.state = work, state
+        self.users = UnixUsers()
+        self.user = self.users.make()
+        subprocess.run(["usermod", "-p", "*", self.user], check=True)  # sshd without PAM
+        self.key = work / "id_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)],
+                       check=True)  # fmt: skip
+        home = Path(os.path.expanduser(f"~{self.user}"))
+        (home / ".ssh").mkdir(mode=0o700, exist_ok=True)
+        (home / ".ssh/authorized_keys").write_text(self.key.with_suffix(".pub").read_text())
+        subprocess.run(["chown", "-R", f"{self.user}:", str(home / ".ssh")], check=True)
+        os.chmod(home / ".ssh/authorized_keys", 0o600)
+        self.hostd = self._hostd()
+        self.sshd_port, self.sshd = self._sshd()
+
+    def _hostd(self) -> Hostd:
+        run = Path(tempfile.mkdtemp(prefix="hostd-bench-", dir="/run"))
+        h = Hostd(config=self.work / "hostd.toml", subuid=self.work / "subuid",
+                  subgid=self.work / "subgid", admin_socket=run / "admin.sock",
+                  user_socket=run / "user.sock", state_dir=self.state,
+                  log=self.work / "hostd.log", ssh_port=free_port())  # fmt: skip
+        h.config.write_text(
+            f'[paths]\nstate_dir = "{self.state}"\nrun_dir = "{run}"\n'
+            f'admin_socket = "{h.admin_socket}"\nuser_socket = "{h.user_socket}"\n'
+            f'subuid = "{h.subuid}"\nsubgid = "{h.subgid}"\n'
+            '[runtime]\ncgroup_parent = "hostd-bench"\n'
+            f'[gateway]\nlisten = "127.0.0.1:{h.ssh_port}"\n'
+            '[network]\nbridge = "hostdb0"\nnft_table = "hostd_bench"\n'
+            'subnet = "10.232.0.0/24"\ndns = ["10.232.0.1"]\n'
+        )
+        h.start()
+        return h
+
+    def _sshd(self) -> tuple[int, subprocess.Popen[bytes]]:
+        port = free_port()
+        host_key = self.work / "ssh_host_ed25519_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)],
+                       check=True)  # fmt: skip
+        cfg = self.work / "sshd_config"
+        cfg.write_text(
+            f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
+            f"PidFile {self.work}/sshd.pid\nUsePAM no\nPasswordAuthentication no\n"
+            "AuthorizedKeysFile .ssh/authorized_keys\n"
+            "Subsystem sftp /usr/lib/openssh/sftp-server\n"
+        )
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)],
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        self._wait(lambda: self.ssh(port, "true").returncode == 0, "sshd")
+        return port, sshd
+
+    @staticmethod
+    def _wait(ready: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not ready():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{what} did not come up")
+            time.sleep(0.1)  # poll interval; the deadline bounds the wait
+
+    def opts(self, port_flag: str, port: int) -> list[str]:
+        return [port_flag, str(port), "-i", str(self.key), "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR"]  # fmt: skip
+
+    def ssh(self, port: int, command: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(["ssh", *self.opts("-p", port), f"{self.user}@127.0.0.1", command],
+                              capture_output=True, timeout=300)  # fmt: skip
+
+    def first_output(self, port: int) -> float:
+        t0 = time.perf_counter()
+        res = self.ssh(port, "echo ready")
+        assert res.stdout == b"ready\n", res.stderr
+        return time.perf_counter() - t0
+
+    def scp(self, port: int, src: str, dst: str) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(["scp", *self.opts("-P", port), src, dst], check=True, timeout=600)
+        return time.perf_counter() - t0
+
+    def shell_ready(self, port: int) -> float:
+        """Seconds from starting `ssh -tt` to the shell answering a command."""
+        t0 = time.perf_counter()
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.execvp("ssh", ["ssh", "-tt", *self.opts("-p", port), f"{self.user}@127.0.0.1"])
+        os.write(fd, b"echo READY-$((40+2))\n")
+        seen = b""
+        deadline = time.monotonic() + 120
+        while b"READY-42" not in seen and time.monotonic() < deadline:
+            if select.select([fd], [], [], 1)[0]:
+                seen += os.read(fd, 65536)
+        elapsed = time.perf_counter() - t0
+        os.write(fd, b"exit\n")
+        os.waitpid(pid, 0)
+        os.close(fd)
+        assert b"READY-42" in seen, seen[-300:]
+        return elapsed
+
+    def close(self) -> None:
+        self.sshd.terminate()
+        self.sshd.wait()
+        self.hostd.hostctl("user", "remove", self.user, check=False)
+        self.hostd.stop()
+        settings = config_mod.load(self.hostd.config).runtime_settings()
+        network.teardown_host(Runtime(settings).network_config())
+        assert settings.lxcfs is not None
+        lxcfs.stop(settings.lxcfs)
+        fsutil.remove_tree(self.hostd.admin_socket.parent)
+        self.users.remove_all()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--state-dir", type=Path, help="reuse a state dir holding a default image")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="hostd-bench-ssh-"))
+    state = args.state_dir or Path(tempfile.mkdtemp(prefix="hostd-bench-", dir="/var/tmp"))
+    if not (state / "images" / "default").exists():
+        print("building the default image ...", flush=True)
+        Runtime(Settings(state)).images.build("default")
+    b = Bench(work, state)
+    try:
+        gw, host = b.hostd.ssh_port, b.sshd_port
+        b.hostd.hostctl("user", "add", b.user)
+        cold = b.shell_ready(gw)  # the container starts on this first login
+        b.first_output(gw)
+        warm_gw = statistics.median(b.first_output(gw) for _ in range(args.runs))
+        warm_host = statistics.median(b.first_output(host) for _ in range(args.runs))
+        blob = work / "blob"
+        blob.write_bytes(os.urandom(SIZE))
+        target = f"{b.user}@127.0.0.1"
+        up_gw = b.scp(gw, str(blob), f"{target}:blob-gw")
+        up_host = b.scp(host, str(blob), f"{target}:blob-host")
+        down_gw = b.scp(gw, f"{target}:blob-gw", str(work / "back-gw"))
+        down_host = b.scp(host, f"{target}:blob-host", str(work / "back-host"))
+        warm_shell_gw = b.shell_ready(gw)
+        warm_shell_host = b.shell_ready(host)
+        mb = SIZE / 2**20
+        rows = [
+            ("warm login to first output (s)", warm_gw, warm_host, warm_gw / warm_host,
+             "<= 1.5x"),
+            ("warm login to a shell prompt (s)", warm_shell_gw, warm_shell_host,
+             warm_shell_gw / warm_shell_host, ""),
+            ("scp 200 MB up (MB/s)", mb / up_gw, mb / up_host, up_host / up_gw, ">= 0.5x"),
+            ("scp 200 MB down (MB/s)", mb / down_gw, mb / down_host, down_host / down_gw,
+             ">= 0.5x"),
+            ("cold first login to a shell (s)", cold, float("nan"), float("nan"), ""),
+        ]  # fmt: skip
+        print(f"\n{'metric':36} {'gateway':>10} {'OpenSSH':>10} {'ratio':>8}  goal")
+        for label, a, c, ratio, goal in rows:
+            print(f"{label:36} {a:10.3f} {c:10.3f} {ratio:7.2f}x  {goal}")
+    finally:
+        b.close()
+        fsutil.remove_tree(work)
+        if args.state_dir is None:
+            Runtime(Settings(state)).images.prune([])
+            fsutil.remove_tree(state)
+
+
+if __name__ == "__main__":
+    main()

@@ -272,9 +272,14 @@ class Gateway:
                 status = await self._run_tty(process, user, argv, account, env)
             else:
                 status = await self._run_pipes(process, user, argv, account, env)
+        except ClientGone:
+            log.info("%s's client left; its session's program was ended", user)
+            return
         except RuntimeFailure as exc:
             process.stderr.write(f"hostd: {exc}\r\n".encode())
             status = 255
+        if self.tenants.is_down(user):
+            process.stderr.write(b"\r\nhostd: your container was stopped\r\n")
         process.exit(status)
 
     async def _run_pipes(self, process: asyncssh.SSHServerProcess[bytes], user: str,
@@ -310,9 +315,10 @@ class Gateway:
                     stdin.close()
 
         feeder = asyncio.create_task(feed())
-        try:
-            await asyncio.gather(_copy_out(proc.stdout, process.stdout),
+        outputs = asyncio.gather(_copy_out(proc.stdout, process.stdout),
                                  _copy_out(proc.stderr, process.stderr))  # fmt: skip
+        try:
+            await _unless_closed(process, outputs)
             return await proc.wait()
         finally:
             feeder.cancel()
@@ -371,7 +377,7 @@ class Gateway:
         reader = asyncio.create_task(from_client())
         try:
             with contextlib.suppress(ConnectionError, asyncssh.Error):
-                await to_client()
+                await _unless_closed(process, to_client())
             return await asyncio.to_thread(tty.wait)
         finally:
             reader.cancel()
@@ -380,6 +386,24 @@ class Gateway:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(tty.pid, signal.SIGHUP)
                 await asyncio.to_thread(tty.wait)
+
+
+class ClientGone(Exception):
+    """The SSH channel closed while the session's program still ran."""
+
+
+async def _unless_closed(process: asyncssh.SSHServerProcess[bytes], work: Awaitable[Any]) -> None:
+    """Await `work`, or raise ClientGone if the client's channel closes first."""
+    job = asyncio.ensure_future(work)
+    closed = asyncio.ensure_future(process.wait_closed())
+    try:
+        done, _ = await asyncio.wait({job, closed}, return_when=asyncio.FIRST_COMPLETED)
+        if job not in done:
+            job.cancel()
+            raise ClientGone
+        job.result()
+    finally:
+        closed.cancel()
 
 
 async def _copy_out(src: asyncio.StreamReader, dst: Any) -> None:

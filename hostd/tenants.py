@@ -84,6 +84,7 @@ class Tenants:
         self._alloc = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self.stopping: set[str] = set()  # containers being stopped right now
 
     def _lock(self, user: str) -> threading.Lock:
         with self._locks_guard:
@@ -245,11 +246,18 @@ class Tenants:
             self.state.set_desired(user, "stopped")
 
     def _stop_container(self, user: str) -> None:
+        self.stopping.add(user)
         try:
             self.runtime.stop(user, self.config.runtime.stop_timeout)
         except RuntimeFailure as exc:
             if "does not exist" not in exc.cause:
                 raise
+        finally:
+            self.stopping.discard(user)
+
+    def is_down(self, user: str) -> bool:
+        """Stopped or being stopped (sessions inside are ending because of it)."""
+        return user in self.stopping or self.runtime.state(user).status != "running"
 
     def restart(self, user: str, progress: Progress = _quiet) -> None:
         self.stop(user)

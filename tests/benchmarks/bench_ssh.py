@@ -149,7 +149,11 @@ class Bench:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--state-dir", type=Path, help="reuse a state dir holding a default image")
+    ap.add_argument(
+        "--state-dir",
+        type=Path,
+        help="reuse a state dir holding a default image (not one a running hostd uses)",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hostd-bench-ssh-"))
     state = args.state_dir or Path(tempfile.mkdtemp(prefix="hostd-bench-", dir="/var/tmp"))

@@ -285,3 +285,107 @@ def test_fifty_concurrent_sessions(login: Login, hostd: Hostd, unix_users: UnixU
         assert outputs == [f"session-{i * 2}\n".encode() for i in range(50)]
     finally:
         hostd.hostctl("user", "remove", second)
+
+
+def _inside(hostd: Hostd, user: str, script: str) -> str:
+    return hostd.hostctl("exec", user, "--", "sh", "-c", script).stdout
+
+
+def _pattern(marker: str) -> str:
+    """A pgrep pattern for `marker` that does not match the shell running the pgrep."""
+    return f"{marker[:-1]}[{marker[-1]}]"
+
+
+def _wait_gone(hostd: Hostd, user: str, marker: str) -> None:
+    """Bounded poll until no process inside runs `marker`."""
+    script = (
+        f"for i in $(seq 100); do pgrep -f '{_pattern(marker)}' >/dev/null || exit 0; "
+        "sleep 0.1; done"
+    )
+    hostd.hostctl("exec", user, "--", "sh", "-c", script + "; exit 1")
+
+
+def test_signals_reach_the_command(login: Login) -> None:
+    import asyncio
+
+    import asyncssh
+
+    async def run() -> asyncssh.SSHCompletedProcess:
+        async with asyncssh.connect(
+            "127.0.0.1", login.port, username=login.user, client_keys=[str(login.key)],
+            known_hosts=None,
+        ) as conn:  # fmt: skip
+            proc = await conn.create_process("trap 'echo got-TERM; exit 42' TERM; "
+                                             "echo armed; while :; do sleep 0.1; done")  # fmt: skip
+            assert (await proc.stdout.readline()) == "armed\n"
+            proc.send_signal("TERM")
+            return await proc.wait()
+
+    done = asyncio.run(run())
+    assert done.exit_status == 42 and "got-TERM" in str(done.stdout)
+
+
+def test_closing_the_client_ends_the_session(login: Login, hostd: Hostd) -> None:
+    for tty in (False, True):
+        marker = f"sleep 4{int(tty)}4{int(tty)}"
+        client = subprocess.Popen(login.ssh_args(*(["-tt"] if tty else [])) + [marker],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+        script = (
+            f"for i in $(seq 100); do pgrep -f '{_pattern(marker)}' && exit 0; sleep 0.1; done; "
+            "exit 1"
+        )
+        hostd.hostctl("exec", login.user, "--", "sh", "-c", script)  # it runs inside
+        client.kill()
+        client.wait()
+        _wait_gone(hostd, login.user, marker)
+
+
+def test_stopping_the_container_ends_sessions_with_a_message(login: Login, hostd: Hostd) -> None:
+    client = subprocess.Popen(login.ssh_args() + ["echo started; sleep 600"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert client.stdout is not None and client.stdout.readline() == b"started\n"
+    hostd.hostctl("stop", login.user)
+    _, err = client.communicate(timeout=120)
+    assert b"hostd: your container was stopped" in err
+    assert login.ssh("true").returncode == 0  # the next login starts it again
+
+
+def test_tmux_and_vim_work_on_a_terminal(login: Login) -> None:
+    res = login.ssh("tmux new-session -d -s t 'sleep 30' && tmux ls && tmux kill-server; "
+                    "vim --version | head -1", extra=("-tt",))  # fmt: skip
+    assert b"t: 1 windows" in res.stdout and b"VIM - Vi IMproved" in res.stdout
+
+
+def test_password_login_through_pam(login: Login, hostd: Hostd) -> None:
+    pam_service = Path("/etc/pam.d/hostd")
+    installed = not pam_service.exists()
+    if installed:
+        shutil.copy(Path(__file__).parents[2] / "etc/pam.d/hostd", pam_service)
+    dropin = Path(f"{hostd.config}.d/50-password.toml")
+    dropin.parent.mkdir(exist_ok=True)
+    try:
+        subprocess.run(["chpasswd"], input=f"{login.user}:s3cret-pw\n", text=True, check=True)
+        dropin.write_text("[gateway]\npassword_auth = true\n")
+        hostd.stop()
+        hostd.start()
+        askpass = login.home / "askpass"
+        askpass.write_text("#!/bin/sh\necho s3cret-pw\n")
+        askpass.chmod(0o700)
+        env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force"}
+        cmd = ["ssh", "-p", str(login.port), "-o", "StrictHostKeyChecking=no",
+               "-o", "UserKnownHostsFile=/dev/null", "-o", "PubkeyAuthentication=no",
+               "-o", "PreferredAuthentications=password",
+               f"{login.user}@127.0.0.1", "id -un"]  # fmt: skip
+        res = subprocess.run(cmd, env=env, capture_output=True, timeout=120,
+                             stdin=subprocess.DEVNULL)  # fmt: skip
+        assert res.stdout.strip() == login.user.encode(), res.stderr
+        askpass.write_text("#!/bin/sh\necho wrong\n")
+        res = subprocess.run(cmd, env=env, capture_output=True, timeout=120,
+                             stdin=subprocess.DEVNULL)  # fmt: skip
+        assert res.returncode == 255
+    finally:
+        dropin.unlink(missing_ok=True)
+        if installed:
+            pam_service.unlink()
+        hostd.stop()
+        hostd.start()

@@ -28,6 +28,7 @@ import asyncssh
 from asyncssh.constants import EXTENDED_DATA_STDERR
 
 from hostd.config import GatewaySettings
+from hostd.service import PASSED_ENV
 from hostd.tenants import Tenants
 from runtime import netconnect
 from runtime.errors import RuntimeFailure
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 PAM_SERVICE = "hostd"
 FAILURE_WINDOW = 60.0  # seconds over which failed logins per source are counted
-CLIENT_ENV = ("LANG", "LC_")  # environment a client may pass on (as OpenSSH's AcceptEnv)
 SIGNALS = {name: getattr(signal, f"SIG{name}") for name in ("INT", "TERM", "HUP", "KILL", "QUIT",
                                                             "USR1", "USR2")}  # fmt: skip
 
@@ -255,7 +255,7 @@ class Gateway:
             process.exit(255)
             return
         env = account.env + [f"{k}={v}" for k, v in process.env.items()
-                             if str(k).startswith(CLIENT_ENV)]  # fmt: skip
+                             if str(k).startswith(PASSED_ENV)]  # fmt: skip
         shell = next((e.split("=", 1)[1] for e in account.env if e.startswith("SHELL=")),
                      "/bin/bash")  # fmt: skip
         if process.subsystem == "sftp":

@@ -133,7 +133,7 @@ def run(socket_path: Path, original: str | None) -> int:
     """Run the session; returns the program's exit status."""
     argv = command_argv(original)
     interactive = os.isatty(sys.stdin.fileno())
-    args: dict[str, Any] = {"argv": argv}
+    args: dict[str, Any] = {"argv": argv, "env": dict(os.environ)}  # hostd keeps LANG, LC_*...
     fds: list[int] = []
     if interactive:  # sshd allocated a pty: a pty inside, relayed
         rows, cols = _window_size(sys.stdin.fileno())

@@ -30,6 +30,8 @@ from runtime.proc import child_env
 log = logging.getLogger(__name__)
 
 USER_OPS = ("status", "start", "exec")
+# Client environment a session may carry into the container (as sshd's AcceptEnv)
+PASSED_ENV = ("LANG", "LC_", "TZ", "SSH_CONNECTION", "SSH_CLIENT")
 
 
 def _quota_changes(args: dict[str, Any]) -> dict[str, Any]:
@@ -201,6 +203,8 @@ class Service:
             self.tenants.start(user, progress)
         account = self.tenants.account(user, str(args.get("as_user") or "root"))
         env = account.env + ([f"TERM={args['term']}"] if args.get("term") else [])
+        env += [f"{k}={v}" for k, v in dict(args.get("env") or {}).items()
+                if str(k).startswith(PASSED_ENV) and "\n" not in str(v)]  # fmt: skip
         as_user, groups, cwd = account.ids, account.groups, account.home
         if args.get("tty"):
             p = self.runtime.exec_tty(user, argv, user=as_user, groups=groups, env=env, cwd=cwd,

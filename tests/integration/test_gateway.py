@@ -389,3 +389,9 @@ def test_password_login_through_pam(login: Login, hostd: Hostd) -> None:
             pam_service.unlink()
         hostd.stop()
         hostd.start()
+
+
+def test_client_locale_reaches_the_session(login: Login) -> None:
+    res = login.ssh("echo $LANG/$LC_TIME/${EVIL:-none}",
+                    extra=("-o", "SetEnv=LANG=C.UTF-8 LC_TIME=C EVIL=1"))  # fmt: skip
+    assert res.stdout == b"C.UTF-8/C/none\n", res.stderr

@@ -15,20 +15,25 @@ def _quiet(_: str) -> None:
     pass
 
 
-def connect(path: Path) -> Channel:
+# The fixes for "hostd is not running" and "no permission": an admin's, and a user's
+ADMIN_FIXES = (
+    "start it: `systemctl start hostd`",
+    "run as root or as a member of group hostd-admin",
+)
+USER_FIXES = ("ask an admin to start it (`systemctl start hostd`)",
+              "ask an admin to check hostd's user socket")  # fmt: skip
+
+
+def connect(path: Path, fixes: tuple[str, str] = ADMIN_FIXES) -> Channel:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
-        raise HostdError(
-            f"hostd is not running (no socket at {path})", "start it: `systemctl start hostd`"
-        ) from None
+        raise HostdError(f"hostd is not running (no socket at {path})", fixes[0]) from None
     except PermissionError:
         sock.close()
-        raise HostdError(
-            f"no permission to use {path}", "run as root or as a member of group hostd-admin"
-        ) from None
+        raise HostdError(f"no permission to use {path}", fixes[1]) from None
     return Channel(sock)
 
 

@@ -174,8 +174,8 @@ class _Server(asyncssh.SSHServer):
         return forward
 
 
-async def _pump(src: Any, dst: Any) -> None:
-    """Copy until end of stream, then pass the end on."""
+async def _pump(src: Any, dst: Any, pass_eof: bool = True) -> None:
+    """Copy until end of stream, then (unless told not to) pass the end on."""
     try:
         while data := await src.read(65536):
             dst.write(data)
@@ -183,8 +183,9 @@ async def _pump(src: Any, dst: Any) -> None:
     except (ConnectionError, asyncssh.Error):
         pass
     finally:
-        with contextlib.suppress(Exception):
-            dst.write_eof()
+        if pass_eof:
+            with contextlib.suppress(Exception):
+                dst.write_eof()
 
 
 class Gateway:
@@ -315,8 +316,10 @@ class Gateway:
                     stdin.close()
 
         feeder = asyncio.create_task(feed())
-        outputs = asyncio.gather(_copy_out(proc.stdout, process.stdout),
-                                 _copy_out(proc.stderr, process.stderr))  # fmt: skip
+        outputs = asyncio.gather(  # one channel: its end comes with process.exit()
+            _pump(proc.stdout, process.stdout, pass_eof=False),
+            _pump(proc.stderr, process.stderr, pass_eof=False),
+        )
         try:
             await _unless_closed(process, outputs)
             return await proc.wait()
@@ -404,10 +407,3 @@ async def _unless_closed(process: asyncssh.SSHServerProcess[bytes], work: Awaita
         job.result()
     finally:
         closed.cancel()
-
-
-async def _copy_out(src: asyncio.StreamReader, dst: Any) -> None:
-    with contextlib.suppress(ConnectionError, asyncssh.Error):
-        while data := await src.read(65536):
-            dst.write(data)
-            await dst.drain()

@@ -17,7 +17,6 @@ import os
 import select
 import shlex
 import signal
-import socket
 import stat
 import struct
 import sys
@@ -27,8 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from hostd.api import Channel
-from hostd.client import request
+from hostd.client import USER_FIXES, connect, request
 from hostd.errors import HostdError
 from runtime.ttyexec import relay
 
@@ -57,25 +55,6 @@ def command_argv(original: str | None) -> list[str]:
     if words and os.path.basename(words[0]) in SFTP_NAMES:
         return [SFTP_SERVER, *words[1:]]
     return ["/bin/sh", "-c", _SHELL_COMMAND, "hostd-login", original]
-
-
-def connect(path: Path) -> Channel:
-    """A channel to hostd's user socket; the failures name a fix an ordinary user can act on."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        sock.close()
-        raise HostdError(
-            f"hostd is not running (no socket at {path})",
-            "ask an admin to start it (`systemctl start hostd`)",
-        ) from None
-    except PermissionError:
-        sock.close()
-        raise HostdError(
-            f"no permission to use {path}", "ask an admin to check hostd's user socket"
-        ) from None
-    return Channel(sock)
 
 
 def _user_facing(exc: HostdError) -> HostdError:
@@ -146,7 +125,7 @@ def run(socket_path: Path, original: str | None) -> int:
             sys.stderr.write(f"hostd: {message}\n")
             sys.stderr.flush()
 
-    chan = connect(socket_path)
+    chan = connect(socket_path, USER_FIXES)
     with chan.sock:
         if not interactive:
             _exit_when_client_leaves(sys.stdout.fileno())

@@ -379,7 +379,10 @@ class Tenants:
                 self._stop_container(t.user)
                 self._forget(t)
                 done.append(f"finished removing {t.user}")
-            elif t.desired == "running" and self.runtime.state(t.user).status != "running":
+            elif self.runtime.state(t.user).status == "running":
+                if self.runtime.ensure_attached(t.user):
+                    done.append(f"re-attached {t.user} to the bridge")
+            elif t.desired == "running":
                 try:
                     self.start(t.user)
                     done.append(f"restarted {t.user}")

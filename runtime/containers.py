@@ -452,6 +452,18 @@ class Runtime:
                                  "configure the bridge")  # fmt: skip
         return self.settings.network
 
+    def ensure_attached(self, name: str) -> bool:
+        """Re-attach a running container whose veth is gone or off the bridge (after the
+        bridge was re-created, say). True when it had to."""
+        c, st = self.get(name), self.state(name)
+        if c.address is None or st.status != "running":
+            return False
+        cfg = self.network_config()
+        if network.attached(cfg, name):
+            return False
+        network.attach(cfg, name, IPv4Address(c.address), st.pid)
+        return True
+
     def setup_network(self, grants: Sequence[network.PortGrant] = ()) -> None:
         """Bridge, sysctls and nft rules of the host, with these port grants (idempotent)."""
         network.setup_host(self.network_config(), grants)

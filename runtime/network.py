@@ -413,6 +413,15 @@ def attach(cfg: NetworkConfig, container: str, address: IPv4Address, netns_pid: 
             raise
 
 
+def attached(cfg: NetworkConfig, container: str) -> bool:
+    """Whether the container's host veth exists and is a port of the bridge."""
+    with IPRoute() as ipr:
+        bridge, host = _index(ipr, cfg.bridge), _index(ipr, veth_name(container))
+        if bridge is None or host is None:
+            return False
+        return bool(ipr.get_links(host)[0].get_attr("IFLA_MASTER") == bridge)
+
+
 def _configure_tenant(netns_pid: int, address: IPv4Address, gw: IPv4Interface) -> None:
     """Configure eth0, lo and the default route inside the namespace, from a short-lived
     helper (`python -m runtime.network`): entering a namespace from a multi-threaded daemon,

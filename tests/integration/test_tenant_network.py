@@ -143,3 +143,20 @@ def test_removal_leaves_no_network_objects(
                               text=True).stdout.strip()  # fmt: skip
     mounts = Path("/proc/self/mountinfo").read_text()
     assert f"/containers/{user}/" not in mounts
+
+
+def test_restart_recreates_the_network_state_says(
+    hostd: Hostd, two_tenants: tuple[str, str]
+) -> None:
+    _, b = two_tenants
+    hostd.hostctl("ports", "grant", b, "20001")
+    try:
+        assert _http("127.0.0.1", 20001).strip() == f"served-by-{b}"
+        hostd.stop()
+        subprocess.run(["ip", "link", "del", TEST_BRIDGE], check=True)  # lost, e.g. by a reboot
+        subprocess.run(["nft", "delete", "table", "inet", TEST_TABLE], check=True)
+        hostd.start()  # reconcile: bridge, rules and B's attachment as the state says
+        assert _http("127.0.0.1", 20001).strip() == f"served-by-{b}"
+        assert "re-attached" in hostd.log.read_text()
+    finally:
+        hostd.hostctl("ports", "revoke", b, "20001")

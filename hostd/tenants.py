@@ -15,6 +15,7 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import datetime
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -155,7 +156,7 @@ class Tenants:
                 progress(f"creating the container ({RANGE_SIZE} IDs from {start})")
                 self._create_container(tenant, pw, quota)
             except BaseException:
-                self._forget(tenant)
+                self._forget(tenant, spare_kept=True)
                 raise
             self.state.set_phase(user, "ready")
             self.state.log_event(user, f"add image={image} range={start}")
@@ -200,13 +201,26 @@ class Tenants:
         st = os.statvfs(self.config.paths.state_dir)
         return st.f_blocks * st.f_frsize
 
-    def _forget(self, t: Tenant) -> None:
-        """Undo an add: container, subordinate IDs, state row (in that order)."""
+    def _forget(self, t: Tenant, spare_kept: bool = False) -> None:
+        """Drop a tenant: container, subordinate IDs, state row (in that order). Undoing an
+        add (`spare_kept`), a container kept from before it (`remove --keep-data`) stays, with
+        its IDs, as it was before the add."""
+        if spare_kept and self._kept_before(t):
+            self.state.delete_tenant(t.user)
+            return
         if self.runtime.exists(t.user):
             self.runtime.delete(t.user, force=True)
         with self.subids.locked():
             self.subids.remove(t.user, t.range_start, RANGE_SIZE)
         self.state.delete_tenant(t.user)
+
+    def _kept_before(self, t: Tenant) -> bool:
+        """Whether t's container existed before t was (re-)added."""
+        try:
+            made = self.runtime.get(t.user).created
+        except RuntimeFailure:
+            return False
+        return datetime.fromisoformat(made) < datetime.fromisoformat(t.created)
 
     def remove(self, user: str, keep_data: bool = False, progress: Progress = _quiet) -> None:
         """Stop and forget a tenant. Without `keep_data` its files go, then its IDs are
@@ -373,7 +387,7 @@ class Tenants:
         self.apply_network()
         for t in self.state.tenants():
             if t.phase == "adding":
-                self._forget(t)
+                self._forget(t, spare_kept=True)
                 done.append(f"rolled back the interrupted add of {t.user}")
             elif t.phase == "removing":
                 self._stop_container(t.user)

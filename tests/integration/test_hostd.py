@@ -19,6 +19,7 @@ import pytest
 from hostd.api import Channel
 from hostd.client import request
 from hostd.errors import HostdError
+from hostd.state import Quota, State, Tenant, utc_now
 from hostd.subids import parse
 from runtime import mountinfo
 from runtime.containers import Runtime
@@ -180,6 +181,16 @@ def test_quota_status_logs_and_keep_data(hostd: Hostd, unix_users: UnixUsers) ->
     hostd.hostctl("exec", user, "--", "sh", "-c", "echo kept > /root/marker")
     hostd.hostctl("user", "remove", user, "--keep-data")
     assert user not in _tenant_rows(hostd) and _subuid_owners(hostd)[user] == start
+    # a re-add interrupted by a crash (its state row says `adding`) is rolled back on restart
+    # without touching the kept container or its IDs
+    hostd.stop()
+    pw = pwd.getpwnam(user)
+    with State(hostd.state_dir / "hostd.db") as db:
+        db.begin_add(Tenant(user, pw.pw_uid, pw.pw_gid, pw.pw_dir, start, "default", "adding",
+                            "stopped", utc_now()), Quota())  # fmt: skip
+    hostd.start()
+    assert user not in _tenant_rows(hostd) and _subuid_owners(hostd)[user] == start
+    assert (hostd.state_dir / "containers" / user / "meta.json").exists()
     hostd.hostctl("user", "add", user)
     hostd.hostctl("start", user)
     assert hostd.hostctl("exec", user, "--", "cat", "/root/marker").stdout.strip() == "kept"

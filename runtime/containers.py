@@ -138,8 +138,7 @@ class Runtime:
         return self._dir(name) / "shares" / str(index)
 
     def _paths(self, name: str) -> rootfs.RootfsPaths:
-        d = self._dir(name)
-        return rootfs.RootfsPaths(d / "lower", d / "data/upper", d / "data/work", d / "rootfs")
+        return _rootfs_paths(self._dir(name))
 
     def get(self, name: str) -> Container:
         try:
@@ -275,9 +274,7 @@ class Runtime:
             os.mknod(cdir / "dev" / node, stat.S_IFCHR | 0o666, os.makedev(major, minor))
             os.chown(cdir / "dev" / node, ids.root, ids.root)
             os.chmod(cdir / "dev" / node, 0o666)  # mknod applied the umask
-        paths = rootfs.RootfsPaths(
-            cdir / "lower", cdir / "data/upper", cdir / "data/work", cdir / "rootfs"
-        )
+        paths = _rootfs_paths(cdir)
         wanted = self.settings.rootfs_mode
         if wanted in ("auto", "idmapped"):
             try:
@@ -626,6 +623,12 @@ class Runtime:
         st = self.state(name)
         if st.status != "running":
             raise RuntimeFailure(f"container {name!r} is {st.status}", "start it first")
+
+
+def _rootfs_paths(cdir: Path) -> rootfs.RootfsPaths:
+    return rootfs.RootfsPaths(
+        cdir / "lower", cdir / "data/upper", cdir / "data/work", cdir / "rootfs"
+    )
 
 
 class _Undo:

@@ -28,7 +28,7 @@ from pathlib import Path
 from hostd import config as config_mod
 from runtime import fsutil, lxcfs, network
 from runtime.containers import Runtime, Settings
-from tests.integration.hostd_harness import Hostd, UnixUsers, free_port
+from tests.integration.hostd_harness import Hostd, UnixUsers, authorize, free_port
 
 SIZE = 200 * 2**20
 
@@ -42,11 +42,7 @@ class Bench:
         self.key = work / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)],
                        check=True)  # fmt: skip
-        home = Path(os.path.expanduser(f"~{self.user}"))
-        (home / ".ssh").mkdir(mode=0o700, exist_ok=True)
-        (home / ".ssh/authorized_keys").write_text(self.key.with_suffix(".pub").read_text())
-        subprocess.run(["chown", "-R", f"{self.user}:", str(home / ".ssh")], check=True)
-        os.chmod(home / ".ssh/authorized_keys", 0o600)
+        authorize(self.user, self.key.with_suffix(".pub").read_text())
         self.hostd = self._hostd()
         self.sshd_port, self.sshd = self._sshd()
 

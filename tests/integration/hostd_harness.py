@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -64,6 +65,19 @@ class Hostd:
         if check:
             assert res.returncode == 0, f"hostctl {' '.join(args)}: {res.stderr}{res.stdout}"
         return res
+
+
+def authorize(user: str, line: str) -> None:
+    """Make `line` the user's authorized_keys, as StrictModes wants: ~/.ssh 0700, the file
+    0600, both theirs."""
+    pw = pwd.getpwnam(user)
+    ssh_dir = Path(pw.pw_dir) / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    keys = ssh_dir / "authorized_keys"
+    keys.write_text(line)
+    for path in (ssh_dir, keys):
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    keys.chmod(0o600)
 
 
 def free_port() -> int:

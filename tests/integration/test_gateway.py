@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.hostd_harness import Hostd, UnixUsers, free_port
+from tests.integration.hostd_harness import Hostd, UnixUsers, authorize, free_port
 
 
 @dataclass(frozen=True)
@@ -53,17 +53,6 @@ def _keypair(directory: Path, name: str) -> Path:
     return key
 
 
-def _authorize(user: str, line: str) -> None:
-    pw = pwd.getpwnam(user)
-    ssh_dir = Path(pw.pw_dir) / ".ssh"
-    ssh_dir.mkdir(mode=0o700, exist_ok=True)
-    keys = ssh_dir / "authorized_keys"
-    keys.write_text(line)
-    for path in (ssh_dir, keys):
-        os.chown(path, pw.pw_uid, pw.pw_gid)
-    keys.chmod(0o600)
-
-
 @pytest.fixture(scope="module")
 def login(hostd: Hostd, unix_users: UnixUsers, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[Login]:  # fmt: skip
@@ -71,7 +60,7 @@ def login(hostd: Hostd, unix_users: UnixUsers, tmp_path_factory: pytest.TempPath
     hostd.hostctl("user", "add", user)
     keys = tmp_path_factory.mktemp("keys")
     key = _keypair(keys, "id_ed25519")
-    _authorize(user, key.with_suffix(".pub").read_text())
+    authorize(user, key.with_suffix(".pub").read_text())
     home = tmp_path_factory.mktemp("client-home")
     (home / ".ssh").mkdir(mode=0o700)
     (home / ".ssh/config").write_text(
@@ -235,7 +224,7 @@ def test_refusals(login: Login, hostd: Hostd, unix_users: UnixUsers, tmp_path: P
     res = wrong.ssh("true")
     assert res.returncode == 255 and b"Permission denied" in res.stderr
     outsider = unix_users.make()  # a Unix user who is not a tenant, with a valid key
-    _authorize(outsider, login.key.with_suffix(".pub").read_text())
+    authorize(outsider, login.key.with_suffix(".pub").read_text())
     res = Login(outsider, login.key, login.port, login.home).ssh("true")
     assert res.returncode == 255 and b"Permission denied" in res.stderr
     log = hostd.log.read_text()
@@ -255,23 +244,23 @@ def test_authorized_keys_options(login: Login) -> None:
     home = Path(pwd.getpwnam(login.user).pw_dir)
     saved = (home / ".ssh/authorized_keys").read_text()
     try:
-        _authorize(login.user, f'command="echo forced",no-pty {line}\n')
+        authorize(login.user, f'command="echo forced",no-pty {line}\n')
         res = login.ssh("echo asked")
         assert res.stdout == b"forced\n", (res.returncode, res.stderr)
-        _authorize(login.user, f"no-pty {line}\n")
+        authorize(login.user, f"no-pty {line}\n")
         res = login.ssh("tty", extra=("-tt",))
         assert b"PTY allocation request failed" in res.stderr
         assert b"/dev/pts" not in res.stdout
-        _authorize(login.user, f'from="192.0.2.1" {line}\n')
+        authorize(login.user, f'from="192.0.2.1" {line}\n')
         assert login.ssh("true").returncode == 255
     finally:
-        _authorize(login.user, saved)
+        authorize(login.user, saved)
 
 
 def test_fifty_concurrent_sessions(login: Login, hostd: Hostd, unix_users: UnixUsers) -> None:
     second = unix_users.make()
     hostd.hostctl("user", "add", second)
-    _authorize(second, login.key.with_suffix(".pub").read_text())
+    authorize(second, login.key.with_suffix(".pub").read_text())
     logins = [login, Login(second, login.key, login.port, login.home)]
     try:
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from hostd.login import SFTP_SERVER, command_argv
-from tests.integration.hostd_harness import Hostd, UnixUsers
+from tests.integration.hostd_harness import Hostd, UnixUsers, authorize, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SSHD = "/usr/sbin/sshd"
@@ -69,12 +69,6 @@ class Sshd:
 
     def home(self, user: str) -> Path:
         return Path(pwd.getpwnam(user).pw_dir)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for_banner(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -123,15 +117,7 @@ def _run(*argv: str) -> None:
 
 
 def _authorize(user: str, public_key: str) -> None:
-    """Install the key the way StrictModes wants it: ~/.ssh 0700, the file 0600, theirs."""
-    pw = pwd.getpwnam(user)
-    ssh_dir = Path(pw.pw_dir) / ".ssh"
-    ssh_dir.mkdir(mode=0o700, exist_ok=True)
-    keys = ssh_dir / "authorized_keys"
-    keys.write_text(public_key)
-    os.chmod(keys, 0o600)
-    for path in (ssh_dir, keys):
-        os.chown(path, pw.pw_uid, pw.pw_gid)
+    authorize(user, public_key)
     # without PAM, sshd refuses an account whose password is locked ("!" from useradd)
     _run("usermod", "-p", "*", user)
 
@@ -182,7 +168,7 @@ def sshd(hostd: Hostd, unix_users: UnixUsers) -> Iterator[Sshd]:
             _authorize(user, (root / "sshd/client_key.pub").read_text())
         hostd.hostctl("user", "add", tenant)  # not started: the first login starts it
 
-        port = _free_port()
+        port = free_port()
         config = root / "sshd/sshd_config"
         config.write_text(_config(root, port, group, hostd))
         if made_run_sshd:

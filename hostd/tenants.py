@@ -85,6 +85,7 @@ class Tenants:
         self._alloc = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._network = threading.Lock()  # one bridge and nft table for all tenants
         self.stopping: set[str] = set()  # containers being stopped right now
 
     def _lock(self, user: str) -> threading.Lock:
@@ -247,6 +248,9 @@ class Tenants:
             t = self.get(user)
             if self.runtime.state(user).status != "running":
                 progress("starting the container")
+                if self.apply_network():  # the bridge was gone: deleted by hand, say
+                    for line in self._reattach():
+                        log.warning("%s", line)
                 self.runtime.start(user)
             progress("waiting for systemd and dockerd")
             self.runtime.wait_ready(user)
@@ -331,9 +335,22 @@ class Tenants:
     def grants(self) -> list[PortGrant]:
         return [PortGrant(a, b, self.address(u)) for a, b, u in self.state.port_grants()]
 
-    def apply_network(self) -> None:
-        """Bridge and nft rules exactly as the state says (at start and after every change)."""
-        self.runtime.setup_network(self.grants())
+    def apply_network(self) -> bool:
+        """Bridge and nft rules exactly as the state says (when hostd or a container starts,
+        and after every change). True when the bridge had to be created."""
+        with self._network:
+            return self.runtime.setup_network(self.grants())
+
+    def _reattach(self) -> list[str]:
+        """Put running tenants whose veth is off the bridge back on it; what was done."""
+        done = []
+        for t in self.state.tenants():
+            try:
+                if t.phase == "ready" and self.runtime.ensure_attached(t.user):
+                    done.append(f"re-attached {t.user} to the bridge")
+            except RuntimeFailure as exc:  # stopped meanwhile, say: the others still matter
+                done.append(f"cannot re-attach {t.user}: {exc}")
+        return done
 
     def grant_ports(self, user: str, first: int, last: int) -> None:
         self.get(user)
@@ -383,8 +400,8 @@ class Tenants:
     def reconcile(self) -> list[str]:
         """Finish or roll back what a crash interrupted; restart tenants that should run.
         Returns what was done, one line each."""
-        done = []
         self.apply_network()
+        done = self._reattach()
         for t in self.state.tenants():
             if t.phase == "adding":
                 self._forget(t, spare_kept=True)
@@ -393,10 +410,7 @@ class Tenants:
                 self._stop_container(t.user)
                 self._forget(t)
                 done.append(f"finished removing {t.user}")
-            elif self.runtime.state(t.user).status == "running":
-                if self.runtime.ensure_attached(t.user):
-                    done.append(f"re-attached {t.user} to the bridge")
-            elif t.desired == "running":
+            elif t.desired == "running" and self.runtime.state(t.user).status != "running":
                 try:
                     self.start(t.user)
                     done.append(f"restarted {t.user}")

@@ -461,9 +461,10 @@ class Runtime:
         network.attach(cfg, name, IPv4Address(c.address), st.pid)
         return True
 
-    def setup_network(self, grants: Sequence[network.PortGrant] = ()) -> None:
-        """Bridge, sysctls and nft rules of the host, with these port grants (idempotent)."""
-        network.setup_host(self.network_config(), grants)
+    def setup_network(self, grants: Sequence[network.PortGrant] = ()) -> bool:
+        """Bridge, sysctls and nft rules of the host, with these port grants (idempotent).
+        True when the bridge had to be created."""
+        return network.setup_host(self.network_config(), grants)
 
     def _unmount(self, c: Container) -> None:
         cdir = self._dir(c.name)

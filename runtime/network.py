@@ -278,9 +278,10 @@ def _sysctl(key: str, value: str) -> None:
         Path("/proc/sys", key).write_text(value)
 
 
-def setup_host(cfg: NetworkConfig, grants: Sequence[PortGrant] = ()) -> None:
+def setup_host(cfg: NetworkConfig, grants: Sequence[PortGrant] = ()) -> bool:
     """Bridge up with its address, nft table (re)applied, forwarding on. Idempotent: call it
     again with the new grants whenever they change; attached tenants are not disturbed.
+    True when the bridge had to be created (running tenants then need re-attaching).
 
     Sets the host-wide net.ipv4.ip_forward=1 (NAT for the tenants needs it; it is left on by
     teardown_host, as other services may rely on it) and route_localnet on the bridge (so
@@ -307,6 +308,7 @@ def setup_host(cfg: NetworkConfig, grants: Sequence[PortGrant] = ()) -> None:
                 with contextlib.suppress(RuntimeFailure):  # the first failure is the news
                     _remove_host(ipr, cfg)
             raise
+    return fresh
 
 
 def _ensure_bridge(ipr: Any, cfg: NetworkConfig) -> None:

@@ -23,7 +23,8 @@ from runtime.ids import IdRange
 from tests.integration.hostd_harness import Hostd, UnixUsers, free_port
 
 CGROUP_PARENT = "hostd-test"
-TEST_BRIDGE = f"hostdt{os.getpid() % 10000}"  # never the production hostd0
+# Never the production hostd0, nor the names test_network.py uses (hostdn/u/v<pid>).
+TEST_BRIDGE = f"hostdt{os.getpid()}"  # pid_max is 7 digits at most: within IFNAMSIZ
 TEST_TABLE = f"hostd_test_{os.getpid()}"
 _starts = itertools.count(1_000_000, 65536)
 

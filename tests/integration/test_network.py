@@ -27,9 +27,9 @@ from runtime.network import NetworkConfig, PortGrant, attach, detach, veth_name
 
 PID = os.getpid()
 CFG = NetworkConfig(
-    bridge=f"hostdt{PID % 1000}",
+    bridge=f"hostdn{PID}",  # not conftest's hostdt<pid>/hostd_test_<pid> of the hostd fixture
     subnet="10.213.128.0/24",
-    nft_table=f"hostd_test_{PID}",
+    nft_table=f"hostd_test_{PID}_n",
     dns=("10.213.128.1",),  # the bridge serves DNS: port 53 there is open to tenants
 )
 GW = str(CFG.bridge_address().ip)
@@ -408,12 +408,12 @@ def test_attach_to_a_process_that_is_gone_says_so(net: Net) -> None:
 
 def test_teardown_leaves_nothing(spaces: Namespaces) -> None:
     cfg = NetworkConfig(
-        bridge=f"hostdu{PID % 1000}", subnet="10.213.129.0/24", nft_table=f"hostd_test_{PID}_u"
+        bridge=f"hostdu{PID}", subnet="10.213.129.0/24", nft_table=f"hostd_test_{PID}_u"
     )
     e = spaces.add("e", cfg.address_for(0))
     try:
-        network.setup_host(cfg)
-        network.setup_host(cfg)  # idempotent
+        assert network.setup_host(cfg)  # the bridge was made
+        assert not network.setup_host(cfg)  # idempotent
         attach(cfg, e.container, e.address, e.pid)
         with pytest.raises(RuntimeFailure, match="still attached"):
             network.teardown_host(cfg)
@@ -433,7 +433,7 @@ def test_teardown_leaves_nothing(spaces: Namespaces) -> None:
 
 
 def test_attach_without_the_bridge_says_what_to_do(spaces: Namespaces) -> None:
-    cfg = NetworkConfig(bridge=f"hostdv{PID % 1000}", nft_table=f"hostd_test_{PID}_v")
+    cfg = NetworkConfig(bridge=f"hostdv{PID}", nft_table=f"hostd_test_{PID}_v")
     f = spaces.add("f", cfg.address_for(0))
     with pytest.raises(RuntimeFailure, match=f"bridge {cfg.bridge} does not exist"):
         attach(cfg, f.container, f.address, f.pid)

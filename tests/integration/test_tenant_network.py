@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,15 @@ def _serve(h: Hostd, user: str, port: int, busybox_tar: Path) -> None:
 def _http(address: str, port: int) -> str:
     with urllib.request.urlopen(f"http://{address}:{port}/", timeout=10) as reply:
         return str(reply.read().decode())
+
+
+@contextlib.contextmanager
+def _granted(h: Hostd, user: str, port: int) -> Iterator[None]:
+    h.hostctl("ports", "grant", user, str(port))
+    try:
+        yield
+    finally:
+        h.hostctl("ports", "revoke", user, str(port))
 
 
 def _refused(address: str, port: int) -> bool:
@@ -149,8 +160,7 @@ def test_restart_recreates_the_network_state_says(
     hostd: Hostd, two_tenants: tuple[str, str]
 ) -> None:
     _, b = two_tenants
-    hostd.hostctl("ports", "grant", b, "20001")
-    try:
+    with _granted(hostd, b, 20001):
         assert _http("127.0.0.1", 20001).strip() == f"served-by-{b}"
         hostd.stop()
         subprocess.run(["ip", "link", "del", TEST_BRIDGE], check=True)  # lost, e.g. by a reboot
@@ -158,5 +168,16 @@ def test_restart_recreates_the_network_state_says(
         hostd.start()  # reconcile: bridge, rules and B's attachment as the state says
         assert _http("127.0.0.1", 20001).strip() == f"served-by-{b}"
         assert "re-attached" in hostd.log.read_text()
-    finally:
-        hostd.hostctl("ports", "revoke", b, "20001")
+
+
+def test_a_start_brings_back_a_bridge_deleted_under_hostd(
+    hostd: Hostd, two_tenants: tuple[str, str]
+) -> None:
+    a, b = two_tenants
+    with _granted(hostd, b, 20001):
+        hostd.hostctl("stop", a)
+        subprocess.run(["ip", "link", "del", TEST_BRIDGE], check=True)  # by hand, hostd running
+        hostd.hostctl("start", a)  # not "bridge does not exist": the bridge comes back
+        assert _address(hostd, a)
+        assert _http("127.0.0.1", 20001).strip() == f"served-by-{b}"  # B was re-attached
+        assert f"re-attached {b} to the bridge" in hostd.log.read_text()

@@ -2,7 +2,8 @@
 
 Every tenant gets a fixed IPv4 address behind the bridge, reaches the outside through NAT,
 and reaches neither the other tenants nor the host's services. A port grant forwards a host
-port (range) to the same port of one tenant. The plans (names, addresses, the nft ruleset,
+port (range) to the same port of one tenant; the host's users, root aside, reach tenants
+only that way. The plans (names, addresses, the nft ruleset,
 resolv.conf) are pure functions; `setup_host`, `teardown_host`, `attach` and `detach` apply
 them, and are the only code here that talks to netlink (pyroute2) or runs `nft`.
 """
@@ -191,6 +192,18 @@ def ruleset(cfg: NetworkConfig, grants: Sequence[PortGrant] = ()) -> str:
             "ct state established,related accept",
             *([f"ip daddr {gw} meta l4proto {{ tcp, udp }} th dport 53 accept"] if dns else []),
             "drop",
+        ]),
+        # The host's other users reach tenants on granted ports only, as everybody else:
+        # root (hostd, the admin) may connect directly.
+        ("local_out", [
+            "type filter hook output priority filter; policy accept;",
+            f"oifname {br} jump to_tenants",
+        ]),
+        ("to_tenants", [
+            "ct state established,related accept",
+            "ct status dnat accept",
+            "meta skuid 0 accept",
+            "reject",
         ]),
         ("forward", [
             "type filter hook forward priority filter; policy accept;",

@@ -333,6 +333,24 @@ def test_ungranted_port_reaches_nothing(net: Net) -> None:
     assert http_status(GW, UNGRANTED) is None
 
 
+def test_other_host_users_reach_tenants_only_on_granted_ports(net: Net) -> None:
+    """Root (hostd, the admin) connects to tenants directly; any other host user gets the
+    granted ports, like everybody else, and is refused the rest."""
+
+    def as_nobody(host: str, port: int) -> str | None:
+        done = subprocess.run(
+            ["/usr/bin/python3", "-c", CLIENT, host, str(port), "3", "http"],
+            user=65534, group=65534, extra_groups=[], capture_output=True, text=True,
+        )  # fmt: skip
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    b = str(net.b.address)
+    assert http_status(b, UNGRANTED) == "HTTP/1.0 200 OK"  # root
+    assert as_nobody("127.0.0.1", GRANTED) == "HTTP/1.0 200 OK"
+    assert as_nobody(b, UNGRANTED) is None
+    assert as_nobody(b, GRANTED) is None  # the grant is a host port, not a way in
+
+
 def test_a_tenant_claiming_anothers_address_does_not_get_its_traffic(net: Net) -> None:
     c, b = net.c, str(net.b.address)
     c.run("ip", "addr", "add", f"{b}/32", "dev", "eth0")

@@ -76,6 +76,17 @@ def test_tenants_reach_no_host_service_without_dns() -> None:
     assert chain(text, "from_tenants") == ["ct state established,related accept", "drop"]
 
 
+def test_host_users_but_root_reach_tenants_only_through_grants() -> None:
+    text = ruleset(CFG)
+    assert chain(text, "local_out")[1:] == ['oifname "hostd0" jump to_tenants']
+    assert chain(text, "to_tenants") == [
+        "ct state established,related accept",
+        "ct status dnat accept",  # a granted port, from 127.0.0.1 say
+        "meta skuid 0 accept",
+        "reject",
+    ]
+
+
 def test_dns_on_the_bridge_address_is_allowed_when_configured() -> None:
     with_dns = NetworkConfig(dns=("10.213.0.1",))
     assert chain(ruleset(with_dns), "from_tenants") == [

@@ -27,7 +27,7 @@ from runtime.containers import Runtime
 from runtime.errors import RuntimeFailure
 from runtime.ids import RANGE_SIZE, IdRange
 from runtime.names import check_name
-from runtime.network import PortGrant
+from runtime.network import PortGrant, host_services
 from runtime.shares import Share
 from runtime.spec import Limits
 
@@ -358,6 +358,12 @@ class Tenants:
             raise HostdError(
                 f"ports below 1024 ({first}) are privileged",
                 "grant ports >= 1024, or set [network] privileged_ports = true",
+            )
+        busy = sorted(p for p in host_services() if first <= p <= last)
+        if busy:
+            raise HostdError(
+                f"port {busy[0]} is in use on the host: a service listens on it",
+                "grant other ports, or move that service first",
             )
         self.state.grant_ports(user, first, last)
         try:

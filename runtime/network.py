@@ -236,6 +236,29 @@ def _table_script(table: str, text: str = "") -> str:
     return f"table inet {table}\ndelete table inet {table}\n{text}"
 
 
+# -- the host's own services ----------------------------------------------------------------
+
+_LISTEN, _UNCONNECTED = "0A", "07"  # TCP_LISTEN; TCP_CLOSE, as a bound UDP socket shows
+
+
+def host_services(proc_net: Path = Path("/proc/net")) -> set[int]:
+    """Ports on which sockets of the caller's network namespace listen (TCP) or wait (bound,
+    unconnected UDP), on any address. A grant of one of them would DNAT its traffic away from
+    the host's service: hostd's own SSH gateway, a database on 127.0.0.1, ..."""
+    ports = set()
+    for name, state in (("tcp", _LISTEN), ("tcp6", _LISTEN), ("udp", _UNCONNECTED),
+                        ("udp6", _UNCONNECTED)):  # fmt: skip
+        try:
+            lines = (proc_net / name).read_text().splitlines()[1:]
+        except FileNotFoundError:  # no IPv6 in this kernel
+            continue
+        for line in lines:
+            local, status = line.split()[1:4:2]
+            if status == state:
+                ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
 # -- resolv.conf ---------------------------------------------------------------------------
 
 

@@ -115,9 +115,13 @@ def test_port_grant_bad_input(hostd: Hostd, two_tenants: tuple[str, str]) -> Non
     a, b = two_tenants
     hostd.hostctl("ports", "grant", a, "21000-21009")
     before = hostd.hostctl("--json", "ports", "list").stdout
+    listener = socket.create_server(("127.0.0.1", 0))  # a host service, on loopback only
+    service, gateway = listener.getsockname()[1], hostd.ssh_port
     cases = {
         ("ports", "grant", b, "21005-21020"): "overlap 21000-21009 granted to",
         ("ports", "grant", b, "80"): "ports below 1024 (80) are privileged",
+        ("ports", "grant", b, f"{service - 1}-{service}"): f"port {service} is in use on the host",
+        ("ports", "grant", b, str(gateway)): f"port {gateway} is in use on the host",
         ("ports", "grant", b, "70000"): "invalid port range '70000'",
         ("ports", "grant", b, "x-y"): "invalid port range",
         ("ports", "grant", "nosuchuser", "22000"): "nosuchuser is not a tenant",
@@ -126,9 +130,10 @@ def test_port_grant_bad_input(hostd: Hostd, two_tenants: tuple[str, str]) -> Non
         ("quota", "set", b, "--memory", "10XB"): "invalid memory size",
         ("quota", "set", b, "--cpus", "1000"): "cpus",
     }
-    for args, message in cases.items():
-        res = hostd.hostctl(*args, check=False)
-        assert res.returncode == 1 and message in res.stderr, (args, res.stderr)
+    with listener:
+        for args, message in cases.items():
+            res = hostd.hostctl(*args, check=False)
+            assert res.returncode == 1 and message in res.stderr, (args, res.stderr)
     assert hostd.hostctl("--json", "ports", "list").stdout == before
     hostd.hostctl("ports", "revoke", a, "21000-21009")
 

@@ -17,6 +17,7 @@ from runtime.network import (
     NetworkConfig,
     PortGrant,
     host_nameservers,
+    host_services,
     resolv_conf,
     ruleset,
     tenant_mac,
@@ -263,3 +264,26 @@ def test_host_nameservers_skip_loopback_ipv6_and_comments(tmp_path: Path) -> Non
 
 def test_host_nameservers_of_a_missing_file(tmp_path: Path) -> None:
     assert host_nameservers(tmp_path / "missing") == ()
+
+
+def _proc_net_rows(*sockets: tuple[str, str, str]) -> str:
+    """A /proc/net/{tcp,udp}[6] file with these (local, remote, state) rows."""
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
+    return header + "".join(
+        f"  {i}: {local} {remote} {state} 00000000:00000000 00:00000000 00000000  0\n"
+        for i, (local, remote, state) in enumerate(sockets)
+    )
+
+
+def test_host_services_are_tcp_listeners_and_bound_udp_sockets(tmp_path: Path) -> None:
+    any6 = "0" * 32
+    (tmp_path / "tcp").write_text(_proc_net_rows(
+        ("0100007F:1538", "00000000:0000", "0A"),  # 127.0.0.1:5432 listening
+        ("0100007F:AF04", "0100007F:4E21", "01"),  # a connection's end
+    ))  # fmt: skip
+    (tmp_path / "tcp6").write_text(_proc_net_rows((f"{any6}:08AE", f"{any6}:0000", "0A")))
+    (tmp_path / "udp").write_text(_proc_net_rows(
+        ("00000000:0035", "00000000:0000", "07"),  # DNS, bound
+        ("0A000002:9C40", "08080808:0035", "01"),  # a connected client
+    ))  # fmt: skip
+    assert host_services(tmp_path) == {5432, 2222, 53}  # no udp6 file: no IPv6

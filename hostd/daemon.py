@@ -24,7 +24,7 @@ from hostd.notify import notify, watchdog_interval
 from hostd.service import Service
 from hostd.state import State
 from hostd.tenants import Tenants
-from runtime.containers import Runtime
+from runtime.containers import Runtime, prepare_state_dir
 from runtime.errors import RuntimeFailure
 
 log = logging.getLogger("hostd")
@@ -69,6 +69,7 @@ def listen(path: Path, mode: int, group: str | None) -> socket.socket:
 class Daemon:
     def __init__(self, cfg: config_mod.Config) -> None:
         self.cfg = cfg
+        prepare_state_dir(cfg.paths.state_dir)
         self.state = State(cfg.paths.state_dir / "hostd.db")
         self.tenants = Tenants(cfg, self.state, Runtime(cfg.runtime_settings()))
         self.service = Service(self.tenants, cfg.users.admin_group)

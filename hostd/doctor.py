@@ -13,6 +13,7 @@ from typing import NamedTuple
 from hostd.config import Config
 from hostd.subids import SubIdFiles
 from runtime import cgroups, mountinfo, proc, syscalls, volume
+from runtime.containers import prepare_state_dir
 from runtime.ids import IdRange
 from runtime.userns import user_namespace
 
@@ -40,9 +41,14 @@ def _userns(_: Config) -> tuple[bool, str]:
             else "disabled: sysctl -w user.max_user_namespaces=15000")  # fmt: skip
 
 
+def _state_dir(cfg: Config) -> tuple[bool, str]:
+    prepare_state_dir(cfg.paths.state_dir)  # a RuntimeFailure says what to do
+    return True, f"{cfg.paths.state_dir}: the containers may pass through to their files"
+
+
 def _idmap(cfg: Config) -> tuple[bool, str]:
     base = cfg.paths.state_dir
-    base.mkdir(parents=True, exist_ok=True)
+    prepare_state_dir(base)
     with tempfile.TemporaryDirectory(dir=base, prefix=".doctor-") as tmp:
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
         src.mkdir()
@@ -111,7 +117,8 @@ def _lxcfs(_: Config) -> tuple[bool, str]:
 
 
 CHECKS: tuple[tuple[str, Callable[[Config], tuple[bool, str]]], ...] = (
-    ("kernel", _kernel), ("user namespaces", _userns), ("ID-mapped mounts", _idmap),
+    ("kernel", _kernel), ("user namespaces", _userns), ("state dir", _state_dir),
+    ("ID-mapped mounts", _idmap),
     ("overlay", _overlay), ("cgroups", _cgroups), ("runc", _runc), ("subuid files", _subids),
     ("nftables", _nft), ("disk quota", _disk), ("lxcfs", _lxcfs),
 )  # fmt: skip

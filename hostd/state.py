@@ -129,11 +129,11 @@ class Tenant:
 
 
 class State:
-    """The state database. Thread-safe: one connection, used under a lock."""
+    """The state database (in an existing directory). Thread-safe: one connection, used under
+    a lock."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # 0600 before SQLite makes it
         self._lock = threading.Lock()
         # isolation_level=None: no implicit transactions; _write() issues BEGIN/COMMIT itself.

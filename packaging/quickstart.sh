@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 bash packaging/install-deps.sh
 
 for tool in hostd hostctl hostd-runtime; do ln -sfn "$PWD/.venv/bin/$tool" "/usr/local/bin/$tool"; done
+export PATH="$PWD/.venv/bin:$PATH"  # these tools, whatever else PATH holds (a pyenv, say)
 install -d /etc/hostd
 [ -e /etc/hostd/hostd.toml ] || install -m 0644 etc/hostd.toml /etc/hostd/hostd.toml
 [ -e /etc/pam.d/hostd ] || install -m 0644 etc/pam.d/hostd /etc/pam.d/hostd

@@ -172,7 +172,7 @@ class Runtime:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """Serialise changes across processes (range checks, directory creation)."""
-        self.state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        prepare_state_dir(self.state_dir)
         with open(self.state_dir / "lock", "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
@@ -624,6 +624,26 @@ class Runtime:
         st = self.state(name)
         if st.status != "running":
             raise RuntimeFailure(f"container {name!r} is {st.status}", "start it first")
+
+
+def prepare_state_dir(path: Path) -> None:
+    """Check that the containers' root users, unprivileged on the host, may pass through the
+    state dir and every directory above it to their root filesystems (else runc fails with a
+    bare "permission denied"), then create what is missing, 0711 whatever the umask."""
+    missing = []
+    for d in (path, *path.parents):
+        if not d.exists():
+            missing.append(d)
+            continue
+        mode = d.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            raise RuntimeFailure(
+                f"{d} (mode {stat.S_IMODE(mode):04o}) is closed to the containers' root users",
+                f"chmod o+x {d}, or choose a state_dir under directories others may pass",
+            )
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o711)
 
 
 def _rootfs_paths(cdir: Path) -> rootfs.RootfsPaths:

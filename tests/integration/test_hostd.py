@@ -265,6 +265,23 @@ def test_hostctl_says_when_hostd_is_not_running(tmp_path: Path) -> None:
     )
 
 
+def test_hostd_refuses_a_state_dir_the_containers_cannot_reach(tmp_path: Path) -> None:
+    """Under a 0700 directory (as /root is) the containers' root users could not reach their
+    root filesystems: hostd says so at start, not runc at a user's first login."""
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    cfg = tmp_path / "hostd.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{closed}/state"\nrun_dir = "{tmp_path}/run"\n')
+    res = subprocess.run([sys.executable, "-m", "hostd.daemon", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert res.returncode == 1
+    assert res.stderr.strip() == (
+        f"ERROR hostd: {closed} (mode 0700) is closed to the containers' root users: "
+        f"chmod o+x {closed}, or choose a state_dir under directories others may pass"
+    )
+    assert not (closed / "state").exists()
+
+
 def test_image_import_passes_the_file_not_the_path(hostd: Hostd, busybox_tar: Path) -> None:
     out = hostd.hostctl("image", "import", "bbimp", str(busybox_tar)).stdout
     assert out.startswith("imported bbimp@")
@@ -278,8 +295,9 @@ def test_doctor(hostd: Hostd) -> None:
     lines = res.stdout.splitlines()
     assert lines[0].split() == ["CHECK", "STATUS", "DETAIL"]
     names = [line.split("  ")[0] for line in lines[1:]]
-    assert names == ["kernel", "user namespaces", "ID-mapped mounts", "overlay", "cgroups",
-                     "runc", "subuid files", "nftables", "disk quota", "lxcfs"]  # fmt: skip
+    assert names == ["kernel", "user namespaces", "state dir", "ID-mapped mounts", "overlay",
+                     "cgroups", "runc", "subuid files", "nftables", "disk quota",
+                     "lxcfs"]  # fmt: skip
     assert res.returncode == 0, res.stdout
 
 

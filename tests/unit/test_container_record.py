@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from runtime.containers import Container, _Undo
+from runtime.containers import Container, _Undo, prepare_state_dir
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
 from runtime.rootfs import RootfsMode
@@ -83,3 +88,35 @@ def test_undo_keeps_going_past_a_failing_step(caplog: pytest.LogCaptureFixture) 
         run_undo(steps, fail_with=Boom(), broken="b")
     assert steps == ["c", "b", "a"]
     assert "b broke" in caplog.text
+
+
+@pytest.fixture
+def open_base() -> Iterator[Path]:
+    """A directory others may pass, under /tmp (pytest's own tmp_path is 0700)."""
+    base = Path(tempfile.mkdtemp(prefix="hostd-unit-"))
+    base.chmod(0o711)
+    yield base
+    shutil.rmtree(base)
+
+
+def test_state_dir_is_made_passable_whatever_the_umask(open_base: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        prepare_state_dir(open_base / "var" / "state")
+    finally:
+        os.umask(old)
+    for d in (open_base / "var", open_base / "var" / "state"):
+        assert d.stat().st_mode & 0o777 == 0o711
+    prepare_state_dir(open_base / "var" / "state")  # again: nothing to do
+
+
+@pytest.mark.parametrize("closed", ["home", "home/state"])
+def test_a_closed_directory_on_the_way_is_refused_before_anything_is_made(
+    open_base: Path, closed: str
+) -> None:
+    (open_base / "home" / "state").mkdir(parents=True)
+    (open_base / closed).chmod(0o700)
+    with pytest.raises(RuntimeFailure, match=rf"{open_base / closed} \(mode 0700\) is closed"
+                       rf".*chmod o\+x {open_base / closed}"):  # fmt: skip
+        prepare_state_dir(open_base / "home" / "state" / "hostd")
+    assert not (open_base / "home" / "state" / "hostd").exists()

@@ -627,23 +627,26 @@ class Runtime:
 
 
 def prepare_state_dir(path: Path) -> None:
-    """Check that the containers' root users, unprivileged on the host, may pass through the
-    state dir and every directory above it to their root filesystems (else runc fails with a
-    bare "permission denied"), then create what is missing, 0711 whatever the umask."""
-    missing = []
-    for d in (path, *path.parents):
-        if not d.exists():
-            missing.append(d)
-            continue
+    """The containers' root users, unprivileged on the host, must pass through the state dir
+    and every directory above it to their root filesystems (else runc fails with a bare
+    "permission denied"). The state dir, and what is made above it, is hostd's own: created
+    0711, opened to passing if closed. The directories above are the admin's: a closed one is
+    refused, before anything is made."""
+    ours = [path]
+    while not ours[-1].parent.exists():
+        ours.append(ours[-1].parent)
+    for d in (ours[-1].parent, *ours[-1].parent.parents):
         mode = d.stat().st_mode
         if not mode & stat.S_IXOTH:
             raise RuntimeFailure(
                 f"{d} (mode {stat.S_IMODE(mode):04o}) is closed to the containers' root users",
                 f"chmod o+x {d}, or choose a state_dir under directories others may pass",
             )
-    for d in reversed(missing):
-        d.mkdir(exist_ok=True)
-        os.chmod(d, 0o711)
+    path.mkdir(mode=0o711, parents=True, exist_ok=True)
+    for d in ours:
+        mode = stat.S_IMODE(d.stat().st_mode)
+        if not mode & stat.S_IXOTH:  # the umask, or an older hostd, made it so
+            os.chmod(d, mode | 0o011)
 
 
 def _rootfs_paths(cdir: Path) -> rootfs.RootfsPaths:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from runtime import cgroups, mountinfo
+from runtime import cgroups, fsutil, mountinfo
 from runtime.containers import Runtime, Settings
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
@@ -96,11 +97,11 @@ def test_failed_start_releases_everything(rt: Runtime, make_container: Container
 
 
 @pytest.fixture
-def ramfs_runtime(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+def ramfs_runtime() -> Iterator[tuple[Path, Path]]:
     """A state dir whose image store is on ramfs, which refuses ID-mapped mounts."""
-    state = tmp_path / "state"
+    state = Path(tempfile.mkdtemp(prefix="hostd-it-ramfs-", dir="/var/tmp"))  # not under 0700
     images = state / "images"
-    images.mkdir(parents=True)
+    images.mkdir()
     subprocess.run(["mount", "-t", "ramfs", "hostd-test-ramfs", str(images)], check=True)
     try:
         yield state, images
@@ -109,6 +110,7 @@ def ramfs_runtime(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         for c in rt.containers():
             rt.delete(c.name, force=True)
         subprocess.run(["umount", str(images)], check=True)
+        fsutil.remove_tree(state)
 
 
 def test_idmapped_mode_on_a_file_system_without_it(

@@ -110,6 +110,13 @@ def test_state_dir_is_made_passable_whatever_the_umask(open_base: Path) -> None:
     prepare_state_dir(open_base / "var" / "state")  # again: nothing to do
 
 
+def test_a_closed_state_dir_of_hostd_is_opened_to_passing(open_base: Path) -> None:
+    (open_base / "state").mkdir(mode=0o700)
+    (open_base / "state").chmod(0o700)
+    prepare_state_dir(open_base / "state")
+    assert (open_base / "state").stat().st_mode & 0o777 == 0o711
+
+
 @pytest.mark.parametrize("closed", ["home", "home/state"])
 def test_a_closed_directory_on_the_way_is_refused_before_anything_is_made(
     open_base: Path, closed: str

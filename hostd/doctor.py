@@ -101,6 +101,16 @@ def _nft(_: Config) -> tuple[bool, str]:
     return True, proc.run([path, "--version"], check=False).stdout.strip()
 
 
+def _dns(cfg: Config) -> tuple[bool, str]:
+    network = cfg.runtime_settings().network
+    assert network is not None  # hostd always configures one
+    if not network.dns:
+        return False, ("the host has no nameserver a tenant can reach (loopback only): set "
+                       '[network] dns = ["<resolver address>"]')  # fmt: skip
+    origin = "configured" if cfg.network.dns else "the host's"
+    return True, f"tenants use {', '.join(network.dns)} ({origin})"
+
+
 def _disk(_: Config) -> tuple[bool, str]:
     missing = [p for p in ("mkfs.ext4", "resize2fs", "losetup") if shutil.which(p) is None]
     if missing:
@@ -120,7 +130,7 @@ CHECKS: tuple[tuple[str, Callable[[Config], tuple[bool, str]]], ...] = (
     ("kernel", _kernel), ("user namespaces", _userns), ("state dir", _state_dir),
     ("ID-mapped mounts", _idmap),
     ("overlay", _overlay), ("cgroups", _cgroups), ("runc", _runc), ("subuid files", _subids),
-    ("nftables", _nft), ("disk quota", _disk), ("lxcfs", _lxcfs),
+    ("nftables", _nft), ("tenant DNS", _dns), ("disk quota", _disk), ("lxcfs", _lxcfs),
 )  # fmt: skip
 
 

@@ -269,25 +269,33 @@ def resolv_conf(cfg: NetworkConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def host_nameservers(path: Path = Path("/etc/resolv.conf")) -> tuple[str, ...]:
-    """The host's nameservers a tenant can use: IPv4 (tenants have no IPv6) and not loopback
-    (a local resolver such as 127.0.0.53 is not reachable from a tenant)."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return ()
-    found: list[str] = []
-    for line in text.splitlines():
-        words = line.split()
-        if len(words) < 2 or words[0] != "nameserver":
-            continue
+# Behind systemd-resolved, /etc/resolv.conf names only its stub 127.0.0.53; the servers it
+# forwards to are listed in the second file.
+RESOLV_CONFS = (Path("/etc/resolv.conf"), Path("/run/systemd/resolve/resolv.conf"))
+
+
+def host_nameservers(paths: Sequence[Path] = RESOLV_CONFS) -> tuple[str, ...]:
+    """The host's nameservers a tenant can use, from the first of `paths` that has any: IPv4
+    (tenants have no IPv6) and not loopback (a local resolver is not reachable from a tenant)."""
+    for path in paths:
         try:
-            addr = ipaddress.ip_address(words[1])
-        except ValueError:
+            text = path.read_text()
+        except FileNotFoundError:
             continue
-        if addr.version == 4 and not addr.is_loopback and str(addr) not in found:
-            found.append(str(addr))
-    return tuple(found)
+        found: list[str] = []
+        for line in text.splitlines():
+            words = line.split()
+            if len(words) < 2 or words[0] != "nameserver":
+                continue
+            try:
+                addr = ipaddress.ip_address(words[1])
+            except ValueError:
+                continue
+            if addr.version == 4 and not addr.is_loopback and str(addr) not in found:
+                found.append(str(addr))
+        if found:
+            return tuple(found)
+    return ()
 
 
 # -- applying: netlink, sysctl, nft --------------------------------------------------------

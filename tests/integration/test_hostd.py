@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import signal
 import socket
 import sqlite3
@@ -296,8 +295,9 @@ def test_doctor(hostd: Hostd) -> None:
     assert lines[0].split() == ["CHECK", "STATUS", "DETAIL"]
     names = [line.split("  ")[0] for line in lines[1:]]
     assert names == ["kernel", "user namespaces", "state dir", "ID-mapped mounts", "overlay",
-                     "cgroups", "runc", "subuid files", "nftables", "disk quota",
-                     "lxcfs"]  # fmt: skip
+                     "cgroups", "runc", "subuid files", "nftables", "tenant DNS",
+                     "disk quota", "lxcfs"]  # fmt: skip
+    assert "tenants use 10.231.64.1 (configured)" in res.stdout
     assert res.returncode == 0, res.stdout
 
 
@@ -318,10 +318,10 @@ def test_ready_notification_and_unit_file(hostd: Hostd, tmp_path: Path) -> None:
             messages.append(listener.recv(4096).decode())
     assert messages[0].startswith("STATUS=")
     unit = Path(__file__).parents[2] / "packaging/systemd/hostd.service"
-    exe = shutil.which("hostd")
-    if exe is None:
-        pytest.skip("the hostd entry point is not installed: pip install -e .")
+    exe = Path(sys.executable).with_name("hostd")  # installed with this environment's hostd
+    if not exe.exists():
+        pytest.skip(f"no hostd entry point next to {sys.executable}: pip install -e .")
     local = tmp_path / "hostd.service"
-    local.write_text(unit.read_text().replace("/usr/local/bin/hostd", exe))
+    local.write_text(unit.read_text().replace("/usr/local/bin/hostd", str(exe)))
     res = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -259,11 +259,22 @@ def test_host_nameservers_skip_loopback_ipv6_and_comments(tmp_path: Path) -> Non
         "nameserver 198.51.100.53\n"
         "nameserver 192.0.2.53\n"
     )
-    assert host_nameservers(conf) == ("192.0.2.53", "198.51.100.53")
+    assert host_nameservers([conf]) == ("192.0.2.53", "198.51.100.53")
 
 
-def test_host_nameservers_of_a_missing_file(tmp_path: Path) -> None:
-    assert host_nameservers(tmp_path / "missing") == ()
+def test_host_nameservers_behind_systemd_resolved_are_its_upstream_servers(
+    tmp_path: Path,
+) -> None:
+    stub, upstream = tmp_path / "resolv.conf", tmp_path / "resolve-resolv.conf"
+    stub.write_text("nameserver 127.0.0.53\noptions edns0 trust-ad\n")
+    upstream.write_text("nameserver 192.0.2.53\n")
+    assert host_nameservers([stub, upstream]) == ("192.0.2.53",)
+    stub.write_text("nameserver 198.51.100.53\n")  # the first file wins when it has any
+    assert host_nameservers([stub, upstream]) == ("198.51.100.53",)
+
+
+def test_host_nameservers_of_missing_files(tmp_path: Path) -> None:
+    assert host_nameservers([tmp_path / "missing", tmp_path / "gone"]) == ()
 
 
 def _proc_net_rows(*sockets: tuple[str, str, str]) -> str:

@@ -105,3 +105,50 @@ class UnixUsers:
         for name in self.made:
             with contextlib.suppress(subprocess.CalledProcessError):
                 subprocess.run(["userdel", "-r", "-f", name], check=True, capture_output=True)
+
+
+SSHD = "/usr/sbin/sshd"
+
+
+def start_sshd(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """A real OpenSSH server with this config, its output in `log`; returns once it answers."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, f"sshd exited: {log.read_text()[-2000:]}"
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.settimeout(5)
+            s.connect(("127.0.0.1", port))
+            if s.recv(64).startswith(b"SSH-2.0-"):
+                return proc
+        assert time.monotonic() < deadline, f"sshd did not answer on port {port} within 30 s"
+        time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def stop_sshd(proc: subprocess.Popen[bytes]) -> None:
+    """End sshd (by its PID) and the per-connection sshd processes it forked."""
+    if proc.poll() is not None:
+        return
+    pids = [proc.pid]
+    while pids:  # the tree below sshd, collected before anything dies and is reparented
+        pid = pids.pop()
+        for child in _children(pid):
+            pids.append(child)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)

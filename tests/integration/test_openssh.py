@@ -16,7 +16,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import tempfile
@@ -30,10 +29,17 @@ from pathlib import Path
 import pytest
 
 from hostd.login import SFTP_SERVER, command_argv
-from tests.integration.hostd_harness import Hostd, UnixUsers, authorize, free_port
+from tests.integration.hostd_harness import (
+    SSHD,
+    Hostd,
+    UnixUsers,
+    authorize,
+    free_port,
+    start_sshd,
+    stop_sshd,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-SSHD = "/usr/sbin/sshd"
 SYSTEM_PYTHON = "/usr/bin/python3"
 # What hostd-login may load from this repository: stdlib-only modules (see hostd/login.py).
 LOGIN_MODULES = {"hostd", "hostd.api", "hostd.client", "hostd.errors", "hostd.login",
@@ -69,46 +75,6 @@ class Sshd:
 
     def home(self, user: str) -> Path:
         return Path(pwd.getpwnam(user).pw_dir)
-
-
-def _wait_for_banner(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, f"sshd exited: {log.read_text()[-2000:]}"
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.settimeout(5)
-            s.connect(("127.0.0.1", port))
-            if s.recv(64).startswith(b"SSH-2.0-"):
-                return
-        assert time.monotonic() < deadline, f"sshd did not answer on port {port} within 30 s"
-        time.sleep(0.05)
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            found += [int(c) for c in (task / "children").read_text().split()]
-    return found
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """End sshd (by its PID) and the per-connection sshd processes it forked."""
-    if proc.poll() is not None:
-        return
-    pids = [proc.pid]
-    while pids:  # the tree below sshd, collected before anything dies and is reparented
-        pid = pids.pop()
-        for child in _children(pid):
-            pids.append(child)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGTERM)
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=30)
 
 
 def _run(*argv: str) -> None:
@@ -175,15 +141,12 @@ def sshd(hostd: Hostd, unix_users: UnixUsers) -> Iterator[Sshd]:
             os.makedirs("/run/sshd", mode=0o755)
         _run(SSHD, "-t", "-f", str(config))
         log = root / "sshd/sshd.log"
-        with open(log, "ab") as out:
-            proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out)  # fmt: skip
-        _wait_for_banner(port, proc, log)
+        proc = start_sshd(config, port, log)
         yield Sshd(root, port, root / "sshd/client_key", root / "sshd/wrong_key", tenant,
                    outsider, log, proc)  # fmt: skip
     finally:
         if proc is not None:
-            _stop(proc)
+            stop_sshd(proc)
         if tenant:
             hostd.hostctl("user", "remove", tenant, check=False)
         subprocess.run(["groupdel", group], capture_output=True)

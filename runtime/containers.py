@@ -647,6 +647,7 @@ def prepare_state_dir(path: Path) -> None:
         mode = stat.S_IMODE(d.stat().st_mode)
         if not mode & stat.S_IXOTH:  # the umask, or an older hostd, made it so
             os.chmod(d, mode | 0o011)
+            log.info("%s: mode %04o, so that the containers may pass", d, mode | 0o011)
 
 
 def _rootfs_paths(cdir: Path) -> rootfs.RootfsPaths:

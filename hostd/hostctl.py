@@ -17,7 +17,7 @@ from hostd import doctor
 from hostd.client import call
 from hostd.errors import HostdError
 from hostd.units import format_size, human_size
-from runtime.cli import print_table
+from runtime.cli import add_image_commands, print_table
 from runtime.errors import RuntimeFailure
 from runtime.ttyexec import relay
 
@@ -36,18 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--pids", help="most tasks at once, e.g. 2000")
         sp.add_argument("--disk", help="e.g. 20G")
 
-    image = sub.add_parser("image", help="system-container images").add_subparsers(
-        dest="sub", required=True
+    add_image_commands(
+        sub.add_parser("image", help="system-container images").add_subparsers(
+            dest="sub", required=True
+        )
     )
-    b = image.add_parser("build", help="build from a recipe (debootstrap)")
-    b.add_argument("name", nargs="?", default="default")
-    b.add_argument("--recipe")
-    i = image.add_parser("import", help="import a root filesystem tarball")
-    i.add_argument("name")
-    i.add_argument("tarball", type=Path)
-    image.add_parser("list")
-    r = image.add_parser("remove")
-    r.add_argument("name")
 
     user = sub.add_parser("user", help="tenants").add_subparsers(dest="sub", required=True)
     a = user.add_parser("add", help="make a Unix user a tenant")

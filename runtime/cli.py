@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from runtime.containers import Runtime, Settings
 from runtime.errors import RuntimeFailure
@@ -22,16 +23,8 @@ from runtime.ids import IdRange
 from runtime.ttyexec import relay
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hostd-runtime", description=__doc__)
-    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/hostd"))
-    p.add_argument("--rootfs-mode", choices=("auto", "idmapped", "copy"), default="auto")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    img = sub.add_parser("image", help="build, import, list, remove images").add_subparsers(
-        dest="image_cmd", required=True
-    )
+def add_image_commands(img: Any) -> None:
+    """`image build|import|list|remove` and their arguments (hostctl has the same)."""
     b = img.add_parser("build", help="build an image from its recipe (debootstrap)")
     b.add_argument("name", nargs="?", default="default")
     b.add_argument("--recipe", help="recipe directory name (default: the image name)")
@@ -41,6 +34,20 @@ def _parser() -> argparse.ArgumentParser:
     img.add_parser("list")
     r = img.add_parser("remove")
     r.add_argument("name")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hostd-runtime", description=__doc__)
+    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/hostd"))
+    p.add_argument("--rootfs-mode", choices=("auto", "idmapped", "copy"), default="auto")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    add_image_commands(
+        sub.add_parser("image", help="build, import, list, remove images").add_subparsers(
+            dest="image_cmd", required=True
+        )
+    )
 
     c = sub.add_parser("create", help="create a container")
     c.add_argument("name")

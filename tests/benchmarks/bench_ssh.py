@@ -29,7 +29,7 @@ from pathlib import Path
 from hostd import config as config_mod
 from runtime import fsutil, lxcfs, network
 from runtime.containers import Runtime, Settings
-from tests.integration.hostd_harness import (
+from tests.hostd_harness import (
     Hostd,
     UnixUsers,
     authorize,

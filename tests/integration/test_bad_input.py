@@ -16,7 +16,7 @@ from runtime.containers import Runtime, Settings
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
 from runtime.rootfs import RootfsMode
-from tests.integration.conftest import CGROUP_PARENT, ContainerFactory, next_range
+from tests.conftest import CGROUP_PARENT, ContainerFactory, next_range
 
 
 def _names(rt: Runtime) -> set[str]:

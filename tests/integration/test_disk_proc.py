@@ -12,7 +12,7 @@ from runtime import lxcfs, mountinfo, volume
 from runtime.containers import Runtime, Settings
 from runtime.errors import RuntimeFailure
 from runtime.spec import Limits
-from tests.integration.conftest import CGROUP_PARENT, next_range, sh
+from tests.conftest import CGROUP_PARENT, next_range, sh
 
 MiB = 2**20
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.hostd_harness import Hostd, UnixUsers, authorize, free_port
+from tests.hostd_harness import Hostd, UnixUsers, authorize, free_port
 
 
 @dataclass(frozen=True)

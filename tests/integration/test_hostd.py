@@ -22,8 +22,8 @@ from hostd.state import Quota, State, Tenant, utc_now
 from hostd.subids import parse
 from runtime import mountinfo
 from runtime.containers import Runtime
-from tests.integration.conftest import CGROUP_PARENT
-from tests.integration.hostd_harness import Hostd, UnixUsers
+from tests.conftest import CGROUP_PARENT
+from tests.hostd_harness import Hostd, UnixUsers
 
 
 def _tenant_rows(h: Hostd) -> dict[str, tuple[int, str]]:

@@ -11,7 +11,7 @@ import pytest
 from runtime.containers import Runtime, Settings
 from runtime.errors import RuntimeFailure
 from runtime.rootfs import RootfsMode
-from tests.integration.conftest import CGROUP_PARENT, ContainerFactory, next_range, sh
+from tests.conftest import CGROUP_PARENT, ContainerFactory, next_range, sh
 
 
 def _store_entries(rt: Runtime, name: str) -> list[str]:

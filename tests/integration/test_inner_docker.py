@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runtime.containers import Runtime
-from tests.integration.conftest import load_busybox, next_range, sh
+from tests.conftest import load_busybox, next_range, sh
 
 # Bounded polls inside the container, for services that take a moment to listen.
 RETRY = "for i in $(seq 100); do {cmd} && exit 0; sleep 0.1; done; exit 1"

@@ -9,7 +9,7 @@ from pathlib import Path
 from runtime import mountinfo
 from runtime.containers import Runtime
 from runtime.rootfs import RootfsMode
-from tests.integration.conftest import CGROUP_PARENT, ContainerFactory, sh
+from tests.conftest import CGROUP_PARENT, ContainerFactory, sh
 
 
 def _cgroup_dirs(name: str) -> list[Path]:

@@ -12,7 +12,7 @@ import pytest
 
 from runtime.containers import Runtime
 from runtime.spec import Limits
-from tests.integration.conftest import CGROUP_PARENT, next_range, sh
+from tests.conftest import CGROUP_PARENT, next_range, sh
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from hostd.login import SFTP_SERVER, command_argv
-from tests.integration.hostd_harness import (
+from tests.hostd_harness import (
     SSHD,
     Hostd,
     UnixUsers,

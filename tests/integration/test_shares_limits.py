@@ -8,7 +8,7 @@ from pathlib import Path
 from runtime.containers import Runtime
 from runtime.shares import Share
 from runtime.spec import Limits
-from tests.integration.conftest import next_range, sh
+from tests.conftest import next_range, sh
 
 HOST_UID = 4242  # a host user without a passwd entry is enough for ownership checks
 

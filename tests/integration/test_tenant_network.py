@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from runtime import network
-from tests.integration.conftest import TEST_BRIDGE, TEST_TABLE
-from tests.integration.hostd_harness import Hostd, UnixUsers
+from tests.conftest import TEST_BRIDGE, TEST_TABLE
+from tests.hostd_harness import Hostd, UnixUsers
 
 SERVE = (
     "docker run -d --name web{port} -p {port}:80 busybox:local sh -c "

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runtime.containers import Runtime
-from tests.integration.conftest import ContainerFactory, load_busybox, sh
+from tests.conftest import ContainerFactory, load_busybox, sh
 
 NON_NAMESPACED_KNOBS = ("kernel/threads-max", "vm/swappiness", "kernel/panic")
 

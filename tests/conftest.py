@@ -1,4 +1,5 @@
-"""Fixtures for integration tests: a real runtime in a private state dir, real runc and dockerd.
+"""Fixtures for integration and security tests: a real runtime in a private state dir, real
+runc and dockerd, a real hostd.
 
 The default image is built once per session (debootstrap, ~45 s; packages are cached in
 /var/cache/hostd/debootstrap). Everything a test creates is removed afterwards, on failure too.
@@ -20,7 +21,7 @@ from hostd import config as config_mod
 from runtime import fsutil, lxcfs, network
 from runtime.containers import Runtime, Settings
 from runtime.ids import IdRange
-from tests.integration.hostd_harness import Hostd, UnixUsers, free_port
+from tests.hostd_harness import Hostd, UnixUsers, free_port
 
 CGROUP_PARENT = "hostd-test"
 # Never the production hostd0, nor the names test_network.py uses (hostdn/u/v<pid>).
@@ -29,14 +30,23 @@ TEST_TABLE = f"hostd_test_{os.getpid()}"
 _starts = itertools.count(1_000_000, 65536)
 
 
+ROOT_DIRS = ("tests/integration", "tests/security")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "tests/integration" in str(item.fspath):
+        if any(d in str(item.fspath) for d in ROOT_DIRS):
             item.add_marker(pytest.mark.integration)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _needs_root() -> None:
+@pytest.fixture(autouse=True)
+def _needs_root(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("integration") is not None:
+        require_root()
+
+
+def require_root() -> None:
+    """Skip, saying what to do, where integration tests cannot run."""
     if os.geteuid() != 0:
         pytest.skip("integration tests need root (user namespaces, mounts, runc): run as root")
     for tool, pkg in (
@@ -54,6 +64,7 @@ def next_range() -> IdRange:
 
 @pytest.fixture(scope="session")
 def state_dir() -> Iterator[Path]:
+    require_root()  # before any session fixture builds on it
     path = Path(tempfile.mkdtemp(prefix="hostd-it-", dir="/var/tmp"))
     os.chmod(path, 0o711)
     yield path

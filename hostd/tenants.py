@@ -19,10 +19,12 @@ from datetime import datetime
 from ipaddress import IPv4Address
 from typing import Any
 
+from hostd import passwd
 from hostd.config import Config
 from hostd.errors import HostdError
 from hostd.state import Quota, State, Tenant, utc_now
 from hostd.subids import SubIdFiles, allocate
+from runtime import inside
 from runtime.containers import Runtime
 from runtime.errors import RuntimeFailure
 from runtime.ids import RANGE_SIZE, IdRange
@@ -301,17 +303,25 @@ class Tenants:
         if re.fullmatch(r"\d+(:\d+)?", account):
             uid, _, gid = account.partition(":")
             return Account(f"{uid}:{gid or uid}", [], [], "/")
-        script = 'getent passwd "$1" && id -G "$1"'
-        res = self.runtime.exec(container, ["sh", "-c", script, "-", account])
-        lines = res.stdout.strip().splitlines()
-        fields = lines[0].split(":") if lines else []
-        if res.returncode != 0 or len(fields) < 7 or len(lines) < 2:
+        pid = self.runtime.state(container).pid
+        if not pid:
+            raise HostdError(f"{container}'s container is not running", "start it first")
+        try:
+            users, groups = (
+                inside.read_file(pid, f"/etc/{db}", passwd.MAX_DB).decode(errors="replace")
+                for db in ("passwd", "group")
+            )
+            entry = passwd.lookup(users, groups, account)
+        except RuntimeFailure:
+            if account != "root":
+                raise
+            entry = passwd.ROOT  # an admin can still get in to repair the files
+        if entry is None:
             raise HostdError(f"no account {account!r} inside {container}'s container",
                              "give an existing user (or root)")  # fmt: skip
-        name, _, uid, gid, _, home, shell = fields[:7]
-        env = [f"HOME={home}", f"USER={name}", f"LOGNAME={name}", f"SHELL={shell}"]
-        groups = [int(g) for g in lines[1].split() if g != gid]
-        return Account(f"{uid}:{gid}", groups, env, home or "/")
+        name, shell = entry.name, entry.shell
+        env = [f"HOME={entry.home}", f"USER={name}", f"LOGNAME={name}", f"SHELL={shell}"]
+        return Account(f"{entry.uid}:{entry.gid}", list(entry.groups), env, entry.home)
 
     def set_quota(self, user: str, changes: dict[str, Any]) -> dict[str, str]:
         """Change some limits. Says for each whether it applies "now" (to the running

@@ -27,6 +27,8 @@ ffibuilder.cdef(
     int unshare(int flags);
     int setns(int fd, int nstype);
     int hostd_set_child_subreaper(void);
+    int hostd_openat2(int dfd, const char *path, uint64_t flags, uint64_t mode,
+                      uint64_t resolve);
 
     #define OPEN_TREE_CLONE ...
     #define OPEN_TREE_CLOEXEC ...
@@ -34,6 +36,14 @@ ffibuilder.cdef(
     #define AT_EMPTY_PATH ...
     #define MOVE_MOUNT_F_EMPTY_PATH ...
     #define MOUNT_ATTR_IDMAP ...
+    #define MOUNT_ATTR_RDONLY ...
+    #define MOUNT_ATTR_NOSUID ...
+    #define MOUNT_ATTR_NODEV ...
+    #define RESOLVE_NO_XDEV ...
+    #define RESOLVE_NO_MAGICLINKS ...
+    #define RESOLVE_NO_SYMLINKS ...
+    #define RESOLVE_BENEATH ...
+    #define RESOLVE_IN_ROOT ...
     #define MNT_DETACH ...
     #define CLONE_NEWUSER ...
     #define CLONE_NEWNET ...
@@ -75,6 +85,21 @@ ffibuilder.set_source(
         uint64_t userns_fd;
     };
     #endif
+    #ifndef RESOLVE_IN_ROOT  /* <linux/openat2.h>, not included: its struct clashes */
+    #define RESOLVE_NO_XDEV 0x01
+    #define RESOLVE_NO_MAGICLINKS 0x02
+    #define RESOLVE_NO_SYMLINKS 0x04
+    #define RESOLVE_BENEATH 0x08
+    #define RESOLVE_IN_ROOT 0x10
+    #endif
+    #ifndef MOUNT_ATTR_RDONLY
+    #define MOUNT_ATTR_RDONLY 0x00000001
+    #define MOUNT_ATTR_NOSUID 0x00000002
+    #define MOUNT_ATTR_NODEV 0x00000004
+    #endif
+    #ifndef SYS_openat2
+    #define SYS_openat2 437
+    #endif
     #ifndef SYS_open_tree
     #define SYS_open_tree 428
     #endif
@@ -95,6 +120,11 @@ ffibuilder.set_source(
     static int hostd_move_mount(int from_dfd, const char *from_path, int to_dfd,
                                 const char *to_path, unsigned int flags) {
         return (int)syscall(SYS_move_mount, from_dfd, from_path, to_dfd, to_path, flags);
+    }
+    static int hostd_openat2(int dfd, const char *path, uint64_t flags, uint64_t mode,
+                             uint64_t resolve) {
+        uint64_t how[3] = {flags, mode, resolve};  /* struct open_how */
+        return (int)syscall(SYS_openat2, dfd, path, how, sizeof(how));
     }
     static int hostd_set_child_subreaper(void) {
         return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);

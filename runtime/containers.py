@@ -4,13 +4,21 @@ All of a container's state lives in one directory, `<state>/containers/<name>/`:
     meta.json            what it is (image version, ID range, rootfs mode)
     config.json          the OCI bundle's config, regenerated at every start
     rootfs/              overlay mount point (runc's root)
-    lower/               ID-mapped template mount point, or the shifted copy
+    lower/               ID-mapped template mount point (read-only, nosuid, nodev), or the
+                         shifted copy
     data/upper, work     overlay upper and work directories
     data/docker, data/containerd   bound at /var/lib/docker and /var/lib/containerd
     etc/hostname, etc/hosts        bound over the image's
     dev/fuse, dev/net-tun          device nodes usable by the container's root
     console.log          output of init (systemd)
 Deleting the container deletes the directory: nothing else is left behind.
+
+The directory is mode 0710, owner root, group the range's root: only root and the container's
+own root (which runc runs as when it sets the container up) can pass it. What lies below is
+the tenant's (setuid files it made, its device nodes) and must not be reachable by host users;
+the overlay itself keeps setuid working (sudo inside), which is safe only because of this.
+The template is ID-mapped read-only, nosuid and nodev: the container's root, which the
+mapping makes root of the template, cannot write to the image every tenant shares.
 """
 
 from __future__ import annotations
@@ -22,7 +30,6 @@ import logging
 import os
 import select
 import signal
-import socket
 import stat
 import threading
 import time
@@ -36,6 +43,7 @@ from typing import Any
 from runtime import (
     cgroups,
     fsutil,
+    inside,
     lxcfs,
     mountinfo,
     network,
@@ -58,6 +66,8 @@ from runtime.ttyexec import TtyProcess
 log = logging.getLogger(__name__)
 _LXCFS_LOCK = threading.Lock()  # one lxcfs per host, started by whichever start comes first
 
+EXEC_TIMEOUT = 60.0  # seconds a command hostd runs inside may take
+EXEC_MAX_OUTPUT = 1 << 20  # bytes of its output hostd keeps
 SYSTEMD_HALT = int(signal.SIGRTMIN) + 3  # what `systemctl halt` amounts to for PID 1
 DEFAULT_RECIPES = Path(__file__).resolve().parent.parent / "packaging" / "images"
 
@@ -237,8 +247,9 @@ class Runtime:
             image_dir = self.images.resolve(image)
             with _Undo() as undo:
                 (self.state_dir / "containers").mkdir(mode=0o711, parents=True, exist_ok=True)
-                cdir.mkdir(mode=0o711)
+                cdir.mkdir(mode=0o700)
                 undo.push(fsutil.remove_tree, cdir)
+                _close(cdir, ids)
                 mode = self._prepare_storage(cdir, image_dir / "rootfs", ids, disk)
                 c = Container(
                     name=name,
@@ -254,7 +265,7 @@ class Runtime:
                     address=None if address is None else str(address),
                 )
                 self._write_etc(c)
-                fsutil.atomic_write(cdir / "meta.json", c.to_json())
+                fsutil.atomic_write(cdir / "meta.json", c.to_json(), mode=0o600)
             return c
 
     def _prepare_storage(
@@ -266,7 +277,7 @@ class Runtime:
             volume.mount(cdir / "data.img", cdir / "data")
             os.chmod(cdir / "data", 0o711)
         for sub in ("rootfs", "lower", "data/work", "etc", "dev"):
-            (cdir / sub).mkdir(mode=0o711)
+            (cdir / sub).mkdir(mode=0o700 if sub == "lower" else 0o711)
         for sub in ("data/upper", "data/docker", "data/containerd"):
             (cdir / sub).mkdir(mode=0o755 if sub == "data/upper" else 0o710)
             os.chown(cdir / sub, ids.root, ids.root)
@@ -351,6 +362,7 @@ class Runtime:
             if current is not None:
                 self.runc.delete(name)
             cdir = self._dir(name)
+            _close(cdir, c.ids)  # made open (0711) by hostd before 0.2
             plan = self._cgroup_plan(c)
             with _Undo() as undo:
                 undo.push(self._unmount, c)
@@ -366,7 +378,9 @@ class Runtime:
                 cgroups.apply(plan)
                 undo.push(cgroups.remove, plan)
                 fsutil.atomic_write(
-                    cdir / "config.json", json.dumps(build_config(self.spec(c)), indent=1)
+                    cdir / "config.json",
+                    json.dumps(build_config(self.spec(c)), indent=1),
+                    mode=0o600,
                 )
                 undo.push(self.runc.delete, name)
                 pid = self.runc.create(cdir, name, cdir / "console.log")
@@ -403,7 +417,7 @@ class Runtime:
         """Record new limits; apply them at once if running. True when applied live."""
         with self._locked():
             c = replace(self.get(name), limits=limits)
-            fsutil.atomic_write(self._dir(name) / "meta.json", c.to_json())
+            fsutil.atomic_write(self._dir(name) / "meta.json", c.to_json(), mode=0o600)
         if self.state(name).status != "running":
             return False
         self.runc.update(
@@ -499,7 +513,7 @@ class Runtime:
         if not running or live:
             live = volume.resize(cdir / "data.img", cdir / "data", size) and running
         with self._locked():
-            fsutil.atomic_write(cdir / "meta.json", replace(c, disk=size).to_json())
+            fsutil.atomic_write(cdir / "meta.json", replace(c, disk=size).to_json(), mode=0o600)
         return live
 
     def delete(self, name: str, force: bool = False) -> None:
@@ -539,7 +553,8 @@ class Runtime:
         """Return once systemd finished booting (`running`) and the inner dockerd answers."""
         deadline = time.monotonic() + timeout
         while True:  # until systemd's private socket exists, systemctl cannot ask it
-            res = self.exec(name, ["systemctl", "is-system-running", "--wait"], timeout=timeout)
+            left = max(deadline - time.monotonic(), 1.0)
+            res = self.exec(name, ["systemctl", "is-system-running", "--wait"], timeout=left)
             status = res.stdout.strip()
             if status or time.monotonic() > deadline:
                 break
@@ -553,8 +568,7 @@ class Runtime:
                 f"see `journalctl` inside, or {self._dir(name) / 'console.log'}",
             )
         pid = self.state(name).pid
-        sock_path = f"/proc/{pid}/root/run/docker.sock"
-        while not _docker_ping(sock_path):
+        while not _docker_ping(pid):
             if time.monotonic() > deadline:
                 raise RuntimeFailure(
                     f"the Docker daemon in {name!r} did not answer",
@@ -587,15 +601,20 @@ class Runtime:
         env: Sequence[str] = (),
         cwd: str | None = None,
         input: bytes | None = None,
-        timeout: float | None = None,
+        timeout: float = EXEC_TIMEOUT,
+        max_output: int = EXEC_MAX_OUTPUT,
     ) -> proc.Result:
-        """Run `argv` inside and collect its output; the exit status is in the result."""
+        """Run `argv` inside and collect its output; the exit status is in the result. What
+        runs inside is the tenant's: bounded in time and output, or it could hold a thread of
+        ours forever or fill our memory."""
         self._require_running(name)
         return proc.run(
             self.exec_argv(name, argv, user=user, groups=groups, env=env, cwd=cwd),
             input=input,
             timeout=timeout,
+            max_output=max_output,
             check=False,
+            fix=f"the command inside {name!r} misbehaved: see its journal",
         )
 
     def exec_tty(
@@ -697,12 +716,18 @@ def _wait_readable(fd: int, timeout: float) -> bool:
     return bool(ready)
 
 
-def _docker_ping(sock_path: str) -> bool:
+def _docker_ping(pid: int) -> bool:
+    """Whether the dockerd of the container whose init is `pid` answers. The socket path is
+    resolved inside the container: the tenant controls what /run/docker.sock is."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(2)
-            s.connect(sock_path)
+        with inside.connect_unix(pid, "/run/docker.sock", timeout=2) as s:
             s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
             return b" 200 " in s.recv(64).split(b"\r\n", 1)[0]
-    except OSError:
+    except (OSError, RuntimeFailure):
         return False
+
+
+def _close(cdir: Path, ids: IdRange) -> None:
+    """Mode 0710 root:<range's root group>: passable for root and the container's root only."""
+    os.chown(cdir, 0, ids.root)
+    os.chmod(cdir, 0o710)

@@ -193,7 +193,7 @@ class ImageStore:
         """A build directory: removed on failure; on success it has been renamed away."""
         build = self.root / ".build"
         build.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o711)
+        os.chmod(self.root, 0o700)  # templates hold root's setuid files: root's eyes only
         work = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=build))
         try:
             yield work

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import selectors
 import shutil
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -44,36 +46,102 @@ def require(program: str, package: str) -> str:
     return path
 
 
+MAX_OUTPUT = 16 << 20  # bytes of stdout + stderr kept from one program, by default
+
+
 def run(
     argv: Sequence[str],
     *,
     input: bytes | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
+    max_output: int = MAX_OUTPUT,
     check: bool = True,
     fix: str = "see the message above",
 ) -> Result:
-    """Run a program to completion with pipes for all stdio (never the host's /dev/null)."""
+    """Run a program to completion with pipes for all stdio (never the host's /dev/null).
+    A program that runs past `timeout` seconds or prints more than `max_output` bytes is
+    killed: the caller's memory and time stay bounded whatever the program does."""
     try:
-        done = subprocess.run(
+        p = subprocess.Popen(
             list(argv),
-            input=input if input is not None else b"",
-            capture_output=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=dict(env) if env is not None else child_env(),
-            timeout=timeout,
         )
     except FileNotFoundError as exc:
         raise RuntimeFailure(
             f"{argv[0]} not found", "install it or fix the configured path"
         ) from exc
-    except subprocess.TimeoutExpired as exc:
-        raise RuntimeFailure(f"`{' '.join(argv[:3])}` took longer than {timeout} s", fix) from exc
+    name = " ".join(argv[:3])
+    with p:
+        try:
+            out, err = _communicate(p, input or b"", timeout, max_output)
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeFailure(f"`{name}` took longer than {timeout} s", fix) from exc
+        except _OutputLimit as exc:
+            raise RuntimeFailure(f"`{name}` printed more than {max_output} bytes", fix) from exc
+        finally:
+            if p.returncode is None:
+                p.kill()
+                p.wait()
     result = Result(
-        tuple(argv),
-        done.returncode,
-        done.stdout.decode(errors="replace"),
-        done.stderr.decode(errors="replace"),
+        tuple(argv), p.returncode, out.decode(errors="replace"), err.decode(errors="replace")
     )
     if check and result.returncode != 0:
         raise RuntimeFailure(f"{argv[0]} failed: {result.last_error_line()}", fix)
     return result
+
+
+class _OutputLimit(Exception):
+    pass
+
+
+def _communicate(
+    p: subprocess.Popen[bytes], data: bytes, timeout: float | None, limit: int
+) -> tuple[bytes, bytes]:
+    """Feed `data` to `p` and collect its stdout and stderr, at most `limit` bytes in all
+    (_OutputLimit past it) within `timeout` seconds (subprocess.TimeoutExpired past it)."""
+    assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    chunks: dict[int, list[bytes]] = {p.stdout.fileno(): [], p.stderr.fileno(): []}
+    total, view = 0, memoryview(data)
+
+    def left() -> float | None:
+        if deadline is None:
+            return None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise subprocess.TimeoutExpired(p.args, timeout or 0)
+        return remaining
+
+    with selectors.DefaultSelector() as sel:
+        for f in (p.stdout, p.stderr):
+            sel.register(f, selectors.EVENT_READ)
+        if view:
+            os.set_blocking(p.stdin.fileno(), False)
+            sel.register(p.stdin, selectors.EVENT_WRITE)
+        else:
+            p.stdin.close()
+        while sel.get_map():
+            for key, _ in sel.select(left()):
+                if key.fileobj is p.stdin:
+                    try:
+                        view = view[os.write(key.fd, view[:65536]) :]
+                    except BrokenPipeError:
+                        view = view[:0]
+                    if not view:
+                        sel.unregister(p.stdin)
+                        p.stdin.close()
+                    continue
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                total += len(chunk)
+                if total > limit:
+                    raise _OutputLimit
+                chunks[key.fd].append(chunk)
+    p.wait(left())
+    return b"".join(chunks[p.stdout.fileno()]), b"".join(chunks[p.stderr.fileno()])

@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 _UNSUPPORTED = (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
+# The template is shared by every container of the image, and the mapping makes each
+# container's root its owner: read-only, or root inside could change every tenant's image
+# (and plant setuid-root files on the host).
+TEMPLATE_ATTRS = syscalls.MOUNT_ATTR_RDONLY | syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
+
+
 class RootfsMode(StrEnum):
     IDMAPPED = "idmapped"
     COPY = "copy"
@@ -45,7 +51,7 @@ def mount(template: Path, ids: IdRange, paths: RootfsPaths, mode: RootfsMode) ->
     if mode is RootfsMode.IDMAPPED and not mountinfo.is_mounted(str(paths.lower)):
         try:
             with user_namespace(ids.map_line(), ids.map_line()) as userns:
-                syscalls.idmapped_bind(str(template), str(paths.lower), userns)
+                syscalls.idmapped_bind(str(template), str(paths.lower), userns, TEMPLATE_ATTRS)
         except OSError as exc:
             raise idmap_failure(paths.lower, exc) from exc
     if not mountinfo.is_mounted(str(paths.merged)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from collections.abc import Sequence
@@ -34,7 +35,9 @@ class Runc:
         """`runc create`: namespaces made, init waiting for `start`; returns init's host PID.
         init inherits our stdio, so it gets a log file (never a shared file like /dev/null)."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(console_log, "wb") as log:
+        fd = os.open(console_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)  # a log from an older hostd was world-readable
+        with open(fd, "wb") as log:
             done = subprocess.run(
                 [*self._base(), "create", "--bundle", str(bundle), cid],
                 env=proc.child_env(),

@@ -7,6 +7,7 @@ nothing else in the directory becomes writable to the container.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from runtime import mountinfo, syscalls
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
 from runtime.userns import user_namespace
+
+SHARE_ATTRS = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
 
 
 @dataclass(frozen=True)
@@ -34,15 +37,33 @@ class Share:
 
 
 def mount(share: Share, ids: IdRange, target: Path) -> None:
-    """ID-mapped bind of `share.source` at `target` (kept if already mounted)."""
+    """ID-mapped bind of `share.source` at `target` (kept if already mounted). The source is
+    the host user's directory, which they may have replaced by a symlink to anything (another
+    home, /etc): its last component is not followed, and it must be theirs."""
     if mountinfo.is_mounted(str(target)):
         return
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
+        fd = os.open(share.source, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RuntimeFailure(
+            f"cannot share {share.source} into the container: not a directory ({exc.strerror})",
+            f"make {share.source} a real directory (not a symlink) owned by uid {share.host_uid}",
+        ) from exc
+    try:
+        owner = os.fstat(fd).st_uid
+        if owner != share.host_uid:
+            raise RuntimeFailure(
+                f"cannot share {share.source} into the container: owned by uid {owner}, "
+                f"not {share.host_uid}",
+                f"chown {share.host_uid} {share.source}",
+            )
         with user_namespace(*share.maps(ids)) as userns:
-            syscalls.idmapped_bind(share.source, str(target), userns)
+            syscalls.idmapped_bind(fd, str(target), userns, SHARE_ATTRS)
     except OSError as exc:
         raise RuntimeFailure(
             f"cannot share {share.source} into the container: {exc.strerror}",
             "the directory must exist on a file system with ID-mapped mounts (ext4, xfs, btrfs)",
         ) from exc
+    finally:
+        os.close(fd)

@@ -35,18 +35,33 @@ def umount(target: str, detach: bool = False) -> None:
     _check(lib.umount2(_enc(target), lib.MNT_DETACH if detach else 0), f"umount {target}", target)
 
 
-def idmapped_bind(source: str, target: str, userns_fd: int) -> None:
-    """Bind `source` at `target` with its IDs shifted through the user namespace `userns_fd`."""
+MOUNT_ATTR_RDONLY: int = lib.MOUNT_ATTR_RDONLY
+MOUNT_ATTR_NOSUID: int = lib.MOUNT_ATTR_NOSUID
+MOUNT_ATTR_NODEV: int = lib.MOUNT_ATTR_NODEV
+RESOLVE_IN_ROOT: int = lib.RESOLVE_IN_ROOT
+RESOLVE_NO_SYMLINKS: int = lib.RESOLVE_NO_SYMLINKS
+RESOLVE_NO_MAGICLINKS: int = lib.RESOLVE_NO_MAGICLINKS
+RESOLVE_NO_XDEV: int = lib.RESOLVE_NO_XDEV
+
+
+def idmapped_bind(source: str | int, target: str, userns_fd: int, attrs: int = 0) -> None:
+    """Bind `source` (a path, or an fd opened with O_PATH) at `target` with its IDs shifted
+    through the user namespace `userns_fd`, and the MOUNT_ATTR_* flags `attrs` set."""
+    if isinstance(source, int):
+        dfd, path, flags, name = source, b"", lib.AT_EMPTY_PATH, f"fd {source}"
+    else:
+        dfd, path, flags, name = -100, _enc(source), 0, source
     tree = _check(
         lib.hostd_open_tree(
-            -100, _enc(source), lib.OPEN_TREE_CLONE | lib.OPEN_TREE_CLOEXEC | lib.AT_RECURSIVE
+            dfd, path, flags | lib.OPEN_TREE_CLONE | lib.OPEN_TREE_CLOEXEC | lib.AT_RECURSIVE
         ),
-        f"open_tree {source}",
-        source,
+        f"open_tree {name}",
+        name,
     )
+    source = name
     try:
         attr = ffi.new("struct mount_attr *")
-        attr.attr_set = lib.MOUNT_ATTR_IDMAP
+        attr.attr_set = lib.MOUNT_ATTR_IDMAP | attrs
         attr.userns_fd = userns_fd
         _check(
             lib.hostd_mount_setattr(
@@ -68,6 +83,16 @@ def idmapped_bind(source: str, target: str, userns_fd: int) -> None:
         os.close(tree)
 
 
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """open(2) relative to `dirfd` with RESOLVE_* restrictions on the path walk: with
+    RESOLVE_IN_ROOT, `dirfd` is the root (absolute symlinks and `..` stay below it)."""
+    return _check(
+        lib.hostd_openat2(dirfd, _enc(path), flags | os.O_CLOEXEC, mode, resolve),
+        f"open {path}",
+        path,
+    )
+
+
 def unshare_user() -> None:
     _check(lib.unshare(lib.CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
 
@@ -86,4 +111,7 @@ def set_child_subreaper() -> None:
     _check(lib.hostd_set_child_subreaper(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-__all__ = ["enter_netns", "idmapped_bind", "mount", "umount", "set_child_subreaper", "unshare_user"]
+__all__ = [
+    "enter_netns", "idmapped_bind", "mount", "openat2", "set_child_subreaper", "umount",
+    "unshare_user",
+]  # fmt: skip

@@ -26,3 +26,25 @@ def test_failure_is_one_line_with_the_fix() -> None:
 def test_missing_program_names_the_package() -> None:
     with pytest.raises(RuntimeFailure, match=r"no-such-tool not found: install it with `apt-get"):
         proc.require("no-such-tool", "some-package")
+
+
+def test_output_is_capped_and_the_program_killed() -> None:
+    with pytest.raises(RuntimeFailure, match=r"printed more than 100000 bytes"):
+        proc.run(["sh", "-c", "yes"], max_output=100_000, timeout=30)
+
+
+def test_a_slow_program_is_killed_at_the_timeout() -> None:
+    with pytest.raises(RuntimeFailure, match=r"took longer than 0.3 s"):
+        proc.run(["sleep", "30"], timeout=0.3)
+
+
+def test_a_program_holding_its_output_open_is_killed_at_the_timeout() -> None:
+    # the output pipe stays open in a background child: the timeout still holds
+    with pytest.raises(RuntimeFailure, match=r"took longer"):
+        proc.run(["sh", "-c", "sleep 30 & echo started"], timeout=0.5)
+
+
+def test_large_input_and_output_pass_whole() -> None:
+    data = bytes(range(256)) * 8192  # 2 MiB: more than a pipe buffer each way
+    res = proc.run(["cat"], input=data, timeout=30)
+    assert res.stdout == data.decode(errors="replace")

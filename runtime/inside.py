@@ -1,0 +1,71 @@
+"""Files and sockets inside a running container, reached from the host without trusting it.
+
+`/proc/<pid>/root/<path>` resolves the container's symlinks against the *host's* root: a
+tenant's `/run/docker.sock -> /run/hostd/admin.sock` or `/etc/passwd -> /etc/shadow` would
+lead root on the host to the host's own file. Here every path is walked with openat2's
+RESOLVE_IN_ROOT from the container's root, so absolute symlinks and `..` stay inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+from collections.abc import Iterator
+
+from runtime import syscalls
+from runtime.errors import RuntimeFailure
+
+# No magic links (/proc/self/fd/N, /proc/self/root) either: they jump outside any root.
+_RESOLVE = syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_MAGICLINKS
+
+
+@contextlib.contextmanager
+def _opened(pid: int, path: str, flags: int, resolve: int) -> Iterator[int]:
+    root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = syscalls.openat2(root, path.lstrip("/"), flags, resolve)
+    except OSError as exc:
+        raise RuntimeFailure(
+            f"cannot open {path} in the container: {os.strerror(exc.errno or 0)}",
+            "check that it exists there and is a plain file or socket",
+        ) from exc
+    finally:
+        os.close(root)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def read_file(pid: int, path: str, limit: int) -> bytes:
+    """A regular file of the container's root file system, at most `limit` bytes. Mounts are
+    not crossed (a tenant's FUSE mount over it could block the reader forever), FIFOs and
+    devices are refused."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
+    with _opened(pid, path, flags, _RESOLVE | syscalls.RESOLVE_NO_XDEV) as fd:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RuntimeFailure(f"{path} in the container is not a regular file",
+                                 "restore it as a plain file")  # fmt: skip
+        data = os.read(fd, limit + 1)
+    if len(data) > limit:
+        raise RuntimeFailure(f"{path} in the container is larger than {limit} bytes",
+                             "shrink it")  # fmt: skip
+    return data
+
+
+def connect_unix(pid: int, path: str, timeout: float) -> socket.socket:
+    """A connection to the unix socket at `path` inside the container."""
+    with _opened(pid, path, os.O_PATH, _RESOLVE) as fd:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise RuntimeFailure(f"{path} in the container is not a socket",
+                                 "let the service inside re-create it")  # fmt: skip
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(f"/proc/self/fd/{fd}")  # the socket the walk found, nothing else
+        except OSError:
+            sock.close()
+            raise
+    return sock

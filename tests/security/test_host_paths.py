@@ -1,0 +1,229 @@
+"""Attacks on the host paths of a tenant: the shared image template, setuid files and device
+nodes in its directories, symlinks it plants for hostd to follow, files it makes huge.
+Each attack is performed for real and must fail; a control shows what it would have reached."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pwd
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime import inside, mountinfo, shares
+from runtime.containers import Runtime
+from runtime.errors import RuntimeFailure
+from runtime.ids import IdRange
+from runtime.shares import Share
+from tests.conftest import ContainerFactory, sh
+from tests.hostd_harness import Hostd, UnixUsers
+
+HOST_PYTHON = "/usr/bin/python3"  # executable by every host user (the venv's is not)
+
+# Run as a host user: try each path and report the errno name (or "ok").
+PROBE = """
+import errno, json, os, subprocess, sys
+out = {}
+for op, path in json.loads(sys.argv[1]):
+    try:
+        if op == "stat":
+            os.stat(path)
+        elif op == "open":
+            os.close(os.open(path, os.O_RDWR))
+        elif op == "exec":
+            subprocess.run([path], check=True)
+        elif op == "write":
+            with open(path, "w") as f:
+                f.write("x")
+        out[path] = "ok"
+    except OSError as exc:
+        out[path] = errno.errorcode[exc.errno]
+print(json.dumps(out))
+"""
+
+
+def _probe(uid: int, gid: int, ops: list[tuple[str, str]]) -> dict[str, str]:
+    res = subprocess.run(
+        [HOST_PYTHON, "-c", PROBE, json.dumps(ops)],
+        user=uid, group=gid, extra_groups=[], capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return dict(json.loads(res.stdout.splitlines()[-1]))
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def tenant(hostd: Hostd, unix_users: UnixUsers) -> Iterator[str]:
+    """A tenant made as an admin makes one, with setuid files planted by root inside."""
+    user = unix_users.make()
+    hostd.hostctl("user", "add", user, "--memory", "2G", "--pids", "2000", "--disk", "4G")
+    hostd.hostctl("start", user)
+    hostd.hostctl("exec", user, "--", "sh", "-c",
+                  "cp /usr/bin/id /opt/suid && chmod 6755 /opt/suid")  # fmt: skip
+    yield user
+    hostd.hostctl("user", "remove", user, check=False)
+
+
+def test_template_is_mounted_read_only_nosuid_nodev(hostd: Hostd, tenant: str) -> None:
+    lower = str(hostd.state_dir / "containers" / tenant / "lower")
+    lines = [ln.split() for ln in Path("/proc/self/mountinfo").read_text().splitlines()]
+    options = [set(fields[5].split(",")) for fields in lines if fields[4] == lower]
+    assert options, f"{lower} is not mounted"
+    assert {"ro", "nosuid", "nodev"} <= options[0]
+
+
+def test_the_ranges_root_cannot_write_the_shared_template(
+    hostd: Hostd, rt: Runtime, tenant: str
+) -> None:
+    """Acting as the container's root on the host (what newuidmap on the tenant's own range
+    gave before): the template stays unchanged and no setuid-root file appears in it."""
+    ids = rt.get(tenant).ids
+    cdir = hostd.state_dir / "containers" / tenant
+    template = Path(rt.get(tenant).image_dir) / "rootfs"
+    planted = [
+        ("write", str(cdir / "lower/opt/planted")),
+        ("write", str(cdir / "lower/etc/sudoers.d/x")),
+    ]
+    result = _probe(ids.root, ids.root, [("stat", str(cdir / "lower/etc")), *planted])
+    assert result[str(cdir / "lower/etc")] == "ok"  # it reaches the mount: only ro stops it
+    assert {result[p] for _, p in planted} == {"EROFS"}
+    assert not (template / "opt/planted").exists()
+    assert not (template / "etc/sudoers.d/x").exists()
+
+
+def test_host_users_reach_nothing_of_a_tenant(
+    hostd: Hostd, rt: Runtime, tenant: str, unix_users: UnixUsers
+) -> None:
+    cdir = hostd.state_dir / "containers" / tenant
+    suid = cdir / "rootfs/opt/suid"
+    st = os.stat(suid)  # the control: root inside did plant a setuid+setgid file
+    assert st.st_mode & 0o6000 == 0o6000 and st.st_uid == rt.get(tenant).ids.root
+    other = pwd.getpwnam(unix_users.make())
+    paths = [
+        cdir / p
+        for p in (
+            "rootfs/opt/suid",
+            "rootfs",
+            "lower",
+            "data",
+            "dev/fuse",
+            "dev/net-tun",
+            "meta.json",
+            "config.json",
+            "console.log",
+        )
+    ]
+    paths.append(hostd.state_dir / "images" / "default")
+    ops = [("stat", str(p)) for p in paths] + [
+        ("exec", str(suid)),
+        ("open", str(cdir / "dev/fuse")),
+    ]
+    result = _probe(other.pw_uid, other.pw_gid, ops)
+    assert set(result.values()) == {"EACCES"}, result
+    # ... and the tenant's own host account neither: its container's IDs are not its own
+    own = pwd.getpwnam(tenant)
+    result = _probe(own.pw_uid, own.pw_gid, ops)
+    assert set(result.values()) == {"EACCES"}, result
+
+
+def test_device_nodes_still_work_inside(hostd: Hostd, tenant: str) -> None:
+    script = "exec 3<>/dev/fuse && exec 4<>/dev/net/tun && echo opened"
+    assert hostd.hostctl("exec", tenant, "--", "sh", "-c", script).stdout.strip() == "opened"
+
+
+def test_a_huge_passwd_inside_costs_hostd_nothing(hostd: Hostd, tenant: str) -> None:
+    """hostd reads the tenant's /etc/passwd for each login: a 2 GiB one is refused in one
+    line, without hostd reading it whole."""
+    assert hostd.proc is not None
+    before = _rss_kib(hostd.proc.pid)
+    hostd.hostctl("exec", tenant, "--", "sh", "-c",
+                  "cp /etc/passwd /etc/passwd.orig && truncate -s 2G /etc/passwd")  # fmt: skip
+    try:
+        res = hostd.hostctl("exec", tenant, "--user", tenant, "--", "true", check=False)
+        assert res.returncode != 0
+        assert "/etc/passwd in the container is larger than" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+        assert _rss_kib(hostd.proc.pid) - before < 64 * 1024
+    finally:  # from the host: runc itself cannot exec in a container with such a passwd
+        etc = hostd.state_dir / "containers" / tenant / "rootfs/etc"
+        os.replace(etc / "passwd.orig", etc / "passwd")
+    assert (
+        hostd.hostctl("exec", tenant, "--user", tenant, "--", "id", "-un").stdout.strip() == tenant
+    )
+
+
+def test_output_of_commands_inside_is_bounded(
+    rt: Runtime, make_container: ContainerFactory
+) -> None:
+    name = make_container("flood")
+    with pytest.raises(RuntimeFailure, match="printed more than"):
+        rt.exec(name, ["sh", "-c", "yes"], timeout=60)
+    with pytest.raises(RuntimeFailure, match="took longer than"):
+        rt.exec(name, ["sleep", "60"], timeout=1)
+
+
+def test_symlinks_inside_do_not_lead_hostd_to_host_files(
+    rt: Runtime, make_container: ContainerFactory
+) -> None:
+    """The tenant points /run/docker.sock and /etc/passwd at host paths: hostd, as root,
+    must resolve them inside the container, never on the host."""
+    name = make_container("links")
+    pid = rt.state(name).pid
+    host_sock = Path(f"/run/hostd-sec-{os.getpid()}.sock")
+    host_file = Path(f"/run/hostd-sec-{os.getpid()}.secret")
+    host_file.write_text("root:x:0:0:host secret:/:/bin/sh\n")
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        listener.bind(str(host_sock))
+        listener.listen(8)
+        listener.settimeout(0)
+        sh(rt, name, f"ln -sf {host_sock} /run/docker.sock && ln -sf {host_file} /etc/passwd")
+        # the control: the old way, through /proc/<pid>/root, reaches the host's objects
+        assert "host secret" in Path(f"/proc/{pid}/root/etc/passwd").read_text()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(f"/proc/{pid}/root/run/docker.sock")
+        listener.accept()[0].close()
+        # hostd's way stays inside
+        with pytest.raises(RuntimeFailure) as info:
+            inside.read_file(pid, "/etc/passwd", 1 << 20)
+        assert isinstance(info.value.__cause__, OSError)
+        assert info.value.__cause__.errno in (errno.ENOENT, errno.EXDEV)  # not the host file
+        with pytest.raises(RuntimeFailure):
+            inside.connect_unix(pid, "/run/docker.sock", timeout=2)
+        with pytest.raises(RuntimeFailure, match="did not answer"):
+            rt.wait_ready(name, timeout=3)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        listener.close()
+        host_sock.unlink(missing_ok=True)
+        host_file.unlink(missing_ok=True)
+
+
+def test_the_home_share_follows_no_symlink_and_must_be_the_users(
+    rt: Runtime, tmp_path: Path, unix_users: UnixUsers
+) -> None:
+    user = pwd.getpwnam(unix_users.make())
+    ids = IdRange(3_000_000)
+    link = tmp_path / "home-link"
+    link.symlink_to("/etc")
+    target = tmp_path / "target"
+    for source, message in (
+        (link, "not a directory"),
+        (tmp_path, f"owned by uid 0, not {user.pw_uid}"),
+    ):
+        share = Share(str(source), "/home/x", user.pw_uid, user.pw_gid, 1000, 1000)
+        with pytest.raises(RuntimeFailure, match=message):
+            shares.mount(share, ids, target)
+        assert not mountinfo.is_mounted(str(target))

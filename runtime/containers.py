@@ -10,7 +10,8 @@ All of a container's state lives in one directory, `<state>/containers/<name>/`:
     data/docker, data/containerd   bound at /var/lib/docker and /var/lib/containerd
     etc/hostname, etc/hosts        bound over the image's
     dev/fuse, dev/net-tun          device nodes usable by the container's root
-    console.log          output of init (systemd)
+    console.log          output of init (systemd); data/console.log on a capped volume,
+                         where what root inside writes to it counts against the tenant's disk
 Deleting the container deletes the directory: nothing else is left behind.
 
 The directory is mode 0710, owner root, group the range's root: only root and the container's
@@ -174,6 +175,11 @@ class Runtime:
         if not root.is_dir():
             return []
         return [self.get(p.name) for p in sorted(root.iterdir()) if (p / "meta.json").exists()]
+
+    def console_log(self, c: Container) -> Path:
+        """Where init's output goes: root inside can write there without end, so on the
+        tenant's own capped volume when it has one."""
+        return self._dir(c.name) / ("data/console.log" if c.disk is not None else "console.log")
 
     def _cgroup_plan(self, c: Container) -> cgroups.CgroupPlan:
         layout = cgroups.detect(mountinfo.current())
@@ -383,7 +389,7 @@ class Runtime:
                     mode=0o600,
                 )
                 undo.push(self.runc.delete, name)
-                pid = self.runc.create(cdir, name, cdir / "console.log")
+                pid = self.runc.create(cdir, name, self.console_log(c))
                 if c.address is not None:  # before init runs, so it boots with its network
                     undo.push(network.detach, name)
                     network.attach(self.network_config(), name, IPv4Address(c.address), pid)
@@ -565,7 +571,7 @@ class Runtime:
             raise RuntimeFailure(
                 f"container {name!r} booted {status or 'nothing'}"
                 + (f" (failed units: {units})" if units else ""),
-                f"see `journalctl` inside, or {self._dir(name) / 'console.log'}",
+                f"see `journalctl` inside, or {self.console_log(self.get(name))}",
             )
         pid = self.state(name).pid
         while not _docker_ping(pid):

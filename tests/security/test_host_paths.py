@@ -9,6 +9,7 @@ import json
 import os
 import pwd
 import socket
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,7 +122,7 @@ def test_host_users_reach_nothing_of_a_tenant(
             "dev/net-tun",
             "meta.json",
             "config.json",
-            "console.log",
+            "data/console.log",
         )
     ]
     paths.append(hostd.state_dir / "images" / "default")
@@ -135,6 +136,16 @@ def test_host_users_reach_nothing_of_a_tenant(
     own = pwd.getpwnam(tenant)
     result = _probe(own.pw_uid, own.pw_gid, ops)
     assert set(result.values()) == {"EACCES"}, result
+
+
+def test_the_console_log_lies_on_the_tenants_own_volume(hostd: Hostd, tenant: str) -> None:
+    """Root inside can write to init's output without end: it must fill the tenant's capped
+    volume, never the host's state dir."""
+    cdir = hostd.state_dir / "containers" / tenant
+    log = cdir / "data/console.log"
+    assert os.stat(log).st_dev == os.stat(cdir / "data").st_dev != os.stat(cdir).st_dev
+    assert stat.S_IMODE(os.stat(log).st_mode) == 0o600
+    assert not (cdir / "console.log").exists()
 
 
 def test_device_nodes_still_work_inside(hostd: Hostd, tenant: str) -> None:

@@ -105,8 +105,16 @@ def _owner(cfg: Config) -> tuple[bool, str]:
     if problem is not None:
         return False, (f"{name} {problem}: lock it (`usermod -L -s /usr/sbin/nologin {name}`), "
                        "else it can map every tenant's IDs")  # fmt: skip
-    mine = [e for e in SubIdFiles(cfg.paths.subuid, cfg.paths.subgid).read()[0] if e.owner == name]
-    return True, (f"{name} (locked, no login) owns {len(mine)} ranges: "
+    uids, gids = SubIdFiles(cfg.paths.subuid, cfg.paths.subgid).read()
+    for entries in (uids, gids):
+        mine = [e for e in entries if e.owner == name]
+        for other in entries:
+            clash = next((m for m in mine if other.owner != name and other.overlaps(m)), None)
+            if clash is not None:
+                return False, (f"{other.owner}'s range {other.start}-{other.end} overlaps "
+                               f"tenants' IDs {clash.start}-{clash.end}: {other.owner} can map "
+                               "them with newuidmap; remove that entry")  # fmt: skip
+    return True, (f"{name} (locked, no login) owns {sum(e.owner == name for e in uids)} ranges: "
                   "tenants cannot newuidmap into their container's IDs")  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from hostd.config import Config
 from hostd.errors import HostdError
 from hostd.state import IdRangeRecord, Quota, State, Tenant, utc_now
 from hostd.subids import SubIdEntry, SubIdFiles, allocate, ensure_owner
-from runtime.containers import Runtime
+from runtime.containers import Container, Runtime
 from runtime.errors import RuntimeFailure
 from runtime.ids import RANGE_SIZE, IdRange
 from runtime.names import check_name
@@ -213,27 +213,27 @@ class Tenants:
     def _forget(self, t: Tenant, undo_add: bool = False) -> None:
         """Drop a tenant: container, then state row (in that order). A removal quarantines
         its range (the subuid entries stay, allocation skips it) until an admin releases it.
-        Undoing an add frees the range (nothing ran on it), except a container kept from
+        Undoing an add frees the range (nothing ran on it), except for a container kept from
         before it (`remove --keep-data`): that stays, with its IDs, as it was before the add."""
-        if undo_add and self._kept_before(t):
-            self.state.delete_tenant(t.user, "kept")
-            return
-        if self.runtime.exists(t.user):
+        kept = self._kept_before(t) if undo_add else None
+        if kept is None and self.runtime.exists(t.user):
             self.runtime.delete(t.user, force=True)
         if not undo_add:
             self.state.delete_tenant(t.user, "quarantined")
-            return
-        with self.subids.locked():
-            self.subids.remove(self.owner, t.range_start, RANGE_SIZE)
-        self.state.delete_tenant(t.user, "free")
+        elif kept is not None and kept.ids.start == t.range_start:
+            self.state.delete_tenant(t.user, "kept")
+        else:
+            with self.subids.locked():
+                self.subids.remove(self.owner, t.range_start, RANGE_SIZE)
+            self.state.delete_tenant(t.user, "free")
 
-    def _kept_before(self, t: Tenant) -> bool:
-        """Whether t's container existed before t was (re-)added."""
+    def _kept_before(self, t: Tenant) -> Container | None:
+        """t's container if it existed before t was (re-)added: not the add's to delete."""
         try:
-            made = self.runtime.get(t.user).created
+            c = self.runtime.get(t.user)
         except RuntimeFailure:
-            return False
-        return datetime.fromisoformat(made) < datetime.fromisoformat(t.created)
+            return None
+        return c if datetime.fromisoformat(c.created) < datetime.fromisoformat(t.created) else None
 
     def remove(self, user: str, keep_data: bool = False, progress: Progress = _quiet) -> None:
         """Stop and forget a tenant. Without `keep_data` its files go and its IDs are

@@ -27,6 +27,7 @@ from runtime.names import check_name
 from runtime.network import NetworkConfig, host_nameservers
 
 MAIN = Path("/etc/hostd/hostd.toml")
+ID_OWNER = "hostd-ids"  # the locked system account tenants' ranges are registered under
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,14 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class SubIdConfig:
-    """Where users' ID ranges may be allocated: [min, max], `count` IDs each."""
+    """Where users' ID ranges may be allocated: [min, max], `count` IDs each, registered in
+    the subuid/subgid files under `owner`, an account no human acts as (never the tenant: then
+    newuidmap would let them become their container's root on the host)."""
 
     min: int
     max: int
     count: int
+    owner: str = ID_OWNER
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,12 @@ def _image(value: Any) -> str:
 def _group(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", value):
         raise ValueError('use a group name like "hostd-admin"')
+    return value
+
+
+def _account(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
+        raise ValueError(f'use a system account name like "{ID_OWNER}"')
     return value
 
 
@@ -278,6 +288,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "min": _Key(100000, _id(MIN_START), "SUB_UID_MIN"),
         "max": _Key(600100000, _id(MIN_START), "SUB_UID_MAX"),
         "count": _Key(RANGE_SIZE, _count),
+        "owner": _Key(ID_OWNER, _account),
     },
     "users": {
         "admin_group": _Key("hostd-admin", _group),

@@ -72,6 +72,8 @@ class Daemon:
         prepare_state_dir(cfg.paths.state_dir)
         self.state = State(cfg.paths.state_dir / "hostd.db")
         self.tenants = Tenants(cfg, self.state, Runtime(cfg.runtime_settings()))
+        for line in self.tenants.migrate_ranges():  # before any request can allocate a range
+            log.info("upgrade: %s", line)
         self.service = Service(self.tenants, cfg.users.admin_group)
 
     async def run(self) -> None:

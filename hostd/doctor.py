@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import pwd
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from hostd.config import Config
-from hostd.subids import SubIdFiles
+from hostd.subids import SubIdFiles, owner_problem
 from runtime import cgroups, mountinfo, proc, syscalls, volume
 from runtime.containers import prepare_state_dir
 from runtime.ids import IdRange
@@ -94,6 +95,29 @@ def _subids(cfg: Config) -> tuple[bool, str]:
                   f"hostd allocates in {cfg.subids.min}-{cfg.subids.max}")  # fmt: skip
 
 
+def _owner(cfg: Config) -> tuple[bool, str]:
+    name = cfg.subids.owner
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        return True, f"{name} does not exist yet: hostd creates it (a locked system account)"
+    problem = owner_problem(pw, cfg.users.min_uid)
+    if problem is not None:
+        return False, (f"{name} {problem}: lock it (`usermod -L -s /usr/sbin/nologin {name}`), "
+                       "else it can map every tenant's IDs")  # fmt: skip
+    uids, gids = SubIdFiles(cfg.paths.subuid, cfg.paths.subgid).read()
+    for entries in (uids, gids):
+        mine = [e for e in entries if e.owner == name]
+        for other in entries:
+            clash = next((m for m in mine if other.owner != name and other.overlaps(m)), None)
+            if clash is not None:
+                return False, (f"{other.owner}'s range {other.start}-{other.end} overlaps "
+                               f"tenants' IDs {clash.start}-{clash.end}: {other.owner} can map "
+                               "them with newuidmap; remove that entry")  # fmt: skip
+    return True, (f"{name} (locked, no login) owns {sum(e.owner == name for e in uids)} ranges: "
+                  "tenants cannot newuidmap into their container's IDs")  # fmt: skip
+
+
 def _nft(_: Config) -> tuple[bool, str]:
     path = shutil.which("nft")
     if path is None:
@@ -130,6 +154,7 @@ CHECKS: tuple[tuple[str, Callable[[Config], tuple[bool, str]]], ...] = (
     ("kernel", _kernel), ("user namespaces", _userns), ("state dir", _state_dir),
     ("ID-mapped mounts", _idmap),
     ("overlay", _overlay), ("cgroups", _cgroups), ("runc", _runc), ("subuid files", _subids),
+    ("ID range owner", _owner),
     ("nftables", _nft), ("tenant DNS", _dns), ("disk quota", _disk), ("lxcfs", _lxcfs),
 )  # fmt: skip
 

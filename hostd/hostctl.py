@@ -19,6 +19,7 @@ from hostd.errors import HostdError
 from hostd.units import format_size, human_size
 from runtime.cli import add_image_commands, print_table
 from runtime.errors import RuntimeFailure
+from runtime.ids import RANGE_SIZE
 from runtime.ttyexec import relay
 
 LIMIT_FLAGS = ("cpus", "memory", "pids", "disk")
@@ -67,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
         pg.add_argument("user")
         pg.add_argument("ports")
     ports.add_parser("list")
+
+    ranges = sub.add_parser("ranges", help="subordinate ID ranges: whose, and quarantined ones")
+    ranges_sub = ranges.add_subparsers(dest="sub")  # none: list
+    ranges_sub.add_parser("list", help="every recorded range (the default)")
+    rel = ranges_sub.add_parser("release", help="let a quarantined range be handed out again")
+    rel.add_argument("start", type=int, help="first ID of the range (see `hostctl ranges`)")
 
     for verb in ("start", "stop", "restart"):
         sub.add_parser(verb, help=f"{verb} a tenant's container").add_argument("user")
@@ -169,6 +176,17 @@ def _run(args: argparse.Namespace) -> int:
             res = rpc(f"ports.{args.sub}", user=args.user, ports=args.ports)
             verb = "granted to" if res["granted"] else "revoked from"
             _print(args, res, f"ports {res['first']}-{res['last']} {verb} {args.user}")
+    elif args.cmd == "ranges":
+        if args.sub == "release":
+            r = rpc("ranges.release", start=args.start)
+            ids = f"{r['start']}-{r['start'] + RANGE_SIZE - 1}"
+            _print(args, r, f"released IDs {ids} (formerly {r['user']}'s, quarantined since "
+                            f"{r['since']}): new tenants may get them")  # fmt: skip
+        else:
+            rs = rpc("ranges.list")
+            print_table(args.json, rs, ("START", "COUNT", "USER", "STATUS", "SINCE"),
+                        [(str(r["start"]), str(RANGE_SIZE), r["user"], r["status"], r["since"])
+                         for r in rs])  # fmt: skip
     elif args.cmd in ("start", "stop", "restart"):
         _print(args, rpc(args.cmd, user=args.user), f"{args.cmd}: {args.user} done")
     elif args.cmd == "status":

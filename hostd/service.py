@@ -189,6 +189,10 @@ class Service:
                 {"first": a, "last": b, "user": u, "address": str(t.address(u))}
                 for a, b, u in t.state.port_grants()
             ]
+        if op == "ranges.list":
+            return [asdict(r) for r in t.state.ranges()]
+        if op == "ranges.release":
+            return asdict(t.release_range(int(args["start"])))
         if op == "exec":
             return self._exec(args, fds, chan, progress)
         raise HostdError(f"unknown operation {op!r}", "see `hostctl --help`")

@@ -1,4 +1,5 @@
-"""hostd's durable state: tenants, their quotas and an audit log, in one SQLite file.
+"""hostd's durable state: tenants, their quotas, whose ID range is whose, and an audit log, in one
+SQLite file.
 
 Every write is one transaction (WAL, synchronous=FULL), so `kill -9` or a power cut at any point
 leaves either the whole change or none of it. The schema is versioned by PRAGMA user_version and
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass, fields
 from datetime import UTC, datetime
@@ -68,6 +69,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             CHECK (0 < first AND first <= last AND last < 65536)
         )""",
     ),
+    (  # 3: which ID range is whose, outliving the tenant row (kept, quarantined)
+        """CREATE TABLE ranges (
+            start INTEGER PRIMARY KEY,
+            user TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('active', 'kept', 'quarantined')),
+            since TEXT NOT NULL
+        )""",
+        """INSERT INTO ranges (start, user, status, since)
+            SELECT range_start, user, 'active', created FROM tenants""",
+    ),
 )
 
 _TENANT_COLUMNS = "user, uid, gid, home, range_start, image, phase, desired, created"
@@ -86,6 +97,21 @@ def _check_phase(phase: str) -> None:
 def _check_desired(desired: str) -> None:
     if desired not in DESIRED:
         raise ValueError(f"desired state {desired!r} is not one of {DESIRED}")
+
+
+@dataclass(frozen=True)
+class IdRangeRecord:
+    """Who an ID range (65536 IDs from `start`) belongs to, and since when in this status.
+
+    A range is its tenant's (active), waits for a re-add of its user (kept: the container and
+    its data stay), or is held back after a removal until an admin releases it (quarantined),
+    so a new tenant never inherits files or namespaces of a removed one.
+    """
+
+    start: int
+    user: str
+    status: str  # active | kept | quarantined
+    since: str
 
 
 @dataclass(frozen=True)
@@ -237,6 +263,7 @@ class State:
                 "INSERT INTO quotas (user, cpus, memory, pids, disk) VALUES (?, ?, ?, ?, ?)",
                 (tenant.user, *astuple(quota)),
             )
+            _take_range(db, tenant.range_start, tenant.user)
 
     def set_phase(self, user: str, phase: str) -> None:
         _check_phase(phase)
@@ -246,9 +273,21 @@ class State:
         _check_desired(desired)
         self._change_one(user, "UPDATE tenants SET desired = ? WHERE user = ?", (desired, user))
 
-    def delete_tenant(self, user: str) -> None:
-        """Forget a tenant; its quota goes with it (ON DELETE CASCADE), its events stay."""
-        self._change_one(user, "DELETE FROM tenants WHERE user = ?", (user,))
+    def delete_tenant(self, user: str, range_to: str) -> None:
+        """Forget a tenant; its quota goes with it (ON DELETE CASCADE), its events stay. Its ID
+        range becomes `range_to`: "kept" or "quarantined", or "free" (its record goes)."""
+        if range_to not in ("kept", "quarantined", "free"):
+            raise ValueError(f"range_to {range_to!r} is not kept, quarantined or free")
+        with self._write() as db:
+            row = db.execute("SELECT range_start FROM tenants WHERE user = ?", (user,)).fetchone()
+            if row is None:
+                raise _not_a_tenant(user)
+            db.execute("DELETE FROM tenants WHERE user = ?", (user,))
+            if range_to == "free":
+                db.execute("DELETE FROM ranges WHERE start = ? AND user = ?", (row[0], user))
+            else:
+                db.execute("UPDATE ranges SET status = ?, since = ? WHERE start = ? AND user = ?",
+                           (range_to, utc_now(), row[0], user))  # fmt: skip
 
     def tenant(self, user: str) -> Tenant | None:
         with self._lock:
@@ -264,10 +303,53 @@ class State:
             return [Tenant(*row) for row in rows]
 
     def range_starts(self) -> list[int]:
-        """Every ID range handed out, whatever the tenant's phase: allocation must avoid them."""
+        """Every ID range handed out, whatever the tenant's phase, and every kept or
+        quarantined one: allocation must avoid them."""
         with self._lock:
-            rows = self._db.execute("SELECT range_start FROM tenants ORDER BY range_start")
+            rows = self._db.execute(
+                "SELECT range_start FROM tenants UNION SELECT start FROM ranges ORDER BY 1"
+            )
             return [start for (start,) in rows]
+
+    # -- ID ranges -------------------------------------------------------------------------
+
+    def ranges(self) -> list[IdRangeRecord]:
+        """Every recorded ID range, by start."""
+        with self._lock:
+            rows = self._db.execute("SELECT start, user, status, since FROM ranges ORDER BY start")
+            return [IdRangeRecord(*row) for row in rows]
+
+    def kept_range(self, user: str) -> int | None:
+        """Start of the range kept for `user` by `user remove --keep-data`, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT start FROM ranges WHERE user = ? AND status = 'kept'", (user,)
+            ).fetchone()
+        return None if row is None else int(row[0])
+
+    def keep_range(self, start: int, user: str) -> None:
+        """Record a range as kept for `user` (a container kept by an older hostd)."""
+        with self._write() as db:
+            record = _range(db, start)
+            if record is not None:
+                raise _range_in_use(record)
+            db.execute("INSERT INTO ranges (start, user, status, since) VALUES (?, ?, 'kept', ?)",
+                       (start, user, utc_now()))  # fmt: skip
+
+    def release_range(self, start: int, first: Callable[[], None]) -> IdRangeRecord:
+        """Forget a quarantined range so allocation may hand it out again; refused for a
+        range in use (active) or waiting for its user (kept). `first` runs once the range is
+        known to be releasable, before the record goes (it must be idempotent: a crash in
+        between leaves the range quarantined). Returns what was released."""
+        with self._write() as db:
+            record = _range(db, start)
+            if record is None:
+                raise HostdError(f"no ID range starts at {start}", "see `hostctl ranges`")
+            if record.status != "quarantined":
+                raise _range_in_use(record)
+            first()
+            db.execute("DELETE FROM ranges WHERE start = ?", (start,))
+            return record
 
     def quota(self, user: str) -> Quota:
         with self._lock:
@@ -372,6 +454,35 @@ class State:
 def _user_version(db: sqlite3.Connection) -> int:
     version: int = db.execute("PRAGMA user_version").fetchone()[0]
     return version
+
+
+def _range(db: sqlite3.Connection, start: int) -> IdRangeRecord | None:
+    row = db.execute("SELECT start, user, status, since FROM ranges WHERE start = ?",
+                     (start,)).fetchone()  # fmt: skip
+    return None if row is None else IdRangeRecord(*row)
+
+
+def _take_range(db: sqlite3.Connection, start: int, user: str) -> None:
+    """Make the range at `start` active for `user`: a new one, or the one kept for them."""
+    record = _range(db, start)
+    if record is None:
+        db.execute("INSERT INTO ranges (start, user, status, since) VALUES (?, ?, 'active', ?)",
+                   (start, user, utc_now()))  # fmt: skip
+    elif (record.user, record.status) == (user, "kept"):
+        db.execute("UPDATE ranges SET status = 'active', since = ? WHERE start = ?",
+                   (utc_now(), start))  # fmt: skip
+    else:
+        raise _range_in_use(record)
+
+
+def _range_in_use(r: IdRangeRecord) -> HostdError:
+    fixes = {
+        "active": f"remove the tenant first (`hostctl user remove {r.user}`)",
+        "kept": f"add {r.user} again, or add and remove them without --keep-data",
+        "quarantined": f"release it first (`hostctl ranges release {r.start}`)",
+    }
+    return HostdError(f"ID range starting at {r.start} is {r.status} for {r.user} "
+                      f"since {r.since}", fixes[r.status])  # fmt: skip
 
 
 def _not_a_tenant(user: str) -> HostdError:

@@ -1,13 +1,16 @@
 """Subordinate ID ranges in /etc/subuid and /etc/subgid: one exclusive range per tenant.
 
-Choosing a range is pure (entries in, a start out). `SubIdFiles` does the file I/O under
-shadow-utils' own lock files, so useradd, usermod, newuidmap and podman see every range hostd
-hands out, and hostd sees theirs.
+hostd registers tenants' ranges under one dedicated, locked account (`[subids] owner`), never
+the tenant's own name, so newuidmap/newgidmap refuse every real user, and useradd and usermod
+still see the ranges as taken. Choosing a range is pure (entries in, a start out). `SubIdFiles`
+does the file I/O under shadow-utils' own lock files, so useradd, usermod, newuidmap and podman
+see every range hostd hands out, and hostd sees theirs.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import stat
 import threading
@@ -18,8 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hostd.errors import HostdError
+from runtime import proc
 from runtime.ids import RANGE_SIZE
 
+NOLOGIN = "/usr/sbin/nologin"
+SHADOW = Path("/etc/shadow")
 _POLL = 0.05  # seconds between looks at a lock file someone else holds
 
 # shadow's strtoul(..., 0): leading C whitespace, optional '+', then hex, octal or decimal
@@ -53,8 +59,6 @@ def parse(text: str) -> list[SubIdEntry]:
 
 
 def allocate(
-    user: str,
-    uid: int,
     entries_uid: list[SubIdEntry],
     entries_gid: list[SubIdEntry],
     reserved: Iterable[int],
@@ -62,40 +66,70 @@ def allocate(
     hi: int,
     count: int = RANGE_SIZE,
 ) -> int:
-    """Start of `count` IDs within [lo, hi] for `user`, the same for subuid and subgid.
+    """The lowest start of `count` IDs within [lo, hi], the same for subuid and subgid, that
+    overlaps no entry of either file and no `reserved` range (starts the state records,
+    `count` IDs each, perhaps not written yet).
 
-    An existing range of the user (by name or uid) that is identical in both files, in bounds
-    and overlaps nobody else is reused, so allocating again is a no-op. Otherwise the lowest
-    start that overlaps no entry of either file (any owner: other tools' ranges count too) and
-    no `reserved` range (starts hostd has handed out, `count` IDs each, perhaps not written yet;
-    the user's own range must not be among them).
+    Entries of every owner count as taken, the new tenant's own included: a range registered
+    under the user's name (useradd gives one) is theirs to map with newuidmap, so it must never
+    become their container's.
     """
-    owners = {user, str(uid)}
-    entries = [e for e in (*entries_uid, *entries_gid) if e.count > 0]
-    held = [(s, s + count - 1) for s in reserved]
-
-    def mine(e: SubIdEntry, start: int) -> bool:
-        return e.owner in owners and e.start == start and e.count == count
-
-    for e in sorted(entries_uid, key=lambda e: e.start):
-        if mine(e, e.start) and lo <= e.start and e.end <= hi:
-            others = held + [(o.start, o.end) for o in entries if not mine(o, e.start)]
-            if any(mine(g, e.start) for g in entries_gid) and not any(
-                _overlap(e.start, e.end, s, t) for s, t in others
-            ):
-                return e.start
-
+    taken = [(s, s + count - 1) for s in reserved]
+    taken += [(e.start, e.end) for e in (*entries_uid, *entries_gid) if e.count > 0]
     start = lo
-    for s, t in sorted(held + [(e.start, e.end) for e in entries]):
+    for s, t in sorted(taken):
         if start + count - 1 < s:
             break
         start = max(start, t + 1)
     if start + count - 1 > hi:
         raise HostdError(
             f"no free subordinate ID range of {count} between {lo} and {hi}",
-            "raise SUB_UID_MAX in /etc/login.defs or [subids] max in hostd.toml",
+            "raise SUB_UID_MAX in /etc/login.defs or [subids] max in hostd.toml, "
+            "or release quarantined ranges (`hostctl ranges`)",
         )
     return start
+
+
+def ensure_owner(name: str, min_uid: int) -> bool:
+    """Make sure the owner of hostd's ranges exists as a locked system account (no home, no
+    login shell, no usable password), creating it if missing. True when it was created.
+    Refused if someone could log in or `su` as it: they could newuidmap into every tenant's
+    IDs."""
+    created = False
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        proc.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+                  "--shell", NOLOGIN, "--comment", "hostd tenant ID ranges", name],
+                 fix=f"create it by hand: useradd --system --shell {NOLOGIN} {name}")  # fmt: skip
+        pw, created = pwd.getpwnam(name), True
+    problem = owner_problem(pw, min_uid)
+    if problem is not None:
+        raise HostdError(
+            f"[subids] owner {name} {problem}: anyone who can act as it can map every tenant's IDs",
+            f"lock it (`usermod -L -s {NOLOGIN} {name}`) or set [subids] owner to another name",
+        )
+    return created
+
+
+def owner_problem(pw: pwd.struct_passwd, min_uid: int) -> str | None:
+    """Why this account is unfit to own hostd's ranges (a human could act as it), or None."""
+    if not 0 < pw.pw_uid < min_uid:
+        return f"has uid {pw.pw_uid}: not a system account (0 < uid < {min_uid})"
+    if os.path.basename(pw.pw_shell) not in ("nologin", "false"):
+        return f"has the login shell {pw.pw_shell}"
+    if _password(pw.pw_name, pw.pw_passwd)[:1] not in ("!", "*"):
+        return "has a usable or empty password"
+    return None
+
+
+def _password(name: str, passwd_field: str) -> str:
+    """The account's password hash: from /etc/shadow, else the passwd field."""
+    for line in _read(SHADOW).splitlines():
+        fields = line.split(":")
+        if fields[0] == name and len(fields) > 1:
+            return fields[1]
+    return passwd_field
 
 
 class SubIdFiles:
@@ -118,17 +152,37 @@ class SubIdFiles:
     def add(self, user: str, start: int, count: int) -> None:
         """Give `user` the range in both files; an entry already there is left as it is."""
         self._check_locked()
-        if not user or user.startswith("#") or any(c in user for c in ":\n"):
-            raise HostdError(
-                f"user name {user!r} cannot be written to {self.subuid}",
-                "use a name without ':' or newlines that does not start with '#'",
-            )
+        self._check_owner(user)
         entry = SubIdEntry(user, start, count)
         for path in (self.subuid, self.subgid):
             text = _read(path)
             if entry not in parse(text):
                 sep = "\n" if text and not text.endswith("\n") else ""
                 _replace(path, f"{text}{sep}{user}:{start}:{count}\n")
+
+    def reown(self, start: int, count: int, old: Iterable[str], new: str) -> list[Path]:
+        """Give the range's entries of any `old` owner to `new` in both files, each on its own
+        line (a duplicate of an entry `new` has already goes). Returns the files changed."""
+        self._check_locked()
+        self._check_owner(new)
+        olds = set(old) - {new}
+        changed = []
+        for path in (self.subuid, self.subgid):
+            lines = _lines(_read(path))
+            have = SubIdEntry(new, start, count) in parse("".join(lines))
+            out = []
+            for line in lines:
+                e = _entry(line.removesuffix("\n"))
+                if e is not None and e.owner in olds and (e.start, e.count) == (start, count):
+                    if have:
+                        continue
+                    end = "\n" if line.endswith("\n") else ""
+                    line, have = f"{new}:{start}:{count}{end}", True
+                out.append(line)
+            if out != lines:
+                _replace(path, "".join(out))
+                changed.append(path)
+        return changed
 
     def remove(self, user: str, start: int, count: int) -> None:
         """Take exactly this range of `user` out of both files; every other byte stays."""
@@ -163,6 +217,13 @@ class SubIdFiles:
                     if os.stat(lock).st_ino == inode:  # still ours, not taken over meanwhile
                         os.unlink(lock)
             _THREADS.release()
+
+    def _check_owner(self, owner: str) -> None:
+        if not owner or owner.startswith("#") or any(c in owner for c in ":\n"):
+            raise HostdError(
+                f"user name {owner!r} cannot be written to {self.subuid}",
+                "use a name without ':' or newlines that does not start with '#'",
+            )
 
     def _check_locked(self) -> None:
         assert self._holder == threading.get_ident(), "SubIdFiles changed outside locked()"

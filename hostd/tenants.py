@@ -3,11 +3,13 @@
 Adding a user is a transaction over three stores: the state database, /etc/subuid+subgid and
 the runtime's container directory. The state row is written first (phase `adding`, with the
 range), so a crash at any later point is repaired by `reconcile()`, and a range recorded in
-the state is never handed out again.
+the state is never handed out again until an admin releases it. The subuid/subgid entries name
+the dedicated owner (`[subids] owner`), never the tenant: the state says whose range it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pwd
@@ -22,10 +24,10 @@ from typing import Any
 from hostd import passwd
 from hostd.config import Config
 from hostd.errors import HostdError
-from hostd.state import Quota, State, Tenant, utc_now
-from hostd.subids import SubIdFiles, allocate
+from hostd.state import IdRangeRecord, Quota, State, Tenant, utc_now
+from hostd.subids import SubIdEntry, SubIdFiles, allocate, ensure_owner
 from runtime import inside
-from runtime.containers import Runtime
+from runtime.containers import Container, Runtime
 from runtime.errors import RuntimeFailure
 from runtime.ids import RANGE_SIZE, IdRange
 from runtime.names import check_name
@@ -83,6 +85,7 @@ class Tenants:
         self.state = state
         self.runtime = runtime
         self.subids = SubIdFiles(config.paths.subuid, config.paths.subgid)
+        self.owner = config.subids.owner  # who the ranges are registered under
         self.network = runtime.network_config()
         self._alloc = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
@@ -143,28 +146,33 @@ class Tenants:
             if self.state.tenant(user) is not None:
                 raise HostdError(f"{user} is already a tenant", "see `hostctl user show`")
             with self._alloc, self.subids.locked():
-                uids, gids = self.subids.read()
-                cfg = self.config.subids
-                start = allocate(user, pw.pw_uid, uids, gids, self.state.range_starts(),
-                                 cfg.min, cfg.max, RANGE_SIZE)  # fmt: skip
+                kept = self.state.kept_range(user)
+                start = kept if kept is not None else self._allocate()
                 tenant = Tenant(user, pw.pw_uid, pw.pw_gid, pw.pw_dir, start, image,
                                 "adding", "stopped", utc_now())  # fmt: skip
                 self.state.begin_add(tenant, quota)
                 try:
-                    self.subids.add(user, start, RANGE_SIZE)
+                    self.subids.add(self.owner, start, RANGE_SIZE)
                 except BaseException:
-                    self.state.delete_tenant(user)
+                    self.state.delete_tenant(user, "free" if kept is None else "kept")
                     raise
             try:
                 progress(f"creating the container ({RANGE_SIZE} IDs from {start})")
                 self._create_container(tenant, pw, quota)
             except BaseException:
-                self._forget(tenant, spare_kept=True)
+                self._forget(tenant, undo_add=True)
                 raise
             self.state.set_phase(user, "ready")
             self.state.log_event(user, f"add image={image} range={start}")
             log.info("added tenant %s (IDs %s)", user, IdRange(start))
             return replace(tenant, phase="ready")
+
+    def _allocate(self) -> int:
+        """A fresh range: free in both files and in the state (quarantined ones included).
+        Call with the subuid files locked."""
+        uids, gids = self.subids.read()
+        cfg = self.config.subids
+        return allocate(uids, gids, self.state.range_starts(), cfg.min, cfg.max, RANGE_SIZE)
 
     def _create_container(self, t: Tenant, pw: pwd.struct_passwd, quota: Quota) -> None:
         ids = IdRange(t.range_start)
@@ -204,36 +212,40 @@ class Tenants:
         st = os.statvfs(self.config.paths.state_dir)
         return st.f_blocks * st.f_frsize
 
-    def _forget(self, t: Tenant, spare_kept: bool = False) -> None:
-        """Drop a tenant: container, subordinate IDs, state row (in that order). Undoing an
-        add (`spare_kept`), a container kept from before it (`remove --keep-data`) stays, with
-        its IDs, as it was before the add."""
-        if spare_kept and self._kept_before(t):
-            self.state.delete_tenant(t.user)
-            return
-        if self.runtime.exists(t.user):
+    def _forget(self, t: Tenant, undo_add: bool = False) -> None:
+        """Drop a tenant: container, then state row (in that order). A removal quarantines
+        its range (the subuid entries stay, allocation skips it) until an admin releases it.
+        Undoing an add frees the range (nothing ran on it), except for a container kept from
+        before it (`remove --keep-data`): that stays, with its IDs, as it was before the add."""
+        kept = self._kept_before(t) if undo_add else None
+        if kept is None and self.runtime.exists(t.user):
             self.runtime.delete(t.user, force=True)
-        with self.subids.locked():
-            self.subids.remove(t.user, t.range_start, RANGE_SIZE)
-        self.state.delete_tenant(t.user)
+        if not undo_add:
+            self.state.delete_tenant(t.user, "quarantined")
+        elif kept is not None and kept.ids.start == t.range_start:
+            self.state.delete_tenant(t.user, "kept")
+        else:
+            with self.subids.locked():
+                self.subids.remove(self.owner, t.range_start, RANGE_SIZE)
+            self.state.delete_tenant(t.user, "free")
 
-    def _kept_before(self, t: Tenant) -> bool:
-        """Whether t's container existed before t was (re-)added."""
+    def _kept_before(self, t: Tenant) -> Container | None:
+        """t's container if it existed before t was (re-)added: not the add's to delete."""
         try:
-            made = self.runtime.get(t.user).created
+            c = self.runtime.get(t.user)
         except RuntimeFailure:
-            return False
-        return datetime.fromisoformat(made) < datetime.fromisoformat(t.created)
+            return None
+        return c if datetime.fromisoformat(c.created) < datetime.fromisoformat(t.created) else None
 
     def remove(self, user: str, keep_data: bool = False, progress: Progress = _quiet) -> None:
-        """Stop and forget a tenant. Without `keep_data` its files go, then its IDs are
-        released; with it, container and IDs stay reserved for a later `add`."""
+        """Stop and forget a tenant. Without `keep_data` its files go and its IDs are
+        quarantined; with it, container and IDs stay reserved for a later `add`."""
         with self._lock(user):
             t = self.get(user)
             if keep_data:
                 progress("stopping the container")
                 self._stop_container(user)
-                self.state.delete_tenant(user)
+                self.state.delete_tenant(user, "kept")
             else:
                 self.state.set_phase(user, "removing")  # a crash from here on is finished later
                 progress("stopping the container")
@@ -411,6 +423,59 @@ class Tenants:
             image=t.image,
         )
 
+    # -- ID ranges -------------------------------------------------------------------------
+
+    def release_range(self, start: int) -> IdRangeRecord:
+        """Let allocation hand a quarantined range out again (an admin's decision): its
+        subuid/subgid entries go, then its record."""
+        with self._alloc, self.subids.locked():
+            return self.state.release_range(
+                start, lambda: self.subids.remove(self.owner, start, RANGE_SIZE)
+            )
+
+    def migrate_ranges(self) -> list[str]:
+        """Bring an installation from before the dedicated owner up to date, once, at start:
+        create the owner, record ranges of containers kept by `remove --keep-data`, and give
+        every recorded range's entries under the user's own name (or uid), which newuidmap
+        would let the user map, to the owner. Idempotent; returns what was done."""
+        done = []
+        if ensure_owner(self.owner, self.config.users.min_uid):
+            done.append(f"created the locked system account {self.owner} for tenants' ID ranges")
+        with self._alloc, self.subids.locked():
+            done += self._record_kept_containers()
+            for r in self.state.ranges():
+                if self.subids.reown(r.start, RANGE_SIZE, self._legacy_owners(r.user), self.owner):
+                    what = f"IDs {IdRange(r.start)} of {r.user} moved to owner {self.owner}"
+                    self.state.log_event(r.user, what)
+                    done.append(f"{what} in {self.subids.subuid} and {self.subids.subgid}")
+        return done
+
+    def _record_kept_containers(self) -> list[str]:
+        """Record as kept the ranges of containers an older hostd kept (no tenant row, an
+        entry under the container's user in subuid); call with the subuid files locked."""
+        uids, _ = self.subids.read()
+        recorded = {r.start for r in self.state.ranges()}
+        tenants = {t.user for t in self.state.tenants()}
+        done = []
+        for c in self.runtime.containers():
+            start = c.ids.start
+            if c.name in tenants or start in recorded:
+                continue
+            if any(SubIdEntry(o, start, RANGE_SIZE) in uids for o in self._legacy_owners(c.name)):
+                self.state.keep_range(start, c.name)
+                done.append(f"recorded IDs {c.ids} as kept for {c.name}")
+        return done
+
+    def _legacy_owners(self, user: str) -> set[str]:
+        """How an older hostd named `user` in subuid/subgid: by name, or by uid."""
+        owners = {user}
+        tenant = self.state.tenant(user)
+        if tenant is not None:
+            owners.add(str(tenant.uid))
+        with contextlib.suppress(KeyError):
+            owners.add(str(pwd.getpwnam(user).pw_uid))
+        return owners - {self.owner}
+
     # -- crash repair ----------------------------------------------------------------------
 
     def reconcile(self) -> list[str]:
@@ -420,7 +485,7 @@ class Tenants:
         done = self._reattach()
         for t in self.state.tenants():
             if t.phase == "adding":
-                self._forget(t, spare_kept=True)
+                self._forget(t, undo_add=True)
                 done.append(f"rolled back the interrupted add of {t.user}")
             elif t.phase == "removing":
                 self._stop_container(t.user)

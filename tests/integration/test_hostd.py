@@ -17,6 +17,7 @@ import pytest
 
 from hostd.api import Channel
 from hostd.client import request
+from hostd.config import ID_OWNER
 from hostd.errors import HostdError
 from hostd.state import Quota, State, Tenant, utc_now
 from hostd.subids import parse
@@ -32,9 +33,15 @@ def _tenant_rows(h: Hostd) -> dict[str, tuple[int, str]]:
 
 
 def _subuid_owners(h: Hostd) -> dict[str, int]:
+    """The range each user may use (active or kept): in the subuid/subgid files under hostd's
+    own owner, and the state's record of whose it is. Quarantined ranges count for nobody."""
     text = h.subuid.read_text() if h.subuid.exists() else ""
     assert text == (h.subgid.read_text() if h.subgid.exists() else "")
-    return {e.owner: e.start for e in parse(text)}
+    entries = parse(text)
+    assert {e.owner for e in entries} <= {ID_OWNER}
+    with sqlite3.connect(h.state_dir / "hostd.db") as db:
+        rows = db.execute("SELECT user, start FROM ranges WHERE status != 'quarantined'")
+        return {u: s for u, s in rows if s in {e.start for e in entries}}
 
 
 def _assert_gone(h: Hostd, user: str) -> None:
@@ -295,7 +302,7 @@ def test_doctor(hostd: Hostd) -> None:
     assert lines[0].split() == ["CHECK", "STATUS", "DETAIL"]
     names = [line.split("  ")[0] for line in lines[1:]]
     assert names == ["kernel", "user namespaces", "state dir", "ID-mapped mounts", "overlay",
-                     "cgroups", "runc", "subuid files", "nftables", "tenant DNS",
+                     "cgroups", "runc", "subuid files", "ID range owner", "nftables", "tenant DNS",
                      "disk quota", "lxcfs"]  # fmt: skip
     assert "tenants use 10.231.64.1 (configured)" in res.stdout
     assert res.returncode == 0, res.stdout

@@ -87,7 +87,7 @@ def test_hostd_and_usermod_see_each_others_ranges(etc: Path) -> None:
     with files.locked():
         uid_entries, gid_entries = files.read()
         assert uid_entries == gid_entries == [SubIdEntry("alice", 100000, RANGE_SIZE)]
-        start = allocate("bob", 1001, uid_entries, gid_entries, [], 100000, 600100000)
+        start = allocate(uid_entries, gid_entries, [], 100000, 600100000)
         assert start == 165536
         files.add("bob", start, RANGE_SIZE)
 

@@ -216,6 +216,7 @@ def test_bad_value_names_file_key_value_and_fix(files: Files) -> None:
         ("subids", "min = -1", "from 65536 to"),
         ("subids", 'min = "100000"', "from 65536 to"),
         ("subids", "max = 4294967295", "from 65536 to 4294967294"),
+        ("subids", 'owner = "Hostd:ids"', "system account name"),
         ("users", "min_uid = 0", "from 1 to"),
         ("users", "min_uid = true", "from 1 to"),
         ("users", 'admin_group = "hostd admins"', "group name"),

@@ -154,6 +154,7 @@ def test_phase_and_desired_updates(db: State) -> None:
         lambda s: make_tenant("bob", 1, phase="nope"),
         lambda s: make_tenant("bob", 1, desired="nope"),
         lambda s: s.events(limit=-1),
+        lambda s: s.delete_tenant("alice", "released"),
     ],
 )
 def test_invalid_values_are_programming_errors(db: State, call: object) -> None:
@@ -167,7 +168,7 @@ def test_invalid_values_are_programming_errors(db: State, call: object) -> None:
     [
         lambda s: s.set_phase("bob", "ready"),
         lambda s: s.set_desired("bob", "stopped"),
-        lambda s: s.delete_tenant("bob"),
+        lambda s: s.delete_tenant("bob", "free"),
         lambda s: s.quota("bob"),
         lambda s: s.set_quota("bob", Quota()),
     ],
@@ -180,13 +181,116 @@ def test_unknown_user_is_reported(db: State, call: object) -> None:
 def test_delete_cascades_quota_and_frees_the_range(db: State) -> None:
     db.begin_add(make_tenant("alice", 100000), Quota(disk=10 << 30))
     db.log_event("alice", "add")
-    db.delete_tenant("alice")
+    db.delete_tenant("alice", "free")
     assert db.tenant("alice") is None
     assert db.range_starts() == []
+    assert db.ranges() == []
     with raw(db.path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM quotas").fetchone()[0] == 0
     assert [e[1:] for e in db.events()] == [("alice", "add")]  # the audit log outlives tenants
     db.begin_add(make_tenant("alice", 100000), Quota())
+
+
+def _statuses(db: State) -> list[tuple[int, str, str]]:
+    return [(r.start, r.user, r.status) for r in db.ranges()]
+
+
+def test_a_range_is_active_then_kept_or_quarantined_or_freed(db: State) -> None:
+    for user, start in [("alice", 100000), ("bob", 165536), ("carol", 231072)]:
+        db.begin_add(make_tenant(user, start), Quota())
+    assert _statuses(db) == [(100000, "alice", "active"), (165536, "bob", "active"),
+                             (231072, "carol", "active")]  # fmt: skip
+    db.delete_tenant("alice", "kept")
+    db.delete_tenant("bob", "quarantined")
+    db.delete_tenant("carol", "free")
+    assert _statuses(db) == [(100000, "alice", "kept"), (165536, "bob", "quarantined")]
+    assert db.range_starts() == [100000, 165536]  # allocation avoids both
+    assert db.kept_range("alice") == 100000
+    assert db.kept_range("bob") is None
+
+
+def test_a_kept_range_is_adopted_only_by_its_user(db: State) -> None:
+    db.begin_add(make_tenant("alice", 100000), Quota())
+    db.delete_tenant("alice", "kept")
+    with pytest.raises(HostdError) as info:
+        db.begin_add(make_tenant("bob", 100000), Quota())
+    assert str(info.value).startswith("ID range starting at 100000 is kept for alice since ")
+    assert db.tenant("bob") is None  # the whole add was rolled back
+    with raw(db.path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM quotas").fetchone()[0] == 0
+    db.begin_add(make_tenant("alice", 100000), Quota())
+    assert _statuses(db) == [(100000, "alice", "active")]
+    assert db.kept_range("alice") is None
+
+
+def test_a_quarantined_range_is_never_taken_even_by_its_old_user(db: State) -> None:
+    db.begin_add(make_tenant("alice", 100000), Quota())
+    db.delete_tenant("alice", "quarantined")
+    fix = r"release it first \(`hostctl ranges release 100000`\)"
+    for user in ("alice", "bob"):
+        with pytest.raises(HostdError, match=f"is quarantined for alice since .*: {fix}"):
+            db.begin_add(make_tenant(user, 100000), Quota())
+    assert db.tenants() == []
+
+
+def test_release_refuses_ranges_in_use_and_runs_first_before_forgetting(db: State) -> None:
+    db.begin_add(make_tenant("alice", 100000), Quota())
+    db.begin_add(make_tenant("bob", 165536), Quota())
+    db.delete_tenant("bob", "kept")
+    ran: list[int] = []
+    refusals = [
+        (100000, "is active for alice since .*: remove the tenant first"),
+        (165536, "is kept for bob since .*: add bob again"),
+        (300000, "^no ID range starts at 300000: see `hostctl ranges`$"),
+    ]
+    for start, message in refusals:
+        with pytest.raises(HostdError, match=message):
+            db.release_range(start, lambda: ran.append(start))  # noqa: B023 (runs at once)
+    assert ran == []
+
+    db.delete_tenant("alice", "quarantined")
+
+    def fail() -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        db.release_range(100000, fail)
+    assert _statuses(db) == [(100000, "alice", "quarantined"), (165536, "bob", "kept")]
+    released = db.release_range(100000, lambda: ran.append(100000))
+    assert (released.start, released.user, released.status) == (100000, "alice", "quarantined")
+    assert ran == [100000]
+    assert _statuses(db) == [(165536, "bob", "kept")]
+    db.begin_add(make_tenant("carol", 100000), Quota())  # allocatable again
+
+
+def test_keep_range_records_a_container_kept_by_an_older_hostd(db: State) -> None:
+    db.keep_range(100000, "alice")
+    assert db.kept_range("alice") == 100000
+    with pytest.raises(HostdError, match="is kept for alice"):
+        db.keep_range(100000, "bob")
+
+
+def test_migration_3_records_every_tenants_range_as_active(db_path: Path) -> None:
+    """An installation from before the ranges table: each tenant's range becomes active."""
+    with raw(db_path) as conn:
+        for statements in MIGRATIONS[:2]:
+            for sql in statements:
+                conn.execute(sql)
+        conn.execute("PRAGMA user_version = 2")
+        for user, start, phase in [("alice", 100000, "ready"), ("bob", 165536, "removing")]:
+            conn.execute(
+                "INSERT INTO tenants VALUES (?, 1000, 1000, '/home/x', ?, 'default', ?,"
+                " 'running', '2024-01-01T00:00:00+00:00')",
+                (user, start, phase),
+            )
+    with State(db_path) as s:
+        assert s.schema_version == len(MIGRATIONS)
+        assert [(r.start, r.user, r.status, r.since) for r in s.ranges()] == [
+            (100000, "alice", "active", "2024-01-01T00:00:00+00:00"),
+            (165536, "bob", "active", "2024-01-01T00:00:00+00:00"),
+        ]
+        s.delete_tenant("bob", "quarantined")  # reconcile finishing bob's removal
+        assert [r.status for r in s.ranges()] == ["active", "quarantined"]
 
 
 def test_tenants_and_ranges_cover_every_phase_in_order(db: State) -> None:
@@ -329,7 +433,7 @@ def test_address_slots_are_stable_lowest_free_and_freed_with_the_tenant(db: Stat
         db.begin_add(make_tenant(user, 100000 + i * 65536), Quota())
     assert [db.address_index(u) for u in ("a", "b", "c")] == [0, 1, 2]
     assert db.address_index("b") == 1  # kept
-    db.delete_tenant("b")
+    db.delete_tenant("b", "quarantined")
     db.begin_add(make_tenant("d", 400000), Quota())
     assert db.address_index("d") == 1  # the freed slot is reused
     with pytest.raises(HostdError, match="is not a tenant"):
@@ -348,7 +452,7 @@ def test_port_grants_never_overlap_and_go_with_the_tenant(db: State) -> None:
     assert db.port_grants() == [(20000, 20009, "a"), (20010, 20010, "b")]
     with pytest.raises(HostdError, match="has no grant of ports 20000-20001"):
         db.revoke_ports("a", 20000, 20001)
-    db.delete_tenant("a")
+    db.delete_tenant("a", "kept")
     assert db.port_grants() == [(20010, 20010, "b")]
     db.revoke_ports("b", 20010, 20010)
     assert db.port_grants() == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pwd
 import subprocess
 import threading
 import time
@@ -14,8 +15,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hostd import subids
 from hostd.errors import HostdError
-from hostd.subids import SubIdEntry, SubIdFiles, allocate, parse
+from hostd.subids import SubIdEntry, SubIdFiles, allocate, owner_problem, parse
 from runtime.ids import RANGE_SIZE
 
 USER, UID = "alice", 1000
@@ -25,20 +27,11 @@ SPACE = 80
 entry_lists = st.lists(
     st.builds(
         SubIdEntry,
-        owner=st.sampled_from(["bob", "carol", "1001", "podman-user"]),
+        owner=st.sampled_from([USER, str(UID), "hostd-ids", "bob", "podman-user"]),
         start=st.one_of(st.integers(0, SPACE), st.integers(0, SPACE // 4).map(lambda n: 4 * n)),
         count=st.one_of(st.integers(1, 12), st.sampled_from([4, 8])),
     ),
     max_size=8,
-)
-own_entries = st.lists(
-    st.builds(
-        SubIdEntry,
-        owner=st.sampled_from([USER, str(UID)]),
-        start=st.integers(0, SPACE),
-        count=st.sampled_from([COUNT, COUNT + 1]),
-    ),
-    max_size=3,
 )
 reserved_starts = st.lists(st.integers(0, SPACE), max_size=4)
 bounds = st.integers(0, 20).flatmap(lambda lo: st.tuples(st.just(lo), st.integers(lo - 1, SPACE)))
@@ -67,90 +60,59 @@ def test_allocate_takes_lowest_free_start_or_says_it_is_full(
     expected = _lowest_free(_spans(uid_entries + gid_entries, reserved), lo, hi)
     if expected is None:
         with pytest.raises(HostdError, match=f"no free subordinate ID range of {COUNT} between"):
-            allocate(USER, UID, uid_entries, gid_entries, reserved, lo, hi, COUNT)
+            allocate(uid_entries, gid_entries, reserved, lo, hi, COUNT)
     else:
-        assert allocate(USER, UID, uid_entries, gid_entries, reserved, lo, hi, COUNT) == expected
+        assert allocate(uid_entries, gid_entries, reserved, lo, hi, COUNT) == expected
 
 
-@given(entry_lists, entry_lists, own_entries, own_entries, reserved_starts, bounds)
-def test_allocate_never_overlaps_others_and_is_idempotent(
+@given(entry_lists, entry_lists, reserved_starts, bounds)
+def test_allocate_never_overlaps_any_owner_and_fills_the_space_with_distinct_ranges(
     uid_entries: list[SubIdEntry],
     gid_entries: list[SubIdEntry],
-    own_uid: list[SubIdEntry],
-    own_gid: list[SubIdEntry],
     reserved: list[int],
     lo_hi: tuple[int, int],
 ) -> None:
     lo, hi = lo_hi
-    uid_entries, gid_entries = uid_entries + own_uid, gid_entries + own_gid
-    try:
-        start = allocate(USER, UID, uid_entries, gid_entries, reserved, lo, hi, COUNT)
-    except HostdError:
-        return
-    got = SubIdEntry(USER, start, COUNT)
-    assert lo <= got.start and got.end <= hi
-    others = [
-        e
-        for e in _spans(uid_entries + gid_entries, reserved)
-        if not (e.owner in (USER, str(UID)) and (e.start, e.count) == (start, COUNT))
-    ]
-    assert not any(got.overlaps(e) for e in others)
-
-    again = allocate(USER, UID, uid_entries + [got], gid_entries + [got], reserved, lo, hi, COUNT)
-    assert again == start
+    given_out: list[int] = []
+    while True:  # each allocation is recorded before the next, as hostd's state does
+        try:
+            start = allocate(uid_entries, gid_entries, reserved + given_out, lo, hi, COUNT)
+        except HostdError:
+            break
+        got = SubIdEntry("hostd-ids", start, COUNT)
+        assert lo <= got.start and got.end <= hi
+        assert not any(got.overlaps(e) for e in _spans(uid_entries + gid_entries, reserved))
+        assert not any(got.overlaps(SubIdEntry("", s, COUNT)) for s in given_out)
+        given_out.append(start)
+    assert len(given_out) <= (hi - lo + 1) // COUNT
 
 
-def test_allocate_reuses_a_range_useradd_gave_by_name_or_uid() -> None:
-    bob = SubIdEntry("bob", 100000, RANGE_SIZE)
+def test_allocate_never_hands_out_the_users_own_range() -> None:
+    """useradd gives a user a range under their name: theirs to newuidmap, so never their
+    container's (the old hostd reused it, which made the tenant root of their container)."""
     for owner in (USER, str(UID)):
-        mine = SubIdEntry(owner, 165536, RANGE_SIZE)
-        entries = [bob, mine]
-        assert allocate(USER, UID, entries, entries, [], 100000, 600100000) == 165536
-
-
-@pytest.mark.parametrize(
-    ("uid_entry", "gid_entry", "why"),
-    [
-        (SubIdEntry(USER, 165536, RANGE_SIZE), None, "missing from subgid"),
-        (SubIdEntry(USER, 165536, RANGE_SIZE), SubIdEntry(USER, 231072, RANGE_SIZE), "differs"),
-        (SubIdEntry(USER, 165536, 1000), SubIdEntry(USER, 165536, 1000), "too small"),
-        (SubIdEntry(USER, 10000, RANGE_SIZE), SubIdEntry(USER, 10000, RANGE_SIZE), "below lo"),
-        (
-            SubIdEntry(USER, 140000, RANGE_SIZE),
-            SubIdEntry(USER, 140000, RANGE_SIZE),
-            "overlaps bob",
-        ),
-    ],
-)
-def test_allocate_does_not_reuse_an_unfit_range(
-    uid_entry: SubIdEntry, gid_entry: SubIdEntry | None, why: str
-) -> None:
-    bob = SubIdEntry("bob", 100000, RANGE_SIZE)
-    uid = [bob, uid_entry]
-    gid = [bob] + ([gid_entry] if gid_entry else [])
-    start = allocate(USER, UID, uid, gid, [], 100000, 600100000)
-    assert start != uid_entry.start, why
-    new = SubIdEntry(USER, start, RANGE_SIZE)
-    assert not any(new.overlaps(e) for e in uid + gid)
+        mine = SubIdEntry(owner, 100000, RANGE_SIZE)
+        assert allocate([mine], [mine], [], 100000, 600100000) == 165536
 
 
 def test_allocate_fills_a_gap_of_exactly_one_range() -> None:
     taken = [SubIdEntry("bob", 100000, RANGE_SIZE), SubIdEntry("carol", 231072, RANGE_SIZE)]
-    assert allocate(USER, UID, taken, taken, [], 100000, 600100000) == 165536
+    assert allocate(taken, taken, [], 100000, 600100000) == 165536
 
 
 def test_allocate_skips_reserved_ranges_and_foreign_gid_entries() -> None:
     gid = [SubIdEntry("podman", 100000, RANGE_SIZE)]
-    assert allocate(USER, UID, [], gid, [165536], 100000, 600100000) == 231072
+    assert allocate([], gid, [165536], 100000, 600100000) == 231072
 
 
 def test_allocate_in_a_full_space_names_the_limits_and_the_fix() -> None:
     full = [SubIdEntry("bob", 100000, RANGE_SIZE)]
     with pytest.raises(HostdError) as err:
-        allocate(USER, UID, full, full, [], 100000, 231070)
+        allocate(full, full, [], 100000, 231070)
     assert str(err.value) == (
         "no free subordinate ID range of 65536 between 100000 and 231070: "
-        "raise SUB_UID_MAX in /etc/login.defs or [subids] max in hostd.toml"
+        "raise SUB_UID_MAX in /etc/login.defs or [subids] max in hostd.toml, "
+        "or release quarantined ranges (`hostctl ranges`)"
     )
 
 
@@ -282,6 +244,69 @@ def test_changes_outside_locked_are_refused(files: SubIdFiles) -> None:
     assert not files.subuid.exists()
 
 
+def test_reown_moves_only_that_range_in_place(files: SubIdFiles) -> None:
+    text = (
+        "# kept\n"
+        "alice:100000:65536\n"  # alice's own (useradd's): stays hers
+        "alice:165536:65536\n"  # her container's, from an old hostd
+        "bob:231072:65536\n"
+        "1000:296608:65536"  # by uid, last line without a newline
+    )
+    _write_both(files, text.encode())
+    with files.locked():
+        assert files.reown(165536, RANGE_SIZE, {USER, str(UID)}, "hostd-ids") == [
+            files.subuid,
+            files.subgid,
+        ]
+        files.reown(296608, RANGE_SIZE, {USER, str(UID)}, "hostd-ids")
+        inode = files.subuid.stat().st_ino
+        assert files.reown(165536, RANGE_SIZE, {USER, str(UID)}, "hostd-ids") == []
+    assert files.subuid.stat().st_ino == inode  # done already: not rewritten
+    expected = (
+        "# kept\n"
+        "alice:100000:65536\n"
+        "hostd-ids:165536:65536\n"
+        "bob:231072:65536\n"
+        "hostd-ids:296608:65536"
+    )
+    assert files.subuid.read_text() == files.subgid.read_text() == expected
+
+
+def test_reown_drops_a_line_the_new_owner_has_already(files: SubIdFiles) -> None:
+    files.subuid.write_text("hostd-ids:165536:65536\nalice:165536:65536\n")
+    files.subgid.write_text("alice:165536:65536\n")
+    with files.locked():
+        assert files.reown(165536, RANGE_SIZE, {USER}, "hostd-ids") == [
+            files.subuid,
+            files.subgid,
+        ]
+    assert files.subuid.read_text() == files.subgid.read_text() == "hostd-ids:165536:65536\n"
+
+
+@pytest.mark.parametrize(
+    ("uid", "shell", "shadow", "problem"),
+    [
+        (998, "/usr/sbin/nologin", "owner:!:20787::::::", None),  # as useradd --system makes it
+        (998, "/bin/false", "owner:*:19000:0:99999:7:::", None),
+        (998, "/usr/sbin/nologin", "owner:$6$salt$hash:19000::::::", "usable or empty password"),
+        (998, "/usr/sbin/nologin", "owner::19000::::::", "usable or empty password"),
+        (998, "/usr/sbin/nologin", "", "usable or empty password"),  # passwd's "x", no shadow
+        (998, "/bin/bash", "owner:!:19000::::::", "has the login shell /bin/bash"),
+        (0, "/usr/sbin/nologin", "owner:!:19000::::::", "has uid 0: not a system account"),
+        (1000, "/usr/sbin/nologin", "owner:!:19000::::::", "has uid 1000: not a system account"),
+    ],
+)
+def test_owner_problem_names_what_would_let_someone_act_as_the_owner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uid: int, shell: str, shadow: str,
+    problem: str | None,
+) -> None:  # fmt: skip
+    (tmp_path / "shadow").write_text(f"root:*:19000::::::\n{shadow}\n")
+    monkeypatch.setattr(subids, "SHADOW", tmp_path / "shadow")
+    pw = pwd.struct_passwd(("owner", "x", uid, uid, "", "/nonexistent", shell))
+    found = owner_problem(pw, 1000)
+    assert found is None if problem is None else problem in str(found)
+
+
 @pytest.mark.parametrize("name", ["", "a:b", "a\nb", "#a"])
 def test_names_that_would_break_the_file_are_refused(files: SubIdFiles, name: str) -> None:
     with files.locked(), pytest.raises(HostdError, match="cannot be written to"):
@@ -388,11 +413,11 @@ def test_threads_of_one_process_take_turns(tmp_path: Path) -> None:
     assert events == ["first out", "second in"]
 
 
-def _allocate_and_add(subuid: str, subgid: str, user: str, uid: int) -> int:
+def _allocate_and_add(subuid: str, subgid: str, user: str) -> int:
     files = SubIdFiles(Path(subuid), Path(subgid))
     with files.locked():
         uid_entries, gid_entries = files.read()
-        start = allocate(user, uid, uid_entries, gid_entries, [], 100000, 600100000)
+        start = allocate(uid_entries, gid_entries, [], 100000, 600100000)
         time.sleep(0.01)  # widen the window a lost update would need
         files.add(user, start, RANGE_SIZE)
     return start
@@ -401,7 +426,7 @@ def _allocate_and_add(subuid: str, subgid: str, user: str, uid: int) -> int:
 def test_concurrent_adders_get_disjoint_ranges(files: SubIdFiles) -> None:
     header = b"# shared with useradd\nbob:100000:65536\n"
     _write_both(files, header)
-    jobs = [(str(files.subuid), str(files.subgid), f"user{i}", 2000 + i) for i in range(10)]
+    jobs = [(str(files.subuid), str(files.subgid), f"user{i}") for i in range(10)]
     with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
         starts = pool.starmap(_allocate_and_add, jobs)
     assert len(set(starts)) == 10

@@ -231,8 +231,14 @@ def ruleset(cfg: NetworkConfig, grants: Sequence[PortGrant] = ()) -> str:
 # before the bridge or the host's IP stack does. A verdict map sends the frames of each
 # tenant's veth to that port's own chain, which passes only its MAC with its IPv4 address
 # (in ARP too) and drops the rest: another tenant's address or MAC, IPv6, other ethertypes.
-# attach pins a port before the veth joins the bridge; detach removes the pin. (No
-# `meta ibrname` on kernels without CONFIG_NFT_BRIDGE_META: the map is keyed by port name.)
+# The bridge's ports are told from other hostd bridges' by their interface group (kernels
+# without CONFIG_NFT_BRIDGE_META have no `meta ibrname`): a port of the group that has no
+# pin passes nothing. attach pins a port before the veth joins the bridge; detach unpins it.
+
+
+def port_group(cfg: NetworkConfig) -> int:
+    """Interface group of the bridge's ports: from its name, never 0 (the default group)."""
+    return int.from_bytes(_digest(f"group {cfg.bridge}")[:4], "big") % 0x7FFFFFFF + 1
 
 
 def _port_chain(container: str) -> str:
@@ -241,14 +247,15 @@ def _port_chain(container: str) -> str:
 
 def bridge_ruleset(cfg: NetworkConfig) -> str:
     """The bridge-family table. Applying it again keeps the ports already pinned."""
-    table = f"bridge {cfg.nft_table}"
+    table, group = f"bridge {cfg.nft_table}", port_group(cfg)
     return (
         f"table {table} {{\n"
         "\tmap ports { type ifname : verdict; }\n"
         "\tchain prerouting { type filter hook prerouting priority filter; policy accept; }\n"
         "}\n"
         f"flush chain {table} prerouting\n"
-        f"add rule {table} prerouting iifname vmap @ports\n"
+        f"add rule {table} prerouting iifgroup {group} iifname vmap @ports\n"
+        f"add rule {table} prerouting iifgroup {group} drop\n"
     )
 
 
@@ -498,6 +505,7 @@ def attach(cfg: NetworkConfig, container: str, address: IPv4Address, netns_pid: 
                 "add",
                 ifname=host,
                 kind="veth",
+                group=port_group(cfg),
                 peer={"ifname": TENANT_IF, "address": mac, "net_ns_pid": netns_pid},
             )
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -251,6 +252,23 @@ def test_a_tenant_with_a_forged_mac_reaches_nothing_until_it_puts_its_own_back(
     frames = pair.recorder.until(b"legit-3")
     assert FORGED_MAC not in {f.src_mac for f in frames}
     assert not any(b"spoof-link" in f.raw for f in frames)
+
+
+def test_a_port_without_its_pin_passes_nothing(pair: Pair) -> None:
+    """Fail closed: a port of the bridge whose pin is gone (flushed by hand, say) drops
+    everything until attach pins it again."""
+    veth = network.veth_name(pair.a.container)
+    assert int(Path(f"/sys/class/net/{veth}/netdev_group").read_text()) == network.port_group(CFG)
+    run("nft", "delete", "element", "bridge", CFG.nft_table, "ports", f'{{ "{veth}" }}')
+    pair.send(pair.legit(b"unpinned"))
+    subprocess.run(
+        ["nft", "-f", "-"],
+        input=network.pin_script(CFG, pair.a.container, pair.a.address).encode(),
+        check=True,
+    )
+    pair.send(pair.legit(b"legit-4"))
+    frames = pair.recorder.until(b"legit-4")
+    assert not any(b"unpinned" in f.raw for f in frames)
 
 
 def test_tenants_keep_their_normal_traffic(pair: Pair) -> None:

@@ -20,6 +20,7 @@ from runtime.network import (
     host_nameservers,
     host_services,
     pin_script,
+    port_group,
     resolv_conf,
     ruleset,
     tenant_mac,
@@ -173,9 +174,11 @@ def test_bridge_table_sends_each_port_to_its_own_chain() -> None:
     assert text.startswith("table bridge hostd {\n")
     assert "map ports { type ifname : verdict; }" in text
     assert "type filter hook prerouting priority filter; policy accept;" in text
-    assert text.splitlines()[-2:] == [
+    group = port_group(CFG)
+    assert text.splitlines()[-3:] == [
         "flush chain bridge hostd prerouting",
-        "add rule bridge hostd prerouting iifname vmap @ports",
+        f"add rule bridge hostd prerouting iifgroup {group} iifname vmap @ports",
+        f"add rule bridge hostd prerouting iifgroup {group} drop",  # a port without a pin
     ]
     assert "delete" not in text  # applied again (new grants), it keeps the pinned ports
 
@@ -193,6 +196,13 @@ def test_a_port_passes_only_its_own_mac_with_its_own_address() -> None:
         f"add rule {chain} drop",  # other addresses, IPv6, other ethertypes, VLAN tags
         f'add element bridge hostd ports {{ "{veth}" : jump port_{veth} }}',
     ]
+
+
+def test_port_groups_are_per_bridge_and_never_the_default() -> None:
+    groups = {port_group(NetworkConfig(bridge=f"hostd{i}")) for i in range(1000)}
+    assert len(groups) == 1000
+    assert all(0 < g < 2**31 for g in groups)
+    assert port_group(CFG) == port_group(NetworkConfig(bridge="hostd0", subnet="10.9.0.0/16"))
 
 
 def test_pins_are_for_tenant_addresses_only() -> None:

@@ -538,12 +538,19 @@ def attach(cfg: NetworkConfig, container: str, address: IPv4Address, netns_pid: 
 
 
 def attached(cfg: NetworkConfig, container: str) -> bool:
-    """Whether the container's host veth exists and is a port of the bridge."""
+    """Whether the container's host veth exists and is a pinned port of the bridge (a veth
+    attached by an earlier version, without group and pin, is not: re-attach it)."""
     with IPRoute() as ipr:
         bridge, host = _index(ipr, cfg.bridge), _index(ipr, veth_name(container))
         if bridge is None or host is None:
             return False
-        return bool(ipr.get_links(host)[0].get_attr("IFLA_MASTER") == bridge)
+        link = ipr.get_links(host)[0]
+        if link.get_attr("IFLA_MASTER") != bridge or link.get_attr("IFLA_GROUP") != port_group(cfg):
+            return False
+    nft = proc.require("nft", "nftables")
+    element = f'{{ "{veth_name(container)}" }}'
+    get = [nft, "get", "element", "bridge", cfg.nft_table, "ports", element]
+    return proc.run(get, check=False).returncode == 0
 
 
 def _configure_tenant(netns_pid: int, address: IPv4Address, gw: IPv4Interface) -> None:

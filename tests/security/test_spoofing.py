@@ -260,15 +260,27 @@ def test_a_port_without_its_pin_passes_nothing(pair: Pair) -> None:
     veth = network.veth_name(pair.a.container)
     assert int(Path(f"/sys/class/net/{veth}/netdev_group").read_text()) == network.port_group(CFG)
     run("nft", "delete", "element", "bridge", CFG.nft_table, "ports", f'{{ "{veth}" }}')
+    assert not network.attached(CFG, pair.a.container)  # reconcile re-attaches it
     pair.send(pair.legit(b"unpinned"))
     subprocess.run(
         ["nft", "-f", "-"],
         input=network.pin_script(CFG, pair.a.container, pair.a.address).encode(),
         check=True,
     )
+    assert network.attached(CFG, pair.a.container)
     pair.send(pair.legit(b"legit-4"))
     frames = pair.recorder.until(b"legit-4")
     assert not any(b"unpinned" in f.raw for f in frames)
+
+
+def test_a_port_attached_without_a_group_is_attached_again(pair: Pair) -> None:
+    """A veth of an earlier version (no group, no pin) passes everything: reconcile must see
+    it as unattached, and attach then pins it."""
+    a = pair.a
+    run("ip", "link", "set", network.veth_name(a.container), "group", "default")
+    assert not network.attached(CFG, a.container)
+    attach(CFG, a.container, a.address, a.pid)
+    assert network.attached(CFG, a.container)
 
 
 def test_tenants_keep_their_normal_traffic(pair: Pair) -> None:

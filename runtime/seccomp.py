@@ -8,8 +8,11 @@ file handles, keyrings), and neither systemd nor an inner dockerd needs it. Most
 in the user namespace; the filter takes that decision away from every future kernel check.
 Kept on purpose: name_to_handle_at (systemd reads mount IDs with it), reboot (systemd halts
 a pid namespace with it), seccomp (the inner Docker filters its own containers), unshare and
-mount (inner runc). Mount of a given filesystem type cannot be told apart by seccomp (the
-type is a pointer): the user namespace decides that.
+mount (inner runc), adjtimex and clock_adjtime (timedatectl reads the clock state with them;
+setting it needs CAP_SYS_TIME of the host), personality (gdb turns off ASLR with it; the
+MMAP_PAGE_ZERO flag still meets mmap_min_addr) and move_pages (ptrace-checked, own processes).
+Mount of a given filesystem type cannot be told apart by seccomp (the type is a pointer):
+the user namespace decides that.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from hostd.config import Config
 from hostd.subids import SubIdFiles, owner_problem
-from runtime import cgroups, mountinfo, proc, syscalls, volume
+from runtime import cgroups, mountinfo, proc, seccomp, syscalls, volume
 from runtime.containers import prepare_state_dir
 from runtime.ids import IdRange
 from runtime.userns import user_namespace
@@ -150,12 +150,30 @@ def _lxcfs(_: Config) -> tuple[bool, str]:
     return True, proc.run(["lxcfs", "--version"], check=False).stdout.strip() or "installed"
 
 
+def _seccomp(cfg: Config) -> tuple[bool, str]:
+    actions = Path("/proc/sys/kernel/seccomp/actions_avail")
+    if not actions.exists() or "errno" not in actions.read_text().split():
+        return False, "the kernel has no seccomp filters: use one with CONFIG_SECCOMP_FILTER=y"
+    runc = shutil.which(cfg.runtime.runc)
+    if runc is None or "libseccomp" not in proc.run([runc, "--version"], check=False).stdout:
+        return False, "runc is built without libseccomp: install Debian's runc"
+    return True, f"default profile ({len(seccomp.denied())} syscalls denied)"
+
+
+def _apparmor(_: Config) -> tuple[bool, str]:
+    enabled = Path("/sys/module/apparmor/parameters/enabled")
+    if not enabled.exists() or enabled.read_text().strip() != "Y":
+        return True, "not enabled on this kernel"
+    return True, "enabled; tenants get no AppArmor profile (seccomp and their user namespace)"
+
+
 CHECKS: tuple[tuple[str, Callable[[Config], tuple[bool, str]]], ...] = (
     ("kernel", _kernel), ("user namespaces", _userns), ("state dir", _state_dir),
     ("ID-mapped mounts", _idmap),
     ("overlay", _overlay), ("cgroups", _cgroups), ("runc", _runc), ("subuid files", _subids),
     ("ID range owner", _owner),
     ("nftables", _nft), ("tenant DNS", _dns), ("disk quota", _disk), ("lxcfs", _lxcfs),
+    ("seccomp", _seccomp), ("apparmor", _apparmor),
 )  # fmt: skip
 
 

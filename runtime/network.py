@@ -225,15 +225,87 @@ def ruleset(cfg: NetworkConfig, grants: Sequence[PortGrant] = ()) -> str:
     return f"table inet {cfg.nft_table} {{\n{body}}}\n"
 
 
+# -- MAC and address pinning per bridge port (nft bridge family) -----------------------------
+#
+# A table of the family `bridge`, named as the inet one, sees every frame a port brings in,
+# before the bridge or the host's IP stack does. A verdict map sends the frames of each
+# tenant's veth to that port's own chain, which passes only its MAC with its IPv4 address
+# (in ARP too) and drops the rest: another tenant's address or MAC, IPv6, other ethertypes.
+# The bridge's ports are told from other hostd bridges' by their interface group (kernels
+# without CONFIG_NFT_BRIDGE_META have no `meta ibrname`): a port of the group that has no
+# pin passes nothing. attach pins a port before the veth joins the bridge; detach unpins it.
+
+
+def port_group(cfg: NetworkConfig) -> int:
+    """Interface group of the bridge's ports: from its name, never 0 (the default group)."""
+    return int.from_bytes(_digest(f"group {cfg.bridge}")[:4], "big") % 0x7FFFFFFF + 1
+
+
+def _port_chain(container: str) -> str:
+    return f"port_{veth_name(container)}"
+
+
+def bridge_ruleset(cfg: NetworkConfig) -> str:
+    """The bridge-family table. Applying it again keeps the ports already pinned."""
+    table, group = f"bridge {cfg.nft_table}", port_group(cfg)
+    return (
+        f"table {table} {{\n"
+        "\tmap ports { type ifname : verdict; }\n"
+        "\tchain prerouting { type filter hook prerouting priority filter; policy accept; }\n"
+        "}\n"
+        f"flush chain {table} prerouting\n"
+        f"add rule {table} prerouting iifgroup {group} iifname vmap @ports\n"
+        f"add rule {table} prerouting iifgroup {group} drop\n"
+    )
+
+
+def pin_script(cfg: NetworkConfig, container: str, address: IPv4Address) -> str:
+    """Pin the container's port to its MAC and address (replacing an earlier pin)."""
+    cfg.check_tenant_address(address)
+    veth, mac, chain = veth_name(container), tenant_mac(container), _port_chain(container)
+    rules = (
+        f"ether saddr != {mac} drop",
+        f"arp saddr ether {mac} arp saddr ip {address} accept",
+        f"ip saddr {address} accept",
+        "drop",
+    )
+    path = f"bridge {cfg.nft_table} {chain}"
+    return (
+        f"add chain {path}\nflush chain {path}\n"
+        + "".join(f"add rule {path} {rule}\n" for rule in rules)
+        + f'add element bridge {cfg.nft_table} ports {{ "{veth}" : jump {chain} }}\n'
+    )
+
+
+def unpin_script(tables: Sequence[str], container: str) -> str:
+    """Remove the container's pin from each bridge table, whether it is there or not."""
+    veth, chain = veth_name(container), _port_chain(container)
+    return "".join(
+        f"add chain bridge {t} {chain}\n"
+        f'add element bridge {t} ports {{ "{veth}" : jump {chain} }}\n'
+        f'delete element bridge {t} ports {{ "{veth}" }}\n'
+        f"delete chain bridge {t} {chain}\n"
+        for t in tables
+    )
+
+
 def _nft(script: str, fix: str) -> None:
     nft = proc.require("nft", "nftables")
     proc.run([nft, "-f", "-"], input=script.encode(), fix=fix)
 
 
-def _table_script(table: str, text: str = "") -> str:
+def _bridge_tables() -> list[str]:
+    """The project's bridge-family tables (of every hostd on this host)."""
+    nft = proc.require("nft", "nftables")
+    out = proc.run([nft, "list", "tables", "bridge"], fix="check `nft list tables`").stdout
+    names = (line.split()[-1] for line in out.splitlines() if line.startswith("table bridge "))
+    return [name for name in names if _TABLE.fullmatch(name)]
+
+
+def _table_script(table: str, text: str = "", family: str = "inet") -> str:
     """One transaction: create the table if missing (so that deleting it cannot fail),
     delete it, load `text` (none: the table is removed)."""
-    return f"table inet {table}\ndelete table inet {table}\n{text}"
+    return f"table {family} {table}\ndelete table {family} {table}\n{text}"
 
 
 # -- the host's own services ----------------------------------------------------------------
@@ -340,7 +412,7 @@ def setup_host(cfg: NetworkConfig, grants: Sequence[PortGrant] = ()) -> bool:
         try:
             # The table first: no tenant packet is ever forwarded without it.
             _nft(
-                _table_script(cfg.nft_table, text),
+                _table_script(cfg.nft_table, text) + bridge_ruleset(cfg),
                 "the kernel needs nf_tables with nat, fib and conntrack (modprobe nft_fib_inet)",
             )
             _ensure_bridge(ipr, cfg)
@@ -389,7 +461,10 @@ def _remove_host(ipr: Any, cfg: NetworkConfig) -> None:
         index = _index(ipr, cfg.bridge)
         if index is not None:
             ipr.link("del", index=index)
-    _nft(_table_script(cfg.nft_table), f"check `nft list table inet {cfg.nft_table}`")
+    _nft(
+        _table_script(cfg.nft_table) + _table_script(cfg.nft_table, family="bridge"),
+        f"check `nft list tables | grep {cfg.nft_table}`",
+    )
 
 
 def teardown_host(cfg: NetworkConfig) -> None:
@@ -411,7 +486,8 @@ def attach(cfg: NetworkConfig, container: str, address: IPv4Address, netns_pid: 
     `address`, lo up, default route via the bridge. The host end is an isolated bridge port
     that learns nothing and floods nothing; a static FDB entry and a permanent neighbour
     entry pin the tenant's MAC and address, so another tenant cannot take over its traffic
-    by claiming its address. Replaces an earlier attachment; undone if it fails half-way."""
+    by claiming its address, and the bridge table drops what the port sends from another
+    MAC or address. Replaces an earlier attachment; undone if it fails half-way."""
     cfg.check_tenant_address(address)
     host, mac, gw = veth_name(container), tenant_mac(container), cfg.bridge_address()
     with IPRoute() as ipr:
@@ -429,9 +505,11 @@ def attach(cfg: NetworkConfig, container: str, address: IPv4Address, netns_pid: 
                 "add",
                 ifname=host,
                 kind="veth",
+                group=port_group(cfg),
                 peer={"ifname": TENANT_IF, "address": mac, "net_ns_pid": netns_pid},
             )
         try:
+            _nft(pin_script(cfg, container, address), "run `hostctl doctor` (nftables)")
             with _as_failure(f"cannot attach {container} to {cfg.bridge}", "check `ip link`"):
                 index = _index(ipr, host)
                 ipr.link("set", index=index, master=bridge)
@@ -460,12 +538,19 @@ def attach(cfg: NetworkConfig, container: str, address: IPv4Address, netns_pid: 
 
 
 def attached(cfg: NetworkConfig, container: str) -> bool:
-    """Whether the container's host veth exists and is a port of the bridge."""
+    """Whether the container's host veth exists and is a pinned port of the bridge (a veth
+    attached by an earlier version, without group and pin, is not: re-attach it)."""
     with IPRoute() as ipr:
         bridge, host = _index(ipr, cfg.bridge), _index(ipr, veth_name(container))
         if bridge is None or host is None:
             return False
-        return bool(ipr.get_links(host)[0].get_attr("IFLA_MASTER") == bridge)
+        link = ipr.get_links(host)[0]
+        if link.get_attr("IFLA_MASTER") != bridge or link.get_attr("IFLA_GROUP") != port_group(cfg):
+            return False
+    nft = proc.require("nft", "nftables")
+    element = f'{{ "{veth_name(container)}" }}'
+    get = [nft, "get", "element", "bridge", cfg.nft_table, "ports", element]
+    return proc.run(get, check=False).returncode == 0
 
 
 def _configure_tenant(netns_pid: int, address: IPv4Address, gw: IPv4Interface) -> None:
@@ -512,8 +597,9 @@ def _helper_main(netns_pid: str, interface: str, gateway: str) -> int:
 
 
 def detach(container: str) -> None:
-    """Delete the container's host veth (its peer goes with it) and the neighbour entry
-    pinning its address. Safe to call when either is already gone."""
+    """Delete the container's host veth (its peer goes with it), the neighbour entry
+    pinning its address and its port's pin in every bridge table of the project. Safe to
+    call when any of them is already gone."""
     mac = tenant_mac(container)
     with IPRoute() as ipr, _as_failure(f"cannot detach {container}", "check `ip link`"):
         index = _index(ipr, veth_name(container))
@@ -530,6 +616,9 @@ def detach(container: str) -> None:
             for entry in ipr.get_neighbours(family=socket.AF_INET, ifindex=bridge):
                 if str(entry.get_attr("NDA_LLADDR")).lower() == mac:
                     ipr.neigh("del", ifindex=bridge, dst=entry.get_attr("NDA_DST"))
+    tables = _bridge_tables()
+    if tables:
+        _nft(unpin_script(tables, container), "check `nft list tables bridge`")
 
 
 if __name__ == "__main__":

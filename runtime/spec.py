@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import platform
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from runtime import seccomp
 from runtime.ids import IdRange
 
 # Every capability of kernel 6.x, by number. Inside the user namespace they only act on
@@ -115,6 +117,7 @@ class ContainerSpec:
     cpu_set: str | None = None  # cpuset.cpus, from Limits.cpu_set
     init: tuple[str, ...] = ("/sbin/init",)
     env: tuple[str, ...] = ("container=hostd",)
+    machine: str = field(default_factory=platform.machine)  # picks the seccomp ABIs
 
 
 def _tmpfs(dest: str, options: tuple[str, ...]) -> dict[str, Any]:
@@ -207,6 +210,7 @@ def build_config(spec: ContainerSpec) -> dict[str, Any]:
             "resources": _resources(spec),
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
+            "seccomp": seccomp.profile(spec.machine),
         },
     }
 

@@ -16,11 +16,15 @@ from runtime.network import (
     IFNAMSIZ,
     NetworkConfig,
     PortGrant,
+    bridge_ruleset,
     host_nameservers,
     host_services,
+    pin_script,
+    port_group,
     resolv_conf,
     ruleset,
     tenant_mac,
+    unpin_script,
     veth_name,
 )
 
@@ -142,20 +146,87 @@ def test_port_ranges_are_checked(first: int, last: int) -> None:
         PortGrant(first, last, A)
 
 
-def test_nft_accepts_the_ruleset() -> None:
+def nft_check(script: str) -> None:
     """`nft -c` needs CAP_NET_ADMIN: check in a throwaway user and network namespace."""
     if shutil.which("nft") is None or shutil.which("unshare") is None:
         pytest.skip("nft or unshare missing: apt-get install nftables util-linux")
     probe = subprocess.run(["unshare", "-U", "-r", "-n", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"no unprivileged user namespaces: {probe.stderr.decode().strip()}")
+    done = subprocess.run(
+        ["unshare", "-U", "-r", "-n", "nft", "-c", "-f", "-"],
+        input=script.encode(),
+        capture_output=True,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+
+
+def test_nft_accepts_the_ruleset() -> None:
     for cfg, grants in ((CFG, ()), (NetworkConfig(dns=("10.213.0.1",)), GRANTS)):
-        done = subprocess.run(
-            ["unshare", "-U", "-r", "-n", "nft", "-c", "-f", "-"],
-            input=ruleset(cfg, grants).encode(),
-            capture_output=True,
-        )
-        assert done.returncode == 0, done.stderr.decode()
+        nft_check(ruleset(cfg, grants))
+
+
+# -- MAC and address pinning per bridge port ---------------------------------------------------
+
+
+def test_bridge_table_sends_each_port_to_its_own_chain() -> None:
+    text = bridge_ruleset(CFG)
+    assert text.startswith("table bridge hostd {\n")
+    assert "map ports { type ifname : verdict; }" in text
+    assert "type filter hook prerouting priority filter; policy accept;" in text
+    group = port_group(CFG)
+    assert text.splitlines()[-3:] == [
+        "flush chain bridge hostd prerouting",
+        f"add rule bridge hostd prerouting iifgroup {group} iifname vmap @ports",
+        f"add rule bridge hostd prerouting iifgroup {group} drop",  # a port without a pin
+    ]
+    assert "delete" not in text  # applied again (new grants), it keeps the pinned ports
+
+
+def test_a_port_passes_only_its_own_mac_with_its_own_address() -> None:
+    mac, veth = tenant_mac("alice"), veth_name("alice")
+    lines = pin_script(CFG, "alice", A).splitlines()
+    chain = f"bridge hostd port_{veth}"
+    assert lines == [
+        f"add chain {chain}",
+        f"flush chain {chain}",  # a re-attach with a new address replaces the old rules
+        f"add rule {chain} ether saddr != {mac} drop",
+        f"add rule {chain} arp saddr ether {mac} arp saddr ip 10.213.0.2 accept",
+        f"add rule {chain} ip saddr 10.213.0.2 accept",
+        f"add rule {chain} drop",  # other addresses, IPv6, other ethertypes, VLAN tags
+        f'add element bridge hostd ports {{ "{veth}" : jump port_{veth} }}',
+    ]
+
+
+def test_port_groups_are_per_bridge_and_never_the_default() -> None:
+    groups = {port_group(NetworkConfig(bridge=f"hostd{i}")) for i in range(1000)}
+    assert len(groups) == 1000
+    assert all(0 < g < 2**31 for g in groups)
+    assert port_group(CFG) == port_group(NetworkConfig(bridge="hostd0", subnet="10.9.0.0/16"))
+
+
+def test_pins_are_for_tenant_addresses_only() -> None:
+    with pytest.raises(RuntimeFailure, match="not a tenant address"):
+        pin_script(CFG, "alice", IPv4Address("10.213.0.1"))
+
+
+def test_unpin_removes_the_port_from_every_table_present_or_not() -> None:
+    veth = veth_name("alice")
+    assert unpin_script([], "alice") == ""
+    text = unpin_script(["hostd", "hostd_test"], "alice")
+    for table in ("hostd", "hostd_test"):
+        assert f'delete element bridge {table} ports {{ "{veth}" }}' in text
+        assert f"delete chain bridge {table} port_{veth}" in text
+    # created first in the same transaction, so that deleting cannot fail
+    assert text.index(f"add chain bridge hostd port_{veth}") < text.index("delete chain")
+
+
+def test_nft_accepts_the_bridge_table_pins_and_unpins() -> None:
+    nft_check(
+        bridge_ruleset(CFG) + bridge_ruleset(CFG)
+        + pin_script(CFG, "alice", A) + pin_script(CFG, "alice", A) + pin_script(CFG, "bob", B)
+        + unpin_script(["hostd"], "alice") + unpin_script(["hostd"], "carol")
+    )  # fmt: skip
 
 
 # -- names and addresses -----------------------------------------------------------------------

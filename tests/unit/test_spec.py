@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from runtime import seccomp
 from runtime.ids import MAX_ID, MIN_START, RANGE_SIZE, IdRange
 from runtime.spec import CAPABILITIES, Bind, ContainerSpec, Limits, build_config, tty_process
 
@@ -222,3 +223,17 @@ def test_cpu_set_has_ceil_cpus_spread_by_seed(
 def test_cpu_set_lands_in_the_resources() -> None:
     res = build_config(make_spec(cpu_set="2,3"))["linux"]["resources"]
     assert res["cpu"] == {"cpus": "2,3"}
+
+
+def test_the_default_seccomp_profile_of_the_machine_is_applied() -> None:
+    linux = build_config(make_spec(machine="x86_64"))["linux"]
+    assert linux["seccomp"] == seccomp.profile("x86_64")
+    assert "SCMP_ARCH_X86" in linux["seccomp"]["architectures"]
+    assert build_config(make_spec(machine="aarch64"))["linux"]["seccomp"] == seccomp.profile(
+        "aarch64"
+    )
+
+
+def test_the_profile_does_not_need_no_new_privileges() -> None:
+    """setuid programs (sudo, su) inside keep working under the filter."""
+    assert build_config(make_spec())["process"]["noNewPrivileges"] is False

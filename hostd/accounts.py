@@ -220,7 +220,7 @@ def authorized_keys(pw: pwd.struct_passwd, timeout: float = KEYS_TIMEOUT) -> str
     try:
         proc.stdin.write(_script())  # a few KB: fits in the pipe, never blocks
         proc.stdin.close()
-        out = _collect(proc.stdout.fileno(), deadline, authkeys.MAX_SIZE + 4096)
+        out = read_capped(proc.stdout.fileno(), deadline, authkeys.MAX_SIZE + 4096)
         if out is not None:
             proc.wait(max(deadline - time.monotonic(), 0.01))
     except (subprocess.TimeoutExpired, BrokenPipeError):
@@ -252,7 +252,7 @@ def _script() -> bytes:
     return Path(authkeys.__file__).read_bytes()
 
 
-def _collect(fd: int, deadline: float, limit: int) -> bytes | None:
+def read_capped(fd: int, deadline: float, limit: int) -> bytes | None:
     """Everything until end of file on `fd`, or None if it takes too long or exceeds `limit`."""
     out = bytearray()
     with selectors.DefaultSelector() as sel:

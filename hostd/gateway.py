@@ -47,7 +47,7 @@ T = TypeVar("T")
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 FAILURE_WINDOW = 60.0  # seconds over which failed attempts per source are counted
-AUTH_WORKERS = 4  # threads for authentication work (one per source at a time)
+AUTH_WORKERS = 8  # threads for authentication work (one per source at a time)
 WRONG = "\b\n\r\177INCORRECT"  # PAM's password for refused names: no password is this (sshd's)
 SIGNALS = {name: getattr(signal, f"SIG{name}") for name in ("INT", "TERM", "HUP", "KILL", "QUIT",
                                                             "USR1", "USR2")}  # fmt: skip

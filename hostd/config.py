@@ -94,7 +94,11 @@ class GatewaySettings:
     enabled: bool
     listen: tuple[str, int]  # host, port
     password_auth: bool  # through PAM (service "hostd"); keys only when false
-    max_failures: int  # failed logins per source address per minute before it is refused
+    max_failures: int  # failed attempts per source address per minute before it is refused
+    max_auth_tries: int  # names and credentials tried per connection before it is closed
+    login_grace: float  # seconds a connection has to log in
+    max_unauthenticated: int  # connections not logged in yet, from all sources
+    max_unauthenticated_per_source: int  # the same, from one source address
 
 
 @dataclass(frozen=True)
@@ -306,6 +310,10 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "listen": _Key("0.0.0.0:2222", _listen),
         "password_auth": _Key(False, _bool),
         "max_failures": _Key(10, _id(1)),
+        "max_auth_tries": _Key(6, _id(1)),
+        "login_grace": _Key(20.0, _seconds),
+        "max_unauthenticated": _Key(64, _id(1)),
+        "max_unauthenticated_per_source": _Key(8, _id(1)),
     },
     "limits": {
         "cpus": _Key(None, _cpus),

@@ -1,11 +1,16 @@
 """The SSH gateway: users `ssh -p 2222 alice@host` and land in their own container.
 
 asyncssh runs in hostd's event loop. Authentication uses the user's ~/.ssh/authorized_keys on
-the host (asyncssh enforces from=, command=, no-pty, restrict and the other options) and, when
-enabled, passwords through PAM. Sessions run inside the container as the user's own account:
-a shell or command on a pty of the container's devpts, an exec request on pipes (separate
-stdout and stderr, exit status, signals), the sftp subsystem (the container's sftp-server, so
-scp works too), and -L forwarding to addresses inside the container's network namespace.
+the host, read as the user by a child process (hostd.accounts; asyncssh enforces from=,
+command=, no-pty, restrict and the other options) and, when enabled, passwords through PAM;
+then the PAM account stage (locked or expired accounts stay out) and the login shell (nologin).
+Before authentication nothing tells who exists, no blocking work runs on the event loop, and
+connections, attempts and time are capped per source and in all.
+
+Sessions run inside the container as the user's own account: a shell or command on a pty of
+the container's devpts, an exec request on pipes (separate stdout and stderr, exit status,
+signals), the sftp subsystem (the container's sftp-server, so scp works too), and -L
+forwarding to addresses inside the container's network namespace.
 """
 
 from __future__ import annotations
@@ -17,16 +22,18 @@ import logging
 import os
 import pwd
 import signal
-import stat
 import time
-from collections import defaultdict, deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncssh
 from asyncssh.constants import EXTENDED_DATA_STDERR
 
+from hostd import accounts
 from hostd.config import GatewaySettings
 from hostd.service import PASSED_ENV
 from hostd.tenants import Tenants
@@ -36,48 +43,111 @@ from runtime.proc import child_env
 from runtime.ttyexec import TtyProcess
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
-PAM_SERVICE = "hostd"
-FAILURE_WINDOW = 60.0  # seconds over which failed logins per source are counted
+FAILURE_WINDOW = 60.0  # seconds over which failed attempts per source are counted
+AUTH_WORKERS = 8  # threads for authentication work (one per source at a time)
+WRONG = "\b\n\r\177INCORRECT"  # PAM's password for refused names: no password is this (sshd's)
 SIGNALS = {name: getattr(signal, f"SIG{name}") for name in ("INT", "TERM", "HUP", "KILL", "QUIT",
                                                             "USR1", "USR2")}  # fmt: skip
 
 
 class FailureLimiter:
-    """Failed logins per source address in a sliding minute."""
+    """Failed attempts per source address in a sliding minute."""
 
     def __init__(self, limit: int, window: float = FAILURE_WINDOW) -> None:
         self.limit, self.window = limit, window
-        self._failures: defaultdict[str, deque[float]] = defaultdict(deque)
+        self._failures: dict[str, deque[float]] = {}
 
     def _recent(self, source: str) -> deque[float]:
-        times = self._failures[source]
+        times = self._failures.get(source, deque())
         while times and times[0] < time.monotonic() - self.window:
             times.popleft()
+        if not times:  # forget quiet sources: the table stays as small as the attack
+            self._failures.pop(source, None)
         return times
 
     def blocked(self, source: str) -> bool:
         return len(self._recent(source)) >= self.limit
 
     def failed(self, source: str) -> None:
-        self._recent(source).append(time.monotonic())
+        times = self._recent(source)
+        times.append(time.monotonic())
+        self._failures[source] = times
 
 
-def read_authorized_keys(pw: pwd.struct_passwd) -> str | None:
-    """The user's authorized_keys, if it is safe to trust (as sshd's StrictModes)."""
-    path = Path(pw.pw_dir) / ".ssh" / "authorized_keys"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+class PreauthSlots:
+    """Connections that have not logged in yet, capped in all and per source address, so a
+    flood from one source cannot take the places of others (sshd's MaxStartups, per source)."""
+
+    def __init__(self, total: int, per_source: int) -> None:
+        self.total, self.per_source = total, per_source
+        self._used: Counter[str] = Counter()
+
+    def take(self, source: str) -> str | None:
+        """Take a place for `source`, or say why there is none."""
+        if self._used[source] >= self.per_source:
+            return f"{self.per_source} connections from it are already logging in"
+        if self._used.total() >= self.total:
+            return f"{self.total} connections are already logging in"
+        self._used[source] += 1
         return None
-    with os.fdopen(fd) as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, pw.pw_uid) or st.st_mode & 0o022:
-            log.warning("ignoring %s: must be a file owned by %s, not writable by others",
-                        path, pw.pw_name)  # fmt: skip
-            return None
-        return f.read()
+
+    def give_back(self, source: str) -> None:
+        self._used[source] -= 1
+        if self._used[source] <= 0:
+            del self._used[source]
+
+
+class SourceQueue:
+    """Blocking authentication work (NSS, PAM, the key reader) in a bounded pool, one job at a
+    time per source address: a source that floods waits for itself, never for others' turns.
+    A turn ends when the work ends, even if the client gave up waiting for it."""
+
+    def __init__(self, workers: int) -> None:
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="hostd-auth")
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    async def run(self, source: str, work: Callable[[], T]) -> T:
+        lock, users = self._locks.get(source) or (asyncio.Lock(), 0)
+        self._locks[source] = (lock, users + 1)
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._leave(source)
+            raise
+        loop = asyncio.get_running_loop()
+        job = self._pool.submit(work)
+        job.add_done_callback(lambda _: self._done(loop, source))
+        return await asyncio.wrap_future(job)
+
+    def _done(self, loop: asyncio.AbstractEventLoop, source: str) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: hostd is stopping
+            loop.call_soon_threadsafe(self._release, source)
+
+    def _release(self, source: str) -> None:
+        self._locks[source][0].release()
+        self._leave(source)
+
+    def _leave(self, source: str) -> None:
+        lock, users = self._locks[source]
+        if users == 1:
+            del self._locks[source]
+        else:
+            self._locks[source] = (lock, users - 1)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What hostd found out about a login name before any credential is checked."""
+
+    keys: asyncssh.SSHAuthorizedKeys | None  # those its authorized_keys allows
+    refusal: str | None  # why no credential can succeed (logged, never told the client)
+    unavailable: str | None  # what a session says instead of running (nologin shell)
 
 
 class _Session(asyncssh.SSHServerProcess[bytes]):
@@ -100,64 +170,117 @@ class _Session(asyncssh.SSHServerProcess[bytes]):
 
 
 class _Server(asyncssh.SSHServer):
+    """One client connection: every name gets the same treatment before authentication (the
+    same methods, no banner, the same work in a worker), the real reason is logged only."""
+
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
         self.conn: asyncssh.SSHServerConnection | None = None
         self.source = "?"
         self.user = ""
+        self.admission: Admission | None = None
+        self.pending = False  # holds a pre-auth slot
+        self.tries = 0  # names and credentials tried on this connection
+        self.failures = 0  # failed passwords, each counted against the source
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         self.source = str((conn.get_extra_info("peername") or ("?",))[0])
         if self.gw.limiter.blocked(self.source):
-            log.warning("refusing %s: too many failed logins", self.source)
-            conn.close()
-
-    def begin_auth(self, username: str) -> bool:
-        assert self.conn is not None
-        self.user = username
-        reason = self.gw.refusal(username)
+            reason: str | None = "too many failed logins"
+        else:
+            reason = self.gw.preauth.take(self.source)
         if reason:
-            log.warning("login refused for %s from %s: %s", username, self.source, reason)
-            self.conn.send_auth_banner(f"hostd: {reason}\r\n")
-            return True  # no key or password can succeed
-        keys = read_authorized_keys(pwd.getpwnam(username))
-        if keys:
-            with contextlib.suppress(ValueError):
-                self.conn.set_authorized_keys(asyncssh.import_authorized_keys(keys))
-        return True
+            log.warning("refusing a connection from %s: %s", self.source, reason)
+            conn.abort()
+            return
+        self.pending = True
 
-    def session_requested(self) -> _Session:
-        return _Session(self.gw.session, None, 3, False)
+    def _leave_preauth(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.gw.preauth.give_back(self.source)
+
+    def _tried(self) -> None:
+        """Count an attempt; after too many the connection is closed, as sshd's MaxAuthTries."""
+        assert self.conn is not None
+        self.tries += 1
+        if self.tries >= self.gw.settings.max_auth_tries or self.gw.limiter.blocked(self.source):
+            log.warning("disconnecting %s (last name tried: %s): too many attempts",
+                        self.source, self.user)  # fmt: skip
+            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                                 "Too many authentication failures")  # fmt: skip
+
+    async def begin_auth(self, username: str) -> bool:
+        assert self.conn is not None
+        if self.user:  # another name on the same connection: one more attempt
+            self._tried()
+        self.user, self.admission = username, None
+        self.conn.set_authorized_keys(None)
+        admission = await self.gw.admit(username, self.source)
+        if self.user != username:  # pragma: no cover - asyncssh waits for begin_auth
+            return True
+        self.admission = admission
+        if admission.refusal:
+            log.warning("login refused for %s from %s: %s", username, self.source,
+                        admission.refusal)  # fmt: skip
+        elif admission.keys is not None:
+            self.conn.set_authorized_keys(admission.keys)
+        return True
 
     def public_key_auth_supported(self) -> bool:
         return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """Called for keys that are not in the user's authorized_keys: a failed attempt."""
+        self._tried()
+        return False
 
     def password_auth_supported(self) -> bool:
         return self.gw.settings.password_auth
 
     async def validate_password(self, username: str, password: str) -> bool:
-        if self.gw.refusal(username):
-            return False
-        import pam  # python-pam: only needed when passwords are on
-
-        ok = await asyncio.to_thread(pam.authenticate, username, password, PAM_SERVICE)
-        return bool(ok)
+        admission = self.admission
+        refused = admission is None or admission.refusal is not None
+        ok = False
+        if not self.gw.limiter.blocked(self.source):
+            # refused names go through PAM too, with a password that cannot match: the same
+            # work, the same failure delay, and no way to learn root's password by timing
+            ok = await self.gw.check_password(username, WRONG if refused else password,
+                                              self.source) and not refused  # fmt: skip
+        if not ok:
+            log.warning("wrong password for %s from %s", username, self.source)
+            self.failures += 1
+            self.gw.limiter.failed(self.source)
+            self._tried()
+        return ok
 
     def auth_completed(self) -> None:
+        self._leave_preauth()
         log.info("%s logged in from %s", self.user, self.source)
 
     def connection_lost(self, exc: Exception | None) -> None:
         assert self.conn is not None
-        if self.user and self.conn.get_extra_info("username") is None:  # tried and failed
-            log.warning("failed login for %s from %s", self.user or "?", self.source)
+        logged_in = self.conn.get_extra_info("username") is not None
+        self._leave_preauth()
+        if self.user and not logged_in and not self.failures:  # tried and failed
+            log.warning("failed login for %s from %s", self.user, self.source)
             self.gw.limiter.failed(self.source)
+
+    def session_requested(self) -> _Session:
+        unavailable = self.admission.unavailable if self.admission else None
+        if unavailable is not None:
+            return _Session(_say_unavailable(unavailable), None, 3, False)
+        return _Session(self.gw.session, None, 3, False)
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> Callable[[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]], Awaitable[None]]:
         """-L forwarding: connect from inside the user's container."""
         user = self.user
+        if self.admission is None or self.admission.unavailable is not None:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "This account is not available")  # fmt: skip
 
         async def forward(reader: asyncssh.SSHReader[bytes],
                           writer: asyncssh.SSHWriter[bytes]) -> None:  # fmt: skip
@@ -172,6 +295,19 @@ class _Server(asyncssh.SSHServer):
             await asyncio.gather(_pump(reader, inner_writer), _pump(inner_reader, writer))
 
         return forward
+
+
+def _say_unavailable(
+    message: str,
+) -> Callable[[asyncssh.SSHServerProcess[bytes]], Awaitable[None]]:
+    """A session that does what the user's login shell (nologin) would: say so, exit 1."""
+
+    async def session(process: asyncssh.SSHServerProcess[bytes]) -> None:
+        end = "\r\n" if process.get_terminal_type() else "\n"
+        process.stdout.write(f"{message}{end}".encode())
+        process.exit(1)
+
+    return session
 
 
 async def _pump(src: Any, dst: Any, pass_eof: bool = True) -> None:
@@ -195,6 +331,9 @@ class Gateway:
         self.settings = settings
         self.key_path = key_dir / "ssh_host_ed25519_key"
         self.limiter = FailureLimiter(settings.max_failures)
+        self.preauth = PreauthSlots(settings.max_unauthenticated,
+                                    settings.max_unauthenticated_per_source)  # fmt: skip
+        self.auth_work = SourceQueue(AUTH_WORKERS)
         self._acceptor: asyncssh.SSHAcceptor | None = None
 
     def host_key(self) -> asyncssh.SSHKey:
@@ -213,6 +352,7 @@ class Gateway:
         self._acceptor = await asyncssh.create_server(
             lambda: _Server(self), host, port, server_host_keys=[self.host_key()],
             encoding=None, line_editor=False, keepalive_interval=30,
+            login_timeout=self.settings.login_grace,
         )  # fmt: skip
         log.info("SSH gateway listening on %s:%s", host, port)
 
@@ -220,12 +360,13 @@ class Gateway:
         if self._acceptor is not None:
             self._acceptor.close()
             await self._acceptor.wait_closed()
+        self.auth_work.close()
 
     def refusal(self, user: str) -> str | None:
-        """Why `user` may not log in here, or None."""
+        """Why `user` may not log in here at all, or None. Blocks (NSS, the state)."""
         try:
             pw = pwd.getpwnam(user)
-        except KeyError:
+        except (KeyError, ValueError):
             return f"{user} is not a user of this host"
         if pw.pw_uid == 0:
             return "root cannot log in through hostd"
@@ -234,6 +375,37 @@ class Gateway:
         except RuntimeFailure:
             return f"{user} has no container here: ask an admin to add you"
         return None
+
+    async def admit(self, user: str, source: str) -> Admission:
+        """What `user` may log in with, found out in a worker (one at a time per source)."""
+        return await self.auth_work.run(source, lambda: self._admission(user, source))
+
+    def _admission(self, user: str, source: str) -> Admission:
+        """The same work for every name: PAM's account stage and a key reader, as the user or,
+        for names that are refused anyway, as nobody on a home that does not exist."""
+        account = accounts.login_refusal(user, source)  # locked, expired, pam_access...
+        refusal = self.refusal(user) or account
+        pw = accounts.DECOY if refusal is not None else pwd.getpwnam(user)
+        text = accounts.authorized_keys(pw)
+        if refusal is not None:
+            return Admission(None, refusal, None)
+        keys = None
+        if text:
+            try:
+                keys = asyncssh.import_authorized_keys(text)
+            except ValueError as exc:
+                log.warning("ignoring %s's authorized_keys: %s", user, exc)
+        return Admission(keys, None, accounts.shell_refusal(pw))
+
+    async def check_password(self, user: str, password: str, source: str) -> bool:
+        """PAM's auth and account stages for service hostd, in a worker."""
+        import pam  # python-pam: only needed when passwords are on
+
+        return bool(
+            await self.auth_work.run(
+                source, lambda: pam.authenticate(user, password, accounts.PAM_SERVICE)
+            )
+        )
 
     async def running_pid(self, user: str) -> int:
         """Start the container if needed; the host PID of its init."""

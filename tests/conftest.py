@@ -152,6 +152,7 @@ def hostd(rt: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hos
         f'[runtime]\ncgroup_parent = "{CGROUP_PARENT}"\nstop_timeout = 10\n'
         "[subids]\nmin = 200000000\nmax = 300000000\n"
         f'[gateway]\nlisten = "127.0.0.1:{h.ssh_port}"\nmax_failures = 1000\n'
+        "max_unauthenticated_per_source = 64\n"
         f'[network]\nbridge = "{TEST_BRIDGE}"\nnft_table = "{TEST_TABLE}"\n'
         'subnet = "10.231.64.0/20"\ndns = ["10.231.64.1"]\n'
     )

@@ -60,7 +60,14 @@ def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
             privileged_ports=False,
         ),
         gateway=GatewaySettings(
-            enabled=True, listen=("0.0.0.0", 2222), password_auth=False, max_failures=10
+            enabled=True,
+            listen=("0.0.0.0", 2222),
+            password_auth=False,
+            max_failures=10,
+            max_auth_tries=6,
+            login_grace=20.0,
+            max_unauthenticated=64,
+            max_unauthenticated_per_source=8,
         ),
     )
 

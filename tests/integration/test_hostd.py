@@ -296,7 +296,7 @@ def test_doctor(hostd: Hostd) -> None:
     names = [line.split("  ")[0] for line in lines[1:]]
     assert names == ["kernel", "user namespaces", "state dir", "ID-mapped mounts", "overlay",
                      "cgroups", "runc", "subuid files", "nftables", "tenant DNS",
-                     "disk quota", "lxcfs"]  # fmt: skip
+                     "disk quota", "lxcfs", "inotify", "home quotas"]  # fmt: skip
     assert "tenants use 10.231.64.1 (configured)" in res.stdout
     assert res.returncode == 0, res.stdout
 

@@ -72,12 +72,13 @@ class UserConfig:
 
 @dataclass(frozen=True)
 class Limits:
-    """Defaults for new tenants; None is unlimited."""
+    """Defaults for new tenants; None is unlimited ("none" in the file)."""
 
     cpus: float | None
     memory: int | None  # bytes
     pids: int | None
     disk: int | None  # bytes
+    home: int | None  # bytes: the user's block quota on the file system holding their home
 
 
 @dataclass(frozen=True)
@@ -258,8 +259,22 @@ def _bool(value: Any) -> bool:
     return value
 
 
-def _cpus(value: Any) -> float:
-    return parse_cpus(_text(value), os.cpu_count() or 1)
+def _limit(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
+    """A limit, or "none" (or "unlimited") to lift it explicitly, as `hostctl quota` takes."""
+
+    def check(value: Any) -> Any:
+        text = _text(value)
+        return None if text.strip().lower() in ("none", "unlimited") else parse(text)
+
+    return check
+
+
+# Finite defaults: one tenant must not take the whole host. A tenant idles at ~40 MB with
+# dockerd up; 4G runs builds and a few services. 4096 tasks stop a fork bomb long before the
+# host's pid_max. Two CPUs (or all of a smaller host) leave the others to the rest. 20G of
+# volume holds a base image set and build cache; the volume is a sparse file, so unused
+# space costs nothing.
+DEFAULT_CPUS = min(2, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -316,10 +331,11 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "max_unauthenticated_per_source": _Key(8, _id(1)),
     },
     "limits": {
-        "cpus": _Key(None, _cpus),
-        "memory": _Key(None, lambda v: parse_size(_text(v), "memory")),
-        "pids": _Key(None, lambda v: parse_count(_text(v), "pids")),
-        "disk": _Key(None, lambda v: parse_size(_text(v), "disk")),
+        "cpus": _Key(DEFAULT_CPUS, _limit(lambda t: parse_cpus(t, os.cpu_count() or 1))),
+        "memory": _Key("4G", _limit(lambda t: parse_size(t, "memory"))),
+        "pids": _Key(4096, _limit(lambda t: parse_count(t, "pids"))),
+        "disk": _Key("20G", _limit(lambda t: parse_size(t, "disk"))),
+        "home": _Key(None, _limit(lambda t: parse_size(t, "home"))),
     },
 }
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hostd import config as config_mod
+from hostd import hostlimits
 from hostd.api import Channel, peer_of
 from hostd.gateway import Gateway
 from hostd.notify import notify, watchdog_interval
@@ -70,6 +71,8 @@ class Daemon:
     def __init__(self, cfg: config_mod.Config) -> None:
         self.cfg = cfg
         prepare_state_dir(cfg.paths.state_dir)
+        for line in hostlimits.raise_settings():  # before any tenant starts
+            log.info("%s", line)
         self.state = State(cfg.paths.state_dir / "hostd.db")
         self.tenants = Tenants(cfg, self.state, Runtime(cfg.runtime_settings()))
         for line in self.tenants.migrate_ranges():  # before any request can allocate a range

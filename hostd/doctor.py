@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from hostd import hostlimits
 from hostd.config import Config
 from hostd.subids import SubIdFiles, owner_problem
 from runtime import cgroups, mountinfo, proc, seccomp, syscalls, volume
@@ -167,6 +168,19 @@ def _apparmor(_: Config) -> tuple[bool, str]:
     return True, "enabled; tenants get no AppArmor profile (seccomp and their user namespace)"
 
 
+def _inotify(_: Config) -> tuple[bool, str]:
+    return True, hostlimits.settings_report()  # hostd raises what is too low itself
+
+
+def _home_quota(cfg: Config) -> tuple[bool, str]:
+    """Homes are outside the tenants' volumes: say whether `[limits] home` can cap them."""
+    support = hostlimits.home_quota("/home")
+    if support.enforced and shutil.which("setquota") is None:
+        return False, f"{support.describe()}, but setquota is missing: apt-get install quota"
+    wanted = cfg.limits.home is not None
+    return support.enforced or not wanted, support.describe()
+
+
 CHECKS: tuple[tuple[str, Callable[[Config], tuple[bool, str]]], ...] = (
     ("kernel", _kernel), ("user namespaces", _userns), ("state dir", _state_dir),
     ("ID-mapped mounts", _idmap),
@@ -174,6 +188,7 @@ CHECKS: tuple[tuple[str, Callable[[Config], tuple[bool, str]]], ...] = (
     ("ID range owner", _owner),
     ("nftables", _nft), ("tenant DNS", _dns), ("disk quota", _disk), ("lxcfs", _lxcfs),
     ("seccomp", _seccomp), ("apparmor", _apparmor),
+    ("inotify", _inotify), ("home quotas", _home_quota),
 )  # fmt: skip
 
 

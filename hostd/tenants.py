@@ -21,7 +21,7 @@ from datetime import datetime
 from ipaddress import IPv4Address
 from typing import Any
 
-from hostd import passwd
+from hostd import hostlimits, passwd
 from hostd.config import Config
 from hostd.errors import HostdError
 from hostd.state import IdRangeRecord, Quota, State, Tenant, utc_now
@@ -157,6 +157,7 @@ class Tenants:
                     self.state.delete_tenant(user, "free" if kept is None else "kept")
                     raise
             try:
+                self._home_quota(user, pw.pw_dir, progress)
                 progress(f"creating the container ({RANGE_SIZE} IDs from {start})")
                 self._create_container(tenant, pw, quota)
             except BaseException:
@@ -194,6 +195,14 @@ class Tenants:
             t.user, t.image, ids, shares=[self._share(pw)], limits=limits_of(quota),
             disk=quota.disk or self._whole_disk(), address=self.address(t.user),
         )  # fmt: skip
+
+    def _home_quota(self, user: str, home: str, progress: Progress) -> None:
+        """The home is outside the container's volume: cap it with `[limits] home` where the
+        host enforces user quotas (hostlimits); unset, the user's quota is left alone."""
+        if self.config.limits.home is not None:
+            done = hostlimits.apply_home_quota(user, home, self.config.limits.home)
+            progress(done)
+            log.info("%s: %s", user, done)
 
     def _slot(self, address: IPv4Address) -> int:
         return int(address) - int(self.network.address_for(0))
@@ -339,7 +348,8 @@ class Tenants:
         """Change some limits. Says for each whether it applies "now" (to the running
         container) or "at next start"."""
         with self._lock(user):
-            self.get(user)
+            t = self.get(user)
+            self._home_quota(user, t.home, _quiet)  # [limits] home may have changed
             quota = replace(self.state.quota(user), **changes)
             when: dict[str, str] = {}
             if "disk" in changes:

@@ -63,6 +63,7 @@ from runtime.runc import Runc
 from runtime.shares import Share
 from runtime.spec import Bind, ContainerSpec, Limits, build_config, tty_process
 from runtime.ttyexec import TtyProcess
+from runtime.userns import user_namespace
 
 log = logging.getLogger(__name__)
 _LXCFS_LOCK = threading.Lock()  # one lxcfs per host, started by whichever start comes first
@@ -383,18 +384,25 @@ class Runtime:
                         lxcfs.ensure_running(self.settings.lxcfs)
                 cgroups.apply(plan)
                 undo.push(cgroups.remove, plan)
-                fsutil.atomic_write(
-                    cdir / "config.json",
-                    json.dumps(build_config(self.spec(c)), indent=1),
-                    mode=0o600,
-                )
                 undo.push(self.runc.delete, name)
-                pid = self.runc.create(cdir, name, self.console_log(c))
+                pid = self._create(c)
                 if c.address is not None:  # before init runs, so it boots with its network
                     undo.push(network.detach, name)
                     network.attach(self.network_config(), name, IPv4Address(c.address), pid)
                 self.runc.start(name)
         return self.state(name)
+
+    def _create(self, c: Container) -> int:
+        """`runc create` in a user namespace owned by the range's root, not by host root: the
+        kernel then charges the container's inotify instances, namespaces... to that ID
+        against the host's per-user limits, a cap root inside cannot lift (see runtime.userns).
+        """
+        cdir = self._dir(c.name)
+        with user_namespace(c.ids.map_line(), c.ids.map_line(), owner=c.ids.root) as userns:
+            spec = replace(self.spec(c), userns_path=f"/proc/{os.getpid()}/fd/{userns}")
+            config = json.dumps(build_config(spec), indent=1)
+            fsutil.atomic_write(cdir / "config.json", config, mode=0o600)
+            return self.runc.create(cdir, c.name, self.console_log(c))
 
     def stop(self, name: str, timeout: float = 30.0) -> None:
         """Ask systemd to halt; kill everything if it has not within `timeout` seconds

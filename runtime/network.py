@@ -28,7 +28,7 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
-from runtime import proc
+from runtime import proc, sysctl
 from runtime.errors import RuntimeFailure
 
 PREFIX = "hostd"  # every link we create is named so
@@ -389,11 +389,6 @@ def _index(ipr: Any, ifname: str) -> int | None:
     return int(found[0]) if found else None
 
 
-def _sysctl(key: str, value: str) -> None:
-    with _as_failure(f"cannot set {key.replace('/', '.')}", "run as root with /proc/sys writable"):
-        Path("/proc/sys", key).write_text(value)
-
-
 def setup_host(cfg: NetworkConfig, grants: Sequence[PortGrant] = ()) -> bool:
     """Bridge up with its address, nft table (re)applied, forwarding on. Idempotent: call it
     again with the new grants whenever they change; attached tenants are not disturbed.
@@ -416,9 +411,9 @@ def setup_host(cfg: NetworkConfig, grants: Sequence[PortGrant] = ()) -> bool:
                 "the kernel needs nf_tables with nat, fib and conntrack (modprobe nft_fib_inet)",
             )
             _ensure_bridge(ipr, cfg)
-            _sysctl("net/ipv4/ip_forward", "1")
-            _sysctl(f"net/ipv4/conf/{cfg.bridge}/forwarding", "1")
-            _sysctl(f"net/ipv4/conf/{cfg.bridge}/route_localnet", "1")
+            sysctl.write("net/ipv4/ip_forward", "1")
+            sysctl.write(f"net/ipv4/conf/{cfg.bridge}/forwarding", "1")
+            sysctl.write(f"net/ipv4/conf/{cfg.bridge}/route_localnet", "1")
         except BaseException:
             if fresh:
                 with contextlib.suppress(RuntimeFailure):  # the first failure is the news

@@ -118,6 +118,7 @@ class ContainerSpec:
     init: tuple[str, ...] = ("/sbin/init",)
     env: tuple[str, ...] = ("container=hostd",)
     machine: str = field(default_factory=platform.machine)  # picks the seccomp ABIs
+    userns_path: str | None = None  # an existing user namespace to join (runtime.userns)
 
 
 def _tmpfs(dest: str, options: tuple[str, ...]) -> dict[str, Any]:
@@ -200,7 +201,7 @@ def build_config(spec: ContainerSpec) -> dict[str, Any]:
         },
         "mounts": mounts(spec),
         "linux": {
-            "namespaces": [{"type": t} for t in NAMESPACES],
+            "namespaces": [_namespace(t, spec) for t in NAMESPACES],
             "uidMappings": id_map,
             "gidMappings": id_map,
             "cgroupsPath": spec.cgroups_path,
@@ -213,6 +214,14 @@ def build_config(spec: ContainerSpec) -> dict[str, Any]:
             "seccomp": seccomp.profile(spec.machine),
         },
     }
+
+
+def _namespace(kind: str, spec: ContainerSpec) -> dict[str, Any]:
+    """runc makes every namespace, except a user namespace made beforehand (its mappings stay
+    in the config: runc 1.1 needs them to know the container's root on the host)."""
+    if kind == "user" and spec.userns_path is not None:
+        return {"type": kind, "path": spec.userns_path}
+    return {"type": kind}
 
 
 def _resources(spec: ContainerSpec) -> dict[str, Any]:

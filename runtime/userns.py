@@ -1,7 +1,15 @@
-"""A user namespace with a given mapping, as a file descriptor, for ID-mapped mounts.
+"""A user namespace with a given mapping, as a file descriptor: for ID-mapped mounts, and
+for a container to join (so that the namespace has the owner we choose, not runc's root).
 
 The namespace is made by a short-lived helper process (`python -m runtime.userns`), never by
 the caller itself: unsharing in a multi-threaded daemon or in preexec_fn is unsafe.
+
+The kernel charges the namespaced counters (inotify instances and watches, user, mount, net...
+namespaces) of everything inside a user namespace to its owner, level by level up to the host,
+against each level's `/proc/sys/user/max_*`. Root inside may raise its own namespace's limits,
+not those of the host: a namespace owned by the range's root ID (instead of runc's root) makes
+the host's per-user limits a per-container cap that root inside cannot lift, and keeps one
+container from using up host root's share, which every other container would need.
 """
 
 from __future__ import annotations
@@ -17,11 +25,11 @@ from runtime.errors import RuntimeFailure
 
 
 @contextmanager
-def user_namespace(uid_map: str, gid_map: str) -> Iterator[int]:
-    """Yield an fd of a fresh user namespace with the given /proc/PID/{uid,gid}_map contents;
-    closed on exit."""
+def user_namespace(uid_map: str, gid_map: str, owner: int | None = None) -> Iterator[int]:
+    """Yield an fd of a fresh user namespace with the given /proc/PID/{uid,gid}_map contents,
+    owned by host ID `owner` (uid and gid; None: ours); closed on exit."""
     helper = subprocess.Popen(
-        [sys.executable, "-m", "runtime.userns"],
+        [sys.executable, "-m", "runtime.userns", *([] if owner is None else [str(owner)])],
         env=proc.child_env(),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -50,10 +58,16 @@ def user_namespace(uid_map: str, gid_map: str) -> Iterator[int]:
         os.close(fd)
 
 
-def _helper_main() -> None:
-    """Helper side: enter a new user namespace, say so, and live until stdin closes."""
+def _helper_main(args: list[str]) -> None:
+    """Helper side: take the owner's IDs (none other, no capabilities left), enter a new user
+    namespace, say so, and live until stdin closes."""
     from runtime.syscalls import unshare_user
 
+    if args:
+        owner = int(args[0])
+        os.setgroups([])
+        os.setresgid(owner, owner, owner)
+        os.setresuid(owner, owner, owner)
     unshare_user()
     sys.stdout.write("ready\n")
     sys.stdout.flush()
@@ -61,4 +75,4 @@ def _helper_main() -> None:
 
 
 if __name__ == "__main__":
-    _helper_main()
+    _helper_main(sys.argv[1:])

@@ -178,7 +178,8 @@ def test_quota_status_logs_and_keep_data(hostd: Hostd, unix_users: UnixUsers) ->
     assert table.splitlines()[0].split() == ["USER", "STATE", "UPTIME", "MEMORY", "CPU", "PIDS",
                                              "DISK"]  # fmt: skip
     row = table.splitlines()[1].split()
-    assert row[:2] == [user, "running"] and row[3].endswith("/3G") and row[5].endswith("/1500")
+    # the CPU column has a space ("1.2s/2 cpus"): PIDS is second from the end
+    assert row[:2] == [user, "running"] and row[3].endswith("/3G") and row[-2].endswith("/1500")
     assert "Startup finished" in hostd.hostctl("logs", user, "-n", "200").stdout
     show = hostd.hostctl("user", "show", user).stdout
     assert "quota:" in show and "memory=3G" in show
@@ -303,7 +304,8 @@ def test_doctor(hostd: Hostd) -> None:
     names = [line.split("  ")[0] for line in lines[1:]]
     assert names == ["kernel", "user namespaces", "state dir", "ID-mapped mounts", "overlay",
                      "cgroups", "runc", "subuid files", "ID range owner", "nftables", "tenant DNS",
-                     "disk quota", "lxcfs", "seccomp", "apparmor"]  # fmt: skip
+                     "disk quota", "lxcfs", "seccomp", "apparmor", "inotify",
+                     "home quotas"]  # fmt: skip
     assert "tenants use 10.231.64.1 (configured)" in res.stdout
     assert "syscalls denied)" in res.stdout
     assert res.returncode == 0, res.stdout

@@ -51,7 +51,13 @@ def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
         ),
         subids=SubIdConfig(min=100000, max=600100000, count=65536),
         users=UserConfig(admin_group="hostd-admin", min_uid=1000),
-        limits=Limits(cpus=None, memory=None, pids=None, disk=None),
+        limits=Limits(
+            cpus=min(2, os.cpu_count() or 1),
+            memory=4 * 1024**3,
+            pids=4096,
+            disk=20 * 1024**3,
+            home=None,
+        ),  # fmt: skip
         network=NetworkSettings(
             bridge="hostd0",
             subnet="10.213.0.0/16",
@@ -130,7 +136,9 @@ def test_main_file_values_are_used(files: Files) -> None:
     assert config.runtime.stop_timeout == 5.0
     assert config.runtime.recipes_dir == Path("/srv/recipes")
     assert config.users.admin_group == "wheel"
-    assert config.limits == Limits(cpus=0.5, memory=2 * 1024**3, pids=4096, disk=10 * 1024**3)
+    assert config.limits == Limits(
+        cpus=0.5, memory=2 * 1024**3, pids=4096, disk=10 * 1024**3, home=None
+    )
 
 
 def test_drop_ins_override_key_by_key_in_name_order(files: Files) -> None:
@@ -149,6 +157,22 @@ def test_drop_ins_override_key_by_key_in_name_order(files: Files) -> None:
     assert config.runtime.stop_timeout == 10.0
     assert config.limits.pids == 100
     assert config.limits.memory == 1024**3
+
+
+def test_every_limit_is_finite_unless_lifted_by_none(files: Files) -> None:
+    limits = files.load().limits
+    assert None not in (limits.cpus, limits.memory, limits.pids, limits.disk)
+    assert limits.home is None  # the users' own quotas are left alone unless asked
+    files.write_main(
+        '[limits]\ncpus = "none"\nmemory = "None"\npids = "unlimited"\ndisk = " none "\n'
+        'home = "none"\n'
+    )
+    assert files.load().limits == Limits(cpus=None, memory=None, pids=None, disk=None, home=None)
+
+
+def test_home_quota_is_a_size(files: Files) -> None:
+    files.write_dropin("50-home.toml", '[limits]\nhome = "10G"\n')
+    assert files.load().limits.home == 10 * 1024**3
 
 
 def test_drop_ins_apply_without_a_main_file(files: Files) -> None:
@@ -239,6 +263,9 @@ def test_bad_value_names_file_key_value_and_fix(files: Files) -> None:
         ("limits", "cpus = -1", "positive number of CPUs"),
         ("limits", 'cpus = "lots"', "positive number of CPUs"),
         ("limits", "cpus = [1]", 'string like "2G" or a number'),
+        ("limits", 'home = "0"', "positive size like 512M"),
+        ("limits", 'home = "nothing"', "positive size like 512M"),
+        ("limits", 'memory = "none please"', "positive size like 512M"),
         (
             "limits",
             f"cpus = {(os.cpu_count() or 1) + 1}",

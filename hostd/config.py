@@ -103,6 +103,11 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True)
+class SessionSettings:
+    max_per_tenant: int  # sessions open at once per tenant (SSH, hostd-login, hostctl exec)
+
+
+@dataclass(frozen=True)
 class Config:
     paths: Paths
     runtime: RuntimeConfig
@@ -111,6 +116,7 @@ class Config:
     limits: Limits
     network: NetworkSettings
     gateway: GatewaySettings
+    sessions: SessionSettings
 
     def runtime_settings(self) -> Settings:
         """The runtime's view: it knows nothing of users, only where and how to run containers."""
@@ -330,6 +336,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "max_unauthenticated": _Key(64, _id(1)),
         "max_unauthenticated_per_source": _Key(8, _id(1)),
     },
+    "sessions": {
+        "max_per_tenant": _Key(64, _id(1)),
+    },
     "limits": {
         "cpus": _Key(DEFAULT_CPUS, _limit(lambda t: parse_cpus(t, os.cpu_count() or 1))),
         "memory": _Key("4G", _limit(lambda t: parse_size(t, "memory"))),
@@ -399,6 +408,7 @@ def load(main: Path = MAIN, dropin_dir: Path | None = None) -> Config:
         limits=Limits(**values["limits"]),
         network=NetworkSettings(**values["network"]),
         gateway=GatewaySettings(**values["gateway"]),
+        sessions=SessionSettings(**values["sessions"]),
     )
 
 

@@ -23,6 +23,7 @@ from hostd.api import Channel, peer_of
 from hostd.gateway import Gateway
 from hostd.notify import notify, watchdog_interval
 from hostd.service import Service
+from hostd.sessions import Sessions
 from hostd.state import State
 from hostd.tenants import Tenants
 from runtime.containers import Runtime, prepare_state_dir
@@ -77,7 +78,8 @@ class Daemon:
         self.tenants = Tenants(cfg, self.state, Runtime(cfg.runtime_settings()))
         for line in self.tenants.migrate_ranges():  # before any request can allocate a range
             log.info("upgrade: %s", line)
-        self.service = Service(self.tenants, cfg.users.admin_group)
+        self.sessions = Sessions(self.tenants, cfg.sessions)  # one cap for both doors
+        self.service = Service(self.tenants, cfg.users.admin_group, self.sessions)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -89,7 +91,8 @@ class Daemon:
             log.info("reconcile: %s", line)
         gateway = None
         if self.cfg.gateway.enabled:
-            gateway = Gateway(self.tenants, self.cfg.gateway, self.cfg.paths.state_dir / "ssh")
+            gateway = Gateway(self.tenants, self.cfg.gateway, self.cfg.paths.state_dir / "ssh",
+                              self.sessions)  # fmt: skip
             await gateway.start()
         paths = self.cfg.paths
         admin = listen(paths.admin_socket, 0o660, self.cfg.users.admin_group)

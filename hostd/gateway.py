@@ -21,11 +21,10 @@ import inspect
 import logging
 import os
 import pwd
-import signal
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,11 +34,10 @@ from asyncssh.constants import EXTENDED_DATA_STDERR
 
 from hostd import accounts
 from hostd.config import GatewaySettings
-from hostd.service import PASSED_ENV
+from hostd.sessions import SIGNALS, PipeProgram, Program, Sessions
 from hostd.tenants import Tenants
 from runtime import netconnect
 from runtime.errors import RuntimeFailure
-from runtime.proc import child_env
 from runtime.ttyexec import TtyProcess
 
 log = logging.getLogger(__name__)
@@ -49,8 +47,6 @@ SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 FAILURE_WINDOW = 60.0  # seconds over which failed attempts per source are counted
 AUTH_WORKERS = 8  # threads for authentication work (one per source at a time)
 WRONG = "\b\n\r\177INCORRECT"  # PAM's password for refused names: no password is this (sshd's)
-SIGNALS = {name: getattr(signal, f"SIG{name}") for name in ("INT", "TERM", "HUP", "KILL", "QUIT",
-                                                            "USR1", "USR2")}  # fmt: skip
 
 
 class FailureLimiter:
@@ -325,8 +321,10 @@ async def _pump(src: Any, dst: Any, pass_eof: bool = True) -> None:
 
 
 class Gateway:
-    def __init__(self, tenants: Tenants, settings: GatewaySettings, key_dir: Path) -> None:
+    def __init__(self, tenants: Tenants, settings: GatewaySettings, key_dir: Path,
+                 sessions: Sessions) -> None:  # fmt: skip
         self.tenants = tenants
+        self.sessions = sessions
         self.runtime = tenants.runtime
         self.settings = settings
         self.key_path = key_dir / "ssh_host_ed25519_key"
@@ -408,163 +406,191 @@ class Gateway:
         )
 
     async def running_pid(self, user: str) -> int:
-        """Start the container if needed; the host PID of its init."""
-        if self.runtime.state(user).status != "running":
-            await asyncio.to_thread(self.tenants.start, user)
-        return self.runtime.state(user).pid
+        """Start the container if needed; the host PID of its init. Blocking work runs in the
+        tenant's own pool."""
+        loop = asyncio.get_running_loop()
+        with self.sessions.pool(user) as pool:
+            return await loop.run_in_executor(pool, self.sessions.running_pid, user)
 
     # -- sessions --------------------------------------------------------------------------
 
     async def session(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         user = str(process.get_extra_info("username"))
         try:
-            if self.runtime.state(user).status != "running":
-                if process.get_terminal_type():
-                    process.stderr.write(b"hostd: starting your container...\r\n")
-                await self.running_pid(user)
-            account = await asyncio.to_thread(self.tenants.account, user, user)
-        except RuntimeFailure as exc:
-            process.stderr.write(f"hostd: {exc}\r\n".encode())
-            process.exit(255)
-            return
-        env = account.env + [f"{k}={v}" for k, v in process.env.items()
-                             if str(k).startswith(PASSED_ENV)]  # fmt: skip
-        shell = next((e.split("=", 1)[1] for e in account.env if e.startswith("SHELL=")),
-                     "/bin/bash")  # fmt: skip
-        if process.subsystem == "sftp":
-            argv, tty = [SFTP_SERVER], False
-        elif process.subsystem:
-            process.stderr.write(f"hostd: no subsystem {process.subsystem}\r\n".encode())
-            process.exit(1)
-            return
-        else:
-            argv = [shell, "-c", process.command] if process.command else [shell, "-l"]
-            tty = bool(process.get_terminal_type())
-        try:
-            if tty:
-                status = await self._run_tty(process, user, argv, account, env)
-            else:
-                status = await self._run_pipes(process, user, argv, account, env)
+            with self.sessions.slot(user) as pool:
+                status = await self._session(process, user, pool)
         except ClientGone:
-            log.info("%s's client left; its session's program was ended", user)
+            log.info("%s's client left; its session's program was hung up", user)
             return
-        except RuntimeFailure as exc:
+        except RuntimeFailure as exc:  # HostdError included: the cap, the account, the start
             process.stderr.write(f"hostd: {exc}\r\n".encode())
             status = 255
-        if self.tenants.is_down(user):
-            process.stderr.write(b"\r\nhostd: your container was stopped\r\n")
         process.exit(status)
 
-    async def _run_pipes(self, process: asyncssh.SSHServerProcess[bytes], user: str,
-                         argv: list[str], account: Any, env: list[str]) -> int:  # fmt: skip
-        cmd = self.runtime.exec_argv(user, argv, user=account.ids, groups=account.groups,
-                                     env=env, cwd=account.home)  # fmt: skip
-        proc = await asyncio.create_subprocess_exec(
-            *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=child_env(),
-        )  # fmt: skip
-        assert proc.stdin and proc.stdout and proc.stderr
-        stdin = proc.stdin
-
-        async def feed() -> None:
-            try:
-                while True:
-                    try:
-                        data = await process.stdin.read(65536)
-                    except asyncssh.SignalReceived as sig:
-                        if sig.signal in SIGNALS:  # runc exec passes it to the program
-                            proc.send_signal(SIGNALS[sig.signal])
-                        continue
-                    except (asyncssh.TerminalSizeChanged, asyncssh.BreakReceived):
-                        continue
-                    if not data:
-                        break
-                    stdin.write(data)
-                    await stdin.drain()
-            except (ConnectionError, asyncssh.Error):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    stdin.close()
-
-        feeder = asyncio.create_task(feed())
-        outputs = asyncio.gather(  # one channel: its end comes with process.exit()
-            _pump(proc.stdout, process.stdout, pass_eof=False),
-            _pump(proc.stderr, process.stderr, pass_eof=False),
-        )
-        try:
-            await _unless_closed(process, outputs)
-            return await proc.wait()
-        finally:
-            feeder.cancel()
-            if proc.returncode is None:  # the client went away: end the program
-                proc.terminate()
-                await proc.wait()
-
-    async def _run_tty(self, process: asyncssh.SSHServerProcess[bytes], user: str,
-                       argv: list[str], account: Any, env: list[str]) -> int:  # fmt: skip
-        cols, rows = process.get_terminal_size()[:2]
-        term = process.get_terminal_type() or "xterm"
-        tty: TtyProcess = await asyncio.to_thread(
-            self.runtime.exec_tty, user, argv, user=account.ids, groups=account.groups,
-            env=[*env, f"TERM={term}"], cwd=account.home, rows=rows or 24, cols=cols or 80,
-        )  # fmt: skip
+    async def _session(self, process: asyncssh.SSHServerProcess[bytes], user: str,
+                       pool: Executor) -> int:  # fmt: skip
         loop = asyncio.get_running_loop()
-        master = tty.master
-        os.set_blocking(master, False)
-        output: asyncio.Queue[bytes] = asyncio.Queue()
+        term = process.get_terminal_type()
 
-        def readable() -> None:
-            try:
-                data = os.read(master, 65536)
-            except BlockingIOError:
-                return
-            except OSError:  # EIO: every holder of the terminal closed it
-                data = b""
-            if not data:
-                loop.remove_reader(master)
-            output.put_nowait(data)
+        def progress(message: str) -> None:  # from the pool's thread
+            if term:
+                loop.call_soon_threadsafe(process.stderr.write, f"hostd: {message}\r\n".encode())
 
-        loop.add_reader(master, readable)
-
-        async def to_client() -> None:
-            while data := await output.get():
-                process.stdout.write(data)
-                await process.stdout.drain()
-
-        async def from_client() -> None:
-            while True:
-                try:
-                    data = await process.stdin.read(65536)
-                except asyncssh.TerminalSizeChanged as size:
-                    tty.resize(size.height, size.width)
-                    continue
-                except asyncssh.SignalReceived as sig:
-                    if sig.signal in SIGNALS:
-                        os.kill(tty.pid, SIGNALS[sig.signal])
-                    continue
-                except asyncssh.BreakReceived:
-                    continue
-                if not data:
-                    return
-                os.write(master, data)
-
-        reader = asyncio.create_task(from_client())
-        try:
-            with contextlib.suppress(ConnectionError, asyncssh.Error):
-                await _unless_closed(process, to_client())
-            return await asyncio.to_thread(tty.wait)
-        finally:
-            reader.cancel()
-            loop.remove_reader(master)
-            if tty.master >= 0:  # the client left first: hang up the session
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(tty.pid, signal.SIGHUP)
-                await asyncio.to_thread(tty.wait)
+        session = await loop.run_in_executor(pool, self.sessions.prepare, user, user, True,
+                                             progress)  # fmt: skip
+        if process.subsystem == "sftp":
+            argv, term = [SFTP_SERVER], None
+        elif process.subsystem:
+            process.stderr.write(f"hostd: no subsystem {process.subsystem}\r\n".encode())
+            return 1
+        elif process.command:
+            argv = [session.shell, "-c", process.command]
+        else:
+            argv = [session.shell, "-l"]
+        env = session.env(process.env, term)
+        if term:
+            cols, rows = process.get_terminal_size()[:2]
+            tty = await loop.run_in_executor(pool, self.sessions.spawn_tty, session, argv, env,
+                                             rows or 24, cols or 80)  # fmt: skip
+            status = await _supervise(process, tty, _tty_pumps(process, tty))
+        else:
+            pipes = await loop.run_in_executor(pool, self.sessions.spawn_pipes, session, argv,
+                                               env)  # fmt: skip
+            status = await _supervise(process, pipes, _pipe_pumps(process, pipes))
+        if await loop.run_in_executor(pool, self.tenants.is_down, user):
+            process.stderr.write(b"\r\nhostd: your container was stopped\r\n")
+        return status
 
 
 class ClientGone(Exception):
     """The SSH channel closed while the session's program still ran."""
+
+
+async def _supervise(process: asyncssh.SSHServerProcess[bytes], program: Program,
+                     pumps: tuple[Awaitable[Any], Awaitable[Any]]) -> int:  # fmt: skip
+    """Copy between the client and the program until the program's output ends and it exits;
+    if the client leaves first, hang the program up (raising ClientGone once it ended)."""
+    exited = asyncio.ensure_future(_readable(program.exit_fd))
+    to_program, from_program = (asyncio.ensure_future(p) for p in pumps)
+    gone = False
+    try:
+        try:
+            await _unless_closed(process, from_program)
+            await _unless_closed(process, asyncio.shield(exited))
+        except ClientGone:
+            gone = True
+            program.hangup()
+            await exited
+    except BaseException:  # cancelled: hostd is stopping
+        program.hangup()
+        exited.cancel()
+        program.close()
+        raise
+    finally:
+        to_program.cancel()
+        from_program.cancel()
+    status = program.wait()  # it has ended: this does not block
+    if gone:
+        raise ClientGone
+    return status
+
+
+def _pipe_pumps(process: asyncssh.SSHServerProcess[bytes], program: PipeProgram
+                ) -> tuple[Awaitable[Any], Awaitable[Any]]:  # fmt: skip
+    """Client to the program's stdin; its stdout and stderr to the client (one channel: its
+    end comes with process.exit())."""
+    ends = [program.stream(i) for i in range(3)]
+    for fd in ends:
+        os.set_blocking(fd, False)
+    out = asyncio.gather(_fd_to(ends[1], process.stdout), _fd_to(ends[2], process.stderr))
+    return _from_client(process, program, ends[0], None, program.close_stdin), out
+
+
+def _tty_pumps(process: asyncssh.SSHServerProcess[bytes], program: TtyProcess
+               ) -> tuple[Awaitable[Any], Awaitable[Any]]:  # fmt: skip
+    os.set_blocking(program.master, False)
+    return (_from_client(process, program, program.master, program.resize, None),
+            _fd_to(program.master, process.stdout))  # fmt: skip
+
+
+async def _from_client(process: asyncssh.SSHServerProcess[bytes], program: Program, fd: int,
+                       resize: Callable[[int, int], None] | None,
+                       at_end: Callable[[], None] | None) -> None:  # fmt: skip
+    """The client's input to `fd`, its signal requests to the program (by pidfd), its window
+    size to the pty; `at_end` of its input (a pipe is closed, a pty stays)."""
+    try:
+        while True:
+            try:
+                data = await process.stdin.read(65536)
+            except asyncssh.SignalReceived as sig:
+                if sig.signal in SIGNALS:
+                    program.signal(SIGNALS[sig.signal])
+                continue
+            except asyncssh.TerminalSizeChanged as size:
+                if resize is not None:
+                    resize(size.height, size.width)
+                continue
+            except asyncssh.BreakReceived:
+                continue
+            if not data:
+                break
+            await _write_all(fd, data)
+    except (ConnectionError, asyncssh.Error, OSError):
+        pass
+    finally:
+        if at_end is not None:
+            at_end()
+
+
+async def _fd_to(fd: int, dst: asyncssh.SSHWriter[bytes]) -> None:
+    """Copy from a non-blocking fd to the client until end of file (EIO: the pty's last
+    holder inside closed it)."""
+    try:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                await _readable(fd)
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            dst.write(data)
+            await dst.drain()
+    except (ConnectionError, asyncssh.Error):
+        pass
+
+
+async def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            await _ready(fd, write=True)
+
+
+def _readable(fd: int) -> Awaitable[None]:
+    return _ready(fd, write=False)
+
+
+async def _ready(fd: int, write: bool) -> None:
+    """Wait until `fd` is readable (a pidfd: its process ended) or writable."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    add, remove = (loop.add_writer, loop.remove_writer) if write else \
+        (loop.add_reader, loop.remove_reader)  # fmt: skip
+    add(fd, ready)
+    try:
+        await done
+    finally:
+        remove(fd)
 
 
 async def _unless_closed(process: asyncssh.SSHServerProcess[bytes], work: Awaitable[Any]) -> None:

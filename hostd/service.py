@@ -12,8 +12,6 @@ import logging
 import os
 import pwd
 import select
-import signal
-import subprocess
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,17 +19,15 @@ from typing import Any
 
 from hostd.api import Channel, Peer
 from hostd.errors import HostdError
+from hostd.sessions import Program, Sessions
 from hostd.state import Quota
 from hostd.tenants import Tenants, TenantStatus
 from hostd.units import parse_count, parse_cpus, parse_ports, parse_size
 from runtime.errors import RuntimeFailure
-from runtime.proc import child_env
 
 log = logging.getLogger(__name__)
 
 USER_OPS = ("status", "start", "exec")
-# Client environment a session may carry into the container (as sshd's AcceptEnv)
-PASSED_ENV = ("LANG", "LC_", "TZ", "SSH_CONNECTION", "SSH_CLIENT")
 
 
 def _quota_changes(args: dict[str, Any]) -> dict[str, Any]:
@@ -56,10 +52,11 @@ def status_dict(s: TenantStatus) -> dict[str, Any]:
 
 
 class Service:
-    def __init__(self, tenants: Tenants, admin_group: str) -> None:
+    def __init__(self, tenants: Tenants, admin_group: str, sessions: Sessions) -> None:
         self.tenants = tenants
         self.runtime = tenants.runtime
         self.admin_group = admin_group
+        self.sessions = sessions
 
     def is_admin(self, peer: Peer) -> bool:
         if peer.uid == 0:
@@ -124,6 +121,7 @@ class Service:
         args["user"] = name
         if op == "exec":  # as their own account inside (same name, home, groups), never root
             args["as_user"] = name
+            args["login"] = True  # the account check applies
         return args
 
     # -- operations ------------------------------------------------------------------------
@@ -203,46 +201,41 @@ class Service:
         user, argv = args["user"], [str(a) for a in args["argv"]]
         if not argv:
             raise HostdError("no command given", "add one after `--`")
-        if self.runtime.state(user).status != "running":
-            self.tenants.start(user, progress)
-        account = self.tenants.account(user, str(args.get("as_user") or "root"))
-        env = account.env + ([f"TERM={args['term']}"] if args.get("term") else [])
-        env += [f"{k}={v}" for k, v in dict(args.get("env") or {}).items()
-                if str(k).startswith(PASSED_ENV) and "\n" not in str(v)]  # fmt: skip
-        as_user, groups, cwd = account.ids, account.groups, account.home
-        if args.get("tty"):
-            p = self.runtime.exec_tty(user, argv, user=as_user, groups=groups, env=env, cwd=cwd,
-                                      rows=int(args.get("rows", 24)),
-                                      cols=int(args.get("cols", 80)))  # fmt: skip
-            chan.send({"tty": True}, [p.master])
-            p.close_master()
-            _wait_or_hangup(chan, p.helper_pid, lambda: _signal(p.pid, signal.SIGHUP))
-            return {"exit": p.wait()}
-        if len(fds) != 3:
+        tty = bool(args.get("tty"))
+        if not tty and len(fds) != 3:
             raise HostdError("exec needs stdin, stdout and stderr", "use hostctl exec")
-        proc = subprocess.Popen(self.runtime.exec_argv(user, argv, user=as_user, groups=groups,
-                                                       env=env, cwd=cwd),
-                                stdin=fds[0], stdout=fds[1], stderr=fds[2],
-                                env=child_env())  # fmt: skip
-        _wait_or_hangup(chan, proc.pid, proc.terminate)  # runc passes SIGTERM on
-        return {"exit": proc.wait()}
+        given = args.get("env") or {}
+        if not isinstance(given, dict):
+            raise HostdError("env must be an object", "use hostctl exec or hostd-login")
+        with self.sessions.slot(user):
+            session = self.sessions.prepare(user, str(args.get("as_user") or "root"),
+                                            bool(args.get("login")), progress)  # fmt: skip
+            env = session.env(given, (args.get("term") or "") if tty else None)
+            program: Program
+            if tty:
+                rows, cols = int(args.get("rows", 24)), int(args.get("cols", 80))
+                program = self.sessions.spawn_tty(session, argv, env, rows, cols)
+                try:
+                    chan.send({"tty": True}, [program.master])
+                finally:
+                    program.close_master()
+            else:
+                program = self.sessions.spawn_pipes(session, argv, env, fds)
+            return {"exit": _wait_or_hangup(chan, program)}
 
 
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _wait_or_hangup(chan: Channel, pid: int, hangup: Callable[[], None]) -> None:
-    """Wait for process `pid` (our child) to exit, ending it if the client goes away first."""
-    pidfd = os.pidfd_open(pid)
+def _wait_or_hangup(chan: Channel, program: Program) -> int:
+    """Wait for the program to end, hanging it up if the client goes away first; its status."""
     try:
-        while True:
-            ready, _, _ = select.select([chan.sock.fileno(), pidfd], [], [])
-            if pidfd in ready:
-                return
-            if not chan.sock.recv(4096):  # end of stream: the client left
-                hangup()
-                return
+        watched = [chan.sock.fileno(), program.exit_fd]
+        while program.exit_fd not in select.select(watched, [], [])[0]:
+            try:
+                data = chan.sock.recv(4096)
+            except OSError:
+                data = b""
+            if not data:  # end of stream: the client left
+                program.hangup()
+                watched.remove(chan.sock.fileno())
+        return program.wait()
     finally:
-        os.close(pidfd)
+        program.close()

@@ -8,6 +8,9 @@ ID (runc removes them when the container exits).
 - cgroup v2: one node, its parent enabling the controllers; the node, cgroup.procs,
   cgroup.subtree_control and cgroup.threads are chowned. systemd inside moves itself into the
   leaf init.scope, so the node holds no process once controllers are enabled below it.
+Session helpers (`runc exec`, the pty helper) that hostd keeps on the host for a container are
+charged to it: they join a root-owned child of its cgroup, `hostd-sessions`, in the memory, pids
+and cpu hierarchies, so the container's limits cover them too.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from runtime.errors import RuntimeFailure
 from runtime.mountinfo import Mount
 
 V1_DELEGATED_FILES = ("cgroup.procs", "tasks", "cgroup.clone_children")
@@ -24,6 +29,14 @@ V2_DELEGATED_FILES = ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads"
 V2_CONTROLLERS = ("cpuset", "cpu", "io", "memory", "pids")
 CPUSET_FILES = ("cpuset.cpus", "cpuset.mems")
 UNIFIED = "unified"  # marks the cgroup2 tree of a hybrid host
+SESSIONS = "hostd-sessions"  # child of a container's cgroup holding its helpers on the host
+SESSION_CONTROLLERS = ("memory", "pids", "cpu")  # v1 hierarchies the helpers are charged in
+# Joins the cgroups whose cgroup.procs files are its arguments, then runs the rest: the program
+# is charged from its first page on (v1 leaves pages charged where they were allocated).
+_JOIN = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ >"$1" || exit 125; shift; n=$((n-1)); '
+    'done; exec "$@"'
+)
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,47 @@ def plan(layout: Layout, parent: str, name: str, owner: int) -> CgroupPlan:
             dirs.append(CgroupDir(f"{root}/{parent}", (), (), V2_CONTROLLERS))
             dirs.append(CgroupDir(f"{root}/{parent}/{name}", V2_DELEGATED_FILES))
     return CgroupPlan(f"/{parent}/{name}", owner, tuple(dirs))
+
+
+@dataclass(frozen=True)
+class SessionCgroup:
+    """Where a container's session helpers go: one directory per hierarchy charged."""
+
+    dirs: tuple[str, ...]
+
+    @property
+    def procs(self) -> tuple[str, ...]:
+        return tuple(f"{d}/cgroup.procs" for d in self.dirs)
+
+
+def session_plan(layout: Layout, parent: str, name: str) -> SessionCgroup:
+    if layout.version == 2:
+        return SessionCgroup((f"{layout.hierarchies[0].root}/{parent}/{name}/{SESSIONS}",))
+    return SessionCgroup(tuple(
+        f"{h.root}/{parent}/{name}/{SESSIONS}" for h in layout.hierarchies
+        if UNIFIED not in h.controllers and set(h.controllers) & set(SESSION_CONTROLLERS)
+    ))  # fmt: skip
+
+
+def apply_session(p: SessionCgroup) -> None:
+    """Create the directories (idempotent). They must be root's: one the container's root
+    made in its own cgroup would let it set the limits of hostd's helpers."""
+    for d in p.dirs:
+        try:
+            os.mkdir(d, 0o755)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            raise RuntimeFailure(f"no cgroup {os.path.dirname(d)}: the container is not running",
+                                 "start it first") from None  # fmt: skip
+        if os.stat(d, follow_symlinks=False).st_uid != 0:
+            raise RuntimeFailure(f"{d} is not root's: the container made it",
+                                 "restart the container (`hostctl restart`)")  # fmt: skip
+
+
+def join_argv(p: SessionCgroup, argv: Sequence[str]) -> list[str]:
+    """`argv` behind a shell that first moves itself into the session cgroups."""
+    return ["/bin/sh", "-c", _JOIN, "hostd-join", str(len(p.procs)), *p.procs, *argv]
 
 
 def apply(p: CgroupPlan) -> None:

@@ -601,9 +601,13 @@ class Runtime:
         groups: Sequence[int] = (),
         env: Sequence[str] = (),
         cwd: str | None = None,
+        charged: bool = False,
     ) -> list[str]:
-        """argv that runs `argv` inside without a terminal, for callers spawning it themselves."""
-        return self.runc.exec_argv(name, argv, user=user, groups=groups, env=env, cwd=cwd)
+        """argv that runs `argv` inside without a terminal, for callers spawning it themselves.
+        `charged`: runc, which stays on the host while the program runs, first joins the
+        container's session cgroup, so the container's limits cover it."""
+        cmd = self.runc.exec_argv(name, argv, user=user, groups=groups, env=env, cwd=cwd)
+        return self._charged(name, cmd) if charged else cmd
 
     def exec(
         self,
@@ -642,8 +646,10 @@ class Runtime:
         cwd: str | None = None,
         rows: int = 24,
         cols: int = 80,
+        charged: bool = False,
     ) -> TtyProcess:
-        """Start `argv` inside on a new pty of the container's own devpts."""
+        """Start `argv` inside on a new pty of the container's own devpts; `charged`: as for
+        exec_argv, for the helper that waits for the program (and its runc)."""
         self._require_running(name)
         uid, _, gid = user.partition(":")
         config = json.loads((self._dir(name) / "config.json").read_text())
@@ -651,7 +657,14 @@ class Runtime:
             config, argv, uid=int(uid), gid=int(gid or uid), groups=groups, env=env,
             cwd=cwd or "/", rows=rows, cols=cols,
         )  # fmt: skip
-        return ttyexec.start(self.runc.base_argv(), name, process)
+        prefix = self._charged(name, []) if charged else []
+        return ttyexec.start(self.runc.base_argv(), name, process, prefix)
+
+    def _charged(self, name: str, argv: Sequence[str]) -> list[str]:
+        layout = cgroups.detect(mountinfo.current())
+        plan = cgroups.session_plan(layout, self.settings.cgroup_parent, check_name(name))
+        cgroups.apply_session(plan)
+        return cgroups.join_argv(plan, argv)
 
     def _require_running(self, name: str) -> None:
         st = self.state(name)

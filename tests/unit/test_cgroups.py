@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from runtime import cgroups, mountinfo
 from runtime.cgroups import CgroupDir, Hierarchy, Layout
+from runtime.errors import RuntimeFailure
 
 # /proc/self/mountinfo of a hybrid (v1 controllers + v2 unified) Debian host.
 V1_HYBRID = """\
@@ -222,3 +224,50 @@ def test_remove_of_an_absent_container_is_a_no_op(tmp_path: Path) -> None:
     cgroups.remove(plan)
     cgroups.remove(plan)
     assert cgroups.exists(plan) == []
+
+
+# -- session helpers ---------------------------------------------------------------------------
+
+
+def test_session_helpers_are_charged_in_memory_pids_and_cpu_on_v1() -> None:
+    plan = cgroups.session_plan(detect(V1_HYBRID), "hostd", "alice")
+    assert plan.dirs == tuple(
+        f"/sys/fs/cgroup/{c}/hostd/alice/hostd-sessions" for c in ("cpu", "memory", "pids")
+    )
+    assert plan.procs[1] == "/sys/fs/cgroup/memory/hostd/alice/hostd-sessions/cgroup.procs"
+
+
+def test_session_helpers_share_the_tenant_node_on_v2() -> None:
+    plan = cgroups.session_plan(detect(V2_UNIFIED), "hostd", "alice")
+    assert plan.procs == ("/sys/fs/cgroup/hostd/alice/hostd-sessions/cgroup.procs",)
+
+
+def test_the_join_wrapper_moves_itself_before_the_program_runs(tmp_path: Path) -> None:
+    dirs = tuple(str(tmp_path / n) for n in ("memory", "pids"))
+    for d in dirs:
+        os.mkdir(d)
+    argv = cgroups.join_argv(cgroups.SessionCgroup(dirs), ["sh", "-c", "echo $$; cat \"$0\"",
+                                                           f"{dirs[0]}/cgroup.procs"])  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
+    pid = out[0]  # the program's PID is the wrapper's: it joined, then exec'd
+    assert out[1:] == [pid]
+    assert (tmp_path / "pids/cgroup.procs").read_text().strip() == pid
+
+
+def test_the_join_wrapper_stops_when_it_cannot_join(tmp_path: Path) -> None:
+    argv = cgroups.join_argv(cgroups.SessionCgroup((str(tmp_path / "gone"),)), ["echo", "ran"])
+    res = subprocess.run(argv, capture_output=True, text=True)
+    assert res.returncode == 125 and "ran" not in res.stdout
+
+
+def test_a_session_cgroup_made_by_someone_else_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "tenant" / "hostd-sessions"
+    plan = cgroups.SessionCgroup((str(d),))
+    with pytest.raises(RuntimeFailure, match="the container is not running"):
+        cgroups.apply_session(plan)
+    d.parent.mkdir()
+    if os.geteuid() == 0:
+        cgroups.apply_session(plan)  # made by root: used
+        os.chown(d, 231072, 231072)  # as if the container's root had made it
+    with pytest.raises(RuntimeFailure, match="is not root's: the container made it"):
+        cgroups.apply_session(plan)

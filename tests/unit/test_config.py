@@ -17,6 +17,7 @@ from hostd.config import (
     NetworkSettings,
     Paths,
     RuntimeConfig,
+    SessionSettings,
     SubIdConfig,
     UserConfig,
     load,
@@ -75,6 +76,7 @@ def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
             max_unauthenticated=64,
             max_unauthenticated_per_source=8,
         ),
+        sessions=SessionSettings(max_per_tenant=64),
     )
 
 

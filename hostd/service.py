@@ -215,10 +215,9 @@ class Service:
             if tty:
                 rows, cols = int(args.get("rows", 24)), int(args.get("cols", 80))
                 program = self.sessions.spawn_tty(session, argv, env, rows, cols)
-                try:
+                with contextlib.suppress(OSError):  # if the client is gone, it is hung up below
                     chan.send({"tty": True}, [program.master])
-                finally:
-                    program.close_master()
+                program.close_master()
             else:
                 program = self.sessions.spawn_pipes(session, argv, env, fds)
             return {"exit": _wait_or_hangup(chan, program)}

@@ -216,9 +216,10 @@ async def _signals_after_the_end(tenant: Tenant, hostd: Hostd, marker: str) -> i
         "127.0.0.1", tenant.port, username=tenant.user, client_keys=[str(tenant.key)],
         known_hosts=None,
     ) as conn:  # fmt: skip
-        # the shell ends on a line of input; a child it left holds the terminal open, so the
-        # session stays
-        proc = await conn.create_process(f"{marker} & echo armed; read line", term_type="xterm")
+        # the shell ends on a line of input; a child it left (immune to the terminal's hang-up)
+        # holds the terminal open, so the session stays
+        proc = await conn.create_process(f"trap '' HUP; {marker} & echo armed; read line",
+                                         term_type="xterm")  # fmt: skip
         assert "armed" in await proc.stdout.readline()
         helpers = [pid for pid in _session_helpers(hostd)
                    if f"/{tenant.user}/hostd-sessions" in _cgroups(pid)["memory"]]  # fmt: skip
@@ -228,6 +229,7 @@ async def _signals_after_the_end(tenant: Tenant, hostd: Hostd, marker: str) -> i
         await asyncio.to_thread(_wait_for, lambda: _ended(helpers[0]), "the program to end")
         for name in ("TERM", "KILL", "HUP", "INT", "USR1"):  # late: must reach nobody
             proc.send_signal(name)
+        # the child is still there (pkill finds it), and its end ends the session
         await asyncio.to_thread(hostd.hostctl, "exec", tenant.user, "--", "pkill", "-f",
                                 marker.replace("sleep", "slee[p]"))  # fmt: skip
         done = await asyncio.wait_for(proc.wait(), 60)

@@ -7,8 +7,8 @@
 - Signals after a pty session's program ended (its PID may be reaped and reused by another
   user's process): dropped quietly, the session still ends properly.
 - Environment values with newlines, NULs or of huge size: filtered the same on both doors.
-- A tenant whose session set-up is slow (a `getent` that hangs) does not delay another tenant's
-  login: each tenant's blocking work has its own threads.
+- A tenant whose session set-up is slow (its container boots slowly, by its own doing) does not
+  delay another tenant's login: each tenant's blocking work has its own threads.
 """
 
 from __future__ import annotations
@@ -302,41 +302,53 @@ def test_hostile_environment_is_filtered_the_same_on_both_doors(
     assert _env_over_user_socket(hostd, tenant.user) == expected
 
 
-SLOW = 15  # seconds each of the tenant's session set-ups hangs
+SLOW = 20  # seconds the tenant's container takes to boot, by its own doing
+SLOW_UNIT = f"""[Service]
+Type=oneshot
+ExecStart=/bin/sleep {SLOW}
+[Install]
+WantedBy=multi-user.target
+"""
 
 
 def test_a_tenants_slow_sessions_do_not_delay_another_tenants_login(
     hostd: Hostd, tenant: Tenant, unix_users: UnixUsers, key: Path
 ) -> None:
-    """Last in this file: the tenant's queued set-ups drain for a while after it."""
+    """Root inside makes its container boot slowly; its logins start it and wait. Last in
+    this file: the tenant's queued logins drain for a while after it."""
     other = _make_tenant(hostd, unix_users, key)
     rt = Runtime(config_mod.load(hostd.config).runtime_settings())
-    # root inside the tenant makes the account lookup hang (hostd looked it up with getent)
-    hang = f'#!/bin/sh\nsleep {SLOW}\nexec getent.real "$@"\n'
-    res = rt.exec(tenant.user, ["sh", "-c", 'cp /usr/bin/getent /usr/bin/getent.real && '
-                                'printf "$1" >/usr/bin/getent', "-", hang])  # fmt: skip
+    unit = "/etc/systemd/system/hostd-slow.service"
+    res = rt.exec(tenant.user, ["sh", "-c", 'printf "$1" >"$2" && '
+                                'ln -s "$2" /etc/systemd/system/multi-user.target.wants/',
+                                "-", SLOW_UNIT, unit])  # fmt: skip
     assert res.returncode == 0, res.stderr
-    stuck = [subprocess.Popen([*tenant.ssh_args(), "true"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL) for _ in range(8)]  # fmt: skip
+    stuck: list[subprocess.Popen[bytes]] = []
     try:
-        _wait_for(lambda: _hanging(tenant.user) >= 1, "the tenant's logins to hang in getent")
+        hostd.hostctl("stop", tenant.user)
+        stuck += [subprocess.Popen([*tenant.ssh_args(), "true"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL) for _ in range(8)]  # fmt: skip
+        _wait_for(lambda: _hanging(tenant.user) >= 1, "the tenant's container to boot slowly")
         started = time.monotonic()
         res2 = subprocess.run([*other.ssh_args(), "echo in"], capture_output=True, timeout=120)
         took = time.monotonic() - started
         assert res2.stdout == b"in\n", res2.stderr
+        assert _hanging(tenant.user) >= 1  # the tenant's logins were still waiting meanwhile
         assert took < SLOW / 2, f"another tenant's login took {took:.1f} s"
     finally:
         for client in stuck:
             client.kill()
             client.wait()
-        rt.exec(tenant.user, ["mv", "/usr/bin/getent.real", "/usr/bin/getent"])
+        _wait_for(lambda: rt.state(tenant.user).status == "running", "the tenant to run")
+        rt.exec(tenant.user, ["rm", "-f", unit, "/etc/systemd/system/multi-user.target.wants/"
+                              "hostd-slow.service"])  # fmt: skip
         hostd.hostctl("user", "remove", other.user, check=False)
 
 
 def _hanging(user: str) -> int:
-    """Processes of the tenant sleeping in its hanging getent (seen from the host)."""
+    """Processes of the tenant sleeping in its slow boot (seen from the host)."""
     return sum(1 for p in Path("/proc").glob("[0-9]*")
-               if _cmdline(int(p.name)).startswith(f"sleep {SLOW}")
+               if _cmdline(int(p.name)).startswith(f"/bin/sleep {SLOW}")
                and f"/{user}" in _memory_cgroup(int(p.name)))  # fmt: skip
 
 

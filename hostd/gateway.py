@@ -487,8 +487,8 @@ async def _supervise(process: asyncssh.SSHServerProcess[bytes], program: Program
         program.close()
         raise
     finally:
-        to_program.cancel()
-        from_program.cancel()
+        _cancel(to_program)
+        _cancel(from_program)
     status = program.wait()  # it has ended: this does not block
     if gone:
         raise ClientGone
@@ -600,8 +600,15 @@ async def _unless_closed(process: asyncssh.SSHServerProcess[bytes], work: Awaita
     try:
         done, _ = await asyncio.wait({job, closed}, return_when=asyncio.FIRST_COMPLETED)
         if job not in done:
-            job.cancel()
+            _cancel(job)
             raise ClientGone
         job.result()
     finally:
         closed.cancel()
+
+
+def _cancel(job: asyncio.Future[Any]) -> None:
+    """Cancel `job` and take whatever it ends with (a gather ends with CancelledError as its
+    exception, which asyncio would log as never retrieved)."""
+    job.cancel()
+    job.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -32,7 +32,10 @@ KEYS_TIMEOUT = 2.0  # seconds for reading authorized_keys, the child's start inc
 USER_PYTHON = "/usr/bin/python3"  # the key reader runs as the user: not hostd's own interpreter
 # For names that are refused anyway, the key reader does the same work as nobody on a home that
 # does not exist, so the time an answer takes does not tell who exists.
-DECOY = pwd.struct_passwd(("nobody", "x", 65534, 65534, "", "/nonexistent", "/usr/sbin/nologin"))
+def decoy() -> pwd.struct_passwd:
+    """A new one each time: a struct_passwd kept in a module global makes CPython 3.11 fail at
+    exit ("SystemError ... tp_clear") once asyncssh is loaded."""
+    return pwd.struct_passwd(("nobody", "x", 65534, 65534, "", "/nonexistent", "/usr/sbin/nologin"))
 
 
 def account_refusal(user: str, rhost: str = "") -> str | None:

@@ -383,7 +383,7 @@ class Gateway:
         for names that are refused anyway, as nobody on a home that does not exist."""
         account = accounts.login_refusal(user, source)  # locked, expired, pam_access...
         refusal = self.refusal(user) or account
-        pw = accounts.DECOY if refusal is not None else pwd.getpwnam(user)
+        pw = accounts.decoy() if refusal is not None else pwd.getpwnam(user)
         text = accounts.authorized_keys(pw)
         if refusal is not None:
             return Admission(None, refusal, None)

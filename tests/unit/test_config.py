@@ -11,6 +11,7 @@ from typing import get_type_hints
 import pytest
 
 from hostd.config import (
+    ApiSettings,
     Config,
     GatewaySettings,
     Limits,
@@ -75,6 +76,10 @@ def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
             max_unauthenticated=64,
             max_unauthenticated_per_source=8,
         ),
+        api=ApiSettings(
+            max_connections=256, max_connections_per_user=8, workers=64, admin_workers=16,
+            request_timeout=10.0, max_request=64 * 1024,
+        ),  # fmt: skip
     )
 
 

@@ -3,8 +3,9 @@ per socket and per UID, and the bounded pools of threads that serve requests.
 
 A connection costs no thread until its request has arrived whole: reading is non-blocking, on
 the event loop, bounded in time (by the caller), size and file descriptors. Requests are then
-served by a pool of its socket; when the pool is busy the request is refused, never queued,
-since the requests ahead of it may be sessions that last for hours.
+served by a pool of its socket; when the user socket's pool is busy the request is refused,
+not queued, since the requests ahead of it may be sessions that last for hours (admins' requests
+wait for admins' requests only).
 """
 
 from __future__ import annotations
@@ -107,21 +108,19 @@ def refuse(conn: socket.socket, message: str) -> None:
 
 
 class Workers:
-    """At most `size` daemon threads, started as needed and reused. `try_submit` refuses work
-    when all are busy rather than queueing it behind requests that may be long sessions.
+    """At most `size` daemon threads, started as needed and reused. When all are busy,
+    `try_submit` refuses the job, or queues it if `queue_when_busy` (for admins, who then wait
+    only for admins). A user's job is never queued: those ahead may be hours-long sessions.
     Daemon threads: a session in progress does not hold up hostd's exit."""
 
-    def __init__(self, size: int, name: str) -> None:
+    def __init__(self, size: int, name: str, queue_when_busy: bool = False) -> None:
         self.size = size
         self.name = name  # the [api] setting of its size
+        self.queue_when_busy = queue_when_busy
         self._lock = threading.Lock()
-        self._busy = 0
+        self._jobs_in = 0  # running or queued
         self._threads = 0
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-
-    @property
-    def busy(self) -> int:
-        return self._busy
 
     @property
     def threads(self) -> int:
@@ -129,10 +128,10 @@ class Workers:
 
     def try_submit(self, job: Callable[[], None]) -> bool:
         with self._lock:
-            if self._busy >= self.size:
+            if self._jobs_in >= self.size and not self.queue_when_busy:
                 return False
-            self._busy += 1
-            spawn = self._threads < self._busy  # every busy job has a thread of its own
+            self._jobs_in += 1
+            spawn = self._threads < min(self._jobs_in, self.size)
             if spawn:
                 self._threads += 1
         if spawn:
@@ -150,7 +149,7 @@ class Workers:
                 log.exception("a %s worker's job failed", self.name)
             finally:
                 with self._lock:
-                    self._busy -= 1
+                    self._jobs_in -= 1
 
 
 @dataclass
@@ -161,7 +160,6 @@ class Door:
     name: str  # "user" or "admin"
     admin: bool
     max_connections: int
-    connections_setting: str  # the setting that raises max_connections
     max_per_uid: int | None  # None: no per-UID cap
     pool: Workers
     open: int = 0
@@ -181,7 +179,7 @@ class Door:
             return self._over(
                 "max_connections",
                 f"hostd's {self.name} socket has {self.open} connections"
-                f" ({self.connections_setting}): try again later, or ask an admin to raise it",
+                " ([api] max_connections): try again later, or ask an admin to raise it",
             )
         return None
 

@@ -106,10 +106,10 @@ class GatewaySettings:
 class ApiSettings:
     """Caps on hostd's unix sockets: no local user can exhaust the daemon for the others."""
 
-    max_connections: int  # user socket, all users together (waiting for a request or served)
+    max_connections: int  # to each socket, all callers together (waiting or served)
     max_connections_per_user: int  # user socket, one UID (each OpenSSH session holds one)
     workers: int  # threads serving user-socket requests at once (a session holds one)
-    admin_workers: int  # threads, and connections, of the admin socket (a pool of its own)
+    admin_workers: int  # threads serving admin-socket requests (a pool of its own; others wait)
     request_timeout: float  # seconds to send the request, and to take each reply line
     max_request: int  # bytes of one request line
 

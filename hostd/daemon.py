@@ -85,11 +85,10 @@ class Daemon:
         self._tenant_uids: frozenset[int] = frozenset()
         self._refresh_tenants()
         api = cfg.api
-        self._user = Door("user", False, api.max_connections, "[api] max_connections",
-                          api.max_connections_per_user,
-                          Workers(api.workers, "workers"))  # fmt: skip
-        self._admin = Door("admin", True, api.admin_workers, "[api] admin_workers", None,
-                           Workers(api.admin_workers, "admin_workers"))  # fmt: skip
+        users = Workers(api.workers, "workers")
+        admins = Workers(api.admin_workers, "admin_workers", queue_when_busy=True)
+        self._user = Door("user", False, api.max_connections, api.max_connections_per_user, users)
+        self._admin = Door("admin", True, api.max_connections, None, admins)
         self._receiving: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -168,7 +167,11 @@ class Daemon:
                 log.warning("accepting on the %s socket failed: %s", door.name, exc)
                 await asyncio.sleep(0.1)  # a retry period, not a wait for a condition
                 continue
-            self._admit(conn, door)
+            try:
+                self._admit(conn, door)
+            except Exception:  # a bug: drop this connection, keep accepting the others
+                log.exception("admitting a connection to the %s socket failed", door.name)
+                conn.close()
 
     def _admit(self, conn: socket.socket, door: Door) -> None:
         """Check the caller before spending anything on them: on the user socket, tenants and
@@ -180,8 +183,8 @@ class Daemon:
             conn.close()
             return
         if not door.admin and peer.uid != 0 and peer.uid not in self._tenant_uids:
-            refuse(conn, f"uid {peer.uid} has no container here: ask an admin to make you a"
-                         " tenant (hostctl user add YOUR-NAME)")  # fmt: skip
+            refuse(conn, f"uid {peer.uid} is not a tenant: ask an admin to make you one"
+                         " (hostctl user add YOUR-NAME)")  # fmt: skip
             return
         refusal = door.refusal(peer.uid)
         if refusal is not None:

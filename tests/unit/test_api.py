@@ -4,6 +4,7 @@ bounded worker pools, connection caps, the [api] settings and the client's view 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import threading
@@ -133,8 +134,23 @@ def test_workers_are_bounded_refuse_when_busy_and_are_reused() -> None:
     assert pool.threads == 2
 
 
+def test_admin_workers_queue_work_beyond_their_size() -> None:
+    pool = Workers(1, "admin_workers", queue_when_busy=True)
+    release = threading.Event()
+    done = [threading.Event() for _ in range(3)]
+
+    def job(i: int) -> None:
+        release.wait(30)
+        done[i].set()
+
+    assert all(pool.try_submit(functools.partial(job, i)) for i in range(3))
+    assert pool.threads == 1
+    release.set()
+    assert all(d.wait(30) for d in done)
+
+
 def test_connection_caps_name_their_setting() -> None:
-    door = Door("user", False, 3, "[api] max_connections", 2, Workers(1, "workers"))
+    door = Door("user", False, 3, 2, Workers(1, "workers"))
     door.enter(1000)
     assert door.refusal(1000) is None
     door.enter(1000)

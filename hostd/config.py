@@ -360,9 +360,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "max_unauthenticated_per_source": _Key(8, _id(1)),
     },
     "api": {
-        "max_connections": _Key(256, _number(1, 65536)),
-        "max_connections_per_user": _Key(8, _number(1, 65536)),
-        "workers": _Key(64, _number(1, 4096)),
+        "max_connections": _Key(512, _number(1, 65536)),
+        "max_connections_per_user": _Key(64, _number(1, 65536)),
+        "workers": _Key(256, _number(1, 4096)),
         "admin_workers": _Key(16, _number(1, 4096)),
         "request_timeout": _Key(10.0, _seconds),
         "max_request": _Key("64K", _request_size),

@@ -179,7 +179,7 @@ def test_the_client_reads_a_refusal_sent_before_its_request(
 
 def test_api_settings_defaults_and_bad_values(tmp_path: Path) -> None:
     main, dropins = tmp_path / "hostd.toml", tmp_path / "none"
-    assert load(main, dropins).api == ApiSettings(256, 8, 64, 16, 10.0, 65536)
+    assert load(main, dropins).api == ApiSettings(512, 64, 256, 16, 10.0, 65536)
     main.write_text('[api]\nmax_connections_per_user = 2\nmax_request = "1M"\n')
     api = load(main, dropins).api
     assert (api.max_connections_per_user, api.max_request) == (2, 1 << 20)

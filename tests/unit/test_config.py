@@ -77,7 +77,7 @@ def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
             max_unauthenticated_per_source=8,
         ),
         api=ApiSettings(
-            max_connections=256, max_connections_per_user=8, workers=64, admin_workers=16,
+            max_connections=512, max_connections_per_user=64, workers=256, admin_workers=16,
             request_timeout=10.0, max_request=64 * 1024,
         ),  # fmt: skip
     )

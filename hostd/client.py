@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hostd.api import Channel
+from hostd.api import Channel, ClientGone
 from hostd.errors import HostdError
 
 
@@ -61,7 +62,8 @@ def request(
     on_tty: Callable[[int], None] | None = None,
 ) -> Any:
     """`call` on an already connected channel."""
-    chan.send({"op": op, "args": args or {}}, fds)
+    with contextlib.suppress(ClientGone):  # refused before reading: its reason waits for us
+        chan.send({"op": op, "args": args or {}}, fds)
     while True:
         msg, got = chan.receive()
         if msg is None:

@@ -108,6 +108,18 @@ class SessionSettings:
 
 
 @dataclass(frozen=True)
+class ApiSettings:
+    """Caps on hostd's unix sockets: no local user can exhaust the daemon for the others."""
+
+    max_connections: int  # to each socket, all callers together (waiting or served)
+    max_connections_per_user: int  # user socket, one UID (each OpenSSH session holds one)
+    workers: int  # threads serving user-socket requests at once (a session holds one)
+    admin_workers: int  # threads serving admin-socket requests (a pool of its own; others wait)
+    request_timeout: float  # seconds to send the request, and to take each reply line
+    max_request: int  # bytes of one request line
+
+
+@dataclass(frozen=True)
 class Config:
     paths: Paths
     runtime: RuntimeConfig
@@ -117,6 +129,7 @@ class Config:
     network: NetworkSettings
     gateway: GatewaySettings
     sessions: SessionSettings
+    api: ApiSettings
 
     def runtime_settings(self) -> Settings:
         """The runtime's view: it knows nothing of users, only where and how to run containers."""
@@ -265,6 +278,22 @@ def _bool(value: Any) -> bool:
     return value
 
 
+def _number(lowest: int, highest: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if type(value) is not int or not lowest <= value <= highest:
+            raise ValueError(f"use a whole number from {lowest} to {highest}")
+        return value
+
+    return check
+
+
+def _request_size(value: Any) -> int:
+    size = parse_size(_text(value), "request")
+    if not 4096 <= size <= 16 << 20:
+        raise ValueError('use a size from "4K" to "16M"')
+    return size
+
+
 def _limit(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
     """A limit, or "none" (or "unlimited") to lift it explicitly, as `hostctl quota` takes."""
 
@@ -339,6 +368,14 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     "sessions": {
         "max_per_tenant": _Key(64, _id(1)),
     },
+    "api": {
+        "max_connections": _Key(512, _number(1, 65536)),
+        "max_connections_per_user": _Key(64, _number(1, 65536)),
+        "workers": _Key(256, _number(1, 4096)),
+        "admin_workers": _Key(16, _number(1, 4096)),
+        "request_timeout": _Key(10.0, _seconds),
+        "max_request": _Key("64K", _request_size),
+    },
     "limits": {
         "cpus": _Key(DEFAULT_CPUS, _limit(lambda t: parse_cpus(t, os.cpu_count() or 1))),
         "memory": _Key("4G", _limit(lambda t: parse_size(t, "memory"))),
@@ -409,6 +446,7 @@ def load(main: Path = MAIN, dropin_dir: Path | None = None) -> Config:
         network=NetworkSettings(**values["network"]),
         gateway=GatewaySettings(**values["gateway"]),
         sessions=SessionSettings(**values["sessions"]),
+        api=ApiSettings(**values["api"]),
     )
 
 

@@ -1,17 +1,20 @@
-"""`hostd`: the daemon. asyncio accepts on the admin and user sockets; each request is served
-in its own thread (runtime calls block). Containers are not children of hostd: stopping or
-restarting it leaves them running, and the next start reconciles state with reality."""
+"""`hostd`: the daemon. asyncio accepts on the admin and user sockets and reads each request
+there (bounded in time, size and fds); bounded pools of threads serve them (runtime calls
+block). Containers are not children of hostd: stopping or restarting it leaves them running,
+and each start reconciles state with reality in the background, after the sockets are open."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import functools
 import grp
 import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 from collections.abc import Sequence
@@ -19,7 +22,8 @@ from pathlib import Path
 
 from hostd import config as config_mod
 from hostd import hostlimits
-from hostd.api import Channel, peer_of
+from hostd.api import Channel, Peer, close_fds, peer_of
+from hostd.apiserver import Door, Refused, Request, Workers, read_request, refuse
 from hostd.gateway import Gateway
 from hostd.notify import notify, watchdog_interval
 from hostd.service import Service
@@ -79,39 +83,56 @@ class Daemon:
         for line in self.tenants.migrate_ranges():  # before any request can allocate a range
             log.info("upgrade: %s", line)
         self.sessions = Sessions(self.tenants, cfg.sessions)  # one cap for both doors
-        self.service = Service(self.tenants, cfg.users.admin_group, self.sessions)
+        self.service = Service(self.tenants, cfg.users.admin_group, self.sessions,
+                               self._refresh_tenants)  # fmt: skip
+        self._tenant_uids: frozenset[int] = frozenset()
+        self._refresh_tenants()
+        api = cfg.api
+        users = Workers(api.workers, "workers")
+        admins = Workers(api.admin_workers, "admin_workers", queue_when_busy=True)
+        self._user = Door("user", False, api.max_connections, api.max_connections_per_user, users)
+        self._admin = Door("admin", True, api.max_connections, None, admins)
+        self._receiving: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _refresh_tenants(self) -> None:
+        """Reload the tenants' UIDs, which the event loop checks callers of the user socket
+        against without touching the database. Called (in a worker) after every admin request,
+        before its reply, and after reconcile: only these add or remove tenants. So a user
+        added by `hostctl user add` passes once the command returns; a removed one may pass
+        until then and is refused by the request itself."""
+        self._tenant_uids = frozenset(t.uid for t in self.state.tenants())  # one atomic store
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        notify("STATUS=reconciling")
-        for line in await asyncio.to_thread(self.tenants.reconcile):
-            log.info("reconcile: %s", line)
+        paths = self.cfg.paths
+        admin, user = await asyncio.to_thread(self._listen)
         gateway = None
         if self.cfg.gateway.enabled:
             gateway = Gateway(self.tenants, self.cfg.gateway, self.cfg.paths.state_dir / "ssh",
                               self.sessions)  # fmt: skip
             await gateway.start()
-        paths = self.cfg.paths
-        admin = listen(paths.admin_socket, 0o660, self.cfg.users.admin_group)
-        user = listen(paths.user_socket, 0o666, None)
         tasks = [
-            asyncio.create_task(self._accept(admin, True)),
-            asyncio.create_task(self._accept(user, False)),
+            asyncio.create_task(self._accept(admin, self._admin)),
+            asyncio.create_task(self._accept(user, self._user)),
         ]
         interval = watchdog_interval()
         if interval:
             tasks.append(asyncio.create_task(self._watchdog(interval)))
+        notify("STATUS=reconciling")
         notify("READY=1")
-        notify(f"STATUS=serving {len(self.state.tenants())} tenants")
-        log.info("hostd ready: admin socket %s, user socket %s", paths.admin_socket,
-                 paths.user_socket)  # fmt: skip
+        log.info("hostd ready: admin socket %s, user socket %s; reconciling",
+                 paths.admin_socket, paths.user_socket)  # fmt: skip
+        # A thread of its own: a tenant slow to start delays no request but its own (per-user
+        # locks), and a daemon thread does not hold up hostd's exit.
+        threading.Thread(target=self._reconcile, name="reconcile", daemon=True).start()
         await stop.wait()
         notify("STOPPING=1")
         log.info("hostd stopping; containers keep running")
-        for task in tasks:
+        for task in [*tasks, *self._receiving]:
             task.cancel()
         if gateway is not None:
             await gateway.close()
@@ -121,21 +142,118 @@ class Daemon:
                 path.unlink()
         self.state.close()
 
-    async def _accept(self, sock: socket.socket, admin: bool) -> None:
+    def _listen(self) -> tuple[socket.socket, socket.socket]:
+        paths = self.cfg.paths
+        return (listen(paths.admin_socket, 0o660, self.cfg.users.admin_group),
+                listen(paths.user_socket, 0o666, None))  # fmt: skip
+
+    def _reconcile(self) -> None:
+        try:
+            for line in self.tenants.reconcile():
+                log.info("reconcile: %s", line)
+            self._refresh_tenants()
+            notify(f"STATUS=serving {len(self.state.tenants())} tenants")
+        except RuntimeFailure as exc:  # hostd keeps serving; the log says what to fix
+            log.error("reconcile failed: %s", exc)
+            notify(f"STATUS=reconcile failed: {exc}")
+        except Exception:
+            log.exception("reconcile failed")
+            notify("STATUS=reconcile failed: see the log")
+        finally:
+            log.info("reconcile finished")
+
+    async def _accept(self, sock: socket.socket, door: Door) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(sock)
-            conn.setblocking(True)
-            threading.Thread(target=self._serve, args=(conn, admin), daemon=True).start()
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE, ENOBUFS...: until some connection is closed
+                log.warning("accepting on the %s socket failed: %s", door.name, exc)
+                await asyncio.sleep(0.1)  # a retry period, not a wait for a condition
+                continue
+            try:
+                self._admit(conn, door)
+            except Exception:  # a bug: drop this connection, keep accepting the others
+                log.exception("admitting a connection to the %s socket failed", door.name)
+                conn.close()
 
-    def _serve(self, conn: socket.socket, admin: bool) -> None:
-        with conn:
-            self.service.handle(Channel(conn), peer_of(conn), admin)
+    def _admit(self, conn: socket.socket, door: Door) -> None:
+        """Check the caller before spending anything on them: on the user socket, tenants and
+        root only; then the connection caps. Runs on the event loop: no blocking call."""
+        conn.setblocking(False)
+        try:
+            peer = peer_of(conn)
+        except OSError:
+            conn.close()
+            return
+        if not door.admin and peer.uid != 0 and peer.uid not in self._tenant_uids:
+            refuse(conn, f"uid {peer.uid} is not a tenant: ask an admin to make you one"
+                         " (hostctl user add YOUR-NAME)")  # fmt: skip
+            return
+        refusal = door.refusal(peer.uid)
+        if refusal is not None:
+            refuse(conn, refusal)
+            return
+        door.enter(peer.uid)
+        task = asyncio.create_task(self._receive(conn, peer, door))
+        self._receiving.add(task)
+        task.add_done_callback(self._receiving.discard)
+
+    async def _receive(self, conn: socket.socket, peer: Peer, door: Door) -> None:
+        """Read the request on the loop, then hand it to the door's pool (which then owns the
+        connection), or refuse it."""
+        api = self.cfg.api
+        refusal: str | None = None
+        try:
+            request = await asyncio.wait_for(read_request(conn, api.max_request),
+                                             api.request_timeout)  # fmt: skip
+        except TimeoutError:
+            request = None
+            refusal = (f"no request within {api.request_timeout:g} s of connecting"
+                       " ([api] request_timeout): send it at once")  # fmt: skip
+        except Refused as exc:
+            request, refusal = None, str(exc)
+        except OSError:  # the client reset the connection
+            request = None
+        except BaseException:  # cancelled at shutdown
+            conn.close()
+            door.leave(peer.uid)
+            raise
+        if request is not None:
+            if door.pool.try_submit(functools.partial(self._serve, conn, peer, door, request)):
+                return
+            close_fds(request.fds)
+            refusal = door.busy()
+        if refusal is None:
+            conn.close()
+        else:
+            refuse(conn, refusal)
+        door.leave(peer.uid)
+
+    def _serve(self, conn: socket.socket, peer: Peer, door: Door, request: Request) -> None:
+        """Serve one request in a worker of `door`'s pool. Replies are sent blocking, but a
+        client that stops reading makes a send fail after [api] request_timeout."""
+        try:
+            conn.setblocking(True)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            _timeval(self.cfg.api.request_timeout))  # fmt: skip
+            self.service.handle(Channel(conn, request.rest), peer, door.admin, request.line,
+                                request.fds)  # fmt: skip
+        finally:
+            conn.close()
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop is closed: hostd is exiting
+                self._loop.call_soon_threadsafe(door.leave, peer.uid)
 
     async def _watchdog(self, interval: float) -> None:
         while True:
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)  # the ping period systemd asked for
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,8 +12,10 @@ runtime.proc and runtime.ttyexec (whose helper-process part loads runtime.syscal
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import pwd
 import select
 import shlex
 import signal
@@ -61,7 +63,11 @@ def _user_facing(exc: HostdError) -> HostdError:
     """hostd's fixes are written for admins; say what the user can do instead."""
     if exc.cause.endswith(" is not a tenant"):
         user = exc.cause.removesuffix(" is not a tenant")
-        return HostdError(exc.cause, f"ask an admin to make you one (`hostctl user add {user}`)")
+        if user == f"uid {os.getuid()}":  # hostd refuses at connect, knowing only the UID
+            with contextlib.suppress(KeyError):
+                user = pwd.getpwuid(os.getuid()).pw_name
+        return HostdError(f"{user} is not a tenant",
+                          f"ask an admin to make you one (`hostctl user add {user}`)")  # fmt: skip
     return exc
 
 

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from hostd.api import Channel, Peer
+from hostd.api import Channel, ClientGone, Peer, check_fds, close_fds, parse_request
 from hostd.errors import HostdError
 from hostd.sessions import Program, Sessions
 from hostd.state import Quota
@@ -52,11 +52,14 @@ def status_dict(s: TenantStatus) -> dict[str, Any]:
 
 
 class Service:
-    def __init__(self, tenants: Tenants, admin_group: str, sessions: Sessions) -> None:
+    def __init__(self, tenants: Tenants, admin_group: str, sessions: Sessions,
+                 after_admin_request: Callable[[], None] = lambda: None) -> None:  # fmt: skip
         self.tenants = tenants
         self.runtime = tenants.runtime
         self.admin_group = admin_group
         self.sessions = sessions
+        # Runs after each admin request, before its reply: the daemon reloads who is a tenant.
+        self.after_admin_request = after_admin_request
 
     def is_admin(self, peer: Peer) -> bool:
         if peer.uid == 0:
@@ -74,14 +77,13 @@ class Service:
 
     # -- one connection --------------------------------------------------------------------
 
-    def handle(self, chan: Channel, peer: Peer, admin_socket: bool) -> None:
-        """Serve one request on `chan` (runs in its own thread)."""
-        fds: list[int] = []
+    def handle(self, chan: Channel, peer: Peer, admin_socket: bool, line: bytes,
+               fds: list[int]) -> None:  # fmt: skip
+        """Serve the request `line` (read by the daemon, with `fds`, which are closed here)
+        in a worker thread; replies go to `chan`."""
         try:
-            request, fds = chan.receive()
-            if request is None:
-                return
-            op, args = str(request.get("op")), dict(request.get("args") or {})
+            op, args = parse_request(line)
+            check_fds(op, fds)
             if admin_socket and not self.is_admin(peer):
                 raise HostdError(f"uid {peer.uid} is not an admin",
                                  f"use sudo or join group {self.admin_group}")  # fmt: skip
@@ -91,18 +93,23 @@ class Service:
             def progress(msg: str) -> None:
                 chan.send({"progress": msg})
 
-            result = self._dispatch(op, args, fds, chan, progress)
+            try:
+                result = self._dispatch(op, args, fds, chan, progress)
+            finally:
+                if admin_socket:
+                    self.after_admin_request()
             chan.send({"ok": True, "result": result})
         except RuntimeFailure as exc:  # HostdError included
             self._reply_error(chan, str(exc))
         except (ValueError, KeyError, TypeError) as exc:
             self._reply_error(chan, f"bad request: {exc}: see `hostctl --help`")
+        except ClientGone as exc:  # it left, or stopped reading for [api] request_timeout
+            log.info("dropped a client of uid %d: %s", peer.uid, exc.strerror)
         except Exception as exc:  # never let a bug kill the daemon; the client gets one line
             log.exception("request failed")
             self._reply_error(chan, f"internal error: {exc}: see hostd's log")
         finally:
-            for fd in fds:
-                os.close(fd)
+            close_fds(fds)
 
     @staticmethod
     def _reply_error(chan: Channel, message: str) -> None:
@@ -117,7 +124,10 @@ class Service:
             name = pwd.getpwuid(peer.uid).pw_name
         except KeyError:
             raise HostdError(f"uid {peer.uid} has no account", "ask an admin") from None
-        self.tenants.get(name)
+        tenant = self.tenants.get(name)
+        if tenant.phase != "ready":  # reconcile may be finishing or undoing it right now
+            raise HostdError(f"{name}'s container is being set up or removed ({tenant.phase})",
+                             "try again in a minute, or ask an admin")  # fmt: skip
         args["user"] = name
         if op == "exec":  # as their own account inside (same name, home, groups), never root
             args["as_user"] = name

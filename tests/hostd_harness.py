@@ -26,17 +26,31 @@ class Hostd:
     ssh_port: int
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, reconciled: bool = True) -> None:
+        """Start hostd; return once its admin socket answers and, if `reconciled`, once it
+        logged the end of its reconcile (which runs in the background, after the sockets)."""
+        offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hostd.daemon", "--config", str(self.config)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
         deadline = time.monotonic() + 60
-        while not self._answers():  # reconcile may start containers first
+        while not self._answers():
             assert self.proc.poll() is None, f"hostd exited: {self.log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, "hostd did not open its socket within 60 s"
             time.sleep(0.05)
+        deadline = time.monotonic() + 300  # reconcile may start every tenant
+        while reconciled and not self.reconciled(offset):
+            assert self.proc.poll() is None, f"hostd exited: {self.log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "hostd did not finish reconciling in 300 s"
+            time.sleep(0.05)
+
+    def reconciled(self, offset: int) -> bool:
+        """Whether hostd logged the end of a reconcile after byte `offset` of its log."""
+        with open(self.log, "rb") as log:
+            log.seek(offset)
+            return b"hostd: reconcile finished" in log.read()
 
     def _answers(self) -> bool:
         with socket.socket(socket.AF_UNIX) as s:
@@ -65,6 +79,46 @@ class Hostd:
         if check:
             assert res.returncode == 0, f"hostctl {' '.join(args)}: {res.stderr}{res.stdout}"
         return res
+
+
+def connect_as(user: str, path: Path, count: int = 1) -> list[socket.socket]:
+    """`count` sockets connected to `path` by a process running as `user`, so hostd's
+    SO_PEERCRED sees that user (the child hands the connected sockets back and exits).
+    PermissionError if the user may not connect."""
+    pw = pwd.getpwnam(user)
+    parent, child = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only connects
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            conns = []
+            try:
+                for _ in range(count):
+                    conns.append(socket.socket(socket.AF_UNIX))
+                    conns[-1].connect(str(path))
+                for i in range(0, count, 200):  # SCM_RIGHTS takes at most 253 fds at once
+                    socket.send_fds(child, [b"ok"], [c.fileno() for c in conns[i : i + 200]])
+            except PermissionError:
+                child.sendall(b"EACCES")
+            code = 0
+        finally:
+            os._exit(code)
+    got: list[socket.socket] = []
+    with parent:
+        child.close()
+        while len(got) < count:
+            msg, fds, _, _ = socket.recv_fds(parent, 16, 200)
+            got += [socket.socket(fileno=fd) for fd in fds]
+            if not fds:
+                for conn in got:
+                    conn.close()
+                os.waitpid(pid, 0)
+                raise PermissionError(msg.decode() or "the child could not connect")
+    os.waitpid(pid, 0)
+    return got
 
 
 def authorize(user: str, line: str) -> None:

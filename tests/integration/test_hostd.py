@@ -24,7 +24,7 @@ from hostd.subids import parse
 from runtime import mountinfo
 from runtime.containers import Runtime
 from tests.conftest import CGROUP_PARENT
-from tests.hostd_harness import Hostd, UnixUsers
+from tests.hostd_harness import Hostd, UnixUsers, connect_as
 
 
 def _tenant_rows(h: Hostd) -> dict[str, tuple[int, str]]:
@@ -205,38 +205,8 @@ def test_quota_status_logs_and_keep_data(hostd: Hostd, unix_users: UnixUsers) ->
     _assert_gone(hostd, user)
 
 
-def _connect_as(user: str, path: Path) -> socket.socket:
-    """A socket connected to `path` by a process running as `user`, so hostd's SO_PEERCRED
-    sees that user (the child hands the connected socket back and exits)."""
-    pw = pwd.getpwnam(user)
-    parent, child = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child only connects
-        code = 1
-        try:
-            os.setgroups([])
-            os.setgid(pw.pw_gid)
-            os.setuid(pw.pw_uid)
-            conn = socket.socket(socket.AF_UNIX)
-            try:
-                conn.connect(str(path))
-                socket.send_fds(child, [b"ok"], [conn.fileno()])
-            except PermissionError:
-                child.sendall(b"EACCES")
-            code = 0
-        finally:
-            os._exit(code)
-    os.waitpid(pid, 0)
-    child.close()
-    with parent:
-        msg, fds, _, _ = socket.recv_fds(parent, 16, 1)
-    if not fds:
-        raise PermissionError(msg.decode())
-    return socket.socket(fileno=fds[0])
-
-
 def _request_as(user: str, path: Path, op: str, args: dict[str, object]) -> object:
-    with _connect_as(user, path) as conn:
+    with connect_as(user, path)[0] as conn:
         return request(Channel(conn), op, args, [0, 1, 2] if op == "exec" else [])
 
 
@@ -253,10 +223,10 @@ def test_user_socket_is_limited_to_the_callers_container(
     assert [s["user"] for s in status] == [tenant]  # type: ignore[attr-defined]
     with pytest.raises(HostdError, match="user.add is for admins"):
         _request_as(tenant, hostd.user_socket, "user.add", {"user": other})
-    with pytest.raises(HostdError, match=f"{other} is not a tenant"):
+    with pytest.raises(HostdError, match=f"uid {pwd.getpwnam(other).pw_uid} is not a tenant"):
         _request_as(other, hostd.user_socket, "exec", exec_args)
     with pytest.raises(PermissionError):
-        _connect_as(tenant, hostd.admin_socket)
+        connect_as(tenant, hostd.admin_socket)
     hostd.hostctl("user", "remove", tenant)
 
 

@@ -11,6 +11,7 @@ from typing import get_type_hints
 import pytest
 
 from hostd.config import (
+    ApiSettings,
     Config,
     GatewaySettings,
     Limits,
@@ -77,6 +78,10 @@ def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
             max_unauthenticated_per_source=8,
         ),
         sessions=SessionSettings(max_per_tenant=64),
+        api=ApiSettings(
+            max_connections=512, max_connections_per_user=64, workers=256, admin_workers=16,
+            request_timeout=10.0, max_request=64 * 1024,
+        ),  # fmt: skip
     )
 
 

@@ -1,0 +1,209 @@
+"""The server's side of hostd's sockets: reading requests on the event loop, connection caps
+per socket and per UID, and the bounded pools of threads that serve requests.
+
+A connection costs no thread until its request has arrived whole: reading is non-blocking, on
+the event loop, bounded in time (by the caller), size and file descriptors. Requests are then
+served by a pool of its socket; when the user socket's pool is busy the request is refused,
+not queued, since the requests ahead of it may be sessions that last for hours (admins' requests
+wait for admins' requests only).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import logging
+import queue
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hostd.api import MAX_FDS, close_fds, error_line
+
+log = logging.getLogger(__name__)
+
+_INT = array.array("i").itemsize
+LOG_EVERY = 60.0  # seconds between two log lines about the same cap (a flood must not flood)
+
+
+class Refused(Exception):
+    """A connection the server will not serve; str() is the client's line `cause: fix`."""
+
+
+@dataclass(frozen=True)
+class Request:
+    line: bytes  # the request, without its newline
+    rest: bytes  # what the client sent after it
+    fds: list[int]  # passed with it; whoever serves the request closes them
+
+
+async def read_request(sock: socket.socket, max_size: int) -> Request | None:
+    """The first request line on non-blocking `sock` and its fds; None if the client closed
+    first. Raises Refused past `max_size` bytes or MAX_FDS fds: the kernel discards fds that do
+    not fit the control buffer, and those received are closed, so none stay in hostd."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    fds: list[int] = []
+    try:
+        while True:
+            await _readable(loop, sock)
+            try:
+                data, got, truncated = _recv(sock, max_size + 1 - len(buf), MAX_FDS - len(fds))
+            except (BlockingIOError, InterruptedError):
+                continue
+            fds += got
+            if truncated:
+                raise Refused(f"more than {MAX_FDS} file descriptors sent with a request: "
+                              "send stdin, stdout and stderr at most")  # fmt: skip
+            if not data:
+                close_fds(fds)
+                return None
+            buf += data
+            end = buf.find(b"\n")
+            if end >= 0:
+                return Request(bytes(buf[:end]), bytes(buf[end + 1 :]), fds)
+            if len(buf) > max_size:
+                raise Refused(f"request longer than {max_size // 1024} KiB ([api] max_request)"
+                              ": send a smaller request")  # fmt: skip
+    except BaseException:
+        close_fds(fds)
+        raise
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+def _recv(sock: socket.socket, size: int, max_fds: int) -> tuple[bytes, list[int], bool]:
+    """Data, fds (close-on-exec) and whether more fds came than `max_fds` (the kernel dropped
+    the rest). CMSG_LEN, not CMSG_SPACE: the padding of CMSG_SPACE would admit one fd more."""
+    data, ancillary, flags, _ = sock.recvmsg(size, socket.CMSG_LEN(max_fds * _INT),
+                                             socket.MSG_CMSG_CLOEXEC)  # fmt: skip
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % _INT])
+    return data, list(fds), bool(flags & socket.MSG_CTRUNC)
+
+
+def refuse(conn: socket.socket, message: str) -> None:
+    """Send the one-line reason (non-blocking: a fresh socket's buffer takes it) and close."""
+    with contextlib.suppress(OSError):
+        conn.send(error_line(message))
+    conn.close()
+
+
+class Workers:
+    """At most `size` daemon threads, started as needed and reused. When all are busy,
+    `try_submit` refuses the job, or queues it if `queue_when_busy` (for admins, who then wait
+    only for admins). A user's job is never queued: those ahead may be hours-long sessions.
+    Daemon threads: a session in progress does not hold up hostd's exit."""
+
+    def __init__(self, size: int, name: str, queue_when_busy: bool = False) -> None:
+        self.size = size
+        self.name = name  # the [api] setting of its size
+        self.queue_when_busy = queue_when_busy
+        self._lock = threading.Lock()
+        self._jobs_in = 0  # running or queued
+        self._threads = 0
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    def try_submit(self, job: Callable[[], None]) -> bool:
+        with self._lock:
+            if self._jobs_in >= self.size and not self.queue_when_busy:
+                return False
+            self._jobs_in += 1
+            spawn = self._threads < min(self._jobs_in, self.size)
+            if spawn:
+                self._threads += 1
+        if spawn:
+            threading.Thread(target=self._work, name=f"{self.name}-{self._threads}",
+                             daemon=True).start()  # fmt: skip
+        self._jobs.put(job)
+        return True
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except Exception:  # jobs answer their clients themselves; this is a bug
+                log.exception("a %s worker's job failed", self.name)
+            finally:
+                with self._lock:
+                    self._jobs_in -= 1
+
+
+@dataclass
+class Door:
+    """One listening socket: its caps, its pool, and its open connections (counted on the
+    event loop only, so without a lock)."""
+
+    name: str  # "user" or "admin"
+    admin: bool
+    max_connections: int
+    max_per_uid: int | None  # None: no per-UID cap
+    pool: Workers
+    open: int = 0
+    per_uid: Counter[int] = field(default_factory=Counter)
+    _logged: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+
+    def refusal(self, uid: int) -> str | None:
+        """Why a new connection of `uid` is over a cap, or None."""
+        if self.max_per_uid is not None and self.per_uid[uid] >= self.max_per_uid:
+            return self._over(
+                "max_connections_per_user",
+                f"uid {uid} has {self.per_uid[uid]} connections to hostd's {self.name} socket"
+                " ([api] max_connections_per_user): close some sessions, or ask an admin to"
+                " raise the limit",
+            )
+        if self.open >= self.max_connections:
+            return self._over(
+                "max_connections",
+                f"hostd's {self.name} socket has {self.open} connections"
+                " ([api] max_connections): try again later, or ask an admin to raise it",
+            )
+        return None
+
+    def busy(self) -> str:
+        """The refusal of a request that found every worker busy."""
+        return self._over(
+            "workers",
+            f"hostd is serving {self.pool.size} requests on its {self.name} socket at once"
+            f" ([api] {self.pool.name}): try again later, or ask an admin to raise it",
+        )
+
+    def _over(self, cap: str, message: str) -> str:
+        now = time.monotonic()
+        if now - self._logged.get(cap, -LOG_EVERY) >= LOG_EVERY:
+            self._logged[cap] = now
+            log.warning("refused a connection: %s (said at most once a minute)", message)
+        return message
+
+    def enter(self, uid: int) -> None:
+        self.open += 1
+        self.per_uid[uid] += 1
+
+    def leave(self, uid: int) -> None:
+        self.open -= 1
+        self.per_uid[uid] -= 1
+        if not self.per_uid[uid]:
+            del self.per_uid[uid]

@@ -20,8 +20,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from hostd import accounts, hostlimits
 from hostd import config as config_mod
-from hostd import hostlimits
 from hostd.api import Channel, Peer, close_fds, peer_of
 from hostd.apiserver import Door, Refused, Request, Workers, read_request, refuse
 from hostd.gateway import Gateway
@@ -82,7 +82,8 @@ class Daemon:
         self.tenants = Tenants(cfg, self.state, Runtime(cfg.runtime_settings()))
         for line in self.tenants.migrate_ranges():  # before any request can allocate a range
             log.info("upgrade: %s", line)
-        self.sessions = Sessions(self.tenants, cfg.sessions)  # one cap for both doors
+        # one cap and one account check (locked, expired, nologin) for both doors
+        self.sessions = Sessions(self.tenants, cfg.sessions, refusal=accounts.account_refusal)
         self.service = Service(self.tenants, cfg.users.admin_group, self.sessions,
                                self._refresh_tenants)  # fmt: skip
         self._tenant_uids: frozenset[int] = frozenset()

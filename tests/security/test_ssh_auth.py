@@ -26,7 +26,10 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from tests.hostd_harness import Hostd, UnixUsers, authorize
+from hostd.api import Channel
+from hostd.client import request
+from hostd.errors import HostdError
+from tests.hostd_harness import Hostd, UnixUsers, authorize, connect_as
 from tests.integration.test_gateway import Login, _keypair
 
 PER_SOURCE = 8  # the shipped max_unauthenticated_per_source
@@ -232,10 +235,27 @@ def test_expired_or_locked_accounts_cannot_log_in_by_key(
     subprocess.run([*lock, alice.user], check=True, capture_output=True)
     try:
         _fails(alice, "127.0.0.8")
+        # the other door (hostd-login behind OpenSSH, a user's `hostctl exec`) refuses too
+        with pytest.raises(HostdError, match=f"{alice.user} may not log in: "):
+            _exec_as(gateway, alice.user, ["true"])
     finally:
         subprocess.run([*unlock, alice.user], check=True, capture_output=True)
     assert alice.ssh("true").returncode == 0
+    assert _exec_as(gateway, alice.user, ["true"]) == 0
     assert f"login refused for {alice.user} from 127.0.0.8: " in gateway.log.read_text()
+
+
+def _exec_as(h: Hostd, user: str, argv: list[str]) -> int:
+    """`argv` in the user's tenant through the user socket, connected as the user."""
+    (sock,) = connect_as(user, h.user_socket)
+    r, w = os.pipe()
+    try:
+        with sock:
+            result = request(Channel(sock), "exec", {"argv": argv}, [r, w, w])
+    finally:
+        os.close(r)
+        os.close(w)
+    return int(result["exit"])
 
 
 @pytest.mark.parametrize("shell", ["/usr/sbin/nologin", "/bin/false"])

@@ -27,7 +27,6 @@ from typing import IO, Any, Protocol
 from hostd.config import SessionSettings
 from hostd.errors import HostdError
 from hostd.tenants import Account, Progress, Tenants
-from runtime.proc import child_env
 from runtime.ttyexec import TtyProcess, signal_pidfd
 
 # Client environment a session may carry into the container (as sshd's AcceptEnv)
@@ -238,11 +237,9 @@ class Sessions:
         """Start `argv` without a terminal: on new pipes, or on the client's own stdin, stdout
         and stderr (`stdio`). runc stays on the host meanwhile, charged to the tenant."""
         a = s.account
-        cmd = self.runtime.exec_argv(s.user, argv, user=a.ids, groups=a.groups, env=env,
-                                     cwd=a.home, charged=True)  # fmt: skip
         ends = list(stdio) if stdio is not None else [subprocess.PIPE] * 3
-        popen = subprocess.Popen(cmd, stdin=ends[0], stdout=ends[1], stderr=ends[2],
-                                 env=child_env())  # fmt: skip
+        popen = self.runtime.spawn(s.user, argv, ends, user=a.ids, groups=a.groups, env=env,
+                                   cwd=a.home)  # fmt: skip
         return PipeProgram(popen)
 
     def spawn_tty(self, s: Session, argv: Sequence[str], env: Sequence[str], rows: int,

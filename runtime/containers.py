@@ -32,6 +32,7 @@ import os
 import select
 import signal
 import stat
+import subprocess
 import threading
 import time
 import zlib
@@ -61,7 +62,7 @@ from runtime.names import check_name, hostname_for
 from runtime.network import NetworkConfig
 from runtime.runc import Runc
 from runtime.shares import Share
-from runtime.spec import Bind, ContainerSpec, Limits, build_config, tty_process
+from runtime.spec import Bind, ContainerSpec, Limits, build_config, exec_process
 from runtime.ttyexec import TtyProcess
 from runtime.userns import user_namespace
 
@@ -601,13 +602,9 @@ class Runtime:
         groups: Sequence[int] = (),
         env: Sequence[str] = (),
         cwd: str | None = None,
-        charged: bool = False,
     ) -> list[str]:
-        """argv that runs `argv` inside without a terminal, for callers spawning it themselves.
-        `charged`: runc, which stays on the host while the program runs, first joins the
-        container's session cgroup, so the container's limits cover it."""
-        cmd = self.runc.exec_argv(name, argv, user=user, groups=groups, env=env, cwd=cwd)
-        return self._charged(name, cmd) if charged else cmd
+        """argv that runs `argv` inside without a terminal, for callers spawning it themselves."""
+        return self.runc.exec_argv(name, argv, user=user, groups=groups, env=env, cwd=cwd)
 
     def exec(
         self,
@@ -626,8 +623,9 @@ class Runtime:
         runs inside is the tenant's: bounded in time and output, or it could hold a thread of
         ours forever or fill our memory."""
         self._require_running(name)
+        cmd = self.exec_argv(name, argv, user=user, groups=groups, env=env, cwd=cwd)
         return proc.run(
-            self.exec_argv(name, argv, user=user, groups=groups, env=env, cwd=cwd),
+            self._charged(name, cmd),  # runc, while it waits on the host
             input=input,
             timeout=timeout,
             max_output=max_output,
@@ -648,17 +646,50 @@ class Runtime:
         cols: int = 80,
         charged: bool = False,
     ) -> TtyProcess:
-        """Start `argv` inside on a new pty of the container's own devpts; `charged`: as for
-        exec_argv, for the helper that waits for the program (and its runc)."""
+        """Start `argv` inside on a new pty of the container's own devpts; `charged`: the helper
+        that waits for the program (and its runc) first joins the container's session cgroup,
+        so the container's limits cover it."""
         self._require_running(name)
         uid, _, gid = user.partition(":")
         config = json.loads((self._dir(name) / "config.json").read_text())
-        process = tty_process(
+        process = exec_process(
             config, argv, uid=int(uid), gid=int(gid or uid), groups=groups, env=env,
-            cwd=cwd or "/", rows=rows, cols=cols,
+            cwd=cwd or "/", size=(rows, cols),
         )  # fmt: skip
         prefix = self._charged(name, []) if charged else []
         return ttyexec.start(self.runc.base_argv(), name, process, prefix)
+
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        stdio: Sequence[int],
+        *,
+        user: str = "0:0",
+        groups: Sequence[int] = (),
+        env: Sequence[str] = (),
+        cwd: str | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start `argv` inside without a terminal, on `stdio` (fds or subprocess.PIPE), with its
+        runc charged to the container. The command and environment reach runc as a process.json
+        in a memfd, never on its argv, which every host user can read in `ps`."""
+        self._require_running(name)
+        uid, _, gid = user.partition(":")
+        config = json.loads((self._dir(name) / "config.json").read_text())
+        process = exec_process(
+            config, argv, uid=int(uid), gid=int(gid or uid), groups=groups, env=env,
+            cwd=cwd or "/", size=None,
+        )  # fmt: skip
+        fd = os.memfd_create("hostd-process", 0)  # not CLOEXEC: runc reads it as its fd
+        try:
+            os.write(fd, json.dumps(process).encode())
+            cmd = [*self.runc.base_argv(), "exec", "--process", f"/proc/self/fd/{fd}", name]
+            return subprocess.Popen(
+                self._charged(name, cmd), stdin=stdio[0], stdout=stdio[1], stderr=stdio[2],
+                pass_fds=[fd], env=proc.child_env(),
+            )  # fmt: skip
+        finally:
+            os.close(fd)
 
     def _charged(self, name: str, argv: Sequence[str]) -> list[str]:
         layout = cgroups.detect(mountinfo.current())

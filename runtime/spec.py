@@ -232,7 +232,7 @@ def _resources(spec: ContainerSpec) -> dict[str, Any]:
     return res
 
 
-def tty_process(
+def exec_process(
     config: dict[str, Any],
     argv: Sequence[str],
     *,
@@ -241,18 +241,19 @@ def tty_process(
     groups: Sequence[int] = (),
     env: Sequence[str],
     cwd: str,
-    rows: int,
-    cols: int,
+    size: tuple[int, int] | None,
 ) -> dict[str, Any]:
     """process.json for `runc exec --process`: the container's own process settings
-    (capabilities included) with a terminal of the given size set before the program runs."""
+    (capabilities included), with a terminal of `size` (rows, columns) set before the program
+    runs, or none."""
     process = dict(config["process"])
     process.update(
-        terminal=True,
-        consoleSize={"height": rows, "width": cols},
+        terminal=size is not None,
         args=list(argv),
         user={"uid": uid, "gid": gid, "additionalGids": list(groups)},
         env=[*process.get("env", []), *env],
         cwd=cwd,
     )
+    if size is not None:
+        process["consoleSize"] = {"height": size[0], "width": size[1]}
     return process

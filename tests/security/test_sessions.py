@@ -357,3 +357,22 @@ def _memory_cgroup(pid: int) -> str:
         return _cgroups(pid).get("memory", "")
     except OSError:
         return ""
+
+
+def test_a_sessions_environment_shows_in_no_host_command_line(tenant: Tenant) -> None:
+    """Other host users read every process's command line (`ps`): what a session carries
+    (its client's address, locale...) must not be on runc's or a helper's argv."""
+    value = f"hostd-{os.getpid()}-secret"
+    client = subprocess.Popen([*tenant.ssh_args("-o", "SendEnv=LC_SECRET"),
+                               'echo "ready $LC_SECRET"; exec sleep 3600'],
+                              env={**os.environ, "LC_SECRET": value},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == f"ready {value}".encode()  # it arrived
+        shown = [pid for pid in os.listdir("/proc") if pid.isdigit()
+                 and value in _cmdline(int(pid))]  # fmt: skip
+        assert shown == []
+    finally:
+        client.kill()
+        client.wait()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from runtime import seccomp
 from runtime.ids import MAX_ID, MIN_START, RANGE_SIZE, IdRange
-from runtime.spec import CAPABILITIES, Bind, ContainerSpec, Limits, build_config, tty_process
+from runtime.spec import CAPABILITIES, Bind, ContainerSpec, Limits, build_config, exec_process
 
 START = 231072
 BINDS = (
@@ -174,9 +174,9 @@ def test_config_survives_json(config: dict[str, Any]) -> None:
 
 def test_tty_process_keeps_capabilities_and_sets_the_terminal_before_start() -> None:
     config = build_config(make_spec())
-    process = tty_process(
+    process = exec_process(
         config, ["bash", "-l"], uid=1000, gid=1000, env=["TERM=xterm"], cwd="/home/a",
-        rows=40, cols=100,
+        size=(40, 100),
     )  # fmt: skip
     assert process["terminal"] is True
     assert process["consoleSize"] == {"height": 40, "width": 100}
@@ -186,6 +186,14 @@ def test_tty_process_keeps_capabilities_and_sets_the_terminal_before_start() -> 
     assert process["capabilities"] == config["process"]["capabilities"]
     assert process["env"][-1] == "TERM=xterm" and process["env"][0].startswith("PATH=")
     assert config["process"]["terminal"] is False  # the container's own config is untouched
+
+
+def test_a_process_without_terminal_has_no_console_size() -> None:
+    config = build_config(make_spec())
+    process = exec_process(config, ["true"], uid=0, gid=0, groups=[27], env=[], cwd="/",
+                           size=None)  # fmt: skip
+    assert process["terminal"] is False and "consoleSize" not in process
+    assert process["user"] == {"uid": 0, "gid": 0, "additionalGids": [27]}
 
 
 def test_limits_give_memory_without_extra_swap_a_cpu_cap_and_share_and_pids() -> None:

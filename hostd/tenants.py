@@ -488,28 +488,41 @@ class Tenants:
 
     # -- crash repair ----------------------------------------------------------------------
 
+    def _running(self, user: str) -> bool:
+        try:
+            return self.runtime.state(user).status == "running"
+        except RuntimeFailure:  # removed meanwhile
+            return True
+
     def reconcile(self) -> list[str]:
         """Finish or roll back what a crash interrupted; restart tenants that should run.
         Returns what was done, one line each."""
         self.apply_network()
         done = self._reattach()
+        # Requests are served meanwhile: each repair happens under the user's lock, on what
+        # the state says once it is held (a request may have finished the work).
+        for user in [t.user for t in self.state.tenants() if t.phase != "ready"]:
+            with self._lock(user):
+                t = self.state.tenant(user)
+                if t is not None and t.phase == "adding":
+                    self._forget(t, undo_add=True)
+                    done.append(f"rolled back the interrupted add of {t.user}")
+                elif t is not None and t.phase == "removing":
+                    self._stop_container(t.user)
+                    self._forget(t)
+                    done.append(f"finished removing {t.user}")
+        for name in self.runtime.incomplete():
+            with self._lock(name):  # an add holds it while it creates the container
+                if name in self.runtime.incomplete():
+                    self.runtime.delete(name, force=True)
+                    done.append(f"removed the remains of the interrupted creation of {name}")
         for t in self.state.tenants():
-            if t.phase == "adding":
-                self._forget(t, undo_add=True)
-                done.append(f"rolled back the interrupted add of {t.user}")
-            elif t.phase == "removing":
-                self._stop_container(t.user)
-                self._forget(t)
-                done.append(f"finished removing {t.user}")
-            elif t.desired == "running" and self.runtime.state(t.user).status != "running":
+            if t.phase == "ready" and t.desired == "running" and not self._running(t.user):
                 try:
                     self.start(t.user)
                     done.append(f"restarted {t.user}")
                 except RuntimeFailure as exc:
                     done.append(f"cannot restart {t.user}: {exc}")
-        for name in self.runtime.incomplete():
-            self.runtime.delete(name, force=True)
-            done.append(f"removed the remains of the interrupted creation of {name}")
         return done
 
 

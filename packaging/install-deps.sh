@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 packages=(
   runc uidmap debootstrap busybox-static iptables nftables lxcfs fuse3 e2fsprogs iproute2 quota
   libsystemd-dev openssh-client openssh-server
-  python3 python3-venv python3-dev gcc libffi-dev pkg-config
+  python3 python3-venv python3-dev gcc libc6-dev libffi-dev pkg-config
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -280,15 +280,19 @@ class _Server(asyncssh.SSHServer):
 
         async def forward(reader: asyncssh.SSHReader[bytes],
                           writer: asyncssh.SSHWriter[bytes]) -> None:  # fmt: skip
+            """A forward counts as a session of the tenant (the same cap), and its blocking
+            work runs in the tenant's own pool."""
+            loop = asyncio.get_running_loop()
             try:
-                pid = await self.gw.running_pid(user)
-                sock = await asyncio.to_thread(netconnect.connect_in, pid, dest_host, dest_port)
+                with self.gw.sessions.slot(user) as pool:
+                    pid = await self.gw.running_pid(user)
+                    sock = await loop.run_in_executor(pool, netconnect.connect_in, pid,
+                                                      dest_host, dest_port)  # fmt: skip
+                    inner_reader, inner_writer = await asyncio.open_connection(sock=sock)
+                    await asyncio.gather(_pump(reader, inner_writer), _pump(inner_reader, writer))
             except RuntimeFailure as exc:
                 log.info("forward for %s to %s:%s failed: %s", user, dest_host, dest_port, exc)
                 writer.close()
-                return
-            inner_reader, inner_writer = await asyncio.open_connection(sock=sock)
-            await asyncio.gather(_pump(reader, inner_writer), _pump(inner_reader, writer))
 
         return forward
 

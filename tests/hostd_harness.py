@@ -134,6 +134,16 @@ def authorize(user: str, line: str) -> None:
     keys.chmod(0o600)
 
 
+def ssh_argv(port: int, key: Path, user: str, *extra: str) -> list[str]:
+    """An OpenSSH client command for `user` at 127.0.0.1:`port` with `key`, non-interactive,
+    trusting any host key."""
+    return [
+        "ssh", "-p", str(port), "-i", str(key), "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "LogLevel=ERROR", *extra, f"{user}@127.0.0.1",
+    ]  # fmt: skip
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 free right now (the kernel's choice)."""
     with socket.socket() as s:
@@ -181,7 +191,8 @@ def start_sshd(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
         time.sleep(0.05)
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """PIDs of the children of `pid`, all its threads'."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         with contextlib.suppress(OSError):
@@ -196,7 +207,7 @@ def stop_sshd(proc: subprocess.Popen[bytes]) -> None:
     pids = [proc.pid]
     while pids:  # the tree below sshd, collected before anything dies and is reparented
         pid = pids.pop()
-        for child in _children(pid):
+        for child in children(pid):
             pids.append(child)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGTERM)

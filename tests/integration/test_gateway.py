@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hostd_harness import Hostd, UnixUsers, authorize, free_port
+from tests.hostd_harness import Hostd, UnixUsers, authorize, free_port, ssh_argv
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,7 @@ class Login:
     home: Path  # a client-side HOME with an ssh config for this login (for the docker CLI)
 
     def ssh_args(self, *extra: str) -> list[str]:
-        return [
-            "ssh", "-p", str(self.port), "-i", str(self.key), "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR", *extra, f"{self.user}@127.0.0.1",
-        ]  # fmt: skip
+        return ssh_argv(self.port, self.key, self.user, *extra)
 
     def ssh(self, *command: str, input: bytes = b"", extra: tuple[str, ...] = ()
             ) -> subprocess.CompletedProcess[bytes]:  # fmt: skip

@@ -31,7 +31,7 @@ from hostd import config as config_mod
 from hostd.client import connect, request
 from runtime.containers import Runtime
 from tests.conftest import CGROUP_PARENT
-from tests.hostd_harness import Hostd, UnixUsers, authorize
+from tests.hostd_harness import Hostd, UnixUsers, authorize, children, ssh_argv
 
 REFUSAL = (
     "sessions open, the most allowed: end one, or ask an admin to raise [sessions] max_per_tenant"
@@ -45,11 +45,7 @@ class Tenant:
     port: int
 
     def ssh_args(self, *extra: str) -> list[str]:
-        return [
-            "ssh", "-p", str(self.port), "-i", str(self.key), "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR", *extra, f"{self.user}@127.0.0.1",
-        ]  # fmt: skip
+        return ssh_argv(self.port, self.key, self.user, *extra)
 
 
 def _make_tenant(hostd: Hostd, unix_users: UnixUsers, key: Path) -> Tenant:
@@ -115,14 +111,6 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> 
         time.sleep(0.1)  # poll interval; the deadline bounds the wait
 
 
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            found += [int(c) for c in (task / "children").read_text().split()]
-    return found
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -133,7 +121,7 @@ def _cmdline(pid: int) -> str:
 def _session_helpers(hostd: Hostd, zombies: bool = False) -> list[int]:
     """hostd's children that serve sessions: `runc exec` on pipes, and pty helpers."""
     assert hostd.proc is not None
-    return [pid for pid in _children(hostd.proc.pid)
+    return [pid for pid in children(hostd.proc.pid)
             if re.search(r"runc .* exec |-m runtime\.ttyexec", _cmdline(pid))
             and (zombies or not _ended(pid))]  # fmt: skip
 

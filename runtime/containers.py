@@ -720,6 +720,8 @@ def prepare_state_dir(path: Path) -> None:
                 f"chmod o+x {d}, or choose a state_dir under directories others may pass",
             )
     path.mkdir(mode=0o711, parents=True, exist_ok=True)
+    if (path / "images").is_dir():  # templates hold root's setuid files (0711 before 0.2)
+        os.chmod(path / "images", 0o700)
     for d in ours:
         mode = stat.S_IMODE(d.stat().st_mode)
         if not mode & stat.S_IXOTH:  # the umask, or an older hostd, made it so

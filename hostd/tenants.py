@@ -497,6 +497,7 @@ class Tenants:
     def reconcile(self) -> list[str]:
         """Finish or roll back what a crash interrupted; restart tenants that should run.
         Returns what was done, one line each."""
+        self.runtime.close_dirs()
         self.apply_network()
         done = self._reattach()
         # Requests are served meanwhile: each repair happens under the user's lock, on what

@@ -178,6 +178,11 @@ class Runtime:
             return []
         return [self.get(p.name) for p in sorted(root.iterdir()) if (p / "meta.json").exists()]
 
+    def close_dirs(self) -> None:
+        """Give every container directory its mode (0711 before hostd 0.2), running ones too."""
+        for c in self.containers():
+            _close(self._dir(c.name), c.ids)
+
     def console_log(self, c: Container) -> Path:
         """Where init's output goes: root inside can write there without end, so on the
         tenant's own capped volume when it has one."""

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,22 @@ class Hostd:
         with open(self.log, "rb") as log:
             log.seek(offset)
             return b"hostd: reconcile finished" in log.read()
+
+    @contextlib.contextmanager
+    def configured(self, name: str, text: str) -> Iterator[Hostd]:
+        """hostd restarted with the drop-in `<config>.d/<name>.toml` holding `text`; restarted
+        without it afterwards."""
+        dropin = Path(f"{self.config}.d/{name}.toml")
+        dropin.parent.mkdir(exist_ok=True)
+        dropin.write_text(text)
+        try:
+            self.stop()
+            self.start()
+            yield self
+        finally:
+            dropin.unlink(missing_ok=True)
+            self.stop()
+            self.start()
 
     def _answers(self) -> bool:
         with socket.socket(socket.AF_UNIX) as s:

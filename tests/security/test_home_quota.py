@@ -23,17 +23,8 @@ SMALL = ("--memory", "768M", "--disk", "1G")
 @contextlib.contextmanager
 def home_limit(hostd: Hostd, size: str) -> Iterator[Hostd]:
     """hostd restarted with `[limits] home = size` in a drop-in; removed afterwards."""
-    dropin = hostd.config.with_name(hostd.config.name + ".d") / "50-home-quota.toml"
-    dropin.parent.mkdir(exist_ok=True)
-    dropin.write_text(f'[limits]\nhome = "{size}"\n')
-    try:
-        hostd.stop()
-        hostd.start()
+    with hostd.configured("50-home-quota", f'[limits]\nhome = "{size}"\n'):
         yield hostd
-    finally:
-        dropin.unlink()
-        hostd.stop()
-        hostd.start()
 
 
 @contextlib.contextmanager

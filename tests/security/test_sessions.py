@@ -146,17 +146,8 @@ def _cgroups(pid: int) -> dict[str, str]:
 
 @contextlib.contextmanager
 def session_cap(hostd: Hostd, cap: int) -> Iterator[None]:
-    dropin = Path(f"{hostd.config}.d/60-sessions.toml")
-    dropin.parent.mkdir(exist_ok=True)
-    dropin.write_text(f"[sessions]\nmax_per_tenant = {cap}\n")
-    try:
-        hostd.stop()
-        hostd.start()
+    with hostd.configured("60-sessions", f"[sessions]\nmax_per_tenant = {cap}\n"):
         yield
-    finally:
-        dropin.unlink(missing_ok=True)
-        hostd.stop()
-        hostd.start()
 
 
 def test_sessions_over_the_cap_are_refused_and_the_others_go_on(

@@ -45,22 +45,16 @@ def gateway(hostd: Hostd) -> Iterator[Hostd]:
     installed = not PAM_SERVICE.exists()
     if installed:
         shutil.copy(Path(__file__).parents[2] / "etc/pam.d/hostd", PAM_SERVICE)
-    dropin = Path(f"{hostd.config}.d/60-ssh-auth.toml")
-    dropin.parent.mkdir(exist_ok=True)
-    dropin.write_text(
+    settings = (
         f"[gateway]\npassword_auth = true\nmax_failures = {MAX_FAILURES}\n"
         f"max_unauthenticated_per_source = {PER_SOURCE}\nlogin_grace = {LOGIN_GRACE}\n"
     )
     try:
-        hostd.stop()
-        hostd.start()
-        yield hostd
+        with hostd.configured("60-ssh-auth", settings):
+            yield hostd
     finally:
-        dropin.unlink()
         if installed:
             PAM_SERVICE.unlink(missing_ok=True)
-        hostd.stop()
-        hostd.start()
 
 
 def _tenant(hostd: Hostd, users: UnixUsers, keys: Path) -> Login:

@@ -12,7 +12,7 @@ for tool in hostd hostctl hostd-runtime; do ln -sfn "$PWD/.venv/bin/$tool" "/usr
 export PATH="$PWD/.venv/bin:$PATH"  # these tools, whatever else PATH holds (a pyenv, say)
 install -d /etc/hostd
 [ -e /etc/hostd/hostd.toml ] || install -m 0644 etc/hostd.toml /etc/hostd/hostd.toml
-[ -e /etc/pam.d/hostd ] || install -m 0644 etc/pam.d/hostd /etc/pam.d/hostd
+install -m 0644 etc/pam.d/hostd /etc/pam.d/hostd  # hostd's own service: kept current
 bash packaging/install-login-hook.sh  # hostd-login, for OpenSSH (see etc/sshd_config.d)
 
 if [ -d /run/systemd/system ]; then  # systemd is PID 1

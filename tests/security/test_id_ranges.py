@@ -14,8 +14,8 @@ import json
 import os
 import pwd
 import shutil
-import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,8 +164,25 @@ def test_a_removed_tenants_range_is_quarantined_until_an_admin_releases_it(
         _cleanup(hostd, [gone, new, later])
 
 
-def _db(h: Hostd) -> sqlite3.Connection:
-    return sqlite3.connect(h.state_dir / "hostd.db", isolation_level=None)
+_SQL = """
+import json, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+rows = []
+for sql, params in json.loads(sys.argv[2]):
+    rows = db.execute(sql, params).fetchall()
+db.close()
+print(json.dumps(rows))
+"""
+
+
+def _sql(h: Hostd, *statements: tuple[str, list[object]]) -> list[list[object]]:
+    """Run SQL on hostd's database in a process of its own, closed at the end (the way an
+    admin would; a connection kept in this long-lived process would outlive hostd's)."""
+    done = subprocess.run([sys.executable, "-c", _SQL, str(h.state_dir / "hostd.db"),
+                           json.dumps(statements)], capture_output=True, text=True,
+                          timeout=60, check=True)  # fmt: skip
+    rows: list[list[object]] = json.loads(done.stdout)
+    return rows
 
 
 def test_an_old_installation_is_migrated_at_start(hostd: Hostd, unix_users: UnixUsers) -> None:
@@ -183,11 +200,8 @@ def test_an_old_installation_is_migrated_at_start(hostd: Hostd, unix_users: Unix
         with files.locked():
             for user, start in starts.items():
                 files.reown(start, RANGE_SIZE, {ID_OWNER}, old[user])
-        with _db(hostd) as db:
-            others = db.execute("SELECT * FROM ranges WHERE user NOT IN (?, ?)",
-                                (tenant, kept)).fetchall()  # fmt: skip
-            db.execute("DROP TABLE ranges")
-            db.execute("PRAGMA user_version = 2")
+        others = _sql(hostd, ("SELECT * FROM ranges WHERE user NOT IN (?, ?)", [tenant, kept]))
+        _sql(hostd, ("DROP TABLE ranges", []), ("PRAGMA user_version = 2", []))
 
         for _ in range(2):  # the second start finds nothing left to do
             hostd.start()
@@ -200,8 +214,8 @@ def test_an_old_installation_is_migrated_at_start(hostd: Hostd, unix_users: Unix
             assert _range_of(hostd, kept, "kept") == starts[kept]
             hostd.stop()
         hostd.start()
-        with _db(hostd) as db:  # ranges of earlier tests, lost with the dropped table
-            db.executemany("INSERT OR IGNORE INTO ranges VALUES (?, ?, ?, ?)", others)
+        # ranges of earlier tests, lost with the dropped table
+        _sql(hostd, *(("INSERT OR IGNORE INTO ranges VALUES (?, ?, ?, ?)", r) for r in others))
         hostd.hostctl("user", "add", kept)  # adopts the kept container and its IDs
         assert _range_of(hostd, kept) == starts[kept]
     finally:

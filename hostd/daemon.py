@@ -105,6 +105,12 @@ class Daemon:
         self._tenant_uids = frozenset(t.uid for t in self.state.tenants())  # one atomic store
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:  # whatever ended it: the database is closed by us, not by interpreter exit
+            self.state.close()
+
+    async def _run(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -141,7 +147,6 @@ class Daemon:
             sock.close()
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        self.state.close()
 
     def _listen(self) -> tuple[socket.socket, socket.socket]:
         paths = self.cfg.paths

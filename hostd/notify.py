@@ -3,12 +3,25 @@ NOTIFY_SOCKET datagram protocol it implements."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
+log = logging.getLogger(__name__)
+
 
 def notify(state: str) -> bool:
-    """Send `state` (e.g. "READY=1", "STATUS=...", "WATCHDOG=1"); False when not under systemd."""
+    """Send `state` (e.g. "READY=1", "STATUS=...", "WATCHDOG=1"); False when not under systemd,
+    or when its socket is gone: a notification is never worth stopping hostd for (one that
+    failed at shutdown once kept hostd from closing its database)."""
+    try:
+        return _send(state)
+    except OSError as exc:
+        log.debug("cannot notify systemd (%s): %s", state, exc)
+        return False
+
+
+def _send(state: str) -> bool:
     try:
         from systemd import daemon
 

@@ -297,6 +297,10 @@ def test_ready_notification_and_unit_file(hostd: Hostd, tmp_path: Path) -> None:
         while "READY=1" not in messages:
             messages.append(listener.recv(4096).decode())
     assert messages[0].startswith("STATUS=")
+    # systemd's socket is gone now (as when systemd re-executes): hostd still stops cleanly
+    hostd.stop()
+    assert "hostd stopping" in hostd.log.read_text().splitlines()[-1]
+    hostd.start()
     unit = Path(__file__).parents[2] / "packaging/systemd/hostd.service"
     exe = Path(sys.executable).with_name("hostd")  # installed with this environment's hostd
     if not exe.exists():

@@ -14,13 +14,12 @@ import functools
 import logging
 import os
 import pwd
-import selectors
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 from hostd import authkeys
+from runtime import proc
+from runtime.errors import RuntimeFailure
 
 log = logging.getLogger(__name__)
 
@@ -206,46 +205,26 @@ def authorized_keys(pw: pwd.struct_passwd, timeout: float = KEYS_TIMEOUT) -> str
     """The user's ~/.ssh/authorized_keys as text, read by a child running as the user (see
     authkeys), or None: absent, unsafe, too big or too slow (the reason is logged).
     Takes at most about `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+    groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
     try:
-        groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
-        proc = subprocess.Popen(
-            [USER_PYTHON, "-I", "-S", "-", pw.pw_dir], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={}, cwd="/",
-            user=pw.pw_uid, group=pw.pw_gid, extra_groups=groups, close_fds=True,
-        )  # fmt: skip
-    except OSError as exc:
-        log.error("cannot read %s's authorized_keys: %s (is %s installed?)",
-                  pw.pw_name, exc, USER_PYTHON)  # fmt: skip
+        res = proc.run([USER_PYTHON, "-I", "-S", "-", pw.pw_dir], input=_script(), env={},
+                       timeout=timeout, max_output=authkeys.MAX_SIZE + 4096,
+                       as_user=(pw.pw_uid, pw.pw_gid, groups), check=False)  # fmt: skip
+    except (RuntimeFailure, OSError) as exc:  # no reader to run, too slow, too much
+        log.warning("ignoring %s's authorized_keys: %s", pw.pw_name, exc)
         return None
-    assert proc.stdin is not None and proc.stdout is not None
-    out: bytes | None = None
-    try:
-        proc.stdin.write(_script())  # a few KB: fits in the pipe, never blocks
-        proc.stdin.close()
-        out = read_capped(proc.stdout.fileno(), deadline, authkeys.MAX_SIZE + 4096)
-        if out is not None:
-            proc.wait(max(deadline - time.monotonic(), 0.01))
-    except (subprocess.TimeoutExpired, BrokenPipeError):
-        out = None
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-    return _keys_or_none(pw.pw_name, proc.returncode, out, timeout)
+    return _keys_or_none(pw.pw_name, res.returncode, res.stdout)
 
 
-def _keys_or_none(user: str, status: int, out: bytes | None, timeout: float) -> str | None:
-    if out is not None and status == authkeys.FOUND:
-        return out.decode(errors="replace")
-    if out is not None and status == authkeys.MISSING:
+def _keys_or_none(user: str, status: int, out: str) -> str | None:
+    if status == authkeys.FOUND:
+        return out
+    if status == authkeys.MISSING:
         return None
-    if out is not None and status == authkeys.UNSAFE:
-        log.warning("ignoring %s's authorized_keys: %s", user, out[:300].decode(errors="replace"))
+    if status == authkeys.UNSAFE:
+        log.warning("ignoring %s's authorized_keys: %s", user, out[:300])
     else:
-        log.warning("ignoring %s's authorized_keys: not read within %s s, too large, or the "
-                    "reader failed (status %s)", user, timeout, status)  # fmt: skip
+        log.warning("ignoring %s's authorized_keys: the reader failed (status %s)", user, status)
     return None
 
 
@@ -253,19 +232,3 @@ def _keys_or_none(user: str, status: int, out: bytes | None, timeout: float) -> 
 def _script() -> bytes:
     """The key reader's program (read in hostd: the child gets it on stdin)."""
     return Path(authkeys.__file__).read_bytes()
-
-
-def read_capped(fd: int, deadline: float, limit: int) -> bytes | None:
-    """Everything until end of file on `fd`, or None if it takes too long or exceeds `limit`."""
-    out = bytearray()
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while len(out) <= limit:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sel.select(left):
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return bytes(out)
-            out += chunk
-    return None

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 from runtime.errors import RuntimeFailure
@@ -56,12 +57,18 @@ def run(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
     max_output: int = MAX_OUTPUT,
+    as_user: tuple[int, int, Sequence[int]] | None = None,
     check: bool = True,
     fix: str = "see the message above",
 ) -> Result:
     """Run a program to completion with pipes for all stdio (never the host's /dev/null).
     A program that runs past `timeout` seconds or prints more than `max_output` bytes is
-    killed: the caller's memory and time stay bounded whatever the program does."""
+    killed: the caller's memory and time stay bounded whatever the program does.
+    `as_user` (uid, gid, groups): run it as that user, in /."""
+    who: dict[str, Any] = {}
+    if as_user is not None:
+        uid, gid, groups = as_user
+        who = {"user": uid, "group": gid, "extra_groups": list(groups), "cwd": "/"}
     try:
         p = subprocess.Popen(
             list(argv),
@@ -69,6 +76,7 @@ def run(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=dict(env) if env is not None else child_env(),
+            **who,
         )
     except FileNotFoundError as exc:
         raise RuntimeFailure(

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import pwd
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -52,36 +49,3 @@ def test_unknown_users_are_refused() -> None:
     assert accounts.account_refusal("no-such-user-here") == (
         "no-such-user-here is not a user of this host"
     )
-
-
-def test_the_reader_gives_up_on_a_silent_child() -> None:
-    read, write = os.pipe()
-    try:
-        start = time.monotonic()
-        assert accounts.read_capped(read, time.monotonic() + 0.2, 100) is None
-        assert time.monotonic() - start < 5
-    finally:
-        os.close(read)
-        os.close(write)
-
-
-def test_the_reader_stops_at_its_limit() -> None:
-    read, write = os.pipe()
-    writer = threading.Thread(target=lambda: os.write(write, b"x" * 1000))
-    writer.start()
-    try:
-        assert accounts.read_capped(read, time.monotonic() + 10, 100) is None
-    finally:
-        writer.join()
-        os.close(read)
-        os.close(write)
-
-
-def test_the_reader_returns_all_until_end_of_file() -> None:
-    read, write = os.pipe()
-    os.write(write, b"keys\n")
-    os.close(write)
-    try:
-        assert accounts.read_capped(read, time.monotonic() + 10, 100) == b"keys\n"
-    finally:
-        os.close(read)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from runtime import proc
@@ -48,3 +50,10 @@ def test_large_input_and_output_pass_whole() -> None:
     data = bytes(range(256)) * 8192  # 2 MiB: more than a pipe buffer each way
     res = proc.run(["cat"], input=data, timeout=30)
     assert res.stdout == data.decode(errors="replace")
+
+
+def test_as_user_runs_with_only_that_users_ids_in_the_root_dir() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("running a program as another user needs root: run as root")
+    res = proc.run(["sh", "-c", "id -u; id -g; id -G; pwd"], as_user=(65534, 65534, [65534]))
+    assert res.stdout.split() == ["65534", "65534", "65534", "/"]

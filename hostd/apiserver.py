@@ -11,7 +11,6 @@ wait for admins' requests only).
 from __future__ import annotations
 
 import array
-import asyncio
 import contextlib
 import logging
 import queue
@@ -22,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from hostd import aio
 from hostd.api import MAX_FDS, close_fds, error_line
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,11 @@ async def read_request(sock: socket.socket, max_size: int) -> Request | None:
     """The first request line on non-blocking `sock` and its fds; None if the client closed
     first. Raises Refused past `max_size` bytes or MAX_FDS fds: the kernel discards fds that do
     not fit the control buffer, and those received are closed, so none stay in hostd."""
-    loop = asyncio.get_running_loop()
     buf = bytearray()
     fds: list[int] = []
     try:
         while True:
-            await _readable(loop, sock)
+            await aio.ready(sock.fileno())
             try:
                 data, got, truncated = _recv(sock, max_size + 1 - len(buf), MAX_FDS - len(fds))
             except (BlockingIOError, InterruptedError):
@@ -72,20 +71,6 @@ async def read_request(sock: socket.socket, max_size: int) -> Request | None:
     except BaseException:
         close_fds(fds)
         raise
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(sock.fileno(), wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(sock.fileno())
 
 
 def _recv(sock: socket.socket, size: int, max_fds: int) -> tuple[bytes, list[int], bool]:

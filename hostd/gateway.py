@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import asyncssh
 from asyncssh.constants import EXTENDED_DATA_STDERR
 
-from hostd import accounts
+from hostd import accounts, aio
 from hostd.config import GatewaySettings
 from hostd.sessions import SIGNALS, PipeProgram, Program, Sessions
 from hostd.tenants import Tenants
@@ -474,7 +474,7 @@ async def _supervise(process: asyncssh.SSHServerProcess[bytes], program: Program
                      pumps: tuple[Awaitable[Any], Awaitable[Any]]) -> int:  # fmt: skip
     """Copy between the client and the program until the program's output ends and it exits;
     if the client leaves first, hang the program up (raising ClientGone once it ended)."""
-    exited = asyncio.ensure_future(_readable(program.exit_fd))
+    exited = asyncio.ensure_future(aio.ready(program.exit_fd))
     to_program, from_program = (asyncio.ensure_future(p) for p in pumps)
     gone = False
     try:
@@ -554,7 +554,7 @@ async def _fd_to(fd: int, dst: asyncssh.SSHWriter[bytes]) -> None:
             try:
                 data = os.read(fd, 65536)
             except BlockingIOError:
-                await _readable(fd)
+                await aio.ready(fd)
                 continue
             except OSError:
                 return
@@ -572,29 +572,7 @@ async def _write_all(fd: int, data: bytes) -> None:
         try:
             view = view[os.write(fd, view) :]
         except BlockingIOError:
-            await _ready(fd, write=True)
-
-
-def _readable(fd: int) -> Awaitable[None]:
-    return _ready(fd, write=False)
-
-
-async def _ready(fd: int, write: bool) -> None:
-    """Wait until `fd` is readable (a pidfd: its process ended) or writable."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    add, remove = (loop.add_writer, loop.remove_writer) if write else \
-        (loop.add_reader, loop.remove_reader)  # fmt: skip
-    add(fd, ready)
-    try:
-        await done
-    finally:
-        remove(fd)
+            await aio.ready(fd, write=True)
 
 
 async def _unless_closed(process: asyncssh.SSHServerProcess[bytes], work: Awaitable[Any]) -> None:

@@ -8,8 +8,8 @@ import shutil
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 from runtime.errors import RuntimeFailure
 

@@ -7,7 +7,8 @@ All of a container's state lives in one directory, `<state>/containers/<name>/`:
     lower/               ID-mapped template mount point (read-only, nosuid, nodev), or the
                          shifted copy
     data/upper, work     overlay upper and work directories
-    data/docker, data/containerd   bound at /var/lib/docker and /var/lib/containerd
+    data/docker, data/containerd   bound at /var/lib/docker and /var/lib/containerd (no
+                         nosuid/nodev: BuildKit must be free to remount them)
     etc/hostname, etc/hosts        bound over the image's
     dev/fuse, dev/net-tun          device nodes usable by the container's root
     console.log          output of init (systemd); data/console.log on a capped volume,
@@ -331,10 +332,11 @@ class Runtime:
 
     def spec(self, c: Container) -> ContainerSpec:
         cdir = self._dir(c.name)
-        data_opts = ("rbind", "nosuid", "nodev")
+        # The inner Docker's data is a plain file system, as on a host: setuid programs work in
+        # inner containers whatever the storage driver, and nothing is locked (see volume.py).
         binds = [
-            Bind(str(cdir / "data/docker"), "/var/lib/docker", data_opts),
-            Bind(str(cdir / "data/containerd"), "/var/lib/containerd", data_opts),
+            Bind(str(cdir / "data/docker"), "/var/lib/docker", ("rbind",)),
+            Bind(str(cdir / "data/containerd"), "/var/lib/containerd", ("rbind",)),
             Bind(str(cdir / "etc/hostname"), "/etc/hostname", ("bind", "nosuid", "nodev")),
             Bind(str(cdir / "etc/hosts"), "/etc/hosts", ("bind", "nosuid", "nodev")),
         ]

@@ -25,7 +25,11 @@ MKFS_OPTIONS = (
     "-q", "-F", "-m", "0", "-b", str(BLOCK), "-T", "default", "-L", LABEL,
     "-E", "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
 )  # fmt: skip
-MOUNT_OPTIONS = "loop,nodev,nosuid"
+# No nosuid/nodev: flags of a host mount are locked in the container's user namespace, and
+# BuildKit's `rbind ro` remounts of /var/lib/docker without them fail (EPERM). The volume lies
+# in the tenant's 0710 directory, out of host users' reach; root inside cannot make device
+# nodes, and the container's device cgroup refuses any it finds.
+MOUNT_OPTIONS = "loop"
 RELEASE_TIMEOUT = 5.0  # seconds for the kernel to detach an autoclear loop device
 CAP_SYS_RESOURCE = 24
 E2FSCK_FIXED = 1  # e2fsck exit status: errors found and corrected; above is a failure

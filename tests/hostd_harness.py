@@ -161,6 +161,51 @@ def ssh_argv(port: int, key: Path, user: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Login:
+    """An SSH login as a user does it: their key, OpenSSH's client, hostd's gateway."""
+
+    user: str
+    key: Path
+    port: int
+    home: Path  # a client-side HOME with an ssh config for this login (for the docker CLI)
+
+    def ssh_args(self, *extra: str) -> list[str]:
+        return ssh_argv(self.port, self.key, self.user, *extra)
+
+    def ssh(self, *command: str, input: bytes = b"", extra: tuple[str, ...] = (),
+            timeout: float = 300) -> subprocess.CompletedProcess[bytes]:  # fmt: skip
+        return subprocess.run([*self.ssh_args(*extra), *command], input=input,
+                              capture_output=True, timeout=timeout)  # fmt: skip
+
+    def sh(self, script: str, input: bytes = b"", timeout: float = 300) -> str:
+        """Run `script` in the user's shell over SSH; its stdout, or fail with its stderr."""
+        res = self.ssh(script, input=input, timeout=timeout)
+        out, err = res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
+        tail = f"{out[-3000:]}{err[-3000:]}"
+        assert res.returncode == 0, f"`{script}` exited {res.returncode}:\n{tail}"
+        return out
+
+
+def keypair(key: Path) -> Path:
+    """A new ed25519 key pair at `key` and `key`.pub, without passphrase."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key
+
+
+def login_as(user: str, port: int, directory: Path) -> Login:
+    """A key pair for `user` in `directory`, authorized in their ~/.ssh, and a client HOME."""
+    key = keypair(directory / "id_ed25519")
+    authorize(user, key.with_suffix(".pub").read_text())
+    home = directory / "client-home"
+    (home / ".ssh").mkdir(mode=0o700, parents=True)
+    (home / ".ssh/config").write_text(
+        f"Host 127.0.0.1\n  IdentityFile {key}\n  StrictHostKeyChecking no\n"
+        "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n"
+    )
+    return Login(user, key, port, home)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 free right now (the kernel's choice)."""
     with socket.socket() as s:

@@ -19,34 +19,11 @@ import termios
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.hostd_harness import Hostd, UnixUsers, authorize, free_port, ssh_argv
-
-
-@dataclass(frozen=True)
-class Login:
-    user: str
-    key: Path
-    port: int
-    home: Path  # a client-side HOME with an ssh config for this login (for the docker CLI)
-
-    def ssh_args(self, *extra: str) -> list[str]:
-        return ssh_argv(self.port, self.key, self.user, *extra)
-
-    def ssh(self, *command: str, input: bytes = b"", extra: tuple[str, ...] = ()
-            ) -> subprocess.CompletedProcess[bytes]:  # fmt: skip
-        return subprocess.run([*self.ssh_args(*extra), *command], input=input,
-                              capture_output=True, timeout=300)  # fmt: skip
-
-
-def _keypair(directory: Path, name: str) -> Path:
-    key = directory / name
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    return key
+from tests.hostd_harness import Hostd, Login, UnixUsers, authorize, free_port, keypair, login_as
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +31,7 @@ def login(hostd: Hostd, unix_users: UnixUsers, tmp_path_factory: pytest.TempPath
           ) -> Iterator[Login]:  # fmt: skip
     user = unix_users.make()
     hostd.hostctl("user", "add", user)
-    keys = tmp_path_factory.mktemp("keys")
-    key = _keypair(keys, "id_ed25519")
-    authorize(user, key.with_suffix(".pub").read_text())
-    home = tmp_path_factory.mktemp("client-home")
-    (home / ".ssh").mkdir(mode=0o700)
-    (home / ".ssh/config").write_text(
-        f"Host 127.0.0.1\n  IdentityFile {key}\n  StrictHostKeyChecking no\n"
-        "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n"
-    )
-    yield Login(user, key, hostd.ssh_port, home)
+    yield login_as(user, hostd.ssh_port, tmp_path_factory.mktemp("login"))
     hostd.hostctl("user", "remove", user)
 
 
@@ -215,7 +183,7 @@ def test_docker_cli_over_ssh(login: Login) -> None:
 
 
 def test_refusals(login: Login, hostd: Hostd, unix_users: UnixUsers, tmp_path: Path) -> None:
-    other_key = _keypair(tmp_path, "other")
+    other_key = keypair(tmp_path / "other")
     wrong = Login(login.user, other_key, login.port, login.home)
     res = wrong.ssh("true")
     assert res.returncode == 255 and b"Permission denied" in res.stderr

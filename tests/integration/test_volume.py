@@ -3,9 +3,7 @@ offline, and unmounting leaves no loop device behind."""
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,16 +76,15 @@ def test_writes_stop_at_the_cap_and_a_live_grow_lifts_it(vol: tuple[Path, Path])
     assert (target / "fill").stat().st_size == 300 * MiB
 
 
-def test_device_nodes_and_setuid_do_nothing_inside(vol: tuple[Path, Path]) -> None:
+def test_mounted_without_nosuid_nodev(vol: tuple[Path, Path]) -> None:
+    """Host mount flags are locked in the container's user namespace, and BuildKit's `rbind
+    ro` remounts of /var/lib/docker fail on locked flags: the volume has none. (That root
+    inside cannot use device nodes on it is tests/security/test_host_paths.py's.)"""
     image, target = vol
     volume.mount(image, target)
-    node = target / "null"
-    os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    with pytest.raises(PermissionError):
-        open(node, "w")  # noqa: SIM115 - nodev: must fail on open
     mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
     options = next(ln.split()[5] for ln in mountinfo if ln.split()[4] == str(target))
-    assert {"nodev", "nosuid"} <= set(options.split(","))
+    assert not {"nodev", "nosuid"} & set(options.split(","))
 
 
 def test_unmount_releases_the_loop_device_and_shrink_works_offline(

@@ -84,6 +84,26 @@ def test_template_is_mounted_read_only_nosuid_nodev(hostd: Hostd, tenant: str) -
     assert {"ro", "nosuid", "nodev"} <= options[0]
 
 
+def test_device_nodes_on_the_volume_cannot_be_opened_inside(
+    hostd: Hostd, rt: Runtime, tenant: str
+) -> None:
+    """The volume is mounted without nodev (BuildKit must remount it freely): a device node
+    on it (root inside cannot make one; a restored archive could hold one) is still refused
+    by the container's device cgroup."""
+    root = rt.get(tenant).ids.root
+    root_dev = os.stat("/").st_dev
+    node = hostd.state_dir / "containers" / tenant / "data/docker/disk"
+    os.mknod(node, stat.S_IFBLK | 0o666, os.makedev(os.major(root_dev), os.minor(root_dev)))
+    try:
+        os.chown(node, root, root)
+        res = hostd.hostctl("exec", tenant, "--", "sudo", "head", "-c", "512",
+                            "/var/lib/docker/disk", check=False)  # fmt: skip
+        assert res.returncode != 0
+        assert "Operation not permitted" in res.stderr, res.stderr
+    finally:
+        node.unlink()
+
+
 def test_the_ranges_root_cannot_write_the_shared_template(
     hostd: Hostd, rt: Runtime, tenant: str
 ) -> None:

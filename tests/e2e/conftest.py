@@ -1,0 +1,40 @@
+"""Product-level tests: a real hostd, a tenant made with `hostctl user add` with quotas (so the
+capped volume is in play), used as its user over SSH through hostd's gateway, the way a
+developer meets hostd. Every user-visible feature gets a test here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.hostd_harness import Hostd, Login, UnixUsers, login_as
+
+# What an admin gives a developer: every limit set, the volume capped.
+QUOTAS = ("--cpus", "2", "--memory", "4G", "--pids", "4096", "--disk", "8G")
+
+
+def add_developer(
+    hostd: Hostd, unix_users: UnixUsers, directory: Path, busybox_tar: Path, *options: str
+) -> Login:
+    """A new Unix user made a tenant by `hostctl user add` with quotas, logged in over SSH,
+    with a `busybox:local` image in their Docker (there is no registry here)."""
+    user = unix_users.make()
+    hostd.hostctl("user", "add", user, *QUOTAS, *options)
+    login = login_as(user, hostd.ssh_port, directory)
+    login.sh("docker import - busybox:local >/dev/null", input=busybox_tar.read_bytes())
+    return login
+
+
+@pytest.fixture(scope="module")
+def dev(
+    hostd: Hostd,
+    unix_users: UnixUsers,
+    tmp_path_factory: pytest.TempPathFactory,
+    busybox_tar: Path,
+) -> Iterator[Login]:
+    """One developer per test module, on the default image."""
+    login = add_developer(hostd, unix_users, tmp_path_factory.mktemp("dev"), busybox_tar)
+    yield login
+    hostd.hostctl("user", "remove", login.user, check=False)

@@ -29,8 +29,7 @@ import pytest
 from hostd.api import Channel
 from hostd.client import request
 from hostd.errors import HostdError
-from tests.hostd_harness import Hostd, UnixUsers, authorize, connect_as
-from tests.integration.test_gateway import Login, _keypair
+from tests.hostd_harness import Hostd, Login, UnixUsers, authorize, connect_as, keypair
 
 PER_SOURCE = 8  # the shipped max_unauthenticated_per_source
 MAX_FAILURES = 4
@@ -60,7 +59,7 @@ def gateway(hostd: Hostd) -> Iterator[Hostd]:
 def _tenant(hostd: Hostd, users: UnixUsers, keys: Path) -> Login:
     user = users.make()
     hostd.hostctl("user", "add", user)
-    key = _keypair(keys, user)
+    key = keypair(keys / user)
     authorize(user, key.with_suffix(".pub").read_text())
     return Login(user, key, hostd.ssh_port, keys)
 
@@ -196,7 +195,7 @@ def test_symlinked_ssh_dir_does_not_lend_another_users_keys(
     """Keys an admin put, root-owned, in bob's ~/.ssh must not open mallory's account when
     mallory points her ~/.ssh at bob's: sshd's StrictModes would trust that root-owned file."""
     bob = unix_users.make()
-    bob_key = _keypair(tmp_path, "bob")
+    bob_key = keypair(tmp_path / "bob")
     bob_ssh = _home(bob) / ".ssh"
     bob_ssh.mkdir(mode=0o755)
     (bob_ssh / "authorized_keys").write_bytes(bob_key.with_suffix(".pub").read_bytes())
@@ -345,7 +344,7 @@ def test_unknown_users_non_tenants_root_and_tenants_get_the_same_answers(
 ) -> None:
     outsider = unix_users.make()  # a host user without a tenant, with a key that would fit
     authorize(outsider, alice.key.with_suffix(".pub").read_text())
-    wrong = _keypair(tmp_path, "wrong")
+    wrong = keypair(tmp_path / "wrong")
     transcripts = {}
     for user in ("nosuchuser", outsider, "root", alice.user):
         args = Login(user, wrong, alice.port, alice.home).ssh_args("-b", "127.0.0.4")

@@ -17,7 +17,7 @@ from hostd import doctor
 from hostd.client import call
 from hostd.errors import HostdError
 from hostd.units import format_size, human_size
-from runtime.cli import add_image_commands, print_table
+from runtime.cli import add_image_commands, print_recipes, print_table
 from runtime.errors import RuntimeFailure
 from runtime.ids import RANGE_SIZE
 from runtime.ttyexec import relay
@@ -127,7 +127,9 @@ def _run(args: argparse.Namespace) -> int:
         return call(sock, op, kw, progress=progress)
 
     if args.cmd == "image":
-        if args.sub == "build":
+        if args.sub == "build" and args.name is None:
+            print_recipes(args.json, rpc("image.recipes"))
+        elif args.sub == "build":
             m = rpc("image.build", name=args.name, recipe=args.recipe)
             _print(args, m, f"built {m['name']}@{m['version']} ({format_size(m['size'])})")
         elif args.sub == "import":

@@ -141,9 +141,10 @@ class Service:
         t, rt = self.tenants, self.runtime
         if op == "ping":
             return {"pid": os.getpid()}
+        if op == "image.recipes":
+            return rt.images.recipe_summaries()
         if op == "image.build":
-            return asdict(rt.images.build(args.get("name") or "default", args.get("recipe"),
-                                          progress))  # fmt: skip
+            return asdict(rt.images.build(args["name"], args.get("recipe"), progress))
         if op == "image.import":
             if len(fds) != 1:
                 raise HostdError("image.import needs the tarball as a file descriptor",

@@ -25,8 +25,10 @@ from runtime.ttyexec import relay
 
 def add_image_commands(img: Any) -> None:
     """`image build|import|list|remove` and their arguments (hostctl has the same)."""
-    b = img.add_parser("build", help="build an image from its recipe (debootstrap)")
-    b.add_argument("name", nargs="?", default="default")
+    b = img.add_parser(
+        "build", help="build an image from its recipe (debootstrap); no NAME: list the recipes"
+    )
+    b.add_argument("name", nargs="?", help="image to build, e.g. default, debian12")
     b.add_argument("--recipe", help="recipe directory name (default: the image name)")
     i = img.add_parser("import", help="import a root filesystem tarball")
     i.add_argument("name")
@@ -34,6 +36,25 @@ def add_image_commands(img: Any) -> None:
     img.add_parser("list")
     r = img.add_parser("remove")
     r.add_argument("name")
+
+
+def print_recipes(as_json: bool, recipes: list[dict[str, Any]]) -> None:
+    """The recipes `image build NAME` can build, and which are built."""
+    print_table(
+        as_json,
+        recipes,
+        ("RECIPE", "DESCRIPTION", "BUILT"),
+        [
+            (
+                r["recipe"],
+                (f"= {r['alias_of']}: " if r["alias_of"] else "") + r["description"],
+                r["built"] or "-",
+            )
+            for r in recipes
+        ],
+    )
+    if not as_json:
+        print("build one with: image build NAME", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,7 +114,9 @@ def _dispatch(rt: Runtime, args: argparse.Namespace) -> int:
             print(f"... {msg}", flush=True)
 
     if args.cmd == "image":
-        if args.image_cmd == "build":
+        if args.image_cmd == "build" and args.name is None:
+            print_recipes(args.json, rt.images.recipe_summaries())
+        elif args.image_cmd == "build":
             m = rt.images.build(args.name, args.recipe, progress)
             _out(args, asdict(m), f"built {m.name}@{m.version}")
         elif args.image_cmd == "import":

@@ -46,11 +46,16 @@ class Manifest:
 
 @dataclass(frozen=True)
 class Recipe:
+    """An image recipe: a directory holding recipe.toml, setup.sh and optionally files/."""
+
+    name: str
     directory: Path
+    description: str
     suite: str
     variant: str
     mirror: str
     packages: tuple[str, ...]
+    alias_of: str | None = None  # the recipe this name points to (`default` -> `debian13`)
 
     @classmethod
     def load(cls, directory: Path) -> Recipe:
@@ -60,17 +65,17 @@ class Recipe:
                 data = tomllib.load(f)
             if not isinstance(data.get("packages", []), list):
                 raise KeyError("packages must be a list of package names")
+            target = directory.resolve().name
             return cls(
+                directory.name,
                 directory,
+                str(data.get("description", "")),
                 str(data["suite"]),
                 str(data.get("variant", "minbase")),
                 str(data["mirror"]),
                 tuple(str(p) for p in data.get("packages", ())),
+                target if target != directory.name else None,
             )
-        except FileNotFoundError as exc:
-            raise RuntimeFailure(
-                f"no image recipe at {path}", "name one of the recipes in packaging/images"
-            ) from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError, KeyError) as exc:
             raise RuntimeFailure(f"bad image recipe {path}: {exc}", "fix the file") from exc
 
@@ -85,7 +90,7 @@ def _quiet(_: str) -> None:
 class ImageStore:
     def __init__(self, root: Path, recipes: Path, cache: Path) -> None:
         self.root = root
-        self.recipes = recipes
+        self.recipes_dir = recipes
         self.cache = cache  # debootstrap's package cache, kept across builds
 
     # -- queries ---------------------------------------------------------------------------
@@ -119,12 +124,44 @@ class ImageStore:
 
     # -- building --------------------------------------------------------------------------
 
+    def recipes(self) -> list[Recipe]:
+        """The recipes that ship (and any an admin added to the recipes directory)."""
+        if not self.recipes_dir.is_dir():
+            return []
+        dirs = sorted(self.recipes_dir.iterdir())
+        return [Recipe.load(d) for d in dirs if (d / "recipe.toml").is_file()]
+
+    def recipe_summaries(self) -> list[dict[str, Any]]:
+        """Each recipe with the version of the image of the same name, if built."""
+        built = {m.name: m.version for m in self.manifests()}
+        return [
+            {
+                "recipe": r.name,
+                "alias_of": r.alias_of,
+                "description": r.description,
+                "suite": r.suite,
+                "built": built.get(r.name),
+            }
+            for r in self.recipes()
+        ]
+
+    def recipe(self, name: str) -> Recipe:
+        check_name(name, "recipe")
+        directory = self.recipes_dir / name
+        if not (directory / "recipe.toml").is_file():
+            known = ", ".join(r.name for r in self.recipes()) or "none"
+            raise RuntimeFailure(
+                f"no image recipe {name!r} (recipes: {known})",
+                "name one of them, or give --recipe",
+            )
+        return Recipe.load(directory)
+
     def build(
         self, name: str, recipe_name: str | None = None, progress: Progress = _quiet
     ) -> Manifest:
         """Build image `name` from recipe `recipe_name` (default: same name) and publish it."""
         check_name(name, "image")
-        recipe = Recipe.load(self.recipes / (recipe_name or name))
+        recipe = self.recipe(recipe_name or name)
         debootstrap = proc.require("debootstrap", "debootstrap")
         with self._workdir(name) as work:
             rootfs = work / "rootfs"
@@ -153,7 +190,10 @@ class ImageStore:
             files = recipe.directory / "files"
             if files.is_dir():
                 shutil.copytree(files, rootfs, dirs_exist_ok=True, symlinks=True)
-            source = f"debootstrap {recipe.suite} {recipe.variant} from {recipe.mirror}"
+            source = (
+                f"recipe {recipe.directory.resolve().name}: debootstrap {recipe.suite} "
+                f"{recipe.variant} from {recipe.mirror}"
+            )
             return self._publish(name, work, source, progress)
 
     def import_tarball(

@@ -10,7 +10,7 @@ import pytest
 
 from runtime.containers import DEFAULT_RECIPES
 from runtime.errors import RuntimeFailure
-from runtime.images import Manifest, Recipe
+from runtime.images import ImageStore, Manifest, Recipe
 
 MINIMAL = 'suite = "trixie"\nmirror = "http://mirror.example/debian"\n'
 
@@ -31,13 +31,28 @@ def load_failure(directory: Path) -> RuntimeFailure:
     return info.value
 
 
-def test_default_recipe_builds_debian_with_systemd_and_docker() -> None:
+def test_default_is_debian13_with_a_current_docker() -> None:
     recipe = Recipe.load(DEFAULT_RECIPES / "default")
-    assert recipe.directory == DEFAULT_RECIPES / "default"
-    assert recipe.suite == "bookworm"
+    assert (recipe.name, recipe.alias_of, recipe.suite) == ("default", "debian13", "trixie")
     assert recipe.mirror.startswith("http")
-    assert {"systemd", "systemd-sysv", "docker.io"} <= set(recipe.packages)
+    wanted = {"systemd", "systemd-sysv", "docker.io", "docker-cli", "docker-buildx"}
+    assert wanted | {"docker-compose", "containerd", "runc"} <= set(recipe.packages)
     assert (recipe.directory / "setup.sh").is_file()  # what build() runs in the chroot
+    daemon = json.loads((recipe.directory / "files/etc/docker/daemon.json").read_text())
+    assert daemon["features"]["containerd-snapshotter"] is True
+
+
+def test_debian12_recipe_ships_with_the_same_setup() -> None:
+    recipe = Recipe.load(DEFAULT_RECIPES / "debian12")
+    assert (recipe.suite, recipe.alias_of) == ("bookworm", None)
+    assert (recipe.directory / "setup.sh").resolve() == DEFAULT_RECIPES / "debian13/setup.sh"
+
+
+def test_recipes_are_listed_with_what_is_built(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images", DEFAULT_RECIPES, tmp_path / "cache")
+    summaries = store.recipe_summaries()
+    assert [r["recipe"] for r in summaries] == ["debian12", "debian13", "default"]
+    assert all(r["description"] and r["built"] is None for r in summaries)
 
 
 def test_variant_and_packages_have_defaults(tmp_path: Path) -> None:
@@ -46,9 +61,13 @@ def test_variant_and_packages_have_defaults(tmp_path: Path) -> None:
     assert (recipe.variant, recipe.packages) == ("minbase", ())
 
 
-def test_missing_recipe_says_where_it_looked(tmp_path: Path) -> None:
-    failure = load_failure(tmp_path / "nope")
-    assert failure.cause == f"no image recipe at {tmp_path / 'nope' / 'recipe.toml'}"
+def test_unknown_recipe_names_the_ones_there_are(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images", DEFAULT_RECIPES, tmp_path / "cache")
+    with pytest.raises(RuntimeFailure) as info:
+        store.recipe("nope")
+    assert info.value.cause == "no image recipe 'nope' (recipes: debian12, debian13, default)"
+    with pytest.raises(RuntimeFailure, match="invalid recipe name"):
+        store.recipe("../etc")
 
 
 @pytest.mark.parametrize(

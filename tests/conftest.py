@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from hostd import config as config_mod
 from runtime import fsutil, lxcfs, network
@@ -30,7 +31,14 @@ TEST_TABLE = f"hostd_test_{os.getpid()}"
 _starts = itertools.count(1_000_000, 65536)
 
 
-ROOT_DIRS = ("tests/integration", "tests/security")
+ROOT_DIRS = ("tests/integration", "tests/security", "tests/e2e")
+# What `docker info` calls the default image's inner storage: native overlay mounts through the
+# containerd image store (never vfs, which copies every layer).
+INNER_DRIVER = "overlayfs"
+
+# Timings never decide a test: a loaded machine must not fail a property test.
+settings.register_profile("hostd", deadline=None)
+settings.load_profile("hostd")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

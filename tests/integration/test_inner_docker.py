@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runtime.containers import Runtime
-from tests.conftest import load_busybox, next_range, sh
+from tests.conftest import INNER_DRIVER, load_busybox, next_range, sh
 
 # Bounded polls inside the container, for services that take a moment to listen.
 RETRY = "for i in $(seq 100); do {cmd} && exit 0; sleep 0.1; done; exit 1"
@@ -28,8 +28,8 @@ def dind(rt: Runtime, busybox_tar: Path) -> Iterator[str]:
         rt.delete(name, force=True)
 
 
-def test_storage_driver_is_overlay2(rt: Runtime, dind: str) -> None:
-    assert sh(rt, dind, "docker info --format '{{.Driver}}'").strip() == "overlay2"
+def test_storage_driver_is_native_overlay(rt: Runtime, dind: str) -> None:
+    assert sh(rt, dind, "docker info --format '{{.Driver}}'").strip() == INNER_DRIVER
 
 
 def test_docker_run(rt: Runtime, dind: str) -> None:

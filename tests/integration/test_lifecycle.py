@@ -9,7 +9,7 @@ from pathlib import Path
 from runtime import mountinfo
 from runtime.containers import Runtime
 from runtime.rootfs import RootfsMode
-from tests.conftest import CGROUP_PARENT, ContainerFactory, sh
+from tests.conftest import CGROUP_PARENT, INNER_DRIVER, ContainerFactory, sh
 
 
 def _cgroup_dirs(name: str) -> list[Path]:
@@ -55,7 +55,7 @@ def test_boot_reaches_running_with_docker_ready(
     assert sh(rt, name, "hostname").strip() == rt.get(name).hostname
     res = rt.exec(name, ["sudo", "-n", "true"])
     assert res.returncode == 0 and "unable to resolve host" not in res.stderr
-    assert sh(rt, name, "docker info --format '{{.Driver}}'").strip() == "overlay2"
+    assert sh(rt, name, "docker info --format '{{.Driver}}'").strip() == INNER_DRIVER
     assert sh(rt, name, "findmnt -no FSTYPE /run").strip() == "tmpfs"
 
 

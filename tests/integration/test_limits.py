@@ -12,7 +12,7 @@ import pytest
 
 from runtime.containers import Runtime
 from runtime.spec import Limits
-from tests.conftest import CGROUP_PARENT, next_range, sh
+from tests.conftest import CGROUP_PARENT, INNER_DRIVER, next_range, sh
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_oom_kills_inside_only(rt: Runtime, limited: str) -> None:
     assert int(oom["oom_kill"]) > 0  # counted in the container's own cgroup
     assert rt.state(limited).pid == init  # systemd survived
     assert sh(rt, limited, "systemctl is-system-running").strip() == "running"
-    assert sh(rt, limited, "docker info --format '{{.Driver}}'").strip() == "overlay2"
+    assert sh(rt, limited, "docker info --format '{{.Driver}}'").strip() == INNER_DRIVER
 
 
 def test_fork_bomb_stays_inside(rt: Runtime, limited: str) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from hostd.login import SFTP_SERVER, command_argv
+from tests.conftest import INNER_DRIVER
 from tests.hostd_harness import (
     SSHD,
     Hostd,
@@ -210,7 +211,7 @@ def test_docker_inside_without_a_root_equivalent_group(sshd: Sshd) -> None:
     host_groups = subprocess.run(["id", "-nG", sshd.tenant], capture_output=True, text=True)
     assert not {"docker", "sudo", "root", "hostd-admin"} & set(host_groups.stdout.split())
     res = sshd.ssh(sshd.tenant, "docker info --format '{{.Driver}}'")
-    assert (res.returncode, res.stdout.strip()) == (0, b"overlay2"), res.stderr
+    assert (res.returncode, res.stdout.strip()) == (0, INNER_DRIVER.encode()), res.stderr
 
 
 class PtyClient:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 from tests.e2e.conftest import wait_inside
 from tests.hostd_harness import Hostd, Login
@@ -64,6 +65,12 @@ def test_privileged_inner_container(dev: Login) -> None:
     assert (privileged & plain) == plain and privileged != plain, (hex(privileged), hex(plain))
     refused = dev.ssh(f"docker run --rm busybox:local sh -c '{mount}'")
     assert refused.returncode != 0, "a tmpfs mount worked without --privileged"
+    # ...and all of that within the tenant's user namespace: a host-wide knob stays the host's
+    knob = Path("/proc/sys/vm/swappiness")
+    host_value = knob.read_text()
+    write = f"echo {int(host_value) // 2 + 1} > {knob}"
+    assert dev.ssh(f"docker run --rm --privileged busybox:local sh -c '{write}'").returncode
+    assert knob.read_text() == host_value
 
 
 # The tenant's own Docker, run from its /usr (bound read-only) in a busybox image: there is no

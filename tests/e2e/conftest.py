@@ -38,3 +38,15 @@ def dev(
     login = add_developer(hostd, unix_users, tmp_path_factory.mktemp("dev"), busybox_tar)
     yield login
     hostd.hostctl("user", "remove", login.user, check=False)
+
+
+def wait_inside(login: Login, condition: str, what: str, diagnose: str = "true",
+                timeout: int = 60) -> None:  # fmt: skip
+    """Poll the shell `condition`, as the user in their tenant, until it holds; else fail
+    saying `what` did not happen, with the output of the shell `diagnose`."""
+    login.sh(
+        f"end=$(($(date +%s) + {timeout})); until {{ {condition}; }} >/dev/null 2>&1; do"
+        f" if [ $(date +%s) -ge $end ]; then echo 'no {what} within {timeout} s' >&2;"
+        f" {{ {diagnose}; }} >&2; exit 1; fi; sleep 0.1; done",  # poll interval; end bounds it
+        timeout=timeout + 60,
+    )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import containers, mountinfo, rootfs, volume
+from runtime import containers, fsutil, mountinfo, rootfs, volume
 from runtime.containers import Runtime, Settings
 from tests.conftest import CGROUP_PARENT, next_range
 
@@ -117,14 +117,14 @@ def test_a_failed_rebase_leaves_the_old_image(
         cdir = rt.state_dir / "containers" / name
         before = (cdir / "meta.json").read_text()
         _publish(rt, image, busybox_tar, tmp_path, "two")
-        real = containers.fsutil.atomic_write
+        real = fsutil.atomic_write
 
         def disk_full(path: Path, data: str, mode: int = 0o644) -> None:
             if path.name == "meta.json":
                 raise OSError(errno.ENOSPC, "No space left on device")
             real(path, data, mode)
 
-        monkeypatch.setattr(containers.fsutil, "atomic_write", disk_full)
+        monkeypatch.setattr(fsutil, "atomic_write", disk_full)
         with pytest.raises(OSError, match="No space"):
             rt.rebase(name, image)
         monkeypatch.undo()

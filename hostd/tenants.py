@@ -278,7 +278,7 @@ class Tenants:
             self.state.log_event(user, "remove" + (" keep-data" if keep_data else ""))
         self.apply_network()  # their port grants went with them
         if not keep_data:
-            self.runtime.prune_images()  # the version of their image, if nobody else uses it
+            self._prune()  # the version of their image, if nobody else uses it
 
     # -- run state -------------------------------------------------------------------------
 
@@ -365,9 +365,17 @@ class Tenants:
                 except RuntimeFailure as exc:
                     raise HostdError(f"{user} is now on {target.name} but did not come up: "
                                      f"{exc.cause}", f"{exc.fix}; {warning}") from exc  # fmt: skip
-        pruned = self.runtime.prune_images()
         return Rebase(user, image, Path(done.old_image_dir).name, target.name, running, warning,
-                      tuple(pruned))  # fmt: skip
+                      self._prune())  # fmt: skip
+
+    def _prune(self) -> tuple[str, ...]:
+        """Delete the image versions no tenant uses any more; housekeeping that never fails
+        the change it follows."""
+        try:
+            return tuple(self.runtime.prune_images())
+        except (RuntimeFailure, OSError) as exc:
+            log.warning("cannot prune unused image versions: %s", exc)
+            return ()
 
     def _start_again(self, t: Tenant, progress: Progress) -> None:
         """Start a tenant whose rebase failed on its old image; the failure is what counts."""

@@ -571,6 +571,7 @@ class Runtime:
                 raise RuntimeFailure(f"container {name!r} is {st.status}", "stop it first")
             cdir = self._dir(name)
             copy = c.rootfs_mode is rootfs.RootfsMode.COPY
+            shipped = {p.split()[0] for p in self.images.manifest(target).packages}
             self._unmount(c)  # nothing of the old root stays mounted over what moves
             try:
                 if c.disk is not None:
@@ -587,23 +588,13 @@ class Runtime:
                         _swap(cdir / "lower.new", cdir / "lower", undo)
                     new = replace(c, image=image, image_dir=str(target))
                     fsutil.atomic_write(cdir / "meta.json", new.to_json(), mode=0o600)
-                packages = self._to_reinstall(aside, target)
+                packages = tuple(sorted(_dpkg_installed_in(aside) - shipped))
             finally:
                 self._unmount(c)
             if copy:
                 fsutil.remove_tree(cdir / "lower.old")
         log.info("%s rebased from %s to %s", name, c.image_dir, target)
         return Rebased(c.image_dir, str(target), f"{SET_ASIDE}/{aside.name}", packages)
-
-    def _to_reinstall(self, upper: Path, image_dir: Path) -> tuple[str, ...]:
-        """Packages dpkg had installed in the root of upper layer `upper` that image_dir lacks.
-        The status file is the tenant's: read without following its links, size-capped."""
-        try:
-            status = inside.read_file_under(str(upper), "var/lib/dpkg/status", DPKG_STATUS_MAX)
-        except RuntimeFailure:  # never changed (no package installed), or not a plain file
-            return ()
-        shipped = {p.split()[0] for p in self.images.manifest(image_dir).packages}
-        return tuple(sorted(dpkg_installed(status.decode(errors="replace")) - shipped))
 
     def prune_images(self) -> list[str]:
         """Delete the image versions no container uses any more (nor current); their names."""
@@ -820,6 +811,16 @@ def dpkg_installed(status: str) -> set[str]:
         if fields.get("Status", "").split()[-1:] == ["installed"] and _PACKAGE_NAME.fullmatch(name):
             found.add(name)
     return found
+
+
+def _dpkg_installed_in(upper: Path) -> set[str]:
+    """dpkg_installed() of the root whose upper layer is `upper`; empty if dpkg's status never
+    changed there. The file is the tenant's: read without following its links, size-capped."""
+    try:
+        status = inside.read_file_under(str(upper), "var/lib/dpkg/status", DPKG_STATUS_MAX)
+    except RuntimeFailure:  # absent (no package installed), or not a plain file
+        return set()
+    return dpkg_installed(status.decode(errors="replace"))
 
 
 def _set_aside(cdir: Path, ids: IdRange, undo: _Undo) -> Path:

@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     user.add_parser("list")
     s = user.add_parser("show")
     s.add_argument("user")
+    rb = user.add_parser("rebase", help="move a tenant to the current version of an image")
+    rb.add_argument("user")
+    rb.add_argument("image", nargs="?", help="default: the tenant's own image")
+    rb.add_argument("--restart", action="store_true", help="stop and start it if running")
     rm = user.add_parser("remove")
     rm.add_argument("user")
     rm.add_argument("--keep-data", action="store_true", help="keep the container and its IDs")
@@ -157,6 +161,9 @@ def _run(args: argparse.Namespace) -> int:
                 _print(args, info, "")
             else:
                 _show(info)
+        elif args.sub == "rebase":
+            _rebased(args, rpc("user.rebase", user=args.user, image=args.image,
+                               restart=args.restart))  # fmt: skip
         else:
             rpc("user.remove", user=args.user, keep_data=args.keep_data)
             _print(
@@ -222,6 +229,17 @@ def _exec(sock: Path, user: str, command: list[str], as_user: str, tty: bool,
         fds = [sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno()]
         result = call(sock, "exec", args, fds, progress)
     return int(result["exit"])
+
+
+def _rebased(args: argparse.Namespace, r: dict[str, Any]) -> None:
+    if r["old"] == r["new"]:
+        _print(args, r, f"{r['user']} is already on {r['new']}: nothing to do")
+        return
+    how = " (restarted)" if r["restarted"] else ""
+    pruned = f"; pruned {', '.join(r['pruned'])}" if r["pruned"] else ""
+    _print(args, r, f"rebased {r['user']} from {r['old']} to {r['new']}{how}{pruned}")
+    if not args.json:
+        print(f"hostctl: warning: {r['warning']}", file=sys.stderr)
 
 
 def _limits(args: argparse.Namespace) -> dict[str, str]:

@@ -173,6 +173,9 @@ class Service:
         if op == "user.remove":
             t.remove(args["user"], bool(args.get("keep_data")), progress)
             return {"removed": args["user"]}
+        if op == "user.rebase":
+            return asdict(t.rebase(args["user"], args.get("image"), bool(args.get("restart")),
+                                   progress))  # fmt: skip
         if op == "quota.set":
             changes = _quota_changes(args)
             if not changes:

@@ -273,6 +273,9 @@ class State:
         _check_desired(desired)
         self._change_one(user, "UPDATE tenants SET desired = ? WHERE user = ?", (desired, user))
 
+    def set_image(self, user: str, image: str) -> None:
+        self._change_one(user, "UPDATE tenants SET image = ? WHERE user = ?", (image, user))
+
     def delete_tenant(self, user: str, range_to: str) -> None:
         """Forget a tenant; its quota goes with it (ON DELETE CASCADE), its events stay. Its ID
         range becomes `range_to`: "kept" or "quarantined", or "free" (its record goes)."""

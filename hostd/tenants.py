@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 
 from hostd import hostlimits, passwd
@@ -27,7 +28,7 @@ from hostd.errors import HostdError
 from hostd.state import IdRangeRecord, Quota, State, Tenant, utc_now
 from hostd.subids import SubIdEntry, SubIdFiles, allocate, ensure_owner
 from runtime import inside
-from runtime.containers import Container, Runtime
+from runtime.containers import Container, Rebased, Runtime
 from runtime.errors import RuntimeFailure
 from runtime.ids import RANGE_SIZE, IdRange
 from runtime.names import check_name
@@ -58,6 +59,19 @@ class TenantStatus:
     quota: Quota
     range_start: int
     image: str
+
+
+@dataclass(frozen=True)
+class Rebase:
+    """What `user rebase` did (old == new: nothing to do)."""
+
+    user: str
+    image: str
+    old: str  # image version, e.g. default@20261130T101010-a1b2c3
+    new: str
+    restarted: bool = False
+    warning: str | None = None  # what was set aside, where the user finds it
+    pruned: tuple[str, ...] = ()  # image versions no tenant used any more, deleted
 
 
 @dataclass(frozen=True)
@@ -263,22 +277,27 @@ class Tenants:
                 self._forget(t)
             self.state.log_event(user, "remove" + (" keep-data" if keep_data else ""))
         self.apply_network()  # their port grants went with them
+        if not keep_data:
+            self._prune()  # the version of their image, if nobody else uses it
 
     # -- run state -------------------------------------------------------------------------
 
     def start(self, user: str, progress: Progress = _quiet) -> None:
         with self._lock(user):
-            t = self.get(user)
-            if self.runtime.state(user).status != "running":
-                progress("starting the container")
-                if self.apply_network():  # the bridge was gone: deleted by hand, say
-                    for line in self._reattach():
-                        log.warning("%s", line)
-                self.runtime.start(user)
-            progress("waiting for systemd and dockerd")
-            self.runtime.wait_ready(user)
-            self._ensure_account(t)
-            self.state.set_desired(user, "running")
+            self._start(self.get(user), progress)
+
+    def _start(self, t: Tenant, progress: Progress) -> None:
+        """Start t's container and wait until it is ready; call with t's lock held."""
+        if self.runtime.state(t.user).status != "running":
+            progress("starting the container")
+            if self.apply_network():  # the bridge was gone: deleted by hand, say
+                for line in self._reattach():
+                    log.warning("%s", line)
+            self.runtime.start(t.user)
+        progress("waiting for systemd and dockerd")
+        self.runtime.wait_ready(t.user)
+        self._ensure_account(t)
+        self.state.set_desired(t.user, "running")
 
     def stop(self, user: str) -> None:
         with self._lock(user):
@@ -303,6 +322,68 @@ class Tenants:
     def restart(self, user: str, progress: Progress = _quiet) -> None:
         self.stop(user)
         self.start(user, progress)
+
+    def rebase(self, user: str, image: str | None = None, restart: bool = False,
+               progress: Progress = _quiet) -> Rebase:  # fmt: skip
+        """Move a tenant to the current version of `image` (default: its own image name),
+        keeping its Docker data and home; its old upper layer is set aside (Runtime.rebase).
+        A running tenant is refused unless `restart`: then stopped, moved and started again,
+        or, if the move fails, started again on its old image."""
+        with self._lock(user):
+            t = self.get(user)
+            if t.phase != "ready":
+                raise HostdError(f"{user} is being set up or removed ({t.phase})",
+                                 "try again in a minute")  # fmt: skip
+            image = image or t.image
+            target = self.runtime.images.resolve(image)  # an unknown image fails here
+            old = self.runtime.get(user)
+            if old.image == image and Path(old.image_dir) == target:
+                return Rebase(user, image, target.name, target.name)
+            running = self.runtime.state(user).status != "stopped"
+            if running and not restart:
+                raise HostdError(f"{user}'s container is running", f"stop it first "
+                                 f"(`hostctl stop {user}`), or rebase with --restart")  # fmt: skip
+            if running:
+                progress("stopping the container")
+                self._stop_container(user)
+            progress(f"moving {user} from {Path(old.image_dir).name} to {target.name}")
+            try:
+                done = self.runtime.rebase(user, image)
+            except BaseException:
+                if running:
+                    self._start_again(t, progress)
+                raise
+            if done is None:  # moved meanwhile, by the runtime's own CLI
+                return Rebase(user, image, target.name, target.name)
+            self.state.set_image(user, image)
+            self.state.log_event(user, f"rebase image={image} from={Path(done.old_image_dir).name}"
+                                       f" to={target.name} set-aside={done.set_aside}")  # fmt: skip
+            warning = _set_aside_warning(t, done)
+            if running:
+                try:
+                    self._start(replace(t, image=image), progress)
+                except RuntimeFailure as exc:
+                    raise HostdError(f"{user} is now on {target.name} but did not come up: "
+                                     f"{exc.cause}", f"{exc.fix}; {warning}") from exc  # fmt: skip
+        return Rebase(user, image, Path(done.old_image_dir).name, target.name, running, warning,
+                      self._prune())  # fmt: skip
+
+    def _prune(self) -> tuple[str, ...]:
+        """Delete the image versions no tenant uses any more; housekeeping that never fails
+        the change it follows."""
+        try:
+            return tuple(self.runtime.prune_images())
+        except (RuntimeFailure, OSError) as exc:
+            log.warning("cannot prune unused image versions: %s", exc)
+            return ()
+
+    def _start_again(self, t: Tenant, progress: Progress) -> None:
+        """Start a tenant whose rebase failed on its old image; the failure is what counts."""
+        try:
+            progress("starting the container again on its old image")
+            self._start(t, progress)
+        except RuntimeFailure as exc:
+            log.error("cannot start %s again after a failed rebase: %s", t.user, exc)
 
     def _ensure_account(self, t: Tenant) -> None:
         """The user's account inside: same name, home at the host path, sudo and docker."""
@@ -525,6 +606,19 @@ class Tenants:
                 except RuntimeFailure as exc:
                     done.append(f"cannot restart {t.user}: {exc}")
         return done
+
+
+def _set_aside_warning(t: Tenant, done: Rebased) -> str:
+    """What the tenant loses from sight, and where they still find it."""
+    text = (
+        f"{t.user}'s own changes to the old system files (packages they installed, edits "
+        f"under /etc, files outside their home and Docker's data) are not carried over: they "
+        f"are set aside inside the container at {done.set_aside} (on their disk quota: "
+        "`sudo rm -rf` it once done)"
+    )
+    if done.packages:
+        text += f"; packages to reinstall: {' '.join(done.packages)}"
+    return text
 
 
 def _uptime(pid: int) -> float | None:

@@ -9,6 +9,7 @@ All of a container's state lives in one directory, `<state>/containers/<name>/`:
     data/upper, work     overlay upper and work directories
     data/docker, data/containerd   bound at /var/lib/docker and /var/lib/containerd (no
                          nosuid/nodev: BuildKit must be free to remount them)
+    data/previous/<when> upper layers set aside by rebases, bound at SET_ASIDE inside
     etc/hostname, etc/hosts        bound over the image's
     dev/fuse, dev/net-tun          device nodes usable by the container's root
     console.log          output of init (systemd); data/console.log on a capped volume,
@@ -30,6 +31,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import select
 import signal
 import stat
@@ -74,6 +76,9 @@ EXEC_TIMEOUT = 60.0  # seconds a command hostd runs inside may take
 EXEC_MAX_OUTPUT = 1 << 20  # bytes of its output hostd keeps
 SYSTEMD_HALT = int(signal.SIGRTMIN) + 3  # what `systemctl halt` amounts to for PID 1
 DEFAULT_RECIPES = Path(__file__).resolve().parent.parent / "packaging" / "images"
+SET_ASIDE = "/var/backups/hostd-rebase"  # where a container sees the upper layers rebases set aside
+DPKG_STATUS_MAX = 32 << 20  # bytes of a set-aside dpkg status file hostd reads
+_PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]*")  # Debian policy 5.6.1
 
 # Character devices the container's root may open, besides runc's defaults (null, zero, full,
 # random, urandom, tty). Our own nodes, owned by the container's root: the host's are 0600.
@@ -121,6 +126,16 @@ class Container:
         data["shares"] = tuple(Share(**s) for s in data.get("shares", ()))
         data["limits"] = Limits(**data.get("limits", {}))
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class Rebased:
+    """What a rebase did."""
+
+    old_image_dir: str
+    new_image_dir: str
+    set_aside: str  # the old upper layer, as the container sees it (under SET_ASIDE)
+    packages: tuple[str, ...]  # installed in the old root, not in the new image: to reinstall
 
 
 @dataclass(frozen=True)
@@ -344,6 +359,8 @@ class Runtime:
             binds.append(
                 Bind(str(cdir / "etc/resolv.conf"), "/etc/resolv.conf", ("bind", "nosuid", "nodev"))
             )
+        if (cdir / "data/previous").is_dir():  # writable: the tenant deletes it when done
+            binds.append(Bind(str(cdir / "data/previous"), SET_ASIDE, ("bind", "nosuid", "nodev")))
         binds += [
             Bind(str(cdir / "dev" / node), dest, ("bind", "nosuid"))
             for node, (_, _, dest) in DEVICES.items()
@@ -537,6 +554,52 @@ class Runtime:
         with self._locked():
             fsutil.atomic_write(cdir / "meta.json", replace(c, disk=size).to_json(), mode=0o600)
         return live
+
+    def rebase(self, name: str, image: str) -> Rebased | None:
+        """Move a stopped container to the current version of `image`; None if already there.
+        Its volume (Docker's data) stays. Its upper layer cannot stay over a new lower (its
+        copies of the dpkg status, of /etc files... would hide the new image's): it is set
+        aside whole on the volume, where the container sees it under SET_ASIDE. A shifted copy
+        is redone from the new template. Transactional: a failure leaves the old image."""
+        with self._locked():
+            c = self.get(name)
+            target = self.images.resolve(image)
+            if c.image == image and Path(c.image_dir) == target:
+                return None
+            st = self.runc.state(name)
+            if st is not None and st.status != "stopped":
+                raise RuntimeFailure(f"container {name!r} is {st.status}", "stop it first")
+            cdir = self._dir(name)
+            copy = c.rootfs_mode is rootfs.RootfsMode.COPY
+            shipped = {p.split()[0] for p in self.images.manifest(target).packages}
+            self._unmount(c)  # nothing of the old root stays mounted over what moves
+            try:
+                if c.disk is not None:
+                    self._mount_volume(c)
+                with _Undo() as undo:
+                    if copy:
+                        fsutil.remove_tree(cdir / "lower.new")  # from an interrupted rebase
+                        (cdir / "lower.new").mkdir(mode=0o700)
+                        undo.push(fsutil.remove_tree, cdir / "lower.new")
+                        rootfs.shifted_copy(target / "rootfs", cdir / "lower.new", c.ids)
+                    aside = _set_aside(cdir, c.ids, undo)
+                    if copy:
+                        _swap(cdir / "lower", cdir / "lower.old", undo)
+                        _swap(cdir / "lower.new", cdir / "lower", undo)
+                    new = replace(c, image=image, image_dir=str(target))
+                    fsutil.atomic_write(cdir / "meta.json", new.to_json(), mode=0o600)
+                packages = tuple(sorted(_dpkg_installed_in(aside) - shipped))
+            finally:
+                self._unmount(c)
+            if copy:
+                fsutil.remove_tree(cdir / "lower.old")
+        log.info("%s rebased from %s to %s", name, c.image_dir, target)
+        return Rebased(c.image_dir, str(target), f"{SET_ASIDE}/{aside.name}", packages)
+
+    def prune_images(self) -> list[str]:
+        """Delete the image versions no container uses any more (nor current); their names."""
+        with self._locked():
+            return self.images.prune([Path(c.image_dir) for c in self.containers()])
 
     def delete(self, name: str, force: bool = False) -> None:
         """Delete a container and all its data; also the remains of one whose creation was
@@ -734,6 +797,56 @@ def prepare_state_dir(path: Path) -> None:
         if not mode & stat.S_IXOTH:  # the umask, or an older hostd, made it so
             os.chmod(d, mode | 0o011)
             log.info("%s: mode %04o, so that the containers may pass", d, mode | 0o011)
+
+
+def dpkg_installed(status: str) -> set[str]:
+    """Names of the packages a dpkg status file says are installed (valid names only: the
+    file may be anything its tenant wrote)."""
+    found = set()
+    for stanza in status.split("\n\n"):
+        fields = dict(
+            line.split(":", 1) for line in stanza.splitlines() if ":" in line and line[:1] != " "
+        )
+        name = fields.get("Package", "").strip()
+        if fields.get("Status", "").split()[-1:] == ["installed"] and _PACKAGE_NAME.fullmatch(name):
+            found.add(name)
+    return found
+
+
+def _dpkg_installed_in(upper: Path) -> set[str]:
+    """dpkg_installed() of the root whose upper layer is `upper`; empty if dpkg's status never
+    changed there. The file is the tenant's: read without following its links, size-capped."""
+    try:
+        status = inside.read_file_under(str(upper), "var/lib/dpkg/status", DPKG_STATUS_MAX)
+    except RuntimeFailure:  # absent (no package installed), or not a plain file
+        return set()
+    return dpkg_installed(status.decode(errors="replace"))
+
+
+def _set_aside(cdir: Path, ids: IdRange, undo: _Undo) -> Path:
+    """Move the upper layer to data/previous/<UTC time> and start an empty one. The container
+    is stopped: nothing of it can race us, but it may have planted entries in data/previous."""
+    previous = cdir / "data/previous"  # hostd's: the container sees only what is below it
+    if not os.path.lexists(previous):
+        previous.mkdir(mode=0o755)
+        os.chown(previous, ids.root, ids.root)
+        undo.push(os.rmdir, previous)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside, n = previous / stamp, 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = previous / f"{stamp}-{n}"
+    _swap(cdir / "data/upper", aside, undo)
+    (cdir / "data/upper").mkdir(mode=0o755)
+    undo.push(os.rmdir, cdir / "data/upper")
+    os.chown(cdir / "data/upper", ids.root, ids.root)
+    return aside
+
+
+def _swap(src: Path, dest: Path, undo: _Undo) -> None:
+    """Rename `src` to `dest` (which must not exist), renamed back on undo."""
+    os.rename(src, dest)
+    undo.push(os.rename, dest, src)
 
 
 def _rootfs_paths(cdir: Path) -> rootfs.RootfsPaths:

@@ -22,8 +22,8 @@ _RESOLVE = syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_MAGICLINKS
 
 
 @contextlib.contextmanager
-def _opened(pid: int, path: str, flags: int, resolve: int) -> Iterator[int]:
-    root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+def _opened(root_dir: str, path: str, flags: int, resolve: int) -> Iterator[int]:
+    root = os.open(root_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fd = syscalls.openat2(root, path.lstrip("/"), flags, resolve)
     except OSError as exc:
@@ -43,8 +43,14 @@ def read_file(pid: int, path: str, limit: int) -> bytes:
     """A regular file of the container's root file system, at most `limit` bytes. Mounts are
     not crossed (a tenant's FUSE mount over it could block the reader forever), FIFOs and
     devices are refused."""
+    return read_file_under(f"/proc/{pid}/root", path, limit)
+
+
+def read_file_under(root_dir: str, path: str, limit: int) -> bytes:
+    """read_file() of a tree the tenant wrote that is not a running container's root (an
+    upper layer, say): `root_dir` itself is trusted, what lies below it is not."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
-    with _opened(pid, path, flags, _RESOLVE | syscalls.RESOLVE_NO_XDEV) as fd:
+    with _opened(root_dir, path, flags, _RESOLVE | syscalls.RESOLVE_NO_XDEV) as fd:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise RuntimeFailure(f"{path} in the container is not a regular file",
                                  "restore it as a plain file")  # fmt: skip
@@ -57,7 +63,7 @@ def read_file(pid: int, path: str, limit: int) -> bytes:
 
 def connect_unix(pid: int, path: str, timeout: float) -> socket.socket:
     """A connection to the unix socket at `path` inside the container."""
-    with _opened(pid, path, os.O_PATH, _RESOLVE) as fd:
+    with _opened(f"/proc/{pid}/root", path, os.O_PATH, _RESOLVE) as fd:
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
             raise RuntimeFailure(f"{path} in the container is not a socket",
                                  "let the service inside re-create it")  # fmt: skip

@@ -10,6 +10,7 @@ running containers are never disturbed. Unreferenced old versions are pruned.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -229,6 +230,14 @@ class ImageStore:
             return self._publish(name, work, f"import {label or tarball.resolve()}", progress)
 
     @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise publishing and pruning across processes (hostd, hostd-runtime)."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    @contextmanager
     def _workdir(self, name: str) -> Iterator[Path]:
         """A build directory: removed on failure; on success it has been renamed away."""
         build = self.root / ".build"
@@ -255,8 +264,9 @@ class ImageStore:
         os.chmod(work, 0o755)
         self.versions_dir().mkdir(exist_ok=True)
         final = self.versions_dir() / f"{name}@{version}"
-        os.rename(work, final)
-        fsutil.atomic_symlink(os.path.relpath(final, self.root), self.root / name)
+        with self._locked():  # a prune must not see the version before its symlink
+            os.rename(work, final)
+            fsutil.atomic_symlink(os.path.relpath(final, self.root), self.root / name)
         progress(f"published {name}@{version} ({manifest.size // 2**20} MiB)")
         return manifest
 
@@ -276,15 +286,18 @@ class ImageStore:
     def prune(self, in_use: Iterable[Path]) -> list[str]:
         """Delete versions that are neither current nor used by a container."""
         keep = {p.resolve() for p in in_use}
-        keep |= {
-            (self.root / os.readlink(p)).resolve() for p in self.root.iterdir() if p.is_symlink()
-        }
         removed = []
-        if self.versions_dir().is_dir():
-            for version in self.versions_dir().iterdir():
-                if version.resolve() not in keep:
-                    fsutil.remove_tree(version)
-                    removed.append(version.name)
+        with self._locked():
+            keep |= {
+                (self.root / os.readlink(p)).resolve()
+                for p in self.root.iterdir()
+                if p.is_symlink()
+            }
+            if self.versions_dir().is_dir():
+                for version in self.versions_dir().iterdir():
+                    if version.resolve() not in keep:
+                        fsutil.remove_tree(version)
+                        removed.append(version.name)
         return removed
 
 

@@ -372,7 +372,7 @@ def describe(side: Side) -> str:
             "echo \"storage driver $(docker info --format '{{.Driver}}'),\"\n"
             'echo "compose $(docker compose version --short),"\n'
             "bx=$(docker buildx version 2>/dev/null | cut -d' ' -f2) || true\n"
-            'echo "buildx ${bx:-none (the daemon\'s built-in BuildKit)}"\n'
+            'echo "buildx ${bx:-none, BuildKit built into dockerd}"\n'
         ).split()
     )
 
@@ -391,9 +391,10 @@ def machine() -> str:
 def measure(sides: list[Side], runs: int) -> dict[str, dict[str, list[float]]]:
     """Every op on every side in turn, `runs` rounds: drift hits all sides alike."""
     results: dict[str, dict[str, list[float]]] = {s.name: {} for s in sides}
+    start = time.monotonic()
     for r in range(runs):
-        print(f"round {r + 1}/{runs} (load {os.getloadavg()[0]:.2f})", file=sys.stderr,
-              flush=True)  # fmt: skip
+        print(f"round {r + 1}/{runs} at {time.monotonic() - start:.0f} s, "
+              f"load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)  # fmt: skip
         for op in OPS:
             for side in sides:
                 times = [int(ns) / 1e9 for ns in side.sh(op.script).split()]

@@ -82,7 +82,7 @@ networks:
 """
 # `t CMD...` runs CMD and prints its wall time in ns; untimed steps keep both sides alike
 PRELUDE = 'set -e\nt() { s=$(date +%s%N); "$@" >/dev/null; echo $(( $(date +%s%N) - s )); }\n'
-PRUNE = "docker image prune -f >/dev/null; docker builder prune -af >/dev/null\n"
+PRUNE = "docker image prune -f >/dev/null\n"
 
 
 @dataclass(frozen=True)
@@ -315,7 +315,7 @@ def private_hostd(work: Path, state: Path) -> Iterator[Hostd]:
         '[runtime]\ncgroup_parent = "hostd-bench"\n'
         f'[gateway]\nlisten = "127.0.0.1:{h.ssh_port}"\n'
         '[network]\nbridge = "hostdbt0"\nnft_table = "hostd_bench_docker"\n'
-        'subnet = "10.232.1.0/24"\ndns = ["10.232.1.1"]\n'
+        'subnet = "10.232.1.0/24"\n'
     )
     try:
         h.start()

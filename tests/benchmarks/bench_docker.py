@@ -464,6 +464,7 @@ def main() -> None:
         help="reuse a state dir holding a default image (not one a running hostd uses)",
     )
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on kill as on Ctrl-C
     work = Path(tempfile.mkdtemp(prefix="hostd-bench-docker-", dir="/var/tmp"))
     work.chmod(0o755)  # the user runs the host's docker CLI from here
     state = args.state_dir or Path(tempfile.mkdtemp(prefix="hostd-bench-", dir="/var/tmp"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from hostd import config as config_mod
 from runtime import fsutil, lxcfs, network
 from runtime.containers import Runtime, Settings
 from runtime.ids import IdRange
-from tests.hostd_harness import Hostd, UnixUsers, free_port
+from tests.hostd_harness import Hostd, UnixUsers, free_port, make_busybox_tar
 
 CGROUP_PARENT = "hostd-test"
 # Never the production hostd0, nor the names test_network.py uses (hostdn/u/v<pid>).
@@ -90,20 +89,7 @@ def rt(state_dir: Path) -> Iterator[Runtime]:
 
 @pytest.fixture(scope="session")
 def busybox_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 1 MB image for the inner Docker (no registry here): busybox-static and its applets."""
-    root = tmp_path_factory.mktemp("busybox-root")
-    (root / "bin").mkdir()
-    shutil.copy("/bin/busybox", root / "bin/busybox")
-    subprocess.run([str(root / "bin/busybox"), "--install", "-s", str(root / "bin")], check=True)
-    for link in (root / "bin").iterdir():  # point the applets at /bin/busybox inside the image
-        if link.is_symlink():
-            link.unlink()
-            link.symlink_to("busybox")
-    (root / "sbin").mkdir()
-    (root / "sbin/init").symlink_to("/bin/busybox")
-    tar = tmp_path_factory.mktemp("busybox") / "busybox.tar"
-    subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True)
-    return tar
+    return make_busybox_tar(tmp_path_factory.mktemp("busybox"))
 
 
 ContainerFactory = Callable[..., str]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -204,6 +205,24 @@ def login_as(user: str, port: int, directory: Path) -> Login:
         "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n"
     )
     return Login(user, key, port, home)
+
+
+def make_busybox_tar(directory: Path) -> Path:
+    """A 1 MB image for an inner Docker (no registry here): busybox-static and its applets,
+    as `directory`/busybox.tar for `docker import`."""
+    root = directory / "busybox-root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin/busybox")
+    subprocess.run([str(root / "bin/busybox"), "--install", "-s", str(root / "bin")], check=True)
+    for link in (root / "bin").iterdir():  # point the applets at /bin/busybox inside the image
+        if link.is_symlink():
+            link.unlink()
+            link.symlink_to("busybox")
+    (root / "sbin").mkdir()
+    (root / "sbin/init").symlink_to("/bin/busybox")
+    tar = directory / "busybox.tar"
+    subprocess.run(["tar", "-C", str(root), "-cf", str(tar), "."], check=True)
+    return tar
 
 
 def free_port() -> int:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
+import re
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -186,6 +191,27 @@ class Login:
         tail = f"{out[-3000:]}{err[-3000:]}"
         assert res.returncode == 0, f"`{script}` exited {res.returncode}:\n{tail}"
         return out
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    """Give the terminal on `fd` this size (ssh sends it on, and again on SIGWINCH)."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def read_until(fd: int, pattern: bytes, seen: bytearray) -> bytes:
+    """Read the client's terminal until `pattern` matches what arrived (bounded: 60 s)."""
+    deadline = time.monotonic() + 60
+    while not re.search(pattern, seen):
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {pattern!r} in {bytes(seen)[-500:]!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: the process on the other side of the pty is gone
+                chunk = b""
+            assert chunk, f"terminal closed before {pattern!r}: {bytes(seen)[-500:]!r}"
+            seen += chunk
+    return bytes(seen)
 
 
 def keypair(key: Path) -> Path:

@@ -27,6 +27,12 @@ def add_developer(
     return login
 
 
+def context(login: Login, name: str, dockerfile: str) -> str:
+    """A build context directory `name` in the user's home holding `dockerfile`."""
+    login.sh(f"mkdir -p {name} && cat > {name}/Dockerfile", input=dockerfile.encode())
+    return name
+
+
 @pytest.fixture(scope="module")
 def dev(
     hostd: Hostd,

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import pty
 import pwd
 import re
-import select
 import shutil
 import signal
 import socket
-import struct
 import subprocess
-import termios
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.hostd_harness import Hostd, Login, UnixUsers, authorize, free_port, keypair, login_as
+from tests.hostd_harness import (
+    Hostd,
+    Login,
+    UnixUsers,
+    authorize,
+    free_port,
+    keypair,
+    login_as,
+    read_until,
+    set_winsize,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,45 +63,24 @@ def test_host_key_is_kept_across_restarts(hostd: Hostd) -> None:
     assert fingerprint() == before
 
 
-def _winsize(fd: int, rows: int, cols: int) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-def _read_until(fd: int, pattern: bytes, seen: bytearray) -> bytes:
-    """Read the client's terminal until `pattern` matches what arrived (bounded: 60 s)."""
-    deadline = time.monotonic() + 60
-    while not re.search(pattern, seen):
-        left = deadline - time.monotonic()
-        assert left > 0, f"no {pattern!r} in {bytes(seen)[-500:]!r}"
-        if select.select([fd], [], [], left)[0]:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-    return bytes(seen)
-
-
 def test_interactive_shell_on_a_pty(login: Login) -> None:
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - becomes ssh
         os.execvp("ssh", login.ssh_args("-tt"))
     seen = bytearray()
     try:
-        _winsize(fd, 30, 100)
+        set_winsize(fd, 30, 100)
         os.write(fd, b"tty; echo MARK-$((6*7))\n")
-        _read_until(fd, rb"/dev/pts/\d+\s+MARK-42", seen)
+        read_until(fd, rb"/dev/pts/\d+\s+MARK-42", seen)
         os.write(fd, b"sudo -n true && echo SUDO-$((1+1))\n")
-        _read_until(fd, rb"SUDO-2", seen)
+        read_until(fd, rb"SUDO-2", seen)
         os.write(fd, b"stty size; echo SIZE-DONE\n")
-        _read_until(fd, rb"30 100\s+SIZE-DONE", seen)
-        _winsize(fd, 50, 132)
+        read_until(fd, rb"30 100\s+SIZE-DONE", seen)
+        set_winsize(fd, 50, 132)
         os.kill(pid, signal.SIGWINCH)
         wait = b'for i in $(seq 100); do [ "$(stty size)" = "50 132" ] && break; sleep 0.1; done'
         os.write(fd, wait + b"; stty size; echo RESIZED-DONE\n")
-        _read_until(fd, rb"50 132\s+RESIZED-DONE", seen)
+        read_until(fd, rb"50 132\s+RESIZED-DONE", seen)
         os.write(fd, b"exit 3\n")
         _, status = os.waitpid(pid, 0)
         pid = 0

@@ -43,4 +43,8 @@ rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/*.log
 # (ldconfig, the journal catalog), and mark /etc and /var as up to date with /usr.
 ldconfig
 journalctl --update-catalog
-/usr/lib/systemd/systemd-update-done
+if [ -x /usr/lib/systemd/systemd-update-done ]; then
+    /usr/lib/systemd/systemd-update-done
+else  # systemd 252 (debian12) has no systemd-update-done: stamp as it would
+    touch -r /usr /etc/.updated /var/.updated
+fi

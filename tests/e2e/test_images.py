@@ -1,0 +1,118 @@
+"""What a developer does with images and containers after the first build, over SSH on a tenant
+with its capped volume: save and load, copy files in and out, an interactive `docker exec -it`,
+a published port, and a prune that gives the space back."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import pwd
+import signal
+import time
+from pathlib import Path
+
+from tests.e2e.conftest import context
+from tests.hostd_harness import Hostd, Login, read_until, set_winsize
+
+
+def test_save_load_round_trip(dev: Login) -> None:
+    ctx = context(dev, "ctx-save", "FROM busybox:local\nRUN echo saved > /saved\n")
+    dev.sh(f"docker build -q -t saved:1 {ctx}")
+    dev.sh("docker save saved:1 | gzip > saved.tar.gz && docker rmi saved:1")
+    gone = dev.ssh("docker image inspect saved:1")
+    assert gone.returncode != 0, "docker rmi left the image behind"
+    loaded = dev.sh("gunzip -c saved.tar.gz | docker load")
+    assert "saved:1" in loaded, loaded
+    assert dev.sh("docker run --rm saved:1 cat /saved") == "saved\n"
+
+
+def test_cp_both_ways(dev: Login) -> None:
+    """`docker cp` into a running inner container and back out into the home, which is the
+    user's host home: the copy lands there as theirs."""
+    dev.sh("docker run -d --name cpbox busybox:local sleep 600")
+    try:
+        dev.sh("mkdir -p cp-in && echo to-container > cp-in/note && docker cp cp-in cpbox:/tmp/")
+        assert dev.sh("docker exec cpbox cat /tmp/cp-in/note") == "to-container\n"
+        dev.sh("docker exec cpbox sh -c 'echo from-container > /tmp/out'")
+        dev.sh("docker cp cpbox:/tmp/out cp-out")
+        pw = pwd.getpwnam(dev.user)
+        copied = Path(pw.pw_dir) / "cp-out"
+        assert copied.read_text() == "from-container\n"
+        assert (copied.stat().st_uid, copied.stat().st_gid) == (pw.pw_uid, pw.pw_gid)
+    finally:
+        dev.ssh("docker rm -f cpbox")
+
+
+def test_exec_it_on_a_pty(dev: Login) -> None:
+    """`ssh -tt ... docker exec -it`: the inner shell has a terminal of the client's size that
+    follows a resize, Ctrl-C reaches the inner process, and the exit status comes back."""
+    dev.sh("docker run -d --name itbox busybox:local sleep 600")
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - becomes ssh
+        os.execvp("ssh", [*dev.ssh_args("-tt"), "docker exec -it itbox sh"])
+    seen = bytearray()
+    try:
+        set_winsize(fd, 30, 100)
+        os.write(fd, b"tty; stty size; echo MARK-$((6*7))\n")
+        read_until(fd, rb"/dev/pts/\d+\s+30 100\s+MARK-42", seen)
+        set_winsize(fd, 50, 132)
+        os.kill(pid, signal.SIGWINCH)
+        wait = b'for i in $(seq 100); do [ "$(stty size)" = "50 132" ] && break; sleep 0.1; done'
+        os.write(fd, wait + b"; stty size; echo RESIZED-DONE\n")
+        read_until(fd, rb"50 132\s+RESIZED-DONE", seen)
+        # The trap is set before READY is printed, so the ^C sent after READY is the trap's.
+        os.write(fd, b"sh -c 'trap \"echo GOT-$((2*3))-INT; exit 0\" INT; echo READY-$((1+1));"
+                     b" while :; do sleep 0.1; done'\n")  # fmt: skip
+        read_until(fd, rb"READY-2", seen)
+        os.write(fd, b"\x03")
+        read_until(fd, rb"GOT-6-INT", seen)
+        os.write(fd, b"exit 5\n")
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status) == 5, bytes(seen)[-500:]
+    finally:
+        os.close(fd)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        dev.ssh("docker rm -f itbox")
+
+
+def test_run_publish_port(dev: Login) -> None:
+    """`docker run -p`: busybox httpd in an inner container answers on the tenant's loopback."""
+    serve = "mkdir /www && echo hello-from-web > /www/index.html && exec httpd -f -p 80 -h /www"
+    dev.sh(f"docker run -d --name web -p 8080:80 busybox:local sh -c '{serve}'")
+    try:
+        # Wait (30 s at most) for the server to answer through the published port.
+        fetch = "curl -fsS http://127.0.0.1:8080/ && exit 0"
+        assert dev.sh(f"for i in $(seq 300); do {fetch}; sleep 0.1; done; exit 1") == (
+            "hello-from-web\n"
+        )
+    finally:
+        dev.ssh("docker rm -f web")
+
+
+def disk_used(hostd: Hostd, user: str) -> int:
+    """Bytes used on the tenant's volume, as the admin sees them."""
+    (row,) = json.loads(hostd.hostctl("--json", "status", user).stdout)
+    return int(row["disk"])
+
+
+def test_system_prune_frees_space(dev: Login, hostd: Hostd, busybox_tar: Path) -> None:
+    """`docker system prune -af` empties the image store and build cache and the volume gets
+    the space back. Runs last here: it takes busybox:local too (restored afterwards)."""
+    big = 64_000_000
+    ctx = context(dev, "ctx-big", f"FROM busybox:local\nRUN head -c {big} /dev/urandom > /big\n")
+    dev.sh(f"docker build -q -t big:1 {ctx} && docker run --name stopped big:1 true")
+    before = disk_used(hostd, dev.user)
+    try:
+        dev.sh("docker system prune -af")
+        left = dev.sh("docker system df --format '{{.Type}}={{.TotalCount}}'").splitlines()
+        assert {"Images=0", "Containers=0", "Build Cache=0"} <= set(left), left
+        deadline = time.monotonic() + 60  # ext4 counts freed blocks at its journal commit
+        while (after := disk_used(hostd, dev.user)) > before - big:
+            assert time.monotonic() < deadline, f"volume used {before} before prune, {after} after"
+            time.sleep(0.5)
+    finally:
+        dev.sh("docker import - busybox:local >/dev/null", input=busybox_tar.read_bytes())

@@ -30,12 +30,12 @@ def test_save_load_round_trip(dev: Login) -> None:
 def test_cp_both_ways(dev: Login) -> None:
     """`docker cp` into a running inner container and back out into the home, which is the
     user's host home: the copy lands there as theirs."""
-    dev.sh("docker run -d --name cpbox busybox:local sleep 600")
+    dev.sh("docker run -d --name cpbox busybox:local sleep 600 && docker exec cpbox mkdir /data")
     try:
-        dev.sh("mkdir -p cp-in && echo to-container > cp-in/note && docker cp cp-in cpbox:/tmp/")
-        assert dev.sh("docker exec cpbox cat /tmp/cp-in/note") == "to-container\n"
-        dev.sh("docker exec cpbox sh -c 'echo from-container > /tmp/out'")
-        dev.sh("docker cp cpbox:/tmp/out cp-out")
+        dev.sh("mkdir -p cp-in && echo to-container > cp-in/note && docker cp cp-in cpbox:/data/")
+        assert dev.sh("docker exec cpbox cat /data/cp-in/note") == "to-container\n"
+        dev.sh("docker exec cpbox sh -c 'echo from-container > /data/out'")
+        dev.sh("docker cp cpbox:/data/out cp-out")
         pw = pwd.getpwnam(dev.user)
         copied = Path(pw.pw_dir) / "cp-out"
         assert copied.read_text() == "from-container\n"

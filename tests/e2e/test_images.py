@@ -13,7 +13,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.e2e.conftest import context
+from tests.e2e.conftest import context, wait_inside
 from tests.hostd_harness import Hostd, Login, read_until, set_winsize
 
 
@@ -103,11 +103,9 @@ def test_run_publish_port(dev: Login) -> None:
     serve = "mkdir /www && echo hello-from-web > /www/index.html && exec httpd -f -p 80 -h /www"
     dev.sh(f"docker run -d --name web -p 8080:80 busybox:local sh -c '{serve}'")
     try:
-        # Wait (30 s at most) for the server to answer through the published port.
-        fetch = "curl -fsS http://127.0.0.1:8080/ && exit 0"
-        assert dev.sh(f"for i in $(seq 300); do {fetch}; sleep 0.1; done; exit 1") == (
-            "hello-from-web\n"
-        )
+        fetch = "curl -fsS http://127.0.0.1:8080/"
+        wait_inside(dev, fetch, "answer on the published port", diagnose="docker logs web")
+        assert dev.sh(fetch) == "hello-from-web\n"
     finally:
         dev.ssh("docker rm -f web")
 

@@ -22,8 +22,12 @@ def add_developer(
     with a `busybox:local` image in their Docker (there is no registry here)."""
     user = unix_users.make()
     hostd.hostctl("user", "add", user, *QUOTAS, *options)
-    login = login_as(user, hostd.ssh_port, directory)
-    login.sh("docker import - busybox:local >/dev/null", input=busybox_tar.read_bytes())
+    try:
+        login = login_as(user, hostd.ssh_port, directory)
+        login.sh("docker import - busybox:local >/dev/null", input=busybox_tar.read_bytes())
+    except BaseException:
+        hostd.hostctl("user", "remove", user, check=False)
+        raise
     return login
 
 

@@ -31,9 +31,9 @@ _starts = itertools.count(1_000_000, 65536)
 
 
 ROOT_DIRS = ("tests/integration", "tests/security", "tests/e2e")
-# What `docker info` calls the default image's inner storage: native overlay mounts through the
-# containerd image store (never vfs, which copies every layer).
-INNER_DRIVER = "overlayfs"
+# The default image's inner storage driver: native overlay mounts on the tenant's volume (never
+# vfs, which copies every layer).
+INNER_DRIVER = "overlay2"
 
 # Timings never decide a test: a loaded machine must not fail a property test.
 settings.register_profile("hostd", deadline=None)

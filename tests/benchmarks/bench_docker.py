@@ -44,7 +44,8 @@ from typing import Protocol
 
 from hostd import config as config_mod
 from runtime import fsutil, lxcfs, network
-from runtime.containers import Runtime, Settings
+from runtime.containers import Runtime
+from tests.benchmarks.images import state_with_default_image
 from tests.e2e.conftest import add_developer
 from tests.hostd_harness import Hostd, Login, UnixUsers, free_port, make_busybox_tar
 
@@ -468,13 +469,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on kill as on Ctrl-C
     work = Path(tempfile.mkdtemp(prefix="hostd-bench-docker-", dir="/var/tmp"))
     work.chmod(0o755)  # the user runs the host's docker CLI from here
-    state = args.state_dir or Path(tempfile.mkdtemp(prefix="hostd-bench-", dir="/var/tmp"))
     load0 = os.getloadavg()[0]
     try:
-        if not (state / "images" / "default").exists():
-            print("building the default image ...", file=sys.stderr, flush=True)
-            Runtime(Settings(state)).images.build("default")
         with contextlib.ExitStack() as stack:
+            state = stack.enter_context(state_with_default_image(args.state_dir))
             users = UnixUsers()
             stack.callback(users.remove_all)
             (work / "busybox").mkdir()
@@ -493,9 +491,6 @@ def main() -> None:
         report(results, info, args.runs, (load0, os.getloadavg()[0]), args.markdown)
     finally:
         fsutil.remove_tree(work)
-        if args.state_dir is None:
-            Runtime(Settings(state)).images.prune([])
-            fsutil.remove_tree(state)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from hostd import config as config_mod
 from runtime import fsutil, lxcfs, network
-from runtime.containers import Runtime, Settings
+from runtime.containers import Runtime
+from tests.benchmarks.images import state_with_default_image
 from tests.hostd_harness import (
     Hostd,
     UnixUsers,
@@ -227,18 +228,11 @@ def main() -> None:
     )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hostd-bench-ssh-"))
-    state = args.state_dir or Path(tempfile.mkdtemp(prefix="hostd-bench-", dir="/var/tmp"))
     try:
-        if not (state / "images" / "default").exists():
-            print("building the default image ...", flush=True)
-            Runtime(Settings(state)).images.build("default")
-        with Bench(work, state) as b:
+        with state_with_default_image(args.state_dir) as state, Bench(work, state) as b:
             measure(b, args.runs, work)
     finally:
         fsutil.remove_tree(work)
-        if args.state_dir is None:
-            Runtime(Settings(state)).images.prune([])
-            fsutil.remove_tree(state)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,10 @@ ssh_in() {
 }
 echo "--- ssh -p 2222 $user@localhost: docker run inside their container"
 ssh_in "docker run --rm busybox:local sh -c 'echo hello from container \$(uname -n), uid \$(id -u) inside it'"
-ssh_in 'echo "logged in as $(id -un) on $(hostname), groups: $(id -nG)"; docker info --format "inner Docker storage driver: {{.Driver}}"'
+ssh_in 'echo "logged in as $(id -un) on $(hostname), groups: $(id -nG)"
+  docker version --format "Docker {{.Server.Version}}, storage driver $(docker info --format {{.Driver}})"
+  echo "compose $(docker compose version --short), $(docker buildx version | cut -d" " -f1-2)"
+  printf "FROM busybox:local\nRUN echo built by BuildKit > /msg\n" | docker build -q -t hello:built - >/dev/null
+  docker run --rm hello:built cat /msg'
 hostctl status "$user"
 echo "log in yourself: ssh -p 2222 $user@<this host>   (or: sudo hostctl exec -t $user --user $user -- bash -l)"

@@ -29,7 +29,15 @@ import pytest
 from hostd.api import Channel
 from hostd.client import request
 from hostd.errors import HostdError
-from tests.hostd_harness import Hostd, Login, UnixUsers, authorize, connect_as, keypair
+from tests.hostd_harness import (
+    Hostd,
+    Login,
+    UnixUsers,
+    authorize,
+    connect_as,
+    keypair,
+    login_as,
+)
 
 PER_SOURCE = 8  # the shipped max_unauthenticated_per_source
 MAX_FAILURES = 4
@@ -56,12 +64,10 @@ def gateway(hostd: Hostd) -> Iterator[Hostd]:
             PAM_SERVICE.unlink(missing_ok=True)
 
 
-def _tenant(hostd: Hostd, users: UnixUsers, keys: Path) -> Login:
+def _tenant(hostd: Hostd, users: UnixUsers, directory: Path) -> Login:
     user = users.make()
     hostd.hostctl("user", "add", user)
-    key = keypair(keys / user)
-    authorize(user, key.with_suffix(".pub").read_text())
-    return Login(user, key, hostd.ssh_port, keys)
+    return login_as(user, hostd.ssh_port, directory)
 
 
 @pytest.fixture(scope="module")

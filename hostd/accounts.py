@@ -29,6 +29,8 @@ NOLOGIN_DEFAULT = "This account is currently not available."
 NOLOGIN_SHELLS = ("nologin", "false")  # by file name, wherever they live
 KEYS_TIMEOUT = 2.0  # seconds for reading authorized_keys, the child's start included
 USER_PYTHON = "/usr/bin/python3"  # the key reader runs as the user: not hostd's own interpreter
+
+
 # For names that are refused anyway, the key reader does the same work as nobody on a home that
 # does not exist, so the time an answer takes does not tell who exists.
 def decoy() -> pwd.struct_passwd:
@@ -71,11 +73,17 @@ def shell_refusal(pw: pwd.struct_passwd) -> str | None:
 
 
 class _Spwd(ctypes.Structure):
-    _fields_ = [("sp_namp", ctypes.c_char_p), ("sp_pwdp", ctypes.c_char_p),
-                ("sp_lstchg", ctypes.c_long), ("sp_min", ctypes.c_long),
-                ("sp_max", ctypes.c_long), ("sp_warn", ctypes.c_long),
-                ("sp_inact", ctypes.c_long), ("sp_expire", ctypes.c_long),
-                ("sp_flag", ctypes.c_ulong)]  # fmt: skip
+    _fields_ = [
+        ("sp_namp", ctypes.c_char_p),
+        ("sp_pwdp", ctypes.c_char_p),
+        ("sp_lstchg", ctypes.c_long),
+        ("sp_min", ctypes.c_long),
+        ("sp_max", ctypes.c_long),
+        ("sp_warn", ctypes.c_long),
+        ("sp_inact", ctypes.c_long),
+        ("sp_expire", ctypes.c_long),
+        ("sp_flag", ctypes.c_ulong),
+    ]
 
 
 @functools.cache
@@ -91,8 +99,9 @@ def _shadow_password(user: str) -> bytes | None:
     size = 16384
     while size <= 1 << 20:
         entry, found, buf = _Spwd(), ctypes.POINTER(_Spwd)(), ctypes.create_string_buffer(size)
-        err = _libc().getspnam_r(user.encode(), ctypes.byref(entry), buf, ctypes.c_size_t(size),
-                                 ctypes.byref(found))  # fmt: skip
+        err = _libc().getspnam_r(
+            user.encode(), ctypes.byref(entry), buf, ctypes.c_size_t(size), ctypes.byref(found)
+        )
         if err != 34:  # ERANGE: a larger buffer
             return bytes(found.contents.sp_pwdp or b"") if found else None
         size *= 4
@@ -126,8 +135,13 @@ class _Response(ctypes.Structure):
     _fields_ = [("resp", ctypes.c_char_p), ("resp_retcode", ctypes.c_int)]
 
 
-_CONV = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.POINTER(_Message)),
-                         ctypes.POINTER(ctypes.POINTER(_Response)), ctypes.c_void_p)  # fmt: skip
+_CONV = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.POINTER(ctypes.POINTER(_Message)),
+    ctypes.POINTER(ctypes.POINTER(_Response)),
+    ctypes.c_void_p,
+)
 
 
 class _Conv(ctypes.Structure):
@@ -139,8 +153,12 @@ def _libpam() -> Any:
     """libpam, bound by hand: python-pam offers pam_acct_mgmt only after pam_authenticate,
     and key logins have no password to authenticate."""
     pam = ctypes.CDLL("libpam.so.0")
-    pam.pam_start.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_Conv),
-                              ctypes.POINTER(ctypes.c_void_p)]  # fmt: skip
+    pam.pam_start.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.POINTER(_Conv),
+        ctypes.POINTER(ctypes.c_void_p),
+    ]
     pam.pam_set_item.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]
     pam.pam_acct_mgmt.argtypes = [ctypes.c_void_p, ctypes.c_int]
     pam.pam_end.argtypes = [ctypes.c_void_p, ctypes.c_int]
@@ -174,8 +192,9 @@ def _pam_account(user: str, rhost: str) -> str | None:
     pam, said = _libpam(), list[str]()
     conv = _conversation(said)
     handle = ctypes.c_void_p()
-    ret = pam.pam_start(PAM_SERVICE.encode(), user.encode(), ctypes.byref(_Conv(conv, None)),
-                        ctypes.byref(handle))  # fmt: skip
+    ret = pam.pam_start(
+        PAM_SERVICE.encode(), user.encode(), ctypes.byref(_Conv(conv, None)), ctypes.byref(handle)
+    )
     if ret != PAM_SUCCESS:
         return f"PAM could not start for {user} (error {ret}): check /etc/pam.d/{PAM_SERVICE}"
     try:
@@ -207,9 +226,15 @@ def authorized_keys(pw: pwd.struct_passwd, timeout: float = KEYS_TIMEOUT) -> str
     Takes at most about `timeout` seconds."""
     groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
     try:
-        res = proc.run([USER_PYTHON, "-I", "-S", "-", pw.pw_dir], input=_script(), env={},
-                       timeout=timeout, max_output=authkeys.MAX_SIZE + 4096,
-                       as_user=(pw.pw_uid, pw.pw_gid, groups), check=False)  # fmt: skip
+        res = proc.run(
+            [USER_PYTHON, "-I", "-S", "-", pw.pw_dir],
+            input=_script(),
+            env={},
+            timeout=timeout,
+            max_output=authkeys.MAX_SIZE + 4096,
+            as_user=(pw.pw_uid, pw.pw_gid, groups),
+            check=False,
+        )
     except (RuntimeFailure, OSError) as exc:  # no reader to run, too slow, too much
         log.warning("ignoring %s's authorized_keys: %s", pw.pw_name, exc)
         return None

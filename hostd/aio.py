@@ -14,8 +14,9 @@ async def ready(fd: int, write: bool = False) -> None:
         if not done.done():
             done.set_result(None)
 
-    add, remove = (loop.add_writer, loop.remove_writer) if write else \
-        (loop.add_reader, loop.remove_reader)  # fmt: skip
+    add, remove = (
+        (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    )
     add(fd, wake)
     try:
         await done

@@ -71,8 +71,10 @@ def check_fds(op: str, fds: Sequence[int]) -> None:
     """Refuse file descriptors the operation does not take (the caller closes them)."""
     allowed = FDS_PER_OP.get(op, 0)
     if len(fds) > allowed:
-        raise HostdError(f"{op} takes at most {allowed} file descriptors, got {len(fds)}",
-                         "send only the ones hostctl sends")  # fmt: skip
+        raise HostdError(
+            f"{op} takes at most {allowed} file descriptors, got {len(fds)}",
+            "send only the ones hostctl sends",
+        )
 
 
 class Channel:

@@ -56,8 +56,10 @@ async def read_request(sock: socket.socket, max_size: int) -> Request | None:
                 continue
             fds += got
             if truncated:
-                raise Refused(f"more than {MAX_FDS} file descriptors sent with a request: "
-                              "send stdin, stdout and stderr at most")  # fmt: skip
+                raise Refused(
+                    f"more than {MAX_FDS} file descriptors sent with a request: "
+                    "send stdin, stdout and stderr at most"
+                )
             if not data:
                 close_fds(fds)
                 return None
@@ -66,8 +68,10 @@ async def read_request(sock: socket.socket, max_size: int) -> Request | None:
             if end >= 0:
                 return Request(bytes(buf[:end]), bytes(buf[end + 1 :]), fds)
             if len(buf) > max_size:
-                raise Refused(f"request longer than {max_size // 1024} KiB ([api] max_request)"
-                              ": send a smaller request")  # fmt: skip
+                raise Refused(
+                    f"request longer than {max_size // 1024} KiB ([api] max_request)"
+                    ": send a smaller request"
+                )
     except BaseException:
         close_fds(fds)
         raise
@@ -76,8 +80,9 @@ async def read_request(sock: socket.socket, max_size: int) -> Request | None:
 def _recv(sock: socket.socket, size: int, max_fds: int) -> tuple[bytes, list[int], bool]:
     """Data, fds (close-on-exec) and whether more fds came than `max_fds` (the kernel dropped
     the rest). CMSG_LEN, not CMSG_SPACE: the padding of CMSG_SPACE would admit one fd more."""
-    data, ancillary, flags, _ = sock.recvmsg(size, socket.CMSG_LEN(max_fds * _INT),
-                                             socket.MSG_CMSG_CLOEXEC)  # fmt: skip
+    data, ancillary, flags, _ = sock.recvmsg(
+        size, socket.CMSG_LEN(max_fds * _INT), socket.MSG_CMSG_CLOEXEC
+    )
     fds = array.array("i")
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -120,8 +125,9 @@ class Workers:
             if spawn:
                 self._threads += 1
         if spawn:
-            threading.Thread(target=self._work, name=f"{self.name}-{self._threads}",
-                             daemon=True).start()  # fmt: skip
+            threading.Thread(
+                target=self._work, name=f"{self.name}-{self._threads}", daemon=True
+            ).start()
         self._jobs.put(job)
         return True
 

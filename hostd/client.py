@@ -21,8 +21,10 @@ ADMIN_FIXES = (
     "start it: `systemctl start hostd`",
     "run as root or as a member of group hostd-admin",
 )
-USER_FIXES = ("ask an admin to start it (`systemctl start hostd`)",
-              "ask an admin to check hostd's user socket")  # fmt: skip
+USER_FIXES = (
+    "ask an admin to start it (`systemctl start hostd`)",
+    "ask an admin to check hostd's user socket",
+)
 
 
 def connect(path: Path, fixes: tuple[str, str] = ADMIN_FIXES) -> Channel:

@@ -234,8 +234,9 @@ def _hostd_name(longest: int) -> Callable[[Any], str]:
     """Kernel objects we create carry the project's prefix, so they are recognisably ours."""
 
     def check(value: Any) -> str:
-        if not isinstance(value, str) or not re.fullmatch(rf"hostd[A-Za-z0-9_]{{0,{longest - 5}}}",
-                                                          value):  # fmt: skip
+        if not isinstance(value, str) or not re.fullmatch(
+            rf"hostd[A-Za-z0-9_]{{0,{longest - 5}}}", value
+        ):
             raise ValueError(f'use "hostd" followed by up to {longest - 5} letters or digits')
         return value
 

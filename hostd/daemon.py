@@ -84,8 +84,9 @@ class Daemon:
             log.info("upgrade: %s", line)
         # one cap and one account check (locked, expired, nologin) for both doors
         self.sessions = Sessions(self.tenants, cfg.sessions, refusal=accounts.account_refusal)
-        self.service = Service(self.tenants, cfg.users.admin_group, self.sessions,
-                               self._refresh_tenants)  # fmt: skip
+        self.service = Service(
+            self.tenants, cfg.users.admin_group, self.sessions, self._refresh_tenants
+        )
         self._tenant_uids: frozenset[int] = frozenset()
         self._refresh_tenants()
         api = cfg.api
@@ -119,8 +120,9 @@ class Daemon:
         admin, user = await asyncio.to_thread(self._listen)
         gateway = None
         if self.cfg.gateway.enabled:
-            gateway = Gateway(self.tenants, self.cfg.gateway, self.cfg.paths.state_dir / "ssh",
-                              self.sessions)  # fmt: skip
+            gateway = Gateway(
+                self.tenants, self.cfg.gateway, self.cfg.paths.state_dir / "ssh", self.sessions
+            )
             await gateway.start()
         tasks = [
             asyncio.create_task(self._accept(admin, self._admin)),
@@ -131,8 +133,11 @@ class Daemon:
             tasks.append(asyncio.create_task(self._watchdog(interval)))
         notify("STATUS=reconciling")
         notify("READY=1")
-        log.info("hostd ready: admin socket %s, user socket %s; reconciling",
-                 paths.admin_socket, paths.user_socket)  # fmt: skip
+        log.info(
+            "hostd ready: admin socket %s, user socket %s; reconciling",
+            paths.admin_socket,
+            paths.user_socket,
+        )
         # A thread of its own: a tenant slow to start delays no request but its own (per-user
         # locks), and a daemon thread does not hold up hostd's exit.
         threading.Thread(target=self._reconcile, name="reconcile", daemon=True).start()
@@ -150,8 +155,10 @@ class Daemon:
 
     def _listen(self) -> tuple[socket.socket, socket.socket]:
         paths = self.cfg.paths
-        return (listen(paths.admin_socket, 0o660, self.cfg.users.admin_group),
-                listen(paths.user_socket, 0o666, None))  # fmt: skip
+        return (
+            listen(paths.admin_socket, 0o660, self.cfg.users.admin_group),
+            listen(paths.user_socket, 0o666, None),
+        )
 
     def _reconcile(self) -> None:
         try:
@@ -193,8 +200,11 @@ class Daemon:
             conn.close()
             return
         if not door.admin and peer.uid != 0 and peer.uid not in self._tenant_uids:
-            refuse(conn, f"uid {peer.uid} is not a tenant: ask an admin to make you one"
-                         " (hostctl user add YOUR-NAME)")  # fmt: skip
+            refuse(
+                conn,
+                f"uid {peer.uid} is not a tenant: ask an admin to make you one"
+                " (hostctl user add YOUR-NAME)",
+            )
             return
         refusal = door.refusal(peer.uid)
         if refusal is not None:
@@ -211,12 +221,15 @@ class Daemon:
         api = self.cfg.api
         refusal: str | None = None
         try:
-            request = await asyncio.wait_for(read_request(conn, api.max_request),
-                                             api.request_timeout)  # fmt: skip
+            request = await asyncio.wait_for(
+                read_request(conn, api.max_request), api.request_timeout
+            )
         except TimeoutError:
             request = None
-            refusal = (f"no request within {api.request_timeout:g} s of connecting"
-                       " ([api] request_timeout): send it at once")  # fmt: skip
+            refusal = (
+                f"no request within {api.request_timeout:g} s of connecting"
+                " ([api] request_timeout): send it at once"
+            )
         except Refused as exc:
             request, refusal = None, str(exc)
         except OSError:  # the client reset the connection
@@ -241,10 +254,12 @@ class Daemon:
         client that stops reading makes a send fail after [api] request_timeout."""
         try:
             conn.setblocking(True)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                            _timeval(self.cfg.api.request_timeout))  # fmt: skip
-            self.service.handle(Channel(conn, request.rest), peer, door.admin, request.line,
-                                request.fds)  # fmt: skip
+            conn.setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.cfg.api.request_timeout)
+            )
+            self.service.handle(
+                Channel(conn, request.rest), peer, door.admin, request.line, request.fds
+            )
         finally:
             conn.close()
             assert self._loop is not None

@@ -39,8 +39,12 @@ def _userns(_: Config) -> tuple[bool, str]:
     if not path.exists():
         return False, "no user namespaces: use a kernel with CONFIG_USER_NS=y"
     n = int(path.read_text())
-    return (n > 0, f"max_user_namespaces = {n}" if n > 0
-            else "disabled: sysctl -w user.max_user_namespaces=15000")  # fmt: skip
+    return (
+        n > 0,
+        f"max_user_namespaces = {n}"
+        if n > 0
+        else "disabled: sysctl -w user.max_user_namespaces=15000",
+    )
 
 
 def _state_dir(cfg: Config) -> tuple[bool, str]:
@@ -62,8 +66,10 @@ def _idmap(cfg: Config) -> tuple[bool, str]:
             owner = os.stat(dst).st_uid
             syscalls.umount(str(dst))
         except OSError as exc:
-            return False, (f"refused on {base} ({exc.strerror}): containers will use a "
-                           "shifted copy (rootfs_mode = \"copy\")")  # fmt: skip
+            return False, (
+                f"refused on {base} ({exc.strerror}): containers will use a "
+                'shifted copy (rootfs_mode = "copy")'
+            )
     return owner == ids.start, f"supported on {base}"
 
 
@@ -92,8 +98,10 @@ def _runc(cfg: Config) -> tuple[bool, str]:
 def _subids(cfg: Config) -> tuple[bool, str]:
     files = SubIdFiles(cfg.paths.subuid, cfg.paths.subgid)
     uids, gids = files.read()
-    return True, (f"{cfg.paths.subuid}: {len(uids)} ranges, {cfg.paths.subgid}: {len(gids)}; "
-                  f"hostd allocates in {cfg.subids.min}-{cfg.subids.max}")  # fmt: skip
+    return True, (
+        f"{cfg.paths.subuid}: {len(uids)} ranges, {cfg.paths.subgid}: {len(gids)}; "
+        f"hostd allocates in {cfg.subids.min}-{cfg.subids.max}"
+    )
 
 
 def _owner(cfg: Config) -> tuple[bool, str]:
@@ -104,19 +112,25 @@ def _owner(cfg: Config) -> tuple[bool, str]:
         return True, f"{name} does not exist yet: hostd creates it (a locked system account)"
     problem = owner_problem(pw, cfg.users.min_uid)
     if problem is not None:
-        return False, (f"{name} {problem}: lock it (`usermod -L -s /usr/sbin/nologin {name}`), "
-                       "else it can map every tenant's IDs")  # fmt: skip
+        return False, (
+            f"{name} {problem}: lock it (`usermod -L -s /usr/sbin/nologin {name}`), "
+            "else it can map every tenant's IDs"
+        )
     uids, gids = SubIdFiles(cfg.paths.subuid, cfg.paths.subgid).read()
     for entries in (uids, gids):
         mine = [e for e in entries if e.owner == name]
         for other in entries:
             clash = next((m for m in mine if other.owner != name and other.overlaps(m)), None)
             if clash is not None:
-                return False, (f"{other.owner}'s range {other.start}-{other.end} overlaps "
-                               f"tenants' IDs {clash.start}-{clash.end}: {other.owner} can map "
-                               "them with newuidmap; remove that entry")  # fmt: skip
-    return True, (f"{name} (locked, no login) owns {sum(e.owner == name for e in uids)} ranges: "
-                  "tenants cannot newuidmap into their container's IDs")  # fmt: skip
+                return False, (
+                    f"{other.owner}'s range {other.start}-{other.end} overlaps "
+                    f"tenants' IDs {clash.start}-{clash.end}: {other.owner} can map "
+                    "them with newuidmap; remove that entry"
+                )
+    return True, (
+        f"{name} (locked, no login) owns {sum(e.owner == name for e in uids)} ranges: "
+        "tenants cannot newuidmap into their container's IDs"
+    )
 
 
 def _nft(_: Config) -> tuple[bool, str]:
@@ -130,8 +144,10 @@ def _dns(cfg: Config) -> tuple[bool, str]:
     network = cfg.runtime_settings().network
     assert network is not None  # hostd always configures one
     if not network.dns:
-        return False, ("the host has no nameserver a tenant can reach (loopback only): set "
-                       '[network] dns = ["<resolver address>"]')  # fmt: skip
+        return False, (
+            "the host has no nameserver a tenant can reach (loopback only): set "
+            '[network] dns = ["<resolver address>"]'
+        )
     origin = "configured" if cfg.network.dns else "the host's"
     return True, f"tenants use {', '.join(network.dns)} ({origin})"
 
@@ -140,8 +156,11 @@ def _disk(_: Config) -> tuple[bool, str]:
     missing = [p for p in ("mkfs.ext4", "resize2fs", "losetup") if shutil.which(p) is None]
     if missing:
         return False, f"{', '.join(missing)} missing: apt-get install e2fsprogs util-linux"
-    growth = ("raised live" if volume.can_grow_live()
-              else "raised at next start (no CAP_SYS_RESOURCE for online resize)")  # fmt: skip
+    growth = (
+        "raised live"
+        if volume.can_grow_live()
+        else "raised at next start (no CAP_SYS_RESOURCE for online resize)"
+    )
     return True, f"per-tenant ext4 image on a loop device; quotas are {growth}"
 
 
@@ -182,14 +201,24 @@ def _home_quota(cfg: Config) -> tuple[bool, str]:
 
 
 CHECKS: tuple[tuple[str, Callable[[Config], tuple[bool, str]]], ...] = (
-    ("kernel", _kernel), ("user namespaces", _userns), ("state dir", _state_dir),
+    ("kernel", _kernel),
+    ("user namespaces", _userns),
+    ("state dir", _state_dir),
     ("ID-mapped mounts", _idmap),
-    ("overlay", _overlay), ("cgroups", _cgroups), ("runc", _runc), ("subuid files", _subids),
+    ("overlay", _overlay),
+    ("cgroups", _cgroups),
+    ("runc", _runc),
+    ("subuid files", _subids),
     ("ID range owner", _owner),
-    ("nftables", _nft), ("tenant DNS", _dns), ("disk quota", _disk), ("lxcfs", _lxcfs),
-    ("seccomp", _seccomp), ("apparmor", _apparmor),
-    ("inotify", _inotify), ("home quotas", _home_quota),
-)  # fmt: skip
+    ("nftables", _nft),
+    ("tenant DNS", _dns),
+    ("disk quota", _disk),
+    ("lxcfs", _lxcfs),
+    ("seccomp", _seccomp),
+    ("apparmor", _apparmor),
+    ("inotify", _inotify),
+    ("home quotas", _home_quota),
+)
 
 
 def run(cfg: Config) -> list[Check]:

@@ -202,10 +202,12 @@ class _Server(asyncssh.SSHServer):
         assert self.conn is not None
         self.tries += 1
         if self.tries >= self.gw.settings.max_auth_tries or self.gw.limiter.blocked(self.source):
-            log.warning("disconnecting %s (last name tried: %s): too many attempts",
-                        self.source, self.user)  # fmt: skip
-            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
-                                 "Too many authentication failures")  # fmt: skip
+            log.warning(
+                "disconnecting %s (last name tried: %s): too many attempts", self.source, self.user
+            )
+            self.conn.disconnect(
+                asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures"
+            )
 
     async def begin_auth(self, username: str) -> bool:
         assert self.conn is not None
@@ -218,8 +220,9 @@ class _Server(asyncssh.SSHServer):
             return True
         self.admission = admission
         if admission.refusal:
-            log.warning("login refused for %s from %s: %s", username, self.source,
-                        admission.refusal)  # fmt: skip
+            log.warning(
+                "login refused for %s from %s: %s", username, self.source, admission.refusal
+            )
         elif admission.keys is not None:
             self.conn.set_authorized_keys(admission.keys)
         return True
@@ -242,8 +245,10 @@ class _Server(asyncssh.SSHServer):
         if not self.gw.limiter.blocked(self.source):
             # refused names go through PAM too, with a password that cannot match: the same
             # work, the same failure delay, and no way to learn root's password by timing
-            ok = await self.gw.check_password(username, WRONG if refused else password,
-                                              self.source) and not refused  # fmt: skip
+            ok = (
+                await self.gw.check_password(username, WRONG if refused else password, self.source)
+                and not refused
+            )
         if not ok:
             log.warning("wrong password for %s from %s", username, self.source)
             self.failures += 1
@@ -275,19 +280,22 @@ class _Server(asyncssh.SSHServer):
         """-L forwarding: connect from inside the user's container."""
         user = self.user
         if self.admission is None or self.admission.unavailable is not None:
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                                            "This account is not available")  # fmt: skip
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "This account is not available"
+            )
 
-        async def forward(reader: asyncssh.SSHReader[bytes],
-                          writer: asyncssh.SSHWriter[bytes]) -> None:  # fmt: skip
+        async def forward(
+            reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes]
+        ) -> None:
             """A forward counts as a session of the tenant (the same cap), and its blocking
             work runs in the tenant's own pool."""
             loop = asyncio.get_running_loop()
             try:
                 with self.gw.sessions.slot(user) as pool:
                     pid = await self.gw.running_pid(user)
-                    sock = await loop.run_in_executor(pool, netconnect.connect_in, pid,
-                                                      dest_host, dest_port)  # fmt: skip
+                    sock = await loop.run_in_executor(
+                        pool, netconnect.connect_in, pid, dest_host, dest_port
+                    )
                     inner_reader, inner_writer = await asyncio.open_connection(sock=sock)
                     await asyncio.gather(_pump(reader, inner_writer), _pump(inner_reader, writer))
             except RuntimeFailure as exc:
@@ -325,16 +333,18 @@ async def _pump(src: Any, dst: Any, pass_eof: bool = True) -> None:
 
 
 class Gateway:
-    def __init__(self, tenants: Tenants, settings: GatewaySettings, key_dir: Path,
-                 sessions: Sessions) -> None:  # fmt: skip
+    def __init__(
+        self, tenants: Tenants, settings: GatewaySettings, key_dir: Path, sessions: Sessions
+    ) -> None:
         self.tenants = tenants
         self.sessions = sessions
         self.runtime = tenants.runtime
         self.settings = settings
         self.key_path = key_dir / "ssh_host_ed25519_key"
         self.limiter = FailureLimiter(settings.max_failures)
-        self.preauth = PreauthSlots(settings.max_unauthenticated,
-                                    settings.max_unauthenticated_per_source)  # fmt: skip
+        self.preauth = PreauthSlots(
+            settings.max_unauthenticated, settings.max_unauthenticated_per_source
+        )
         self.auth_work = SourceQueue(AUTH_WORKERS)
         self._acceptor: asyncssh.SSHAcceptor | None = None
 
@@ -352,10 +362,15 @@ class Gateway:
     async def start(self) -> None:
         host, port = self.settings.listen
         self._acceptor = await asyncssh.create_server(
-            lambda: _Server(self), host, port, server_host_keys=[self.host_key()],
-            encoding=None, line_editor=False, keepalive_interval=30,
+            lambda: _Server(self),
+            host,
+            port,
+            server_host_keys=[self.host_key()],
+            encoding=None,
+            line_editor=False,
+            keepalive_interval=30,
             login_timeout=self.settings.login_grace,
-        )  # fmt: skip
+        )
         log.info("SSH gateway listening on %s:%s", host, port)
 
     async def close(self) -> None:
@@ -431,8 +446,9 @@ class Gateway:
             status = 255
         process.exit(status)
 
-    async def _session(self, process: asyncssh.SSHServerProcess[bytes], user: str,
-                       pool: Executor) -> int:  # fmt: skip
+    async def _session(
+        self, process: asyncssh.SSHServerProcess[bytes], user: str, pool: Executor
+    ) -> int:
         loop = asyncio.get_running_loop()
         term = process.get_terminal_type()
 
@@ -440,8 +456,9 @@ class Gateway:
             if term:
                 loop.call_soon_threadsafe(process.stderr.write, f"hostd: {message}\r\n".encode())
 
-        session = await loop.run_in_executor(pool, self.sessions.prepare, user, user, True,
-                                             progress)  # fmt: skip
+        session = await loop.run_in_executor(
+            pool, self.sessions.prepare, user, user, True, progress
+        )
         if process.subsystem == "sftp":
             argv, term = [SFTP_SERVER], None
         elif process.subsystem:
@@ -454,12 +471,12 @@ class Gateway:
         env = session.env(process.env, term)
         if term:
             cols, rows = process.get_terminal_size()[:2]
-            tty = await loop.run_in_executor(pool, self.sessions.spawn_tty, session, argv, env,
-                                             rows or 24, cols or 80)  # fmt: skip
+            tty = await loop.run_in_executor(
+                pool, self.sessions.spawn_tty, session, argv, env, rows or 24, cols or 80
+            )
             status = await _supervise(process, tty, _tty_pumps(process, tty))
         else:
-            pipes = await loop.run_in_executor(pool, self.sessions.spawn_pipes, session, argv,
-                                               env)  # fmt: skip
+            pipes = await loop.run_in_executor(pool, self.sessions.spawn_pipes, session, argv, env)
             status = await _supervise(process, pipes, _pipe_pumps(process, pipes))
         if await loop.run_in_executor(pool, self.tenants.is_down, user):
             process.stderr.write(b"\r\nhostd: your container was stopped\r\n")
@@ -470,8 +487,11 @@ class ClientGone(Exception):
     """The SSH channel closed while the session's program still ran."""
 
 
-async def _supervise(process: asyncssh.SSHServerProcess[bytes], program: Program,
-                     pumps: tuple[Awaitable[Any], Awaitable[Any]]) -> int:  # fmt: skip
+async def _supervise(
+    process: asyncssh.SSHServerProcess[bytes],
+    program: Program,
+    pumps: tuple[Awaitable[Any], Awaitable[Any]],
+) -> int:
     """Copy between the client and the program until the program's output ends and it exits;
     if the client leaves first, hang the program up (raising ClientGone once it ended)."""
     exited = asyncio.ensure_future(aio.ready(program.exit_fd))
@@ -499,8 +519,9 @@ async def _supervise(process: asyncssh.SSHServerProcess[bytes], program: Program
     return status
 
 
-def _pipe_pumps(process: asyncssh.SSHServerProcess[bytes], program: PipeProgram
-                ) -> tuple[Awaitable[Any], Awaitable[Any]]:  # fmt: skip
+def _pipe_pumps(
+    process: asyncssh.SSHServerProcess[bytes], program: PipeProgram
+) -> tuple[Awaitable[Any], Awaitable[Any]]:
     """Client to the program's stdin; its stdout and stderr to the client (one channel: its
     end comes with process.exit())."""
     ends = [program.stream(i) for i in range(3)]
@@ -510,16 +531,23 @@ def _pipe_pumps(process: asyncssh.SSHServerProcess[bytes], program: PipeProgram
     return _from_client(process, program, ends[0], None, program.close_stdin), out
 
 
-def _tty_pumps(process: asyncssh.SSHServerProcess[bytes], program: TtyProcess
-               ) -> tuple[Awaitable[Any], Awaitable[Any]]:  # fmt: skip
+def _tty_pumps(
+    process: asyncssh.SSHServerProcess[bytes], program: TtyProcess
+) -> tuple[Awaitable[Any], Awaitable[Any]]:
     os.set_blocking(program.master, False)
-    return (_from_client(process, program, program.master, program.resize, None),
-            _fd_to(program.master, process.stdout))  # fmt: skip
+    return (
+        _from_client(process, program, program.master, program.resize, None),
+        _fd_to(program.master, process.stdout),
+    )
 
 
-async def _from_client(process: asyncssh.SSHServerProcess[bytes], program: Program, fd: int,
-                       resize: Callable[[int, int], None] | None,
-                       at_end: Callable[[], None] | None) -> None:  # fmt: skip
+async def _from_client(
+    process: asyncssh.SSHServerProcess[bytes],
+    program: Program,
+    fd: int,
+    resize: Callable[[int, int], None] | None,
+    at_end: Callable[[], None] | None,
+) -> None:
     """The client's input to `fd`, its signal requests to the program (by pidfd), its window
     size to the pty; `at_end` of its input (a pipe is closed, a pty stays)."""
     try:

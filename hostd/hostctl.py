@@ -118,8 +118,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "doctor":
         cfg = config_mod.load(args.config)
         checks = doctor.run(cfg)
-        print_table(args.json, [c._asdict() for c in checks], ("CHECK", "STATUS", "DETAIL"),
-               [(c.name, "ok" if c.ok else "FIX", c.detail) for c in checks])  # fmt: skip
+        print_table(
+            args.json,
+            [c._asdict() for c in checks],
+            ("CHECK", "STATUS", "DETAIL"),
+            [(c.name, "ok" if c.ok else "FIX", c.detail) for c in checks],
+        )
         return 0 if all(c.ok for c in checks) else 1
     sock = config_mod.load(args.config).paths.admin_socket
 
@@ -143,16 +147,32 @@ def _run(args: argparse.Namespace) -> int:
             _print(args, m, f"imported {m['name']}@{m['version']} ({format_size(m['size'])})")
         elif args.sub == "list":
             ms = rpc("image.list")
-            print_table(args.json, ms, ("NAME", "VERSION", "SIZE", "PACKAGES", "CREATED"),
-                   [(m["name"], m["version"], format_size(m["size"]), str(len(m["packages"])),
-                     m["created"]) for m in ms])  # fmt: skip
+            print_table(
+                args.json,
+                ms,
+                ("NAME", "VERSION", "SIZE", "PACKAGES", "CREATED"),
+                [
+                    (
+                        m["name"],
+                        m["version"],
+                        format_size(m["size"]),
+                        str(len(m["packages"])),
+                        m["created"],
+                    )
+                    for m in ms
+                ],
+            )
         else:
             _print(args, rpc("image.remove", name=args.name), f"removed image {args.name}")
     elif args.cmd == "user":
         if args.sub == "add":
             t = rpc("user.add", user=args.user, image=args.image, **_limits(args))
-            _print(args, t, f"added {t['user']}: IDs {t['range_start']}-"
-                            f"{t['range_start'] + 65535}, image {t['image']}")  # fmt: skip
+            _print(
+                args,
+                t,
+                f"added {t['user']}: IDs {t['range_start']}-"
+                f"{t['range_start'] + 65535}, image {t['image']}",
+            )
         elif args.sub == "list":
             _status_table(args, rpc("user.list"))
         elif args.sub == "show":
@@ -162,8 +182,9 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 _show(info)
         elif args.sub == "rebase":
-            _rebased(args, rpc("user.rebase", user=args.user, image=args.image,
-                               restart=args.restart))  # fmt: skip
+            _rebased(
+                args, rpc("user.rebase", user=args.user, image=args.image, restart=args.restart)
+            )
         else:
             rpc("user.remove", user=args.user, keep_data=args.keep_data)
             _print(
@@ -178,8 +199,14 @@ def _run(args: argparse.Namespace) -> int:
     elif args.cmd == "ports":
         if args.sub == "list":
             grants = rpc("ports.list")
-            rows = [(f"{g['first']}-{g['last']}" if g["first"] != g["last"] else str(g["first"]),
-                     g["user"], g["address"]) for g in grants]  # fmt: skip
+            rows = [
+                (
+                    f"{g['first']}-{g['last']}" if g["first"] != g["last"] else str(g["first"]),
+                    g["user"],
+                    g["address"],
+                )
+                for g in grants
+            ]
             print_table(args.json, grants, ("PORTS", "USER", "ADDRESS"), rows)
         else:
             res = rpc(f"ports.{args.sub}", user=args.user, ports=args.ports)
@@ -189,13 +216,23 @@ def _run(args: argparse.Namespace) -> int:
         if args.sub == "release":
             r = rpc("ranges.release", start=args.start)
             ids = f"{r['start']}-{r['start'] + RANGE_SIZE - 1}"
-            _print(args, r, f"released IDs {ids} (formerly {r['user']}'s, quarantined since "
-                            f"{r['since']}): new tenants may get them")  # fmt: skip
+            _print(
+                args,
+                r,
+                f"released IDs {ids} (formerly {r['user']}'s, quarantined since "
+                f"{r['since']}): new tenants may get them",
+            )
         else:
             rs = rpc("ranges.list")
-            print_table(args.json, rs, ("START", "COUNT", "USER", "STATUS", "SINCE"),
-                        [(str(r["start"]), str(RANGE_SIZE), r["user"], r["status"], r["since"])
-                         for r in rs])  # fmt: skip
+            print_table(
+                args.json,
+                rs,
+                ("START", "COUNT", "USER", "STATUS", "SINCE"),
+                [
+                    (str(r["start"]), str(RANGE_SIZE), r["user"], r["status"], r["since"])
+                    for r in rs
+                ],
+            )
     elif args.cmd in ("start", "stop", "restart"):
         _print(args, rpc(args.cmd, user=args.user), f"{args.cmd}: {args.user} done")
     elif args.cmd == "status":
@@ -208,15 +245,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exec(sock: Path, user: str, command: list[str], as_user: str, tty: bool,
-          progress: Any) -> int:  # fmt: skip
+def _exec(sock: Path, user: str, command: list[str], as_user: str, tty: bool, progress: Any) -> int:
     if not command:
         raise HostdError("no command given", "add one after `--`")
     args: dict[str, Any] = {"user": user, "argv": command, "as_user": as_user}
     if tty:
         size = shutil.get_terminal_size()
-        args.update(tty=True, rows=size.lines, cols=size.columns,
-                    term=os.environ.get("TERM", "xterm"))  # fmt: skip
+        args.update(
+            tty=True, rows=size.lines, cols=size.columns, term=os.environ.get("TERM", "xterm")
+        )
 
         def session(master: int) -> None:
             try:
@@ -263,29 +300,48 @@ def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     s = int(seconds)
-    return f"{s // 86400}d{s % 86400 // 3600}h" if s >= 86400 else time.strftime(
-        "%H:%M:%S", time.gmtime(s))  # fmt: skip
+    return (
+        f"{s // 86400}d{s % 86400 // 3600}h"
+        if s >= 86400
+        else time.strftime("%H:%M:%S", time.gmtime(s))
+    )
 
 
 def _status_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    print_table(args.json, rows, ("USER", "STATE", "UPTIME", "MEMORY", "CPU", "PIDS", "DISK"), [
-        (r["user"], r["state"], _duration(r["uptime"]),
-         _used(r["memory"], r["quota"]["memory"], human_size),
-         _used(None if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.1f}s",
-               None if r["quota"]["cpus"] is None else f"{r['quota']['cpus']} cpus"),
-         _used(r["pids"], r["quota"]["pids"]),
-         _used(r["disk"], r["quota"]["disk"], human_size))
-        for r in rows
-    ])  # fmt: skip
+    print_table(
+        args.json,
+        rows,
+        ("USER", "STATE", "UPTIME", "MEMORY", "CPU", "PIDS", "DISK"),
+        [
+            (
+                r["user"],
+                r["state"],
+                _duration(r["uptime"]),
+                _used(r["memory"], r["quota"]["memory"], human_size),
+                _used(
+                    None if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.1f}s",
+                    None if r["quota"]["cpus"] is None else f"{r['quota']['cpus']} cpus",
+                ),
+                _used(r["pids"], r["quota"]["pids"]),
+                _used(r["disk"], r["quota"]["disk"], human_size),
+            )
+            for r in rows
+        ],
+    )
 
 
 def _show(info: dict[str, Any]) -> None:
     fields = [
-        ("user", info["user"]), ("uid", info["uid"]), ("home", info["home"]),
-        ("image", info["image"]), ("ids", f"{info['range_start']}-{info['range_start'] + 65535}"),
-        ("state", info["state"]), ("uptime", _duration(info["uptime"])),
-        ("quota", _quota_text(info["quota"])), ("created", info["created"]),
-    ]  # fmt: skip
+        ("user", info["user"]),
+        ("uid", info["uid"]),
+        ("home", info["home"]),
+        ("image", info["image"]),
+        ("ids", f"{info['range_start']}-{info['range_start'] + 65535}"),
+        ("state", info["state"]),
+        ("uptime", _duration(info["uptime"])),
+        ("quota", _quota_text(info["quota"])),
+        ("created", info["created"]),
+    ]
     for key, value in fields:
         print(f"{key + ':':9} {value}")
     for at, _, what in info["events"]:

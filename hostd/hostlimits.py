@@ -67,8 +67,10 @@ class HomeQuota:
         m = self.mount
         if self.enforced:
             return f"enforced ({m.fstype} usrquota on {m.target})"
-        return (f"not available: {m.target} ({m.fstype}) has no usrquota; homes are outside "
-                "the tenants' disk caps")  # fmt: skip
+        return (
+            f"not available: {m.target} ({m.fstype}) has no usrquota; homes are outside "
+            "the tenants' disk caps"
+        )
 
 
 def home_quota(path: str, mounts: list[Mount] | None = None) -> HomeQuota:
@@ -93,6 +95,8 @@ def apply_home_quota(user: str, home: str, limit: int) -> str:
     if not support.enforced:
         return f"home quota {human_size(limit)} not set: {support.describe()}"
     proc.require("setquota", "quota")
-    proc.run(setquota_argv(user, limit, support.mount.target),
-             fix=f"check `quotaon -pu {support.mount.target}`")  # fmt: skip
+    proc.run(
+        setquota_argv(user, limit, support.mount.target),
+        fix=f"check `quotaon -pu {support.mount.target}`",
+    )
     return f"home quota {human_size(limit)} on {support.mount.target}"

@@ -66,8 +66,9 @@ def _user_facing(exc: HostdError) -> HostdError:
         if user == f"uid {os.getuid()}":  # hostd refuses at connect, knowing only the UID
             with contextlib.suppress(KeyError):
                 user = pwd.getpwuid(os.getuid()).pw_name
-        return HostdError(f"{user} is not a tenant",
-                          f"ask an admin to make you one (`hostctl user add {user}`)")  # fmt: skip
+        return HostdError(
+            f"{user} is not a tenant", f"ask an admin to make you one (`hostctl user add {user}`)"
+        )
     return exc
 
 

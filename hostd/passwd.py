@@ -35,8 +35,14 @@ def lookup(passwd: str, group: str, name: str) -> Entry | None:
             uid, gid = int(fields[2]), int(fields[3])
         except ValueError:
             return None
-        return Entry(name, uid, gid, fields[5] or "/", fields[6] or "/bin/sh",
-                     _supplementary(group, name, gid))  # fmt: skip
+        return Entry(
+            name,
+            uid,
+            gid,
+            fields[5] or "/",
+            fields[6] or "/bin/sh",
+            _supplementary(group, name, gid),
+        )
     return None
 
 

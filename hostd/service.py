@@ -52,8 +52,13 @@ def status_dict(s: TenantStatus) -> dict[str, Any]:
 
 
 class Service:
-    def __init__(self, tenants: Tenants, admin_group: str, sessions: Sessions,
-                 after_admin_request: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tenants: Tenants,
+        admin_group: str,
+        sessions: Sessions,
+        after_admin_request: Callable[[], None] = lambda: None,
+    ) -> None:
         self.tenants = tenants
         self.runtime = tenants.runtime
         self.admin_group = admin_group
@@ -77,16 +82,18 @@ class Service:
 
     # -- one connection --------------------------------------------------------------------
 
-    def handle(self, chan: Channel, peer: Peer, admin_socket: bool, line: bytes,
-               fds: list[int]) -> None:  # fmt: skip
+    def handle(
+        self, chan: Channel, peer: Peer, admin_socket: bool, line: bytes, fds: list[int]
+    ) -> None:
         """Serve the request `line` (read by the daemon, with `fds`, which are closed here)
         in a worker thread; replies go to `chan`."""
         try:
             op, args = parse_request(line)
             check_fds(op, fds)
             if admin_socket and not self.is_admin(peer):
-                raise HostdError(f"uid {peer.uid} is not an admin",
-                                 f"use sudo or join group {self.admin_group}")  # fmt: skip
+                raise HostdError(
+                    f"uid {peer.uid} is not an admin", f"use sudo or join group {self.admin_group}"
+                )
             if not admin_socket:
                 args = self._as_user(peer, op, args)
 
@@ -126,8 +133,10 @@ class Service:
             raise HostdError(f"uid {peer.uid} has no account", "ask an admin") from None
         tenant = self.tenants.get(name)
         if tenant.phase != "ready":  # reconcile may be finishing or undoing it right now
-            raise HostdError(f"{name}'s container is being set up or removed ({tenant.phase})",
-                             "try again in a minute, or ask an admin")  # fmt: skip
+            raise HostdError(
+                f"{name}'s container is being set up or removed ({tenant.phase})",
+                "try again in a minute, or ask an admin",
+            )
         args["user"] = name
         if op == "exec":  # as their own account inside (same name, home, groups), never root
             args["as_user"] = name
@@ -136,8 +145,14 @@ class Service:
 
     # -- operations ------------------------------------------------------------------------
 
-    def _dispatch(self, op: str, args: dict[str, Any], fds: list[int], chan: Channel,
-                  progress: Callable[[str], None]) -> Any:  # fmt: skip
+    def _dispatch(
+        self,
+        op: str,
+        args: dict[str, Any],
+        fds: list[int],
+        chan: Channel,
+        progress: Callable[[str], None],
+    ) -> Any:
         t, rt = self.tenants, self.runtime
         if op == "ping":
             return {"pid": os.getpid()}
@@ -147,11 +162,14 @@ class Service:
             return asdict(rt.images.build(args["name"], args.get("recipe"), progress))
         if op == "image.import":
             if len(fds) != 1:
-                raise HostdError("image.import needs the tarball as a file descriptor",
-                                 "use `hostctl image import NAME FILE`")  # fmt: skip
+                raise HostdError(
+                    "image.import needs the tarball as a file descriptor",
+                    "use `hostctl image import NAME FILE`",
+                )
             tarball = Path(f"/proc/{os.getpid()}/fd/{fds[0]}")  # readable by tar, our child
-            return asdict(rt.images.import_tarball(args["name"], tarball, progress,
-                                                   args.get("filename")))  # fmt: skip
+            return asdict(
+                rt.images.import_tarball(args["name"], tarball, progress, args.get("filename"))
+            )
         if op == "image.list":
             return [asdict(m) for m in rt.images.manifests()]
         if op == "image.remove":
@@ -160,22 +178,30 @@ class Service:
         if op == "user.add":
             changes = _quota_changes(args)
             defaults = t.config.limits
-            quota = Quota(**{**asdict(Quota(defaults.cpus, defaults.memory, defaults.pids,
-                                            defaults.disk)), **changes})  # fmt: skip
+            quota = Quota(
+                **{
+                    **asdict(Quota(defaults.cpus, defaults.memory, defaults.pids, defaults.disk)),
+                    **changes,
+                }
+            )
             tenant = t.add(args["user"], args.get("image"), quota, progress)
             return asdict(tenant)
         if op == "user.list":
             return [status_dict(t.status(x.user)) for x in t.state.tenants()]
         if op == "user.show":
             tenant = t.get(args["user"])
-            return {**asdict(tenant), **status_dict(t.status(tenant.user)),
-                    "events": t.state.events(tenant.user, 20)}  # fmt: skip
+            return {
+                **asdict(tenant),
+                **status_dict(t.status(tenant.user)),
+                "events": t.state.events(tenant.user, 20),
+            }
         if op == "user.remove":
             t.remove(args["user"], bool(args.get("keep_data")), progress)
             return {"removed": args["user"]}
         if op == "user.rebase":
-            return asdict(t.rebase(args["user"], args.get("image"), bool(args.get("restart")),
-                                   progress))  # fmt: skip
+            return asdict(
+                t.rebase(args["user"], args.get("image"), bool(args.get("restart")), progress)
+            )
         if op == "quota.set":
             changes = _quota_changes(args)
             if not changes:
@@ -209,8 +235,9 @@ class Service:
             return self._exec(args, fds, chan, progress)
         raise HostdError(f"unknown operation {op!r}", "see `hostctl --help`")
 
-    def _exec(self, args: dict[str, Any], fds: list[int], chan: Channel,
-              progress: Callable[[str], None]) -> dict[str, int]:  # fmt: skip
+    def _exec(
+        self, args: dict[str, Any], fds: list[int], chan: Channel, progress: Callable[[str], None]
+    ) -> dict[str, int]:
         """Run a command inside: on the caller's own stdio (3 fds) or on a pty sent back."""
         user, argv = args["user"], [str(a) for a in args["argv"]]
         if not argv:
@@ -222,8 +249,9 @@ class Service:
         if not isinstance(given, dict):
             raise HostdError("env must be an object", "use hostctl exec or hostd-login")
         with self.sessions.slot(user):
-            session = self.sessions.prepare(user, str(args.get("as_user") or "root"),
-                                            bool(args.get("login")), progress)  # fmt: skip
+            session = self.sessions.prepare(
+                user, str(args.get("as_user") or "root"), bool(args.get("login")), progress
+            )
             env = session.env(given, (args.get("term") or "") if tty else None)
             program: Program
             if tty:

@@ -38,8 +38,10 @@ _TERM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 DEFAULT_TERM = "xterm"
 POOL_WORKERS = 2  # threads for one tenant's blocking session work (each tenant has its own)
 # Signals a client may send (SSH names them without the SIG prefix)
-SIGNALS = {name: signal.Signals[f"SIG{name}"] for name in ("INT", "TERM", "HUP", "KILL", "QUIT",
-                                                           "USR1", "USR2")}  # fmt: skip
+SIGNALS = {
+    name: signal.Signals[f"SIG{name}"]
+    for name in ("INT", "TERM", "HUP", "KILL", "QUIT", "USR1", "USR2")
+}
 
 
 def no_refusal(user: str) -> str | None:
@@ -159,8 +161,12 @@ class Session:
 class Sessions:
     """Sessions of all tenants: their caps, their pools, and the steps every session takes."""
 
-    def __init__(self, tenants: Tenants, settings: SessionSettings,
-                 refusal: Callable[[str], str | None] = no_refusal) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tenants: Tenants,
+        settings: SessionSettings,
+        refusal: Callable[[str], str | None] = no_refusal,
+    ) -> None:
         self.tenants = tenants
         self.runtime = tenants.runtime
         self.max_per_tenant = settings.max_per_tenant
@@ -212,15 +218,15 @@ class Sessions:
                 if not self._open[user]:
                     del self._open[user]
 
-    def prepare(self, user: str, account: str, login: bool,
-                progress: Progress = _quiet) -> Session:  # fmt: skip
+    def prepare(self, user: str, account: str, login: bool, progress: Progress = _quiet) -> Session:
         """Blocking. For a login of `user`, the account check first; then the container running
         (started if needed, which `progress` hears of) and `account` inside."""
         if login:
             reason = self.refusal(user)
             if reason:
-                raise HostdError(f"{user} may not log in: {reason}",
-                                 "ask an admin about your account")  # fmt: skip
+                raise HostdError(
+                    f"{user} may not log in: {reason}", "ask an admin about your account"
+                )
         self.running_pid(user, progress)
         return Session(user, self.tenants.account(user, account))
 
@@ -232,19 +238,35 @@ class Sessions:
         self.tenants.start(user, progress)
         return self.runtime.state(user).pid
 
-    def spawn_pipes(self, s: Session, argv: Sequence[str], env: Sequence[str],
-                    stdio: Sequence[int] | None = None) -> PipeProgram:  # fmt: skip
+    def spawn_pipes(
+        self,
+        s: Session,
+        argv: Sequence[str],
+        env: Sequence[str],
+        stdio: Sequence[int] | None = None,
+    ) -> PipeProgram:
         """Start `argv` without a terminal: on new pipes, or on the client's own stdin, stdout
         and stderr (`stdio`). runc stays on the host meanwhile, charged to the tenant."""
         a = s.account
         ends = list(stdio) if stdio is not None else [subprocess.PIPE] * 3
-        popen = self.runtime.spawn(s.user, argv, ends, user=a.ids, groups=a.groups, env=env,
-                                   cwd=a.home)  # fmt: skip
+        popen = self.runtime.spawn(
+            s.user, argv, ends, user=a.ids, groups=a.groups, env=env, cwd=a.home
+        )
         return PipeProgram(popen)
 
-    def spawn_tty(self, s: Session, argv: Sequence[str], env: Sequence[str], rows: int,
-                  cols: int) -> TtyProcess:  # fmt: skip
+    def spawn_tty(
+        self, s: Session, argv: Sequence[str], env: Sequence[str], rows: int, cols: int
+    ) -> TtyProcess:
         """Start `argv` on a pty inside; its helper stays on the host, charged to the tenant."""
         a = s.account
-        return self.runtime.exec_tty(s.user, argv, user=a.ids, groups=a.groups, env=env,
-                                     cwd=a.home, rows=rows, cols=cols, charged=True)  # fmt: skip
+        return self.runtime.exec_tty(
+            s.user,
+            argv,
+            user=a.ids,
+            groups=a.groups,
+            env=env,
+            cwd=a.home,
+            rows=rows,
+            cols=cols,
+            charged=True,
+        )

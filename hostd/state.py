@@ -289,8 +289,10 @@ class State:
             if range_to == "free":
                 db.execute("DELETE FROM ranges WHERE start = ? AND user = ?", (row[0], user))
             else:
-                db.execute("UPDATE ranges SET status = ?, since = ? WHERE start = ? AND user = ?",
-                           (range_to, utc_now(), row[0], user))  # fmt: skip
+                db.execute(
+                    "UPDATE ranges SET status = ?, since = ? WHERE start = ? AND user = ?",
+                    (range_to, utc_now(), row[0], user),
+                )
 
     def tenant(self, user: str) -> Tenant | None:
         with self._lock:
@@ -336,8 +338,10 @@ class State:
             record = _range(db, start)
             if record is not None:
                 raise _range_in_use(record)
-            db.execute("INSERT INTO ranges (start, user, status, since) VALUES (?, ?, 'kept', ?)",
-                       (start, user, utc_now()))  # fmt: skip
+            db.execute(
+                "INSERT INTO ranges (start, user, status, since) VALUES (?, ?, 'kept', ?)",
+                (start, user, utc_now()),
+            )
 
     def release_range(self, start: int, first: Callable[[], None]) -> IdRangeRecord:
         """Forget a quarantined range so allocation may hand it out again; refused for a
@@ -411,8 +415,9 @@ class State:
                     f"ports {first}-{last} overlap {clash[0]}-{clash[1]} granted to {owner}",
                     "revoke those first or pick other ports",
                 )
-            db.execute("INSERT INTO port_grants (first, last, user) VALUES (?, ?, ?)",
-                       (first, last, user))  # fmt: skip
+            db.execute(
+                "INSERT INTO port_grants (first, last, user) VALUES (?, ?, ?)", (first, last, user)
+            )
 
     def revoke_ports(self, user: str, first: int, last: int) -> None:
         with self._write() as db:
@@ -421,8 +426,9 @@ class State:
                 (user, first, last),
             ).rowcount
             if not gone:
-                raise HostdError(f"{user} has no grant of ports {first}-{last}",
-                                 "see `hostctl ports list`")  # fmt: skip
+                raise HostdError(
+                    f"{user} has no grant of ports {first}-{last}", "see `hostctl ports list`"
+                )
 
     def port_grants(self) -> list[tuple[int, int, str]]:
         """(first, last, user) of every grant, by port."""
@@ -460,8 +466,9 @@ def _user_version(db: sqlite3.Connection) -> int:
 
 
 def _range(db: sqlite3.Connection, start: int) -> IdRangeRecord | None:
-    row = db.execute("SELECT start, user, status, since FROM ranges WHERE start = ?",
-                     (start,)).fetchone()  # fmt: skip
+    row = db.execute(
+        "SELECT start, user, status, since FROM ranges WHERE start = ?", (start,)
+    ).fetchone()
     return None if row is None else IdRangeRecord(*row)
 
 
@@ -469,11 +476,14 @@ def _take_range(db: sqlite3.Connection, start: int, user: str) -> None:
     """Make the range at `start` active for `user`: a new one, or the one kept for them."""
     record = _range(db, start)
     if record is None:
-        db.execute("INSERT INTO ranges (start, user, status, since) VALUES (?, ?, 'active', ?)",
-                   (start, user, utc_now()))  # fmt: skip
+        db.execute(
+            "INSERT INTO ranges (start, user, status, since) VALUES (?, ?, 'active', ?)",
+            (start, user, utc_now()),
+        )
     elif (record.user, record.status) == (user, "kept"):
-        db.execute("UPDATE ranges SET status = 'active', since = ? WHERE start = ?",
-                   (utc_now(), start))  # fmt: skip
+        db.execute(
+            "UPDATE ranges SET status = 'active', since = ? WHERE start = ?", (utc_now(), start)
+        )
     else:
         raise _range_in_use(record)
 
@@ -484,8 +494,10 @@ def _range_in_use(r: IdRangeRecord) -> HostdError:
         "kept": f"add {r.user} again, or add and remove them without --keep-data",
         "quarantined": f"release it first (`hostctl ranges release {r.start}`)",
     }
-    return HostdError(f"ID range starting at {r.start} is {r.status} for {r.user} "
-                      f"since {r.since}", fixes[r.status])  # fmt: skip
+    return HostdError(
+        f"ID range starting at {r.start} is {r.status} for {r.user} since {r.since}",
+        fixes[r.status],
+    )
 
 
 def _not_a_tenant(user: str) -> HostdError:

@@ -99,9 +99,21 @@ def ensure_owner(name: str, min_uid: int) -> bool:
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
-        proc.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                  "--shell", NOLOGIN, "--comment", "hostd tenant ID ranges", name],
-                 fix=f"create it by hand: useradd --system --shell {NOLOGIN} {name}")  # fmt: skip
+        proc.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                NOLOGIN,
+                "--comment",
+                "hostd tenant ID ranges",
+                name,
+            ],
+            fix=f"create it by hand: useradd --system --shell {NOLOGIN} {name}",
+        )
         pw, created = pwd.getpwnam(name), True
     problem = owner_problem(pw, min_uid)
     if problem is not None:

@@ -148,9 +148,12 @@ class Tenants:
     # -- add / remove ----------------------------------------------------------------------
 
     def add(
-        self, user: str, image: str | None = None, quota: Quota | None = None,
+        self,
+        user: str,
+        image: str | None = None,
+        quota: Quota | None = None,
         progress: Progress = _quiet,
-    ) -> Tenant:  # fmt: skip
+    ) -> Tenant:
         pw = self._account(user)
         image = image or self.config.runtime.default_image
         defaults = self.config.limits
@@ -162,8 +165,17 @@ class Tenants:
             with self._alloc, self.subids.locked():
                 kept = self.state.kept_range(user)
                 start = kept if kept is not None else self._allocate()
-                tenant = Tenant(user, pw.pw_uid, pw.pw_gid, pw.pw_dir, start, image,
-                                "adding", "stopped", utc_now())  # fmt: skip
+                tenant = Tenant(
+                    user,
+                    pw.pw_uid,
+                    pw.pw_gid,
+                    pw.pw_dir,
+                    start,
+                    image,
+                    "adding",
+                    "stopped",
+                    utc_now(),
+                )
                 self.state.begin_add(tenant, quota)
                 try:
                     self.subids.add(self.owner, start, RANGE_SIZE)
@@ -206,9 +218,14 @@ class Tenants:
             self.runtime.set_limits(t.user, limits_of(quota))
             return
         self.runtime.create(
-            t.user, t.image, ids, shares=[self._share(pw)], limits=limits_of(quota),
-            disk=quota.disk or self._whole_disk(), address=self.address(t.user),
-        )  # fmt: skip
+            t.user,
+            t.image,
+            ids,
+            shares=[self._share(pw)],
+            limits=limits_of(quota),
+            disk=quota.disk or self._whole_disk(),
+            address=self.address(t.user),
+        )
 
     def _home_quota(self, user: str, home: str, progress: Progress) -> None:
         """The home is outside the container's volume: cap it with `[limits] home` where the
@@ -323,8 +340,13 @@ class Tenants:
         self.stop(user)
         self.start(user, progress)
 
-    def rebase(self, user: str, image: str | None = None, restart: bool = False,
-               progress: Progress = _quiet) -> Rebase:  # fmt: skip
+    def rebase(
+        self,
+        user: str,
+        image: str | None = None,
+        restart: bool = False,
+        progress: Progress = _quiet,
+    ) -> Rebase:
         """Move a tenant to the current version of `image` (default: its own image name),
         keeping its Docker data and home; its old upper layer is set aside (Runtime.rebase).
         A running tenant is refused unless `restart`: then stopped, moved and started again,
@@ -332,8 +354,9 @@ class Tenants:
         with self._lock(user):
             t = self.get(user)
             if t.phase != "ready":
-                raise HostdError(f"{user} is being set up or removed ({t.phase})",
-                                 "try again in a minute")  # fmt: skip
+                raise HostdError(
+                    f"{user} is being set up or removed ({t.phase})", "try again in a minute"
+                )
             image = image or t.image
             target = self.runtime.images.resolve(image)  # an unknown image fails here
             old = self.runtime.get(user)
@@ -341,8 +364,10 @@ class Tenants:
                 return Rebase(user, image, target.name, target.name)
             running = self.runtime.state(user).status != "stopped"
             if running and not restart:
-                raise HostdError(f"{user}'s container is running", f"stop it first "
-                                 f"(`hostctl stop {user}`), or rebase with --restart")  # fmt: skip
+                raise HostdError(
+                    f"{user}'s container is running",
+                    f"stop it first (`hostctl stop {user}`), or rebase with --restart",
+                )
             if running:
                 progress("stopping the container")
                 self._stop_container(user)
@@ -356,17 +381,23 @@ class Tenants:
             if done is None:  # moved meanwhile, by the runtime's own CLI
                 return Rebase(user, image, target.name, target.name)
             self.state.set_image(user, image)
-            self.state.log_event(user, f"rebase image={image} from={Path(done.old_image_dir).name}"
-                                       f" to={target.name} set-aside={done.set_aside}")  # fmt: skip
+            self.state.log_event(
+                user,
+                f"rebase image={image} from={Path(done.old_image_dir).name}"
+                f" to={target.name} set-aside={done.set_aside}",
+            )
             warning = _set_aside_warning(t, done)
             if running:
                 try:
                     self._start(replace(t, image=image), progress)
                 except RuntimeFailure as exc:
-                    raise HostdError(f"{user} is now on {target.name} but did not come up: "
-                                     f"{exc.cause}", f"{exc.fix}; {warning}") from exc  # fmt: skip
-        return Rebase(user, image, Path(done.old_image_dir).name, target.name, running, warning,
-                      self._prune())  # fmt: skip
+                    raise HostdError(
+                        f"{user} is now on {target.name} but did not come up: {exc.cause}",
+                        f"{exc.fix}; {warning}",
+                    ) from exc
+        return Rebase(
+            user, image, Path(done.old_image_dir).name, target.name, running, warning, self._prune()
+        )
 
     def _prune(self) -> tuple[str, ...]:
         """Delete the image versions no tenant uses any more; housekeeping that never fails
@@ -394,11 +425,14 @@ class Tenants:
             'getent passwd "$1" >/dev/null || useradd -u "$2" -g "$3" -G sudo,docker '
             '-M -d "$4" -s /bin/bash "$1"'
         )
-        res = self.runtime.exec(t.user, ["sh", "-c", script, "-", t.user, str(uid), str(gid),
-                                         t.home])  # fmt: skip
+        res = self.runtime.exec(
+            t.user, ["sh", "-c", script, "-", t.user, str(uid), str(gid), t.home]
+        )
         if res.returncode != 0:
-            raise HostdError(f"cannot create the account {t.user} inside: "
-                             f"{res.last_error_line()}", "see `hostctl logs`")  # fmt: skip
+            raise HostdError(
+                f"cannot create the account {t.user} inside: {res.last_error_line()}",
+                "see `hostctl logs`",
+            )
 
     def account(self, container: str, account: str) -> Account:
         """runc's numeric IDs, login environment and home of an account inside."""
@@ -419,8 +453,10 @@ class Tenants:
                 raise
             entry = passwd.ROOT  # an admin can still get in to repair the files
         if entry is None:
-            raise HostdError(f"no account {account!r} inside {container}'s container",
-                             "give an existing user (or root)")  # fmt: skip
+            raise HostdError(
+                f"no account {account!r} inside {container}'s container",
+                "give an existing user (or root)",
+            )
         name, shell = entry.name, entry.shell
         env = [f"HOME={entry.home}", f"USER={name}", f"LOGNAME={name}", f"SHELL={shell}"]
         return Account(f"{entry.uid}:{entry.gid}", list(entry.groups), env, entry.home)
@@ -497,8 +533,9 @@ class Tenants:
         t = self.get(user)
         quota = self.state.quota(user)
         if t.phase != "ready":
-            return TenantStatus(user, t.phase, None, None, None, None, 0, quota, t.range_start,
-                                t.image)  # fmt: skip
+            return TenantStatus(
+                user, t.phase, None, None, None, None, 0, quota, t.range_start, t.image
+            )
         st = self.runtime.state(user)
         used = self.runtime.usage(user) if st.status == "running" else None
         return TenantStatus(

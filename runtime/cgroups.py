@@ -113,10 +113,13 @@ class SessionCgroup:
 def session_plan(layout: Layout, parent: str, name: str) -> SessionCgroup:
     if layout.version == 2:
         return SessionCgroup((f"{layout.hierarchies[0].root}/{parent}/{name}/{SESSIONS}",))
-    return SessionCgroup(tuple(
-        f"{h.root}/{parent}/{name}/{SESSIONS}" for h in layout.hierarchies
-        if UNIFIED not in h.controllers and set(h.controllers) & set(SESSION_CONTROLLERS)
-    ))  # fmt: skip
+    return SessionCgroup(
+        tuple(
+            f"{h.root}/{parent}/{name}/{SESSIONS}"
+            for h in layout.hierarchies
+            if UNIFIED not in h.controllers and set(h.controllers) & set(SESSION_CONTROLLERS)
+        )
+    )
 
 
 def apply_session(p: SessionCgroup) -> None:
@@ -128,11 +131,14 @@ def apply_session(p: SessionCgroup) -> None:
         except FileExistsError:
             pass
         except FileNotFoundError:
-            raise RuntimeFailure(f"no cgroup {os.path.dirname(d)}: the container is not running",
-                                 "start it first") from None  # fmt: skip
+            raise RuntimeFailure(
+                f"no cgroup {os.path.dirname(d)}: the container is not running", "start it first"
+            ) from None
         if os.stat(d, follow_symlinks=False).st_uid != 0:
-            raise RuntimeFailure(f"{d} is not root's: the container made it",
-                                 "restart the container (`hostctl restart`)")  # fmt: skip
+            raise RuntimeFailure(
+                f"{d} is not root's: the container made it",
+                "restart the container (`hostctl restart`)",
+            )
 
 
 def join_argv(p: SessionCgroup, argv: Sequence[str]) -> list[str]:

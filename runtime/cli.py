@@ -181,9 +181,13 @@ def _dispatch(rt: Runtime, args: argparse.Namespace) -> int:
             size = shutil.get_terminal_size()
             term = os.environ.get("TERM", "xterm")
             p = rt.exec_tty(
-                args.name, command, user=args.user, env=[f"TERM={term}"],
-                rows=size.lines, cols=size.columns,
-            )  # fmt: skip
+                args.name,
+                command,
+                user=args.user,
+                env=[f"TERM={term}"],
+                rows=size.lines,
+                cols=size.columns,
+            )
             relay(p.master)
             return p.wait()
         rt.state(args.name)  # a clear error for an unknown container

@@ -498,8 +498,9 @@ class Runtime:
 
     def network_config(self) -> NetworkConfig:
         if self.settings.network is None:
-            raise RuntimeFailure("containers have addresses but no network is configured",
-                                 "configure the bridge")  # fmt: skip
+            raise RuntimeFailure(
+                "containers have addresses but no network is configured", "configure the bridge"
+            )
         return self.settings.network
 
     def ensure_attached(self, name: str) -> bool:
@@ -540,13 +541,16 @@ class Runtime:
         container stopped."""
         c = self.get(name)
         if c.disk is None:
-            raise RuntimeFailure(f"container {name!r} has no capped volume",
-                                 "recreate it with a disk size")  # fmt: skip
+            raise RuntimeFailure(
+                f"container {name!r} has no capped volume", "recreate it with a disk size"
+            )
         size = volume.check_size(size)
         running = self.state(name).status != "stopped"
         if running and size < c.disk:
-            raise RuntimeFailure(f"lowering the disk of {name!r} needs it stopped",
-                                 "stop it, then set the size again")  # fmt: skip
+            raise RuntimeFailure(
+                f"lowering the disk of {name!r} needs it stopped",
+                "stop it, then set the size again",
+            )
         cdir = self._dir(name)
         live = running and volume.can_grow_live()
         if not running or live:
@@ -723,9 +727,15 @@ class Runtime:
         uid, _, gid = user.partition(":")
         config = json.loads((self._dir(name) / "config.json").read_text())
         process = exec_process(
-            config, argv, uid=int(uid), gid=int(gid or uid), groups=groups, env=env,
-            cwd=cwd or "/", size=(rows, cols),
-        )  # fmt: skip
+            config,
+            argv,
+            uid=int(uid),
+            gid=int(gid or uid),
+            groups=groups,
+            env=env,
+            cwd=cwd or "/",
+            size=(rows, cols),
+        )
         prefix = self._charged(name, []) if charged else []
         return ttyexec.start(self.runc.base_argv(), name, process, prefix)
 
@@ -747,17 +757,27 @@ class Runtime:
         uid, _, gid = user.partition(":")
         config = json.loads((self._dir(name) / "config.json").read_text())
         process = exec_process(
-            config, argv, uid=int(uid), gid=int(gid or uid), groups=groups, env=env,
-            cwd=cwd or "/", size=None,
-        )  # fmt: skip
+            config,
+            argv,
+            uid=int(uid),
+            gid=int(gid or uid),
+            groups=groups,
+            env=env,
+            cwd=cwd or "/",
+            size=None,
+        )
         fd = os.memfd_create("hostd-process", 0)  # not CLOEXEC: runc reads it as its fd
         try:
             os.write(fd, json.dumps(process).encode())
             cmd = [*self.runc.base_argv(), "exec", "--process", f"/proc/self/fd/{fd}", name]
             return subprocess.Popen(
-                self._charged(name, cmd), stdin=stdio[0], stdout=stdio[1], stderr=stdio[2],
-                pass_fds=[fd], env=proc.child_env(),
-            )  # fmt: skip
+                self._charged(name, cmd),
+                stdin=stdio[0],
+                stdout=stdio[1],
+                stderr=stdio[2],
+                pass_fds=[fd],
+                env=proc.child_env(),
+            )
         finally:
             os.close(fd)
 

@@ -52,12 +52,12 @@ def read_file_under(root_dir: str, path: str, limit: int) -> bytes:
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
     with _opened(root_dir, path, flags, _RESOLVE | syscalls.RESOLVE_NO_XDEV) as fd:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RuntimeFailure(f"{path} in the container is not a regular file",
-                                 "restore it as a plain file")  # fmt: skip
+            raise RuntimeFailure(
+                f"{path} in the container is not a regular file", "restore it as a plain file"
+            )
         data = os.read(fd, limit + 1)
     if len(data) > limit:
-        raise RuntimeFailure(f"{path} in the container is larger than {limit} bytes",
-                             "shrink it")  # fmt: skip
+        raise RuntimeFailure(f"{path} in the container is larger than {limit} bytes", "shrink it")
     return data
 
 
@@ -65,8 +65,9 @@ def connect_unix(pid: int, path: str, timeout: float) -> socket.socket:
     """A connection to the unix socket at `path` inside the container."""
     with _opened(f"/proc/{pid}/root", path, os.O_PATH, _RESOLVE) as fd:
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            raise RuntimeFailure(f"{path} in the container is not a socket",
-                                 "let the service inside re-create it")  # fmt: skip
+            raise RuntimeFailure(
+                f"{path} in the container is not a socket", "let the service inside re-create it"
+            )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:

@@ -21,11 +21,21 @@ def connect_in(netns_pid: int, host: str, port: int) -> socket.socket:
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with parent:
         helper = subprocess.Popen(
-            [sys.executable, "-m", "runtime.netconnect", str(child.fileno()), str(netns_pid),
-             host, str(port)],
-            pass_fds=[child.fileno()], env=proc.child_env(),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "runtime.netconnect",
+                str(child.fileno()),
+                str(netns_pid),
+                host,
+                str(port),
+            ],
+            pass_fds=[child.fileno()],
+            env=proc.child_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         child.close()
         _, fds, _, _ = socket.recv_fds(parent, 16, 1)
     _, err = helper.communicate()

@@ -167,57 +167,81 @@ def ruleset(cfg: NetworkConfig, grants: Sequence[PortGrant] = ()) -> str:
     chains: list[tuple[str, list[str]]] = [
         # Port grants, for traffic to any local address, from elsewhere (not from a tenant)
         # and from the host itself (127.0.0.1 included, hence the masquerade below).
-        ("prerouting", [
-            "type nat hook prerouting priority dstnat; policy accept;",
-            f"iifname != {br} meta nfproto ipv4 fib daddr type local jump grants",
-        ]),
-        ("output", [
-            "type nat hook output priority -100; policy accept;",
-            "meta nfproto ipv4 fib daddr type local jump grants",
-        ]),
+        (
+            "prerouting",
+            [
+                "type nat hook prerouting priority dstnat; policy accept;",
+                f"iifname != {br} meta nfproto ipv4 fib daddr type local jump grants",
+            ],
+        ),
+        (
+            "output",
+            [
+                "type nat hook output priority -100; policy accept;",
+                "meta nfproto ipv4 fib daddr type local jump grants",
+            ],
+        ),
         ("grants", dnat),
-        ("postrouting", [
-            "type nat hook postrouting priority srcnat; policy accept;",
-            f"oifname != {br} ip saddr {net} masquerade",
-            # 127.0.0.1:port DNATed to a tenant (needs route_localnet on the bridge)
-            f"oifname {br} ip saddr 127.0.0.0/8 masquerade",
-        ]),
+        (
+            "postrouting",
+            [
+                "type nat hook postrouting priority srcnat; policy accept;",
+                f"oifname != {br} ip saddr {net} masquerade",
+                # 127.0.0.1:port DNATed to a tenant (needs route_localnet on the bridge)
+                f"oifname {br} ip saddr 127.0.0.0/8 masquerade",
+            ],
+        ),
         # Tenants reach no host service: only answers, and DNS if the bridge serves it.
         # This also closes what route_localnet opens (tenant packets to 127.0.0.1).
-        ("input", [
-            "type filter hook input priority filter; policy accept;",
-            f"iifname {br} jump from_tenants",
-        ]),
-        ("from_tenants", [
-            "ct state established,related accept",
-            *([f"ip daddr {gw} meta l4proto {{ tcp, udp }} th dport 53 accept"] if dns else []),
-            "drop",
-        ]),
+        (
+            "input",
+            [
+                "type filter hook input priority filter; policy accept;",
+                f"iifname {br} jump from_tenants",
+            ],
+        ),
+        (
+            "from_tenants",
+            [
+                "ct state established,related accept",
+                *([f"ip daddr {gw} meta l4proto {{ tcp, udp }} th dport 53 accept"] if dns else []),
+                "drop",
+            ],
+        ),
         # The host's other users reach tenants on granted ports only, as everybody else:
         # root (hostd, the admin) may connect directly.
-        ("local_out", [
-            "type filter hook output priority filter; policy accept;",
-            f"oifname {br} jump to_tenants",
-        ]),
-        ("to_tenants", [
-            "ct state established,related accept",
-            "ct status dnat accept",
-            "meta skuid 0 accept",
-            "reject",
-        ]),
-        ("forward", [
-            "type filter hook forward priority filter; policy accept;",
-            # tenant to tenant through the host (ports are isolated on the bridge as well)
-            f"iifname {br} oifname {br} drop",
-            # out: IPv4 from the subnet only (no spoofed sources, no IPv6)
-            f"iifname {br} ip saddr {net} accept",
-            f"iifname {br} drop",
-            # in: answers and granted ports only
-            f"oifname {br} ct state established,related accept",
-            f"oifname {br} ct status dnat accept",
-            f"oifname {br} drop",
-        ]),
-    ]  # fmt: skip
+        (
+            "local_out",
+            [
+                "type filter hook output priority filter; policy accept;",
+                f"oifname {br} jump to_tenants",
+            ],
+        ),
+        (
+            "to_tenants",
+            [
+                "ct state established,related accept",
+                "ct status dnat accept",
+                "meta skuid 0 accept",
+                "reject",
+            ],
+        ),
+        (
+            "forward",
+            [
+                "type filter hook forward priority filter; policy accept;",
+                # tenant to tenant through the host (ports are isolated on the bridge as well)
+                f"iifname {br} oifname {br} drop",
+                # out: IPv4 from the subnet only (no spoofed sources, no IPv6)
+                f"iifname {br} ip saddr {net} accept",
+                f"iifname {br} drop",
+                # in: answers and granted ports only
+                f"oifname {br} ct state established,related accept",
+                f"oifname {br} ct status dnat accept",
+                f"oifname {br} drop",
+            ],
+        ),
+    ]
     body = "".join(
         f"\tchain {name} {{\n" + "".join(f"\t\t{rule}\n" for rule in rules) + "\t}\n"
         for name, rules in chains
@@ -318,8 +342,12 @@ def host_services(proc_net: Path = Path("/proc/net")) -> set[int]:
     unconnected UDP), on any address. A grant of one of them would DNAT its traffic away from
     the host's service: hostd's own SSH gateway, a database on 127.0.0.1, ..."""
     ports = set()
-    for name, state in (("tcp", _LISTEN), ("tcp6", _LISTEN), ("udp", _UNCONNECTED),
-                        ("udp6", _UNCONNECTED)):  # fmt: skip
+    for name, state in (
+        ("tcp", _LISTEN),
+        ("tcp6", _LISTEN),
+        ("udp", _UNCONNECTED),
+        ("udp6", _UNCONNECTED),
+    ):
         try:
             lines = (proc_net / name).read_text().splitlines()[1:]
         except FileNotFoundError:  # no IPv6 in this kernel

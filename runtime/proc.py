@@ -28,8 +28,14 @@ class Result:
 
 # Set by systemd for hostd itself. Inherited, they would make runc relay a container's
 # sd_notify to hostd's manager (and wait for it), or hand hostd's sockets on.
-_SERVICE_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
-                 "LISTEN_FDNAMES")  # fmt: skip
+_SERVICE_ONLY = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+)
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -36,8 +36,18 @@ class Denial:
 # best when the feature seems absent from the kernel.
 DENIALS = (
     Denial(("kexec_load", "kexec_file_load"), errno.EPERM, "replace the host's kernel"),
-    Denial(("init_module", "finit_module", "delete_module", "create_module",
-            "get_kernel_syms", "query_module"), errno.EPERM, "host kernel modules"),
+    Denial(
+        (
+            "init_module",
+            "finit_module",
+            "delete_module",
+            "create_module",
+            "get_kernel_syms",
+            "query_module",
+        ),
+        errno.EPERM,
+        "host kernel modules",
+    ),
     Denial(("iopl", "ioperm"), errno.EPERM, "raw I/O ports"),
     Denial(("swapon", "swapoff"), errno.EPERM, "the host's swap"),
     Denial(("acct",), errno.EPERM, "process accounting to a file"),
@@ -49,11 +59,17 @@ DENIALS = (
     Denial(("perf_event_open",), errno.EPERM, "perf events: escalation and side channels"),
     Denial(("userfaultfd",), errno.EPERM, "stalls kernel copies: race exploitation aid"),
     Denial(("lookup_dcookie", "nfsservctl", "uselib", "_sysctl"), errno.EPERM, "obsolete"),
-    Denial(("keyctl", "add_key", "request_key"), errno.ENOSYS, "kernel keyrings are not "
-           "namespaced (Docker's profile denies them too)"),
-    Denial(("io_uring_setup", "io_uring_enter", "io_uring_register"), errno.ENOSYS,
-           "io_uring: escalation history"),
-)  # fmt: skip
+    Denial(
+        ("keyctl", "add_key", "request_key"),
+        errno.ENOSYS,
+        "kernel keyrings are not namespaced (Docker's profile denies them too)",
+    ),
+    Denial(
+        ("io_uring_setup", "io_uring_enter", "io_uring_register"),
+        errno.ENOSYS,
+        "io_uring: escalation history",
+    ),
+)
 
 # The ABIs of each machine the kernel accepts system calls in (the compat ones included, or
 # a 32-bit call would pass with its own numbers); a machine not listed gets its native ABI

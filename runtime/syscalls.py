@@ -112,6 +112,11 @@ def set_child_subreaper() -> None:
 
 
 __all__ = [
-    "enter_netns", "idmapped_bind", "mount", "openat2", "set_child_subreaper", "umount",
+    "enter_netns",
+    "idmapped_bind",
+    "mount",
+    "openat2",
+    "set_child_subreaper",
+    "umount",
     "unshare_user",
-]  # fmt: skip
+]

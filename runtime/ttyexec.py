@@ -190,12 +190,22 @@ def _run_runc(request: dict[str, Any]) -> tuple[int, int]:
             listener.bind(str(console))
             listener.listen(1)
             runc = subprocess.Popen(
-                [*request["runc"], "exec", "--process", str(process_file), "--detach",
-                 "--console-socket", str(console), "--pid-file", str(pid_file), request["cid"]],
+                [
+                    *request["runc"],
+                    "exec",
+                    "--process",
+                    str(process_file),
+                    "--detach",
+                    "--console-socket",
+                    str(console),
+                    "--pid-file",
+                    str(pid_file),
+                    request["cid"],
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-            )  # fmt: skip
+            )
             listener.settimeout(30)
             try:
                 conn, _ = listener.accept()

@@ -22,9 +22,19 @@ LABEL = "hostd"
 # -b/-T fixed: a small first size must not pick mke2fs's 1 KiB blocks and dense inodes, which
 # a grown volume would keep. The inode tables and the journal are left sparse (lazy_*_init).
 MKFS_OPTIONS = (
-    "-q", "-F", "-m", "0", "-b", str(BLOCK), "-T", "default", "-L", LABEL,
-    "-E", "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
-)  # fmt: skip
+    "-q",
+    "-F",
+    "-m",
+    "0",
+    "-b",
+    str(BLOCK),
+    "-T",
+    "default",
+    "-L",
+    LABEL,
+    "-E",
+    "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
+)
 # No nosuid/nodev: flags of a host mount are locked in the container's user namespace, and
 # BuildKit's `rbind ro` remounts of /var/lib/docker without them fail (EPERM). The volume lies
 # in the tenant's 0710 directory, out of host users' reach; root inside cannot make device

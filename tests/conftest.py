@@ -135,10 +135,15 @@ def hostd(rt: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hos
     run = Path(tempfile.mkdtemp(prefix="hostd-it-", dir="/run"))
     os.chmod(run, 0o755)  # test users must reach the user socket
     h = Hostd(
-        config=tmp / "hostd.toml", subuid=tmp / "subuid", subgid=tmp / "subgid",
-        admin_socket=run / "admin.sock", user_socket=run / "user.sock",
-        state_dir=rt.state_dir, log=tmp / "hostd.log", ssh_port=free_port(),
-    )  # fmt: skip
+        config=tmp / "hostd.toml",
+        subuid=tmp / "subuid",
+        subgid=tmp / "subgid",
+        admin_socket=run / "admin.sock",
+        user_socket=run / "user.sock",
+        state_dir=rt.state_dir,
+        log=tmp / "hostd.log",
+        ssh_port=free_port(),
+    )
     h.config.write_text(
         f'[paths]\nstate_dir = "{rt.state_dir}"\nrun_dir = "{run}"\n'
         f'admin_socket = "{h.admin_socket}"\nuser_socket = "{h.user_socket}"\n'

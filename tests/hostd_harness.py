@@ -40,8 +40,10 @@ class Hostd:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hostd.daemon", "--config", str(self.config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            )  # fmt: skip
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
         deadline = time.monotonic() + 60
         while not self._answers():
             assert self.proc.poll() is None, f"hostd exited: {self.log.read_text()[-2000:]}"
@@ -89,16 +91,22 @@ class Hostd:
             self.proc.wait(timeout=60)
         self.proc = None
 
-    def hostctl(self, *args: str, input: bytes | None = None, check: bool = True,
-                user: int | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    def hostctl(
+        self, *args: str, input: bytes | None = None, check: bool = True, user: int | None = None
+    ) -> subprocess.CompletedProcess[str]:
         raw = subprocess.run(
             [sys.executable, "-m", "hostd.hostctl", "--config", str(self.config), *args],
-            input=input or b"", capture_output=True, timeout=600, user=user,
-        )  # fmt: skip
+            input=input or b"",
+            capture_output=True,
+            timeout=600,
+            user=user,
+        )
         res = subprocess.CompletedProcess(
-            raw.args, raw.returncode, raw.stdout.decode(errors="replace"),
+            raw.args,
+            raw.returncode,
+            raw.stdout.decode(errors="replace"),
             raw.stderr.decode(errors="replace"),
-        )  # fmt: skip
+        )
         if check:
             assert res.returncode == 0, f"hostctl {' '.join(args)}: {res.stderr}{res.stdout}"
         return res
@@ -161,10 +169,22 @@ def ssh_argv(port: int, key: Path, user: str, *extra: str) -> list[str]:
     """An OpenSSH client command for `user` at 127.0.0.1:`port` with `key`, non-interactive,
     trusting any host key."""
     return [
-        "ssh", "-p", str(port), "-i", str(key), "-o", "BatchMode=yes",
-        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-        "-o", "LogLevel=ERROR", *extra, f"{user}@127.0.0.1",
-    ]  # fmt: skip
+        "ssh",
+        "-p",
+        str(port),
+        "-i",
+        str(key),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        *extra,
+        f"{user}@127.0.0.1",
+    ]
 
 
 @dataclass(frozen=True)
@@ -179,10 +199,12 @@ class Login:
     def ssh_args(self, *extra: str) -> list[str]:
         return ssh_argv(self.port, self.key, self.user, *extra)
 
-    def ssh(self, *command: str, input: bytes = b"", extra: tuple[str, ...] = (),
-            timeout: float = 300) -> subprocess.CompletedProcess[bytes]:  # fmt: skip
-        return subprocess.run([*self.ssh_args(*extra), *command], input=input,
-                              capture_output=True, timeout=timeout)  # fmt: skip
+    def ssh(
+        self, *command: str, input: bytes = b"", extra: tuple[str, ...] = (), timeout: float = 300
+    ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [*self.ssh_args(*extra), *command], input=input, capture_output=True, timeout=timeout
+        )
 
     def sh(self, script: str, input: bytes = b"", timeout: float = 300) -> str:
         """Run `script` in the user's shell over SSH; its stdout, or fail with its stderr."""
@@ -284,8 +306,9 @@ SSHD = "/usr/sbin/sshd"
 def start_sshd(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     """A real OpenSSH server with this config, its output in `log`; returns once it answers."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=out)  # fmt: skip
+        proc = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
     deadline = time.monotonic() + 30
     while True:
         assert proc.poll() is None, f"sshd exited: {log.read_text()[-2000:]}"

@@ -95,16 +95,24 @@ class Op:
 
 OPS = (
     Op(("docker run --rm busybox true",), "t docker run --rm busybox:local true\n"),
-    Op(("build 10 layers, BuildKit",),
-       f"t env DOCKER_BUILDKIT=1 docker build --no-cache -q -t bk:1 ctx\n{PRUNE}"),
-    Op(("build 10 layers, legacy builder",),
-       f"t env DOCKER_BUILDKIT=0 docker build --no-cache -q -t legacy:1 ctx\n{PRUNE}"),
-    Op(("compose up -d --wait (3 healthy)", "compose down"),
-       "cd proj\nt docker compose -p bench up -d --wait\nt docker compose -p bench down\n"),
-    Op(("docker save 100 MB", "docker load 100 MB"),
-       "t docker save -o save.tar big:1\ndocker rmi big:1 >/dev/null\n"
-       "t docker load -i save.tar\nrm save.tar\n"),
-)  # fmt: skip
+    Op(
+        ("build 10 layers, BuildKit",),
+        f"t env DOCKER_BUILDKIT=1 docker build --no-cache -q -t bk:1 ctx\n{PRUNE}",
+    ),
+    Op(
+        ("build 10 layers, legacy builder",),
+        f"t env DOCKER_BUILDKIT=0 docker build --no-cache -q -t legacy:1 ctx\n{PRUNE}",
+    ),
+    Op(
+        ("compose up -d --wait (3 healthy)", "compose down"),
+        "cd proj\nt docker compose -p bench up -d --wait\nt docker compose -p bench down\n",
+    ),
+    Op(
+        ("docker save 100 MB", "docker load 100 MB"),
+        "t docker save -o save.tar big:1\ndocker rmi big:1 >/dev/null\n"
+        "t docker load -i save.tar\nrm save.tar\n",
+    ),
+)
 GOALS = {
     "docker run --rm busybox true": 1.05,
     "build 10 layers, BuildKit": 0.9,
@@ -140,10 +148,19 @@ class HostSide:
     def sh(self, script: str) -> str:
         home = pwd.getpwnam(self.user).pw_dir
         res = subprocess.run(
-            ["runuser", "-u", self.user, "--", "bash", "-c",
-             f"{self.env}cd {home}/hostd-bench\n{PRELUDE}{script}"],
-            capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            [
+                "runuser",
+                "-u",
+                self.user,
+                "--",
+                "bash",
+                "-c",
+                f"{self.env}cd {home}/hostd-bench\n{PRELUDE}{script}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert res.returncode == 0, f"host: `{script}` exited {res.returncode}:\n{res.stderr}"
         return res.stdout
 
@@ -155,8 +172,11 @@ def fetch_debs() -> list[Path]:
     for packages, options in ((BOOKWORM, []), (TRIXIE, trixie_apt())):
         missing = [p for p in packages if not any(debs.glob(f"{p}_*.deb"))]
         if missing:
-            subprocess.run(["apt-get", "-q", *options, "-o", "APT::Sandbox::User=root",
-                            "download", *missing], cwd=debs, check=True)  # fmt: skip
+            subprocess.run(
+                ["apt-get", "-q", *options, "-o", "APT::Sandbox::User=root", "download", *missing],
+                cwd=debs,
+                check=True,
+            )
     return sorted(p for name in BOOKWORM + TRIXIE for p in debs.glob(f"{name}_*.deb"))
 
 
@@ -168,9 +188,15 @@ def trixie_apt() -> list[str]:
         (apt / d).mkdir(parents=True, exist_ok=True)
     (apt / "trixie.list").write_text(TRIXIE_SOURCE)
     options = [
-        "-o", f"Dir::Etc::SourceList={apt}/trixie.list", "-o", f"Dir::Etc::SourceParts={apt}/parts",
-        "-o", f"Dir::State::Lists={apt}/lists", "-o", f"Dir::Cache={apt}/cache",
-    ]  # fmt: skip
+        "-o",
+        f"Dir::Etc::SourceList={apt}/trixie.list",
+        "-o",
+        f"Dir::Etc::SourceParts={apt}/parts",
+        "-o",
+        f"Dir::State::Lists={apt}/lists",
+        "-o",
+        f"Dir::Cache={apt}/cache",
+    ]
     if not any((apt / "lists").glob("*_Packages")):
         subprocess.run(["apt-get", "-q", *options, "update"], check=True, capture_output=True)
     return options
@@ -185,8 +211,9 @@ def host_docker(work: Path, user: str) -> Iterator[HostSide]:
     """A private dockerd from Debian 12's packages, its socket open to the user's group (the
     `docker` group's daemon); everything it made is removed at the end, on failure too."""
     if Path(f"/sys/class/net/{BRIDGE}").exists():
-        raise SystemExit(f"bridge {BRIDGE} exists: another bench_docker runs? If not, "
-                         f"`ip link del {BRIDGE}`")  # fmt: skip
+        raise SystemExit(
+            f"bridge {BRIDGE} exists: another bench_docker runs? If not, `ip link del {BRIDGE}`"
+        )
     tree = work / "tree"
     for deb in fetch_debs():
         run("dpkg-deb", "-x", str(deb), str(tree))
@@ -208,16 +235,36 @@ def host_docker(work: Path, user: str) -> Iterator[HostSide]:
         run("ip", "link", "set", BRIDGE, "up")
         with open(work / "dockerd.log", "wb") as log:
             proc = subprocess.Popen(
-                [f"{tree}/usr/sbin/dockerd", "--config-file", f"{rundir}/daemon.json",
-                 "--data-root", f"{work}/data-root", "--exec-root", f"{rundir}/exec",
-                 "--pidfile", f"{rundir}/dockerd.pid", "-H", f"unix://{rundir}/docker.sock",
-                 "--group", str(pw.pw_gid),
-                 "--iptables=false", "--ip6tables=false", "--ip-forward=false",
-                 "--ip-masq=false", f"--bridge={BRIDGE}", f"--cgroup-parent={CGROUP_PARENT}"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env={"PATH": search},
-            )  # fmt: skip
-        env = (f"export DOCKER_HOST=unix://{rundir}/docker.sock DOCKER_CONFIG={client} "
-               f"PATH={tree}/usr/bin:$PATH\n")  # fmt: skip
+                [
+                    f"{tree}/usr/sbin/dockerd",
+                    "--config-file",
+                    f"{rundir}/daemon.json",
+                    "--data-root",
+                    f"{work}/data-root",
+                    "--exec-root",
+                    f"{rundir}/exec",
+                    "--pidfile",
+                    f"{rundir}/dockerd.pid",
+                    "-H",
+                    f"unix://{rundir}/docker.sock",
+                    "--group",
+                    str(pw.pw_gid),
+                    "--iptables=false",
+                    "--ip6tables=false",
+                    "--ip-forward=false",
+                    "--ip-masq=false",
+                    f"--bridge={BRIDGE}",
+                    f"--cgroup-parent={CGROUP_PARENT}",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env={"PATH": search},
+            )
+        env = (
+            f"export DOCKER_HOST=unix://{rundir}/docker.sock DOCKER_CONFIG={client} "
+            f"PATH={tree}/usr/bin:$PATH\n"
+        )
         side = HostSide("host", user, env)
         _wait_answers(side, proc, work / "dockerd.log")
         yield side
@@ -297,8 +344,10 @@ def workload(user: str, busybox: Path) -> None:
 
 
 def load_images(side: Side) -> None:
-    side.sh("docker import busybox.tar busybox:local >/dev/null\n"
-            "docker import big.tar big:1 >/dev/null\n")  # fmt: skip
+    side.sh(
+        "docker import busybox.tar busybox:local >/dev/null\n"
+        "docker import big.tar big:1 >/dev/null\n"
+    )
 
 
 @contextlib.contextmanager
@@ -307,9 +356,16 @@ def private_hostd(work: Path, state: Path) -> Iterator[Hostd]:
     end its tenants' leftovers, bridge, rules and lxcfs are removed."""
     rundir = Path(tempfile.mkdtemp(prefix="hostd-bench-", dir="/run"))
     rundir.chmod(0o755)
-    h = Hostd(config=work / "hostd.toml", subuid=work / "subuid", subgid=work / "subgid",
-              admin_socket=rundir / "admin.sock", user_socket=rundir / "user.sock",
-              state_dir=state, log=work / "hostd.log", ssh_port=free_port())  # fmt: skip
+    h = Hostd(
+        config=work / "hostd.toml",
+        subuid=work / "subuid",
+        subgid=work / "subgid",
+        admin_socket=rundir / "admin.sock",
+        user_socket=rundir / "user.sock",
+        state_dir=state,
+        log=work / "hostd.log",
+        ssh_port=free_port(),
+    )
     h.config.write_text(
         f'[paths]\nstate_dir = "{state}"\nrun_dir = "{rundir}"\n'
         f'admin_socket = "{h.admin_socket}"\nuser_socket = "{h.user_socket}"\n'
@@ -335,8 +391,9 @@ def private_hostd(work: Path, state: Path) -> Iterator[Hostd]:
         fsutil.remove_tree(rundir)
 
 
-def tenant(stack: contextlib.ExitStack, h: Hostd, users: UnixUsers, work: Path,
-           busybox: Path, name: str) -> TenantSide:  # fmt: skip
+def tenant(
+    stack: contextlib.ExitStack, h: Hostd, users: UnixUsers, work: Path, busybox: Path, name: str
+) -> TenantSide:
     """A developer made a tenant with quotas by `hostctl user add`, logged in over SSH, with the
     workload in their home; removed again by `stack`."""
     directory = work / name
@@ -395,8 +452,12 @@ def measure(sides: list[Side], runs: int) -> dict[str, dict[str, list[float]]]:
     results: dict[str, dict[str, list[float]]] = {s.name: {} for s in sides}
     start = time.monotonic()
     for r in range(runs):
-        print(f"round {r + 1}/{runs} at {time.monotonic() - start:.0f} s, "
-              f"load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"round {r + 1}/{runs} at {time.monotonic() - start:.0f} s, "
+            f"load {os.getloadavg()[0]:.2f}",
+            file=sys.stderr,
+            flush=True,
+        )
         for op in OPS:
             for side in sides:
                 times = [int(ns) / 1e9 for ns in side.sh(op.script).split()]
@@ -406,20 +467,42 @@ def measure(sides: list[Side], runs: int) -> dict[str, dict[str, list[float]]]:
     return results
 
 
-def report(results: dict[str, dict[str, list[float]]], info: dict[str, str], runs: int,
-           load: tuple[float, float], markdown: bool) -> None:  # fmt: skip
+def report(
+    results: dict[str, dict[str, list[float]]],
+    info: dict[str, str],
+    runs: int,
+    load: tuple[float, float],
+    markdown: bool,
+) -> None:
     med = {side: {k: statistics.median(v) for k, v in r.items()} for side, r in results.items()}
-    head = [f"metric (median of {runs}, s)", "host", "tenant", "tenant/host", "goal",
-            "tenant containerd store", "containerd/tenant"]  # fmt: skip
+    head = [
+        f"metric (median of {runs}, s)",
+        "host",
+        "tenant",
+        "tenant/host",
+        "goal",
+        "tenant containerd store",
+        "containerd/tenant",
+    ]
     rows = []
     for op in OPS:
         for label in op.labels:
             h, t, o = med["host"][label], med["tenant"][label], med["tenant-containerd"][label]
             goal = GOALS.get(label)
-            verdict = "" if goal is None else f"<= {goal}x " + ("met" if t / h <= goal
-                                                              else "NOT met")  # fmt: skip
-            rows.append([label, f"{h:.3f}", f"{t:.3f}", f"{t / h:.2f}x", verdict, f"{o:.3f}",
-                         f"{o / t:.2f}x"])  # fmt: skip
+            verdict = (
+                "" if goal is None else f"<= {goal}x " + ("met" if t / h <= goal else "NOT met")
+            )
+            rows.append(
+                [
+                    label,
+                    f"{h:.3f}",
+                    f"{t:.3f}",
+                    f"{t / h:.2f}x",
+                    verdict,
+                    f"{o:.3f}",
+                    f"{o / t:.2f}x",
+                ]
+            )
     wins = [k for k in med["tenant"] if med["tenant"][k] < med["tenant-containerd"][k]]
     geo = statistics.geometric_mean(
         [med["tenant-containerd"][k] / med["tenant"][k] for k in med["tenant"]]

@@ -62,16 +62,25 @@ class Bench:
         self.user = self.users.make()
         subprocess.run(["usermod", "-p", "*", self.user], check=True)  # sshd without PAM
         self.key = self.work / "id_ed25519"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True
+        )
         authorize(self.user, self.key.with_suffix(".pub").read_text())
         self.hostd = self._hostd()
         # hostd-login runs as the user: its launcher and modules live where users may read
         self.login_dir = Path(tempfile.mkdtemp(prefix="hostd-bench-login-", dir="/run"))
         self._undo.callback(fsutil.remove_tree, self.login_dir)
         self.login_dir.chmod(0o755)
-        subprocess.run(["bash", str(REPO / "packaging/install-login-hook.sh"), "--prefix",
-                        str(self.login_dir)], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                "bash",
+                str(REPO / "packaging/install-login-hook.sh"),
+                "--prefix",
+                str(self.login_dir),
+            ],
+            check=True,
+            capture_output=True,
+        )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         self.sshd_port = self._sshd("host")
         self.login_port = self._sshd("login")
@@ -80,10 +89,16 @@ class Bench:
         run = Path(tempfile.mkdtemp(prefix="hostd-bench-", dir="/run"))
         self._undo.callback(fsutil.remove_tree, run)
         run.chmod(0o755)  # hostd-login, running as the user, connects to the user socket
-        h = Hostd(config=self.work / "hostd.toml", subuid=self.work / "subuid",
-                  subgid=self.work / "subgid", admin_socket=run / "admin.sock",
-                  user_socket=run / "user.sock", state_dir=self.state,
-                  log=self.work / "hostd.log", ssh_port=free_port())  # fmt: skip
+        h = Hostd(
+            config=self.work / "hostd.toml",
+            subuid=self.work / "subuid",
+            subgid=self.work / "subgid",
+            admin_socket=run / "admin.sock",
+            user_socket=run / "user.sock",
+            state_dir=self.state,
+            log=self.work / "hostd.log",
+            ssh_port=free_port(),
+        )
         h.config.write_text(
             f'[paths]\nstate_dir = "{self.state}"\nrun_dir = "{run}"\n'
             f'admin_socket = "{h.admin_socket}"\nuser_socket = "{h.user_socket}"\n'
@@ -112,30 +127,48 @@ class Bench:
         as etc/sshd_config.d/hostd.conf does. Returns its port."""
         port = free_port()
         host_key = self.work / f"ssh_host_ed25519_key_{name}"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True
+        )
         cfg = self.work / f"sshd_config_{name}"
         cfg.write_text(
             f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
             f"PidFile {self.work}/sshd_{name}.pid\nUsePAM no\nPasswordAuthentication no\n"
             "AuthorizedKeysFile .ssh/authorized_keys\n"
             "Subsystem sftp /usr/lib/openssh/sftp-server\n"
-            + (f"SetEnv HOSTD_USER_SOCKET={self.hostd.user_socket}\n"
-               f"Match User {self.user}\n  ForceCommand {self.login_dir}/bin/hostd-login\n"
-               if name == "login" else "")
-        )  # fmt: skip
+            + (
+                f"SetEnv HOSTD_USER_SOCKET={self.hostd.user_socket}\n"
+                f"Match User {self.user}\n  ForceCommand {self.login_dir}/bin/hostd-login\n"
+                if name == "login"
+                else ""
+            )
+        )
         proc = start_sshd(cfg, port, self.work / f"sshd_{name}.log")
         self._undo.callback(stop_sshd, proc)
         return port
 
     def opts(self, port_flag: str, port: int) -> list[str]:
-        return [port_flag, str(port), "-i", str(self.key), "-o", "BatchMode=yes",
-                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                "-o", "LogLevel=ERROR"]  # fmt: skip
+        return [
+            port_flag,
+            str(port),
+            "-i",
+            str(self.key),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+        ]
 
     def ssh(self, port: int, command: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(["ssh", *self.opts("-p", port), f"{self.user}@127.0.0.1", command],
-                              capture_output=True, timeout=300)  # fmt: skip
+        return subprocess.run(
+            ["ssh", *self.opts("-p", port), f"{self.user}@127.0.0.1", command],
+            capture_output=True,
+            timeout=300,
+        )
 
     def first_output(self, port: int) -> float:
         t0 = time.perf_counter()
@@ -197,20 +230,32 @@ def measure(b: Bench, runs: int, work: Path) -> None:
     down_login = b.scp(login, f"{target}:blob-login", str(work / "back-login"))
     mb = SIZE / 2**20
     rows = [
-        ("gateway: warm first output (s)", warm_gw, warm_host, warm_gw / warm_host,
-         "<= 1.5x"),
-        ("gateway: warm shell prompt (s)", warm_shell_gw, warm_shell_host,
-         warm_shell_gw / warm_shell_host, ""),
+        ("gateway: warm first output (s)", warm_gw, warm_host, warm_gw / warm_host, "<= 1.5x"),
+        (
+            "gateway: warm shell prompt (s)",
+            warm_shell_gw,
+            warm_shell_host,
+            warm_shell_gw / warm_shell_host,
+            "",
+        ),
         ("gateway: scp 200 MB up (MB/s)", mb / up_gw, mb / up_host, up_host / up_gw, ">= 0.5x"),
-        ("gateway: scp 200 MB down (MB/s)", mb / down_gw, mb / down_host, down_host / down_gw,
-         ">= 0.5x"),
-        ("hostd-login: warm first output (s)", warm_login, warm_host,
-         warm_login / warm_host, ""),
-        ("hostd-login: scp 200 MB up (MB/s)", mb / up_login, mb / up_host,
-         up_host / up_login, ""),
-        ("hostd-login: scp 200 MB down (MB/s)", mb / down_login, mb / down_host,
-         down_host / down_login, ""),
-    ]  # fmt: skip
+        (
+            "gateway: scp 200 MB down (MB/s)",
+            mb / down_gw,
+            mb / down_host,
+            down_host / down_gw,
+            ">= 0.5x",
+        ),
+        ("hostd-login: warm first output (s)", warm_login, warm_host, warm_login / warm_host, ""),
+        ("hostd-login: scp 200 MB up (MB/s)", mb / up_login, mb / up_host, up_host / up_login, ""),
+        (
+            "hostd-login: scp 200 MB down (MB/s)",
+            mb / down_login,
+            mb / down_host,
+            down_host / down_login,
+            "",
+        ),
+    ]
     print(f"\n{'metric':38} {'hostd':>10} {'OpenSSH':>10} {'ratio':>8}  goal")
     for label, a, c, ratio, goal in rows:
         print(f"{label:38} {a:10.3f} {c:10.3f} {ratio:7.2f}x  {goal}")

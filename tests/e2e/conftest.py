@@ -50,8 +50,9 @@ def dev(
     hostd.hostctl("user", "remove", login.user, check=False)
 
 
-def wait_inside(login: Login, condition: str, what: str, diagnose: str = "true",
-                timeout: int = 60) -> None:  # fmt: skip
+def wait_inside(
+    login: Login, condition: str, what: str, diagnose: str = "true", timeout: int = 60
+) -> None:
     """Poll the shell `condition`, as the user in their tenant, until it holds; else fail
     saying `what` did not happen, with the output of the shell `diagnose`."""
     login.sh(

@@ -72,8 +72,11 @@ def _refused(port: int) -> bool:
 def _project(dev: Login, port: int) -> Iterator[None]:
     """The project's files in ~/shop; everything it made (containers, network, volume, built
     image) and the files removed afterwards, on failure too."""
-    files = {"shop/compose.yaml": COMPOSE.format(port=port), "shop/web/Dockerfile":
-             WEB_DOCKERFILE, "shop/web/status": WEB_STATUS}  # fmt: skip
+    files = {
+        "shop/compose.yaml": COMPOSE.format(port=port),
+        "shop/web/Dockerfile": WEB_DOCKERFILE,
+        "shop/web/status": WEB_STATUS,
+    }
     try:
         for path, text in files.items():
             dev.sh(f"mkdir -p $(dirname {path}) && cat > {path}", input=text.encode())
@@ -105,6 +108,8 @@ def test_compose_up_build_network_volume_port(dev: Login, hostd: Hostd) -> None:
 
         dev.sh(f"{COMPOSE_CMD} down -v --rmi local")
         mine = "-q -f label=com.docker.compose.project=shop"
-        left = dev.sh(f"docker ps -a {mine}; docker volume ls {mine}; docker network ls {mine};"
-                      " docker images -q shop-web")  # fmt: skip
+        left = dev.sh(
+            f"docker ps -a {mine}; docker volume ls {mine}; docker network ls {mine};"
+            " docker images -q shop-web"
+        )
         assert not left.strip(), f"`down -v --rmi local` left: {left}"

@@ -27,8 +27,9 @@ def _cleaned_up(dev: Login, script: str) -> Iterator[None]:
 
 def _states(dev: Login, names: str) -> dict[str, str]:
     """Inner container name -> `status started-at`, as `docker inspect` reports them."""
-    out = dev.sh(f"docker inspect -f '{{{{.Name}}}} {{{{.State.Status}}}} "
-                 f"{{{{.State.StartedAt}}}}' {names}")  # fmt: skip
+    out = dev.sh(
+        f"docker inspect -f '{{{{.Name}}}} {{{{.State.Status}}}} {{{{.State.StartedAt}}}}' {names}"
+    )
     return {line.split()[0].lstrip("/"): " ".join(line.split()[1:]) for line in out.splitlines()}
 
 
@@ -88,12 +89,18 @@ def test_docker_in_docker(dev: Login) -> None:
     container runs a container of its own."""
     cleanup = "docker rm -f e2e-dind; docker volume rm e2e-dind-data; docker rmi e2e-dind:local"
     with _cleaned_up(dev, f"{cleanup}; rm -rf dind"):
-        dev.sh(f"mkdir -p dind && printf '{DIND_IMAGE}' > dind/Dockerfile"
-               " && docker build -q -t e2e-dind:local dind"
-               " && docker save -o dind/busybox.tar busybox:local")  # fmt: skip
+        dev.sh(
+            f"mkdir -p dind && printf '{DIND_IMAGE}' > dind/Dockerfile"
+            " && docker build -q -t e2e-dind:local dind"
+            " && docker save -o dind/busybox.tar busybox:local"
+        )
         dev.sh(DIND_RUN)
-        wait_inside(dev, "docker exec e2e-dind docker info", "nested dockerd answering",
-                    diagnose="docker ps -a; docker logs e2e-dind 2>&1 | tail -20")  # fmt: skip
+        wait_inside(
+            dev,
+            "docker exec e2e-dind docker info",
+            "nested dockerd answering",
+            diagnose="docker ps -a; docker logs e2e-dind 2>&1 | tail -20",
+        )
         nested = "docker exec e2e-dind docker"
         assert dev.sh(f"{nested} info --format '{{{{.Driver}}}}'").strip() == "overlay2"
         dev.sh(f"{nested} load -i /images/busybox.tar")

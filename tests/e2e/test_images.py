@@ -81,8 +81,11 @@ def test_exec_it_on_a_pty(dev: Login) -> None:
         read_until(fd, rb"/dev/pts/\d+\s+30 100\s+MARK-42", seen)
         resize_follows(pid, fd, seen)
         # The trap is set before READY is printed, so the ^C sent after READY is the trap's.
-        os.write(fd, b"sh -c 'trap \"echo GOT-$((2*3))-INT; exit 0\" INT; echo READY-$((1+1));"
-                     b" while :; do sleep 0.1; done'\n")  # fmt: skip
+        os.write(
+            fd,
+            b'sh -c \'trap "echo GOT-$((2*3))-INT; exit 0" INT; echo READY-$((1+1));'
+            b" while :; do sleep 0.1; done'\n",
+        )
         read_until(fd, rb"READY-2", seen)
         os.write(fd, b"\x03")
         read_until(fd, rb"GOT-6-INT", seen)

@@ -32,16 +32,30 @@ class ImageVersions:
         self.name = f"rb{os.getpid()}"
         self.tar = tmp / "template.tar"
         template = rt.images.resolve("default") / "rootfs"
-        subprocess.run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*",
-                        "-C", str(template), "-cf", str(self.tar), "."], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                "tar",
+                "--numeric-owner",
+                "--xattrs",
+                "--xattrs-include=*",
+                "-C",
+                str(template),
+                "-cf",
+                str(self.tar),
+                ".",
+            ],
+            check=True,
+        )
 
     def publish(self, marker: str) -> str:
         """A new version whose MARKER says `marker` (appended: the last copy wins); its name."""
         extra = self.tmp / marker
         (extra / "etc").mkdir(parents=True)
         (extra / MARKER).write_text(marker + "\n")
-        subprocess.run(["tar", "--numeric-owner", "-C", str(extra), "-rf", str(self.tar),
-                        f"./{MARKER}"], check=True)  # fmt: skip
+        subprocess.run(
+            ["tar", "--numeric-owner", "-C", str(extra), "-rf", str(self.tar), f"./{MARKER}"],
+            check=True,
+        )
         return f"{self.name}@{self.rt.images.import_tarball(self.name, self.tar).version}"
 
 
@@ -63,11 +77,16 @@ def first(image: ImageVersions) -> str:
 
 @pytest.fixture(scope="module")
 def tenant(
-    hostd: Hostd, unix_users: UnixUsers, tmp_path_factory: pytest.TempPathFactory,
-    busybox_tar: Path, image: ImageVersions, first: str,
-) -> Iterator[Login]:  # fmt: skip
-    login = add_developer(hostd, unix_users, tmp_path_factory.mktemp("rebase"), busybox_tar,
-                          "--image", image.name)  # fmt: skip
+    hostd: Hostd,
+    unix_users: UnixUsers,
+    tmp_path_factory: pytest.TempPathFactory,
+    busybox_tar: Path,
+    image: ImageVersions,
+    first: str,
+) -> Iterator[Login]:
+    login = add_developer(
+        hostd, unix_users, tmp_path_factory.mktemp("rebase"), busybox_tar, "--image", image.name
+    )
     yield login
     hostd.hostctl("user", "remove", login.user, check=False)
 
@@ -84,10 +103,14 @@ def test_rebase_keeps_docker_data_and_home_and_sets_the_old_root_aside(
 ) -> None:
     user = tenant.user
     assert tenant.sh(f"cat /{MARKER}") == "one\n"
-    tenant.sh("mkdir -p ctx && printf 'FROM busybox:local\\nRUN echo built > /built\\n' "
-              "> ctx/Dockerfile && docker build -q -t mine:1 ctx >/dev/null")  # fmt: skip
-    tenant.sh("docker volume create keep >/dev/null && "
-              "docker run --rm -v keep:/v busybox:local sh -c 'echo kept > /v/f'")  # fmt: skip
+    tenant.sh(
+        "mkdir -p ctx && printf 'FROM busybox:local\\nRUN echo built > /built\\n' "
+        "> ctx/Dockerfile && docker build -q -t mine:1 ctx >/dev/null"
+    )
+    tenant.sh(
+        "docker volume create keep >/dev/null && "
+        "docker run --rm -v keep:/v busybox:local sh -c 'echo kept > /v/f'"
+    )
     tenant.sh("echo home > ~/home-file && sudo sh -c 'echo upper > /etc/mine.conf'")
     tenant.sh(PROBE_DEB)
     second = image.publish("two")
@@ -106,8 +129,13 @@ def test_rebase_keeps_docker_data_and_home_and_sets_the_old_root_aside(
     assert tenant.sh("docker run --rm mine:1 cat /built") == "built\n"
     assert tenant.sh("docker run --rm -v keep:/v busybox:local cat /v/f") == "kept\n"
     assert tenant.sh("cat ~/home-file") == "home\n"
-    assert tenant.sh("test ! -e /etc/mine.conf && ! dpkg -s hostd-probe >/dev/null 2>&1; "
-                     f"cat {SET_ASIDE}/*/etc/mine.conf") == "upper\n"  # fmt: skip
+    assert (
+        tenant.sh(
+            "test ! -e /etc/mine.conf && ! dpkg -s hostd-probe >/dev/null 2>&1; "
+            f"cat {SET_ASIDE}/*/etc/mine.conf"
+        )
+        == "upper\n"
+    )
     tenant.sh(f'sudo rm -rf {SET_ASIDE}/* && test -z "$(ls {SET_ASIDE})"')  # theirs to delete
     assert hostd.hostctl("status", user).stdout.split("\n")[1].split()[1] == "running"
 
@@ -116,10 +144,16 @@ def test_rebase_keeps_docker_data_and_home_and_sets_the_old_root_aside(
 
 
 def test_rebase_of_unknown_user_or_image_says_the_fix(hostd: Hostd, tenant: Login) -> None:
-    _one_line_error(hostd.hostctl("user", "rebase", "nosuchtenant", check=False),
-                    "not a tenant", "hostctl user add")  # fmt: skip
-    _one_line_error(hostd.hostctl("user", "rebase", tenant.user, "nosuchimage", check=False),
-                    "'nosuchimage' not found", "build it")  # fmt: skip
+    _one_line_error(
+        hostd.hostctl("user", "rebase", "nosuchtenant", check=False),
+        "not a tenant",
+        "hostctl user add",
+    )
+    _one_line_error(
+        hostd.hostctl("user", "rebase", tenant.user, "nosuchimage", check=False),
+        "'nosuchimage' not found",
+        "build it",
+    )
 
 
 def test_a_stopped_tenant_is_rebased_without_restart(

@@ -33,8 +33,9 @@ from tests.hostd_harness import (
 
 
 @pytest.fixture(scope="module")
-def login(hostd: Hostd, unix_users: UnixUsers, tmp_path_factory: pytest.TempPathFactory
-          ) -> Iterator[Login]:  # fmt: skip
+def login(
+    hostd: Hostd, unix_users: UnixUsers, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Login]:
     user = unix_users.make()
     hostd.hostctl("user", "add", user)
     yield login_as(user, hostd.ssh_port, tmp_path_factory.mktemp("login"))
@@ -53,8 +54,12 @@ def test_exec_status_streams_and_account(login: Login) -> None:
 
 def test_host_key_is_kept_across_restarts(hostd: Hostd) -> None:
     def fingerprint() -> str:
-        out = subprocess.run(["ssh-keyscan", "-p", str(hostd.ssh_port), "127.0.0.1"],
-                             capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+        out = subprocess.run(
+            ["ssh-keyscan", "-p", str(hostd.ssh_port), "127.0.0.1"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
         return out.split()[-1]
 
     before = fingerprint()
@@ -97,8 +102,18 @@ def test_scp_and_sftp_round_trips(login: Login, tmp_path: Path) -> None:
     src = tmp_path / "up.bin"
     src.write_bytes(data)
     home = Path(pwd.getpwnam(login.user).pw_dir)
-    base = ["-P", str(login.port), "-i", str(login.key), "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]  # fmt: skip
+    base = [
+        "-P",
+        str(login.port),
+        "-i",
+        str(login.key),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+    ]
     target = f"{login.user}@127.0.0.1"
     for legacy, name in ((False, "sftp-mode.bin"), (True, "legacy.bin")):
         mode = ["-O"] if legacy else []
@@ -106,8 +121,9 @@ def test_scp_and_sftp_round_trips(login: Login, tmp_path: Path) -> None:
         assert (home / name).read_bytes() == data  # the host home, through the container
         assert (home / name).stat().st_uid == pwd.getpwnam(login.user).pw_uid
         back = tmp_path / f"back-{name}"
-        subprocess.run(["scp", *mode, *base, f"{target}:{name}", str(back)], check=True,
-                       timeout=120)  # fmt: skip
+        subprocess.run(
+            ["scp", *mode, *base, f"{target}:{name}", str(back)], check=True, timeout=120
+        )
         assert back.read_bytes() == data
     batch = tmp_path / "batch"
     batch.write_text(f"put {src} via-sftp.bin\nget via-sftp.bin {tmp_path}/sftp-back.bin\n")
@@ -121,8 +137,16 @@ def test_scp_and_sftp_round_trips(login: Login, tmp_path: Path) -> None:
 def test_local_forward_reaches_an_inner_container(
     login: Login, hostd: Hostd, busybox_tar: Path
 ) -> None:
-    hostd.hostctl("exec", login.user, "--", "docker", "import", "-", "busybox:local",
-                  input=busybox_tar.read_bytes())  # fmt: skip
+    hostd.hostctl(
+        "exec",
+        login.user,
+        "--",
+        "docker",
+        "import",
+        "-",
+        "busybox:local",
+        input=busybox_tar.read_bytes(),
+    )
     serve = (
         "docker run -d -p 8080:80 busybox:local sh -c "
         "'mkdir /www && echo forwarded > /www/index.html && httpd -f -p 80 -h /www'"
@@ -158,11 +182,19 @@ def test_docker_cli_over_ssh(login: Login) -> None:
     wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {login.home}/.ssh/config "$@"\n')
     wrapper.chmod(0o755)
     res = subprocess.run(
-        [docker, "--host", f"ssh://{login.user}@127.0.0.1:{login.port}", "version",
-         "--format", "{{.Server.Version}}"],
-        capture_output=True, text=True, timeout=120,
+        [
+            docker,
+            "--host",
+            f"ssh://{login.user}@127.0.0.1:{login.port}",
+            "version",
+            "--format",
+            "{{.Server.Version}}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
-    )  # fmt: skip
+    )
     assert res.returncode == 0, res.stderr
     assert re.fullmatch(r"\d+\.\d+\.\d+\S*", res.stdout.strip())
 
@@ -250,11 +282,15 @@ def test_signals_reach_the_command(login: Login) -> None:
 
     async def run() -> asyncssh.SSHCompletedProcess:
         async with asyncssh.connect(
-            "127.0.0.1", login.port, username=login.user, client_keys=[str(login.key)],
+            "127.0.0.1",
+            login.port,
+            username=login.user,
+            client_keys=[str(login.key)],
             known_hosts=None,
-        ) as conn:  # fmt: skip
-            proc = await conn.create_process("trap 'echo got-TERM; exit 42' TERM; "
-                                             "echo armed; while :; do sleep 0.1; done")  # fmt: skip
+        ) as conn:
+            proc = await conn.create_process(
+                "trap 'echo got-TERM; exit 42' TERM; echo armed; while :; do sleep 0.1; done"
+            )
             assert (await proc.stdout.readline()) == "armed\n"
             proc.send_signal("TERM")
             return await proc.wait()
@@ -266,8 +302,11 @@ def test_signals_reach_the_command(login: Login) -> None:
 def test_closing_the_client_ends_the_session(login: Login, hostd: Hostd) -> None:
     for tty in (False, True):
         marker = f"sleep 4{int(tty)}4{int(tty)}"
-        client = subprocess.Popen(login.ssh_args(*(["-tt"] if tty else [])) + [marker],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+        client = subprocess.Popen(
+            login.ssh_args(*(["-tt"] if tty else [])) + [marker],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         script = (
             f"for i in $(seq 100); do pgrep -f '{_pattern(marker)}' && exit 0; sleep 0.1; done; "
             "exit 1"
@@ -279,8 +318,11 @@ def test_closing_the_client_ends_the_session(login: Login, hostd: Hostd) -> None
 
 
 def test_stopping_the_container_ends_sessions_with_a_message(login: Login, hostd: Hostd) -> None:
-    client = subprocess.Popen(login.ssh_args() + ["echo started; sleep 600"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    client = subprocess.Popen(
+        login.ssh_args() + ["echo started; sleep 600"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert client.stdout is not None and client.stdout.readline() == b"started\n"
     hostd.hostctl("stop", login.user)
     _, err = client.communicate(timeout=120)
@@ -289,8 +331,11 @@ def test_stopping_the_container_ends_sessions_with_a_message(login: Login, hostd
 
 
 def test_tmux_and_vim_work_on_a_terminal(login: Login) -> None:
-    res = login.ssh("tmux new-session -d -s t 'sleep 30' && tmux ls && tmux kill-server; "
-                    "vim --version | head -1", extra=("-tt",))  # fmt: skip
+    res = login.ssh(
+        "tmux new-session -d -s t 'sleep 30' && tmux ls && tmux kill-server; "
+        "vim --version | head -1",
+        extra=("-tt",),
+    )
     assert b"t: 1 windows" in res.stdout and b"VIM - Vi IMproved" in res.stdout
 
 
@@ -310,16 +355,29 @@ def test_password_login_through_pam(login: Login, hostd: Hostd) -> None:
         askpass.write_text("#!/bin/sh\necho s3cret-pw\n")
         askpass.chmod(0o700)
         env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force"}
-        cmd = ["ssh", "-p", str(login.port), "-o", "StrictHostKeyChecking=no",
-               "-o", "UserKnownHostsFile=/dev/null", "-o", "PubkeyAuthentication=no",
-               "-o", "PreferredAuthentications=password",
-               f"{login.user}@127.0.0.1", "id -un"]  # fmt: skip
-        res = subprocess.run(cmd, env=env, capture_output=True, timeout=120,
-                             stdin=subprocess.DEVNULL)  # fmt: skip
+        cmd = [
+            "ssh",
+            "-p",
+            str(login.port),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "PreferredAuthentications=password",
+            f"{login.user}@127.0.0.1",
+            "id -un",
+        ]
+        res = subprocess.run(
+            cmd, env=env, capture_output=True, timeout=120, stdin=subprocess.DEVNULL
+        )
         assert res.stdout.strip() == login.user.encode(), res.stderr
         askpass.write_text("#!/bin/sh\necho wrong\n")
-        res = subprocess.run(cmd, env=env, capture_output=True, timeout=120,
-                             stdin=subprocess.DEVNULL)  # fmt: skip
+        res = subprocess.run(
+            cmd, env=env, capture_output=True, timeout=120, stdin=subprocess.DEVNULL
+        )
         assert res.returncode == 255
     finally:
         dropin.unlink(missing_ok=True)
@@ -330,6 +388,7 @@ def test_password_login_through_pam(login: Login, hostd: Hostd) -> None:
 
 
 def test_client_locale_reaches_the_session(login: Login) -> None:
-    res = login.ssh("echo $LANG/$LC_TIME/${EVIL:-none}",
-                    extra=("-o", "SetEnv=LANG=C.UTF-8 LC_TIME=C EVIL=1"))  # fmt: skip
+    res = login.ssh(
+        "echo $LANG/$LC_TIME/${EVIL:-none}", extra=("-o", "SetEnv=LANG=C.UTF-8 LC_TIME=C EVIL=1")
+    )
     assert res.stdout == b"C.UTF-8/C/none\n", res.stderr

@@ -61,8 +61,9 @@ def test_add_start_docker_restart_hostd_remove(
     start = _subuid_owners(hostd)[user]
     assert f"IDs {start}-{start + 65535}" in out
     hostd.hostctl("start", user)
-    hostd.hostctl("exec", user, "--", "docker", "import", "-", "busybox:local",
-                  input=busybox_tar.read_bytes())  # fmt: skip
+    hostd.hostctl(
+        "exec", user, "--", "docker", "import", "-", "busybox:local", input=busybox_tar.read_bytes()
+    )
     res = hostd.hostctl("exec", user, "--", "docker", "run", "--rm", "busybox:local", "echo", "hi")
     assert res.stdout.strip() == "hi"
     # the account inside: same name, host home with host ownership, sudo and docker
@@ -93,10 +94,19 @@ def test_kill_9_mid_add_is_repaired_on_restart(hostd: Hostd, unix_users: UnixUse
     for _ in range(10):
         user = unix_users.make()
         add = subprocess.Popen(
-            [sys.executable, "-m", "hostd.hostctl", "--config", str(hostd.config),
-             "user", "add", user],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "hostd.hostctl",
+                "--config",
+                str(hostd.config),
+                "user",
+                "add",
+                user,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while add.poll() is None and time.monotonic() < deadline:
             if _tenant_rows(hostd).get(user, (0, ""))[1] == "adding":
@@ -175,8 +185,15 @@ def test_quota_status_logs_and_keep_data(hostd: Hostd, unix_users: UnixUsers) ->
     limit = hostd.hostctl("exec", user, "--", "cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
     assert int(limit.stdout) == 3 * 2**30
     table = hostd.hostctl("status", user).stdout
-    assert table.splitlines()[0].split() == ["USER", "STATE", "UPTIME", "MEMORY", "CPU", "PIDS",
-                                             "DISK"]  # fmt: skip
+    assert table.splitlines()[0].split() == [
+        "USER",
+        "STATE",
+        "UPTIME",
+        "MEMORY",
+        "CPU",
+        "PIDS",
+        "DISK",
+    ]
     row = table.splitlines()[1].split()
     # the CPU column has a space ("1.2s/2 cpus"): PIDS is second from the end
     assert row[:2] == [user, "running"] and row[3].endswith("/3G") and row[-2].endswith("/1500")
@@ -193,8 +210,20 @@ def test_quota_status_logs_and_keep_data(hostd: Hostd, unix_users: UnixUsers) ->
     hostd.stop()
     pw = pwd.getpwnam(user)
     with State(hostd.state_dir / "hostd.db") as db:
-        db.begin_add(Tenant(user, pw.pw_uid, pw.pw_gid, pw.pw_dir, start, "default", "adding",
-                            "stopped", utc_now()), Quota())  # fmt: skip
+        db.begin_add(
+            Tenant(
+                user,
+                pw.pw_uid,
+                pw.pw_gid,
+                pw.pw_dir,
+                start,
+                "default",
+                "adding",
+                "stopped",
+                utc_now(),
+            ),
+            Quota(),
+        )
     hostd.start()
     assert user not in _tenant_rows(hostd) and _subuid_owners(hostd)[user] == start
     assert (hostd.state_dir / "containers" / user / "meta.json").exists()
@@ -233,8 +262,11 @@ def test_user_socket_is_limited_to_the_callers_container(
 def test_hostctl_says_when_hostd_is_not_running(tmp_path: Path) -> None:
     cfg = tmp_path / "hostd.toml"
     cfg.write_text(f'[paths]\nadmin_socket = "{tmp_path}/none.sock"\n')
-    res = subprocess.run([sys.executable, "-m", "hostd.hostctl", "--config", str(cfg), "status"],
-                         capture_output=True, text=True)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "hostd.hostctl", "--config", str(cfg), "status"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 1
     assert res.stderr.strip() == (
         f"hostctl: hostd is not running (no socket at {tmp_path}/none.sock): "
@@ -249,8 +281,12 @@ def test_hostd_refuses_a_state_dir_the_containers_cannot_reach(tmp_path: Path) -
     closed.mkdir(mode=0o700)
     cfg = tmp_path / "hostd.toml"
     cfg.write_text(f'[paths]\nstate_dir = "{closed}/state"\nrun_dir = "{tmp_path}/run"\n')
-    res = subprocess.run([sys.executable, "-m", "hostd.daemon", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "hostd.daemon", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 1
     assert res.stderr.strip() == (
         f"ERROR hostd: {closed} (mode 0700) is closed to the containers' root users: "
@@ -272,10 +308,25 @@ def test_doctor(hostd: Hostd) -> None:
     lines = res.stdout.splitlines()
     assert lines[0].split() == ["CHECK", "STATUS", "DETAIL"]
     names = [line.split("  ")[0] for line in lines[1:]]
-    assert names == ["kernel", "user namespaces", "state dir", "ID-mapped mounts", "overlay",
-                     "cgroups", "runc", "subuid files", "ID range owner", "nftables", "tenant DNS",
-                     "disk quota", "lxcfs", "seccomp", "apparmor", "inotify",
-                     "home quotas"]  # fmt: skip
+    assert names == [
+        "kernel",
+        "user namespaces",
+        "state dir",
+        "ID-mapped mounts",
+        "overlay",
+        "cgroups",
+        "runc",
+        "subuid files",
+        "ID range owner",
+        "nftables",
+        "tenant DNS",
+        "disk quota",
+        "lxcfs",
+        "seccomp",
+        "apparmor",
+        "inotify",
+        "home quotas",
+    ]
     assert "tenants use 10.231.64.1 (configured)" in res.stdout
     assert "syscalls denied)" in res.stdout
     assert res.returncode == 0, res.stdout

@@ -75,8 +75,9 @@ def test_imported_system_image_boots_and_survives_a_reimport(
 ) -> None:
     export = tmp_path / "exported.tar"
     template = rt.images.resolve("default") / "rootfs"
-    subprocess.run(["tar", "--numeric-owner", "-C", str(template), "-cf", str(export), "."],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["tar", "--numeric-owner", "-C", str(template), "-cf", str(export), "."], check=True
+    )
     rt.images.import_tarball("imported", export)
     name = make_container("imp", image="imported")
     rt.images.import_tarball("imported", export)  # a rebuild while the container runs

@@ -18,8 +18,7 @@ from tests.conftest import CGROUP_PARENT, INNER_DRIVER, next_range, sh
 @pytest.fixture(scope="module")
 def limited(rt: Runtime) -> Iterator[str]:
     name = f"lim{os.getpid()}"
-    rt.create(name, "default", next_range(),
-              limits=Limits(cpus=0.5, memory=256 * 2**20, pids=300))  # fmt: skip
+    rt.create(name, "default", next_range(), limits=Limits(cpus=0.5, memory=256 * 2**20, pids=300))
     try:
         rt.start(name)
         rt.wait_ready(name)

@@ -92,10 +92,17 @@ def test_a_process_in_a_memory_limited_cgroup_sees_its_limit(mountpoint: Path) -
     try:
         (cgroup / limit_file).write_text(str(LIMIT))
         out = subprocess.run(
-            ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec cat "$1/proc/meminfo"',
-             str(cgroup), str(mountpoint)],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+            [
+                "sh",
+                "-c",
+                'echo $$ > "$0/cgroup.procs" && exec cat "$1/proc/meminfo"',
+                str(cgroup),
+                str(mountpoint),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     finally:
         cgroup.rmdir()  # the reader has exited: the cgroup is empty
     assert meminfo(out)["MemTotal"] == LIMIT

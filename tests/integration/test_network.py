@@ -340,8 +340,12 @@ def test_other_host_users_reach_tenants_only_on_granted_ports(net: Net) -> None:
     def as_nobody(host: str, port: int) -> str | None:
         done = subprocess.run(
             ["/usr/bin/python3", "-c", CLIENT, host, str(port), "3", "http"],
-            user=65534, group=65534, extra_groups=[], capture_output=True, text=True,
-        )  # fmt: skip
+            user=65534,
+            group=65534,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+        )
         return done.stdout.strip() if done.returncode == 0 else None
 
     b = str(net.b.address)

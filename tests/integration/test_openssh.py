@@ -43,8 +43,17 @@ from tests.hostd_harness import (
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = "/usr/bin/python3"
 # What hostd-login may load from this repository: stdlib-only modules (see hostd/login.py).
-LOGIN_MODULES = {"hostd", "hostd.api", "hostd.client", "hostd.errors", "hostd.login",
-                 "runtime", "runtime.errors", "runtime.proc", "runtime.ttyexec"}  # fmt: skip
+LOGIN_MODULES = {
+    "hostd",
+    "hostd.api",
+    "hostd.client",
+    "hostd.errors",
+    "hostd.login",
+    "runtime",
+    "runtime.errors",
+    "runtime.proc",
+    "runtime.ttyexec",
+}
 
 
 @dataclass
@@ -60,19 +69,38 @@ class Sshd:
 
     def client_options(self, key: Path | None = None) -> list[str]:
         return [
-            "-F", "/dev/null", "-i", str(key or self.key), "-o", "IdentitiesOnly=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=30",
-        ]  # fmt: skip
+            "-F",
+            "/dev/null",
+            "-i",
+            str(key or self.key),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=30",
+        ]
 
     def ssh_argv(self, user: str, *args: str, key: Path | None = None) -> list[str]:
-        return ["ssh", *self.client_options(key), "-p", str(self.port), f"{user}@127.0.0.1",
-                *args]  # fmt: skip
+        return ["ssh", *self.client_options(key), "-p", str(self.port), f"{user}@127.0.0.1", *args]
 
-    def ssh(self, user: str, command: str, input: bytes = b"", key: Path | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[bytes]:  # fmt: skip
-        return subprocess.run(self.ssh_argv(user, command, key=key), input=input,
-                              capture_output=True, timeout=timeout)  # fmt: skip
+    def ssh(
+        self,
+        user: str,
+        command: str,
+        input: bytes = b"",
+        key: Path | None = None,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            self.ssh_argv(user, command, key=key), input=input, capture_output=True, timeout=timeout
+        )
 
     def home(self, user: str) -> Path:
         return Path(pwd.getpwnam(user).pw_dir)
@@ -111,9 +139,13 @@ def _config(root: Path, port: int, group: str, hostd: Hostd) -> str:
 
 @pytest.fixture(scope="module")
 def sshd(hostd: Hostd, unix_users: UnixUsers) -> Iterator[Sshd]:
-    for program, package in ((SSHD, "openssh-server"), ("ssh", "openssh-client"),
-                             ("scp", "openssh-client"), ("sftp", "openssh-client"),
-                             (SYSTEM_PYTHON, "python3")):  # fmt: skip
+    for program, package in (
+        (SSHD, "openssh-server"),
+        ("ssh", "openssh-client"),
+        ("scp", "openssh-client"),
+        ("sftp", "openssh-client"),
+        (SYSTEM_PYTHON, "python3"),
+    ):
         if shutil.which(program) is None:
             pytest.skip(f"{program} missing: apt-get install {package}")
     root = Path(tempfile.mkdtemp(prefix=f"hostd-login-test-{os.getpid()}-", dir="/run"))
@@ -126,8 +158,18 @@ def sshd(hostd: Hostd, unix_users: UnixUsers) -> Iterator[Sshd]:
         _run("bash", str(REPO / "packaging/install-login-hook.sh"), "--prefix", f"{root}/login")
         (root / "sshd").mkdir(mode=0o700)
         for name in ("host_key", "client_key", "wrong_key"):
-            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name,
-                 "-f", str(root / "sshd" / name))  # fmt: skip
+            _run(
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                name,
+                "-f",
+                str(root / "sshd" / name),
+            )
         _run("groupadd", group)
         tenant, outsider = unix_users.make(), unix_users.make()
         for user in (tenant, outsider):
@@ -143,8 +185,16 @@ def sshd(hostd: Hostd, unix_users: UnixUsers) -> Iterator[Sshd]:
         _run(SSHD, "-t", "-f", str(config))
         log = root / "sshd/sshd.log"
         proc = start_sshd(config, port, log)
-        yield Sshd(root, port, root / "sshd/client_key", root / "sshd/wrong_key", tenant,
-                   outsider, log, proc)  # fmt: skip
+        yield Sshd(
+            root,
+            port,
+            root / "sshd/client_key",
+            root / "sshd/wrong_key",
+            tenant,
+            outsider,
+            log,
+            proc,
+        )
     finally:
         if proc is not None:
             stop_sshd(proc)
@@ -166,8 +216,12 @@ def test_what_runs_inside_for_each_request() -> None:
     assert command_argv("internal-sftp -l INFO -u 022") == [SFTP_SERVER, "-l", "INFO", "-u", "022"]
     for command in ("scp -t x", "docker ps", "sftp-server; id", "internal-sftp 'x", ""):
         assert command_argv(command) == [
-            "/bin/sh", "-c", 'exec "${SHELL:-/bin/sh}" -c "$1"', "hostd-login", command,
-        ]  # fmt: skip
+            "/bin/sh",
+            "-c",
+            'exec "${SHELL:-/bin/sh}" -c "$1"',
+            "hostd-login",
+            command,
+        ]
 
 
 def test_login_hook_loads_only_stdlib_modules(sshd: Sshd) -> None:
@@ -178,8 +232,13 @@ def test_login_hook_loads_only_stdlib_modules(sshd: Sshd) -> None:
         "print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('hostd', 'runtime', 'cffi', 'asyncssh', 'pyroute2', 'systemd', 'pam'))))"
     )
-    res = subprocess.run([SYSTEM_PYTHON, "-I", "-c", script, str(sshd.root / "login/lib/hostd")],
-                         capture_output=True, text=True, user=sshd.tenant, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        [SYSTEM_PYTHON, "-I", "-c", script, str(sshd.root / "login/lib/hostd")],
+        capture_output=True,
+        text=True,
+        user=sshd.tenant,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     assert set(res.stdout.split()) == LOGIN_MODULES
 
@@ -202,8 +261,12 @@ def test_exec_exit_status_and_separate_streams(sshd: Sshd) -> None:
     res = sshd.ssh(sshd.tenant, "for w in a 'b c'; do echo \"[$w]\"; done | tr -d '\\n'")
     assert res.stdout == b"[a][b c]"
     # no command and no terminal: the login shell reads its commands from stdin, as with sshd
-    res = subprocess.run(sshd.ssh_argv(sshd.tenant, "-T"), input=b"echo $0 $PWD; exit 4\n",
-                         capture_output=True, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        sshd.ssh_argv(sshd.tenant, "-T"),
+        input=b"echo $0 $PWD; exit 4\n",
+        capture_output=True,
+        timeout=300,
+    )
     assert (res.returncode, res.stdout) == (4, f"/bin/bash {sshd.home(sshd.tenant)}\n".encode())
 
 
@@ -221,8 +284,9 @@ class PtyClient:
         self.master, slave = os.openpty()
         self._set_size(rows, cols)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "xterm"}
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-                                     start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True
+        )
         os.close(slave)
         self.out = b""
         self._pos = 0
@@ -330,10 +394,19 @@ def test_sftp_batch_round_trip(sshd: Sshd, tmp_path: Path) -> None:
     data = os.urandom(5 << 20)
     (tmp_path / "up.bin").write_bytes(data)
     batch = tmp_path / "batch"
-    batch.write_text(f"put {tmp_path}/up.bin sftp.bin\nget sftp.bin {tmp_path}/down.bin\n"
-                     "mkdir sftp-dir\nrename sftp.bin sftp-dir/moved.bin\n")  # fmt: skip
-    argv = ["sftp", *sshd.client_options(), "-P", str(sshd.port), "-b", str(batch),
-            f"{sshd.tenant}@127.0.0.1"]  # fmt: skip
+    batch.write_text(
+        f"put {tmp_path}/up.bin sftp.bin\nget sftp.bin {tmp_path}/down.bin\n"
+        "mkdir sftp-dir\nrename sftp.bin sftp-dir/moved.bin\n"
+    )
+    argv = [
+        "sftp",
+        *sshd.client_options(),
+        "-P",
+        str(sshd.port),
+        "-b",
+        str(batch),
+        f"{sshd.tenant}@127.0.0.1",
+    ]
     res = subprocess.run(argv, capture_output=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "down.bin").read_bytes() == data
@@ -357,8 +430,9 @@ def test_closing_the_client_ends_the_command_inside(
         term = PtyClient(sshd.ssh_argv(sshd.tenant, "-tt", command), rows=24, cols=80)
         client = term.proc
     else:
-        client = subprocess.Popen(sshd.ssh_argv(sshd.tenant, command),
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+        client = subprocess.Popen(
+            sshd.ssh_argv(sshd.tenant, command), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
     try:
         if terminal:
             term.expect(rb"ready42")
@@ -378,8 +452,9 @@ def test_closing_the_client_ends_the_command_inside(
 
 def test_fifty_concurrent_sessions(sshd: Sshd) -> None:
     with ThreadPoolExecutor(50) as pool:
-        results = list(pool.map(lambda i: sshd.ssh(sshd.tenant, f"echo {i}; exit {i % 5}"),
-                                range(50)))  # fmt: skip
+        results = list(
+            pool.map(lambda i: sshd.ssh(sshd.tenant, f"echo {i}; exit {i % 5}"), range(50))
+        )
     assert [(r.returncode, r.stdout) for r in results] == [
         (i % 5, f"{i}\n".encode()) for i in range(50)
     ], [r.stderr for r in results if r.stderr]

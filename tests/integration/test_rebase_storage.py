@@ -136,9 +136,13 @@ def test_a_failed_rebase_leaves_the_old_image(
 
 
 def test_copy_mode_rebase_redoes_the_shifted_copy(
-    state_dir: Path, rt: Runtime, image: str, busybox_tar: Path, tmp_path: Path,
+    state_dir: Path,
+    rt: Runtime,
+    image: str,
+    busybox_tar: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     copy = Runtime(Settings(state_dir, rootfs_mode="copy", cgroup_parent=CGROUP_PARENT))
     with _container(copy, image) as name:
         _write_state(copy, name)

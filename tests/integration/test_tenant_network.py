@@ -34,8 +34,9 @@ def _address(h: Hostd, user: str) -> str:
 
 
 def _serve(h: Hostd, user: str, port: int, busybox_tar: Path) -> None:
-    h.hostctl("exec", user, "--", "docker", "import", "-", "busybox:local",
-              input=busybox_tar.read_bytes())  # fmt: skip
+    h.hostctl(
+        "exec", user, "--", "docker", "import", "-", "busybox:local", input=busybox_tar.read_bytes()
+    )
     h.hostctl("exec", user, "--", "sh", "-c", SERVE.format(port=port, user=user))
     h.hostctl("exec", user, "--", "sh", "-c", WAIT.format(port=port))  # up inside
 
@@ -76,8 +77,9 @@ def test_granted_port_serves_the_tenants_container(
 ) -> None:
     _, b = two_tenants
     hostd.hostctl("ports", "grant", b, "20001")
-    bridge = str(network.NetworkConfig(TEST_BRIDGE, "10.231.64.0/20", TEST_TABLE)
-                 .bridge_address().ip)  # fmt: skip
+    bridge = str(
+        network.NetworkConfig(TEST_BRIDGE, "10.231.64.0/20", TEST_TABLE).bridge_address().ip
+    )
     assert _http("127.0.0.1", 20001).strip() == f"served-by-{b}"
     assert _http(bridge, 20001).strip() == f"served-by-{b}"
     assert _refused("127.0.0.1", 20002)  # published inside, but not granted
@@ -105,8 +107,9 @@ def test_tenants_cannot_reach_each_other_or_the_host(
         probe = f"curl -sS --max-time 3 http://{bridge.bridge_address().ip}:{port}/"
         assert hostd.hostctl("exec", a, "--", "sh", "-c", probe, check=False).returncode != 0
     # DNS: the configured nameserver
-    assert "nameserver 10.231.64.1" in hostd.hostctl("exec", a, "--", "cat",
-                                                      "/etc/resolv.conf").stdout  # fmt: skip
+    assert (
+        "nameserver 10.231.64.1" in hostd.hostctl("exec", a, "--", "cat", "/etc/resolv.conf").stdout
+    )
     # the inner Docker cannot take host ports: B's published 20002 is not on the host
     assert _refused("127.0.0.1", 20002)
 
@@ -152,11 +155,13 @@ def test_removal_leaves_no_network_objects(
     assert loops.strip()
     hostd.hostctl("user", "remove", user)
     assert veth not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
-    rules = subprocess.run(["nft", "list", "table", "inet", TEST_TABLE], capture_output=True,
-                           text=True).stdout  # fmt: skip
+    rules = subprocess.run(
+        ["nft", "list", "table", "inet", TEST_TABLE], capture_output=True, text=True
+    ).stdout
     assert "23000" not in rules
-    assert not subprocess.run(["losetup", "-j", str(image)], capture_output=True,
-                              text=True).stdout.strip()  # fmt: skip
+    assert not subprocess.run(
+        ["losetup", "-j", str(image)], capture_output=True, text=True
+    ).stdout.strip()
     mounts = Path("/proc/self/mountinfo").read_text()
     assert f"/containers/{user}/" not in mounts
 

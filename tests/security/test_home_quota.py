@@ -37,10 +37,12 @@ def quota_fs() -> Iterator[Path]:
     try:
         with open(image, "wb") as f:
             f.truncate(64 * 2**20)
-        subprocess.run(["mkfs.ext4", "-q", "-O", "quota", "-E", "quotatype=usrquota", str(image)],
-                       check=True)  # fmt: skip
-        res = subprocess.run(["mount", "-o", "loop,usrquota", str(image), str(mnt)],
-                             capture_output=True, text=True)  # fmt: skip
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-O", "quota", "-E", "quotatype=usrquota", str(image)], check=True
+        )
+        res = subprocess.run(
+            ["mount", "-o", "loop,usrquota", str(image), str(mnt)], capture_output=True, text=True
+        )
         if res.returncode != 0:
             pytest.skip("this kernel cannot enforce ext4 user quotas (CONFIG_QFMT_V2 unset)")
         try:
@@ -78,8 +80,9 @@ def test_without_quota_support_the_admin_is_told(hostd: Hostd, unix_users: UnixU
     instead of pretending; doctor says the same."""
     user = unix_users.make()
     home = os.path.expanduser(f"~{user}")
-    opts = subprocess.run(["findmnt", "-no", "OPTIONS", "--target", home],
-                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    opts = subprocess.run(
+        ["findmnt", "-no", "OPTIONS", "--target", home], capture_output=True, text=True, check=True
+    ).stdout
     if "usrquota" in opts or "uquota" in opts:
         pytest.skip(f"{home} enforces user quotas: the test above covers it")
     with home_limit(hostd, "4M") as h:

@@ -51,8 +51,13 @@ print(json.dumps(out))
 def _probe(uid: int, gid: int, ops: list[tuple[str, str]]) -> dict[str, str]:
     res = subprocess.run(
         [HOST_PYTHON, "-c", PROBE, json.dumps(ops)],
-        user=uid, group=gid, extra_groups=[], capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        user=uid,
+        group=gid,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     return dict(json.loads(res.stdout.splitlines()[-1]))
 
@@ -70,8 +75,9 @@ def tenant(hostd: Hostd, unix_users: UnixUsers) -> Iterator[str]:
     user = unix_users.make()
     hostd.hostctl("user", "add", user, "--memory", "2G", "--pids", "2000", "--disk", "4G")
     hostd.hostctl("start", user)
-    hostd.hostctl("exec", user, "--", "sh", "-c",
-                  "cp /usr/bin/id /opt/suid && chmod 6755 /opt/suid")  # fmt: skip
+    hostd.hostctl(
+        "exec", user, "--", "sh", "-c", "cp /usr/bin/id /opt/suid && chmod 6755 /opt/suid"
+    )
     yield user
     hostd.hostctl("user", "remove", user, check=False)
 
@@ -96,8 +102,9 @@ def test_device_nodes_on_the_volume_cannot_be_opened_inside(
     os.mknod(node, stat.S_IFBLK | 0o666, os.makedev(os.major(root_dev), os.minor(root_dev)))
     try:
         os.chown(node, root, root)
-        res = hostd.hostctl("exec", tenant, "--", "sudo", "head", "-c", "512",
-                            "/var/lib/docker/disk", check=False)  # fmt: skip
+        res = hostd.hostctl(
+            "exec", tenant, "--", "sudo", "head", "-c", "512", "/var/lib/docker/disk", check=False
+        )
         assert res.returncode != 0
         assert "Operation not permitted" in res.stderr, res.stderr
     finally:
@@ -178,8 +185,14 @@ def test_a_huge_passwd_inside_costs_hostd_nothing(hostd: Hostd, tenant: str) -> 
     line, without hostd reading it whole."""
     assert hostd.proc is not None
     before = _rss_kib(hostd.proc.pid)
-    hostd.hostctl("exec", tenant, "--", "sh", "-c",
-                  "cp /etc/passwd /etc/passwd.orig && truncate -s 2G /etc/passwd")  # fmt: skip
+    hostd.hostctl(
+        "exec",
+        tenant,
+        "--",
+        "sh",
+        "-c",
+        "cp /etc/passwd /etc/passwd.orig && truncate -s 2G /etc/passwd",
+    )
     try:
         res = hostd.hostctl("exec", tenant, "--user", tenant, "--", "true", check=False)
         assert res.returncode != 0

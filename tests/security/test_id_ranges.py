@@ -74,18 +74,31 @@ def _map_as(user: str, tool: str, start: int) -> tuple[subprocess.CompletedProce
     `start`.. onto it. Returns newuidmap's result and the namespace's map afterwards."""
     pw = pwd.getpwnam(user)
     uid, gid = pw.pw_uid, pw.pw_gid
-    target = subprocess.Popen(["unshare", "--user", "cat"], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, user=uid, group=gid, extra_groups=[],
-                              cwd="/")  # fmt: skip
+    target = subprocess.Popen(
+        ["unshare", "--user", "cat"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        user=uid,
+        group=gid,
+        extra_groups=[],
+        cwd="/",
+    )
     try:
         ours, deadline = os.readlink("/proc/self/ns/user"), time.monotonic() + 30
         while os.readlink(f"/proc/{target.pid}/ns/user") == ours:  # until unshare has run
             assert target.poll() is None, "unshare --user failed"
             assert time.monotonic() < deadline, "unshare --user did not unshare within 30 s"
             time.sleep(0.01)
-        res = subprocess.run([tool, str(target.pid), "0", str(start), str(RANGE_SIZE)],
-                             capture_output=True, text=True, timeout=60, user=uid, group=gid,
-                             extra_groups=[], cwd="/")  # fmt: skip
+        res = subprocess.run(
+            [tool, str(target.pid), "0", str(start), str(RANGE_SIZE)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            user=uid,
+            group=gid,
+            extra_groups=[],
+            cwd="/",
+        )
         kind = "uid_map" if tool == "newuidmap" else "gid_map"
         mapped = Path(f"/proc/{target.pid}/{kind}").read_text()
     finally:
@@ -140,8 +153,10 @@ def test_a_removed_tenants_range_is_quarantined_until_an_admin_releases_it(
             assert _entries_at(path, start) == [SubIdEntry(ID_OWNER, start, RANGE_SIZE)]
         table = hostd.hostctl("ranges").stdout.splitlines()
         assert table[0].split() == ["START", "COUNT", "USER", "STATUS", "SINCE"]
-        assert any(line.split()[:4] == [str(start), str(RANGE_SIZE), gone, "quarantined"]
-                   for line in table[1:])  # fmt: skip
+        assert any(
+            line.split()[:4] == [str(start), str(RANGE_SIZE), gone, "quarantined"]
+            for line in table[1:]
+        )
 
         # neither a new tenant nor the removed user coming back gets the old IDs
         hostd.hostctl("user", "add", new)
@@ -153,8 +168,10 @@ def test_a_removed_tenants_range_is_quarantined_until_an_admin_releases_it(
 
         since = next(r["since"] for r in _ranges(hostd) if r["start"] == start)
         out = hostd.hostctl("ranges", "release", str(start)).stdout
-        assert out == (f"released IDs {start}-{start + RANGE_SIZE - 1} (formerly {gone}'s, "
-                       f"quarantined since {since}): new tenants may get them\n")  # fmt: skip
+        assert out == (
+            f"released IDs {start}-{start + RANGE_SIZE - 1} (formerly {gone}'s, "
+            f"quarantined since {since}): new tenants may get them\n"
+        )
         assert all(r["start"] != start for r in _ranges(hostd))
         assert _entries_at(hostd.subuid, start) == _entries_at(hostd.subgid, start) == []
         # allocation takes the lowest free range: this one again, now that it is released
@@ -178,9 +195,13 @@ print(json.dumps(rows))
 def _sql(h: Hostd, *statements: tuple[str, list[object]]) -> list[list[object]]:
     """Run SQL on hostd's database in a process of its own, closed at the end (the way an
     admin would; a connection kept in this long-lived process would outlive hostd's)."""
-    done = subprocess.run([sys.executable, "-c", _SQL, str(h.state_dir / "hostd.db"),
-                           json.dumps(statements)], capture_output=True, text=True,
-                          timeout=60, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _SQL, str(h.state_dir / "hostd.db"), json.dumps(statements)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     rows: list[list[object]] = json.loads(done.stdout)
     return rows
 

@@ -81,8 +81,9 @@ def start_and_ask_docker(hostd: Hostd, user: str) -> str:
     res = hostd.hostctl("start", user, check=False)
     if res.returncode != 0:
         return f"{user}: start failed: {res.stderr.strip()}"
-    res = hostd.hostctl("exec", user, "--", "docker", "info", "--format", "{{.ServerVersion}}",
-                        check=False)  # fmt: skip
+    res = hostd.hostctl(
+        "exec", user, "--", "docker", "info", "--format", "{{.ServerVersion}}", check=False
+    )
     if res.returncode != 0 or not res.stdout.strip():
         return f"{user}: docker info failed: {res.stderr.strip()}"
     return ""

@@ -78,12 +78,21 @@ int main(void) {
 
 EPERM, ENOSYS = errno.EPERM, errno.ENOSYS
 EXPECTED = {
-    "kexec_load": EPERM, "kexec_file_load": EPERM, "init_module": EPERM, "bpf": EPERM,
-    "userfaultfd": EPERM, "perf_event_open": EPERM, "keyctl": ENOSYS, "io_uring_setup": ENOSYS,
-    "open_by_handle_at": EPERM, "i386_kexec_load": EPERM, "x32_kexec_load": EPERM,
+    "kexec_load": EPERM,
+    "kexec_file_load": EPERM,
+    "init_module": EPERM,
+    "bpf": EPERM,
+    "userfaultfd": EPERM,
+    "perf_event_open": EPERM,
+    "keyctl": ENOSYS,
+    "io_uring_setup": ENOSYS,
+    "open_by_handle_at": EPERM,
+    "i386_kexec_load": EPERM,
+    "x32_kexec_load": EPERM,
     # what must keep working: systemd's mount IDs, 32-bit programs
-    "name_to_handle_at": 0, "i386_getpid": 0,
-}  # fmt: skip
+    "name_to_handle_at": 0,
+    "i386_getpid": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +119,14 @@ def test_the_probe_sees_the_kernel_without_the_filter(probe: bytes, tmp_path: Pa
         [str(tmp_path / "probe")], cwd=tmp_path, capture_output=True, text=True, check=True
     ).stdout
     got = results(out)
-    for name in ("kexec_load", "i386_kexec_load", "x32_kexec_load", "keyctl", "io_uring_setup",
-                 "userfaultfd"):  # fmt: skip
+    for name in (
+        "kexec_load",
+        "i386_kexec_load",
+        "x32_kexec_load",
+        "keyctl",
+        "io_uring_setup",
+        "userfaultfd",
+    ):
         assert got[name] != EXPECTED[name], (name, got[name])
 
 
@@ -139,8 +154,9 @@ def test_inner_docker_works_and_privileged_inner_containers_stay_filtered(
     assert sh(rt, name, "docker run --rm built:1").strip() == "built"
     # --privileged drops the inner Docker's own profile, never the tenant's
     out = sh(
-        rt, name,
+        rt,
+        name,
         "docker run --rm --privileged --tmpfs /tmp -v /tmp/probe:/probe busybox:local "
         "sh -c 'mount | grep -q sysfs && cd /tmp && /probe'",
-    )  # fmt: skip
+    )
     assert results(out) == EXPECTED

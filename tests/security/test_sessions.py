@@ -79,9 +79,12 @@ class Sessions:
 
     def open(self, tty: bool = False) -> subprocess.Popen[bytes]:
         extra = ("-tt",) if tty else ()
-        client = subprocess.Popen([*self.tenant.ssh_args(*extra), "echo ready; exec sleep 3600"],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE)  # fmt: skip
+        client = subprocess.Popen(
+            [*self.tenant.ssh_args(*extra), "echo ready; exec sleep 3600"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         self.clients.append(client)
         assert client.stdout is not None
         line = client.stdout.readline()
@@ -121,9 +124,12 @@ def _cmdline(pid: int) -> str:
 def _session_helpers(hostd: Hostd, zombies: bool = False) -> list[int]:
     """hostd's children that serve sessions: `runc exec` on pipes, and pty helpers."""
     assert hostd.proc is not None
-    return [pid for pid in children(hostd.proc.pid)
-            if re.search(r"runc .* exec |-m runtime\.ttyexec", _cmdline(pid))
-            and (zombies or not _ended(pid))]  # fmt: skip
+    return [
+        pid
+        for pid in children(hostd.proc.pid)
+        if re.search(r"runc .* exec |-m runtime\.ttyexec", _cmdline(pid))
+        and (zombies or not _ended(pid))
+    ]
 
 
 def _ended(pid: int) -> bool:
@@ -155,8 +161,9 @@ def test_sessions_over_the_cap_are_refused_and_the_others_go_on(
 ) -> None:
     with session_cap(hostd, 3), open_sessions(tenant) as sessions:
         held = [sessions.open(), sessions.open(tty=True), sessions.open()]
-        res = subprocess.run([*tenant.ssh_args(), "echo should-not-run"], capture_output=True,
-                             timeout=120)  # fmt: skip
+        res = subprocess.run(
+            [*tenant.ssh_args(), "echo should-not-run"], capture_output=True, timeout=120
+        )
         assert res.returncode == 255 and res.stdout == b""
         assert res.stderr.decode().strip() == f"hostd: {tenant.user} has 3 {REFUSAL}"
         # the same cap through the other door (the user socket: hostctl exec, hostd-login)
@@ -165,9 +172,10 @@ def test_sessions_over_the_cap_are_refused_and_the_others_go_on(
         assert all(client.poll() is None for client in held)  # the others go on
         held[0].kill()
         held[0].wait()
-        _wait_for(lambda: hostd.hostctl("exec", tenant.user, "--", "true",
-                                        check=False).returncode == 0,
-                  "a session after one ended")  # fmt: skip
+        _wait_for(
+            lambda: hostd.hostctl("exec", tenant.user, "--", "true", check=False).returncode == 0,
+            "a session after one ended",
+        )
 
 
 def test_session_helpers_are_charged_to_the_tenant(hostd: Hostd, tenant: Tenant) -> None:
@@ -192,16 +200,23 @@ def test_session_helpers_are_charged_to_the_tenant(hostd: Hostd, tenant: Tenant)
 
 async def _signals_after_the_end(tenant: Tenant, hostd: Hostd, marker: str) -> int:
     async with asyncssh.connect(
-        "127.0.0.1", tenant.port, username=tenant.user, client_keys=[str(tenant.key)],
+        "127.0.0.1",
+        tenant.port,
+        username=tenant.user,
+        client_keys=[str(tenant.key)],
         known_hosts=None,
-    ) as conn:  # fmt: skip
+    ) as conn:
         # the shell ends on a line of input; a child it left (immune to the terminal's hang-up)
         # holds the terminal open, so the session stays
-        proc = await conn.create_process(f"trap '' HUP; {marker} & echo armed; read line",
-                                         term_type="xterm")  # fmt: skip
+        proc = await conn.create_process(
+            f"trap '' HUP; {marker} & echo armed; read line", term_type="xterm"
+        )
         assert "armed" in await proc.stdout.readline()
-        helpers = [pid for pid in _session_helpers(hostd)
-                   if f"/{tenant.user}/hostd-sessions" in _cgroups(pid)["memory"]]  # fmt: skip
+        helpers = [
+            pid
+            for pid in _session_helpers(hostd)
+            if f"/{tenant.user}/hostd-sessions" in _cgroups(pid)["memory"]
+        ]
         assert len(helpers) == 1, helpers
         proc.stdin.write("\n")
         # the pty helper exits with the shell, which it reaped: the shell's PID is free now
@@ -209,8 +224,15 @@ async def _signals_after_the_end(tenant: Tenant, hostd: Hostd, marker: str) -> i
         for name in ("TERM", "KILL", "HUP", "INT", "USR1"):  # late: must reach nobody
             proc.send_signal(name)
         # the child is still there (pkill finds it), and its end ends the session
-        await asyncio.to_thread(hostd.hostctl, "exec", tenant.user, "--", "pkill", "-f",
-                                marker.replace("sleep", "slee[p]"))  # fmt: skip
+        await asyncio.to_thread(
+            hostd.hostctl,
+            "exec",
+            tenant.user,
+            "--",
+            "pkill",
+            "-f",
+            marker.replace("sleep", "slee[p]"),
+        )
         done = await asyncio.wait_for(proc.wait(), 60)
         assert done.exit_status is not None
         return done.exit_status
@@ -227,18 +249,25 @@ def test_signals_after_the_program_ended_reach_nobody(hostd: Hostd, tenant: Tena
 
 
 HOSTILE_ENV = {
-    "LC_OK": "fine", "LC_NL": "a\nLD_PRELOAD=/tmp/x.so", "LC_CR": "a\rb",
-    "LC_HUGE": "x" * 10_000, "EVIL": "1", "LD_PRELOAD": "/tmp/x.so",
-}  # fmt: skip
+    "LC_OK": "fine",
+    "LC_NL": "a\nLD_PRELOAD=/tmp/x.so",
+    "LC_CR": "a\rb",
+    "LC_HUGE": "x" * 10_000,
+    "EVIL": "1",
+    "LD_PRELOAD": "/tmp/x.so",
+}
 SHOW_ENV = "env | grep -E '^(LC_|EVIL|LD_PRELOAD)' | sort; echo end"
 
 
 def _env_over_ssh(tenant: Tenant) -> str:
     async def run() -> str:
         async with asyncssh.connect(
-            "127.0.0.1", tenant.port, username=tenant.user, client_keys=[str(tenant.key)],
+            "127.0.0.1",
+            tenant.port,
+            username=tenant.user,
+            client_keys=[str(tenant.key)],
             known_hosts=None,
-        ) as conn:  # fmt: skip
+        ) as conn:
             done = await conn.run(SHOW_ENV, env=HOSTILE_ENV, timeout=120)
             return str(done.stdout)
 
@@ -298,15 +327,27 @@ def test_a_tenants_slow_sessions_do_not_delay_another_tenants_login(
     other = _make_tenant(hostd, unix_users, key)
     rt = Runtime(config_mod.load(hostd.config).runtime_settings())
     unit = "/etc/systemd/system/hostd-slow.service"
-    res = rt.exec(tenant.user, ["sh", "-c", 'printf "$1" >"$2" && '
-                                'ln -s "$2" /etc/systemd/system/multi-user.target.wants/',
-                                "-", SLOW_UNIT, unit])  # fmt: skip
+    res = rt.exec(
+        tenant.user,
+        [
+            "sh",
+            "-c",
+            'printf "$1" >"$2" && ln -s "$2" /etc/systemd/system/multi-user.target.wants/',
+            "-",
+            SLOW_UNIT,
+            unit,
+        ],
+    )
     assert res.returncode == 0, res.stderr
     stuck: list[subprocess.Popen[bytes]] = []
     try:
         hostd.hostctl("stop", tenant.user)
-        stuck += [subprocess.Popen([*tenant.ssh_args(), "true"], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL) for _ in range(8)]  # fmt: skip
+        stuck += [
+            subprocess.Popen(
+                [*tenant.ssh_args(), "true"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            for _ in range(8)
+        ]
         _wait_for(lambda: _hanging(tenant.user) >= 1, "the tenant's container to boot slowly")
         started = time.monotonic()
         res2 = subprocess.run([*other.ssh_args(), "echo in"], capture_output=True, timeout=120)
@@ -319,16 +360,21 @@ def test_a_tenants_slow_sessions_do_not_delay_another_tenants_login(
             client.kill()
             client.wait()
         _wait_for(lambda: rt.state(tenant.user).status == "running", "the tenant to run")
-        rt.exec(tenant.user, ["rm", "-f", unit, "/etc/systemd/system/multi-user.target.wants/"
-                              "hostd-slow.service"])  # fmt: skip
+        rt.exec(
+            tenant.user,
+            ["rm", "-f", unit, "/etc/systemd/system/multi-user.target.wants/hostd-slow.service"],
+        )
         hostd.hostctl("user", "remove", other.user, check=False)
 
 
 def _hanging(user: str) -> int:
     """Processes of the tenant sleeping in its slow boot (seen from the host)."""
-    return sum(1 for p in Path("/proc").glob("[0-9]*")
-               if _cmdline(int(p.name)).startswith(f"/bin/sleep {SLOW}")
-               and f"/{user}" in _memory_cgroup(int(p.name)))  # fmt: skip
+    return sum(
+        1
+        for p in Path("/proc").glob("[0-9]*")
+        if _cmdline(int(p.name)).startswith(f"/bin/sleep {SLOW}")
+        and f"/{user}" in _memory_cgroup(int(p.name))
+    )
 
 
 def _memory_cgroup(pid: int) -> str:
@@ -342,15 +388,18 @@ def test_a_sessions_environment_shows_in_no_host_command_line(tenant: Tenant) ->
     """Other host users read every process's command line (`ps`): what a session carries
     (its client's address, locale...) must not be on runc's or a helper's argv."""
     value = f"hostd-{os.getpid()}-secret"
-    client = subprocess.Popen([*tenant.ssh_args("-o", "SendEnv=LC_SECRET"),
-                               'echo "ready $LC_SECRET"; exec sleep 3600'],
-                              env={**os.environ, "LC_SECRET": value},
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    client = subprocess.Popen(
+        [*tenant.ssh_args("-o", "SendEnv=LC_SECRET"), 'echo "ready $LC_SECRET"; exec sleep 3600'],
+        env={**os.environ, "LC_SECRET": value},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     try:
         assert client.stdout is not None
         assert client.stdout.readline().strip() == f"ready {value}".encode()  # it arrived
-        shown = [pid for pid in os.listdir("/proc") if pid.isdigit()
-                 and value in _cmdline(int(pid))]  # fmt: skip
+        shown = [
+            pid for pid in os.listdir("/proc") if pid.isdigit() and value in _cmdline(int(pid))
+        ]
         assert shown == []
     finally:
         client.kill()

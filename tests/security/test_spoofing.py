@@ -69,9 +69,18 @@ def checksum(data: bytes) -> int:
 def udp_frame(src_mac: str, dst_mac: str, src: str, dst: str, payload: bytes) -> bytes:
     udp = struct.pack("!HHHH", 40000, 9, 8 + len(payload), 0) + payload
     header = struct.pack(
-        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, socket.IPPROTO_UDP, 0,
-        socket.inet_aton(src), socket.inet_aton(dst),
-    )  # fmt: skip
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(udp),
+        0,
+        0,
+        64,
+        socket.IPPROTO_UDP,
+        0,
+        socket.inet_aton(src),
+        socket.inet_aton(dst),
+    )
     header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
     return mac_bytes(dst_mac) + mac_bytes(src_mac) + struct.pack("!H", ETH_P_IP) + header + udp
 
@@ -79,9 +88,17 @@ def udp_frame(src_mac: str, dst_mac: str, src: str, dst: str, payload: bytes) ->
 def arp_frame(eth_src: str, sender_mac: str, sender_ip: str, target_ip: str) -> bytes:
     """A gratuitous-style ARP request, broadcast."""
     arp = struct.pack(
-        "!HHBBH6s4s6s4s", 1, ETH_P_IP, 6, 4, 1, mac_bytes(sender_mac),
-        socket.inet_aton(sender_ip), bytes(6), socket.inet_aton(target_ip),
-    )  # fmt: skip
+        "!HHBBH6s4s6s4s",
+        1,
+        ETH_P_IP,
+        6,
+        4,
+        1,
+        mac_bytes(sender_mac),
+        socket.inet_aton(sender_ip),
+        bytes(6),
+        socket.inet_aton(target_ip),
+    )
     return b"\xff" * 6 + mac_bytes(eth_src) + struct.pack("!H", ETH_P_ARP) + arp
 
 
@@ -159,8 +176,9 @@ class Pair:
 
     def legit(self, marker: bytes) -> bytes:
         """A's own, well-formed datagram to the bridge address."""
-        return udp_frame(tenant_mac(self.a.container), self.bridge_mac, str(self.a.address),
-                         GW, marker)  # fmt: skip
+        return udp_frame(
+            tenant_mac(self.a.container), self.bridge_mac, str(self.a.address), GW, marker
+        )
 
 
 @pytest.fixture
@@ -176,8 +194,7 @@ def pair() -> Iterator[Pair]:
             attach(CFG, t.container, t.address, t.pid)
         bridge_mac = Path(f"/sys/class/net/{CFG.bridge}/address").read_text().strip()
         # A knows the gateway for good: its sends never wait on an ARP exchange
-        a.run("ip", "neigh", "replace", GW, "lladdr", bridge_mac, "dev", "eth0", "nud",
-              "permanent")  # fmt: skip
+        a.run("ip", "neigh", "replace", GW, "lladdr", bridge_mac, "dev", "eth0", "nud", "permanent")
         recorder = Recorder(CFG.bridge)
         yield Pair(a, b, bridge_mac, recorder)
     finally:

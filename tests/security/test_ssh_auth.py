@@ -71,16 +71,18 @@ def _tenant(hostd: Hostd, users: UnixUsers, directory: Path) -> Login:
 
 
 @pytest.fixture(scope="module")
-def alice(gateway: Hostd, unix_users: UnixUsers, tmp_path_factory: pytest.TempPathFactory
-          ) -> Iterator[Login]:  # fmt: skip
+def alice(
+    gateway: Hostd, unix_users: UnixUsers, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Login]:
     login = _tenant(gateway, unix_users, tmp_path_factory.mktemp("alice"))
     yield login
     gateway.hostctl("user", "remove", login.user)
 
 
 @pytest.fixture(scope="module")
-def mallory(gateway: Hostd, unix_users: UnixUsers, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[Login]:  # fmt: skip
+def mallory(
+    gateway: Hostd, unix_users: UnixUsers, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Login]:
     """A tenant who attacks through their own home."""
     login = _tenant(gateway, unix_users, tmp_path_factory.mktemp("mallory"))
     yield login
@@ -153,9 +155,14 @@ def test_fifo_authorized_keys_does_not_freeze_hostd(
         os.mkfifo(fifo, 0o600)
         for path in (ssh_dir, fifo):
             os.chown(path, uid, uid)
-        attackers = [subprocess.Popen(mallory.ssh_args("-b", "127.0.0.5") + ["true"],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                     for _ in range(4)]  # fmt: skip
+        attackers = [
+            subprocess.Popen(
+                mallory.ssh_args("-b", "127.0.0.5") + ["true"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for _ in range(4)
+        ]
         try:
             for _ in range(3):  # while the FIFO logins are under way, and after
                 assert _ping(gateway) < 1
@@ -229,8 +236,7 @@ def test_expired_or_locked_accounts_cannot_log_in_by_key(
     gateway: Hostd, alice: Login, lock: list[str], unlock: list[str]
 ) -> None:
     # a password to lock: with none (useradd's "!"), -L and -l change nothing, see passwd(1)
-    subprocess.run(["chpasswd"], input=f"{alice.user}:pw-{os.getpid()}\n", text=True,
-                   check=True)  # fmt: skip
+    subprocess.run(["chpasswd"], input=f"{alice.user}:pw-{os.getpid()}\n", text=True, check=True)
     subprocess.run([*lock, alice.user], check=True, capture_output=True)
     try:
         _fails(alice, "127.0.0.8")
@@ -258,11 +264,15 @@ def _exec_as(h: Hostd, user: str, argv: list[str]) -> int:
 
 
 @pytest.mark.parametrize("shell", ["/usr/sbin/nologin", "/bin/false"])
-def test_a_nologin_shell_is_refused_as_nologin_says(gateway: Hostd, alice: Login,
-                                                    shell: str) -> None:  # fmt: skip
+def test_a_nologin_shell_is_refused_as_nologin_says(
+    gateway: Hostd, alice: Login, shell: str
+) -> None:
     nologin_txt = Path("/etc/nologin.txt")
-    said = (nologin_txt.read_text().rstrip("\n") if nologin_txt.exists()
-            else "This account is currently not available.")  # fmt: skip
+    said = (
+        nologin_txt.read_text().rstrip("\n")
+        if nologin_txt.exists()
+        else "This account is currently not available."
+    )
     marker = _home(alice.user) / "ran"
     subprocess.run(["usermod", "-s", shell, alice.user], check=True)
     try:
@@ -298,8 +308,9 @@ def test_preauth_flood_from_one_source_does_not_keep_others_out(
             s.close()
 
 
-def _still_open(socks: list[socket.socket], until: Callable[[list[socket.socket]], bool],
-                timeout: float) -> list[socket.socket]:  # fmt: skip
+def _still_open(
+    socks: list[socket.socket], until: Callable[[list[socket.socket]], bool], timeout: float
+) -> list[socket.socket]:
     """Those of `socks` the server has not closed, once `until` holds of them or at the
     timeout (reading and dropping what the server sends)."""
     left, deadline = list(socks), time.monotonic() + timeout
@@ -333,10 +344,16 @@ def test_every_wrong_password_counts(gateway: Hostd, alice: Login) -> None:
     async def guess() -> None:
         with pytest.raises((asyncssh.PermissionDenied, asyncssh.DisconnectError)):
             await asyncssh.connect(
-                "127.0.0.1", gateway.ssh_port, username=alice.user, known_hosts=None,
-                client_factory=Guesser, client_keys=None, agent_path=None,
-                preferred_auth="password", local_addr=("127.0.0.3", 0),
-            )  # fmt: skip
+                "127.0.0.1",
+                gateway.ssh_port,
+                username=alice.user,
+                known_hosts=None,
+                client_factory=Guesser,
+                client_keys=None,
+                agent_path=None,
+                preferred_auth="password",
+                local_addr=("127.0.0.3", 0),
+            )
 
     asyncio.run(guess())
     assert tries == MAX_FAILURES  # one connection, cut off when the source hit its limit
@@ -359,9 +376,10 @@ def test_unknown_users_non_tenants_root_and_tenants_get_the_same_answers(
         assert res.returncode == 255
         text = res.stderr.decode(errors="replace").replace(user, "USER")
         transcripts[user] = [  # what the server said: methods, banners, messages
-            line for line in text.splitlines()
+            line
+            for line in text.splitlines()
             if not line.startswith("debug1: ") or "Authentications that can continue" in line
-        ]  # fmt: skip
+        ]
     assert transcripts["nosuchuser"] == transcripts[outsider], transcripts
     assert transcripts[outsider] == transcripts["root"] == transcripts[alice.user], transcripts
     methods = "debug1: Authentications that can continue: publickey,keyboard-interactive,password"

@@ -33,9 +33,17 @@ V2_UNIFIED = """\
 rw,nsdelegate,memory_recursiveprot
 """
 V1_ROOTS = (
-    "blkio", "cpu", "cpuacct", "cpuset", "devices", "freezer", "memory", "pids", "systemd",
+    "blkio",
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "devices",
+    "freezer",
+    "memory",
+    "pids",
+    "systemd",
     "unified",
-)  # fmt: skip
+)
 OWNER = 231072
 
 
@@ -246,8 +254,9 @@ def test_the_join_wrapper_moves_itself_before_the_program_runs(tmp_path: Path) -
     dirs = tuple(str(tmp_path / n) for n in ("memory", "pids"))
     for d in dirs:
         os.mkdir(d)
-    argv = cgroups.join_argv(cgroups.SessionCgroup(dirs), ["sh", "-c", "echo $$; cat \"$0\"",
-                                                           f"{dirs[0]}/cgroup.procs"])  # fmt: skip
+    argv = cgroups.join_argv(
+        cgroups.SessionCgroup(dirs), ["sh", "-c", 'echo $$; cat "$0"', f"{dirs[0]}/cgroup.procs"]
+    )
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
     pid = out[0]  # the program's PID is the wrapper's: it joined, then exec'd
     assert out[1:] == [pid]

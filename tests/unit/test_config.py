@@ -59,7 +59,7 @@ def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
             pids=4096,
             disk=20 * 1024**3,
             home=None,
-        ),  # fmt: skip
+        ),
         network=NetworkSettings(
             bridge="hostd0",
             subnet="10.213.0.0/16",
@@ -79,9 +79,13 @@ def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
         ),
         sessions=SessionSettings(max_per_tenant=64),
         api=ApiSettings(
-            max_connections=512, max_connections_per_user=64, workers=256, admin_workers=16,
-            request_timeout=10.0, max_request=64 * 1024,
-        ),  # fmt: skip
+            max_connections=512,
+            max_connections_per_user=64,
+            workers=256,
+            admin_workers=16,
+            request_timeout=10.0,
+            max_request=64 * 1024,
+        ),
     )
 
 

@@ -123,7 +123,10 @@ def test_a_closed_directory_on_the_way_is_refused_before_anything_is_made(
 ) -> None:
     (open_base / "home" / "state").mkdir(parents=True)
     (open_base / closed).chmod(0o700)
-    with pytest.raises(RuntimeFailure, match=rf"{open_base / closed} \(mode 0700\) is closed"
-                       rf".*chmod o\+x {open_base / closed}"):  # fmt: skip
+    with pytest.raises(
+        RuntimeFailure,
+        match=rf"{open_base / closed} \(mode 0700\) is closed"
+        rf".*chmod o\+x {open_base / closed}",
+    ):
         prepare_state_dir(open_base / "home" / "state" / "hostd")
     assert not (open_base / "home" / "state" / "hostd").exists()

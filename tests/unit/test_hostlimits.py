@@ -52,8 +52,10 @@ def test_a_higher_value_set_by_the_admin_is_kept(proc_sys: Path) -> None:
 def test_doctor_says_what_hostd_will_raise(proc_sys: Path) -> None:
     report = hostlimits.settings_report()
     assert report.startswith("fs.inotify.max_user_instances = 128, ")
-    assert report.endswith("hostd raises fs.inotify.max_user_instances to 1024 and "
-                           "fs.inotify.max_user_watches to 524288 when it starts")  # fmt: skip
+    assert report.endswith(
+        "hostd raises fs.inotify.max_user_instances to 1024 and "
+        "fs.inotify.max_user_watches to 524288 when it starts"
+    )
 
 
 def test_an_unwritable_setting_is_one_line_with_a_fix(proc_sys: Path) -> None:
@@ -97,13 +99,21 @@ def test_home_quota_says_which() -> None:
 
 def test_setquota_gets_kib_blocks_rounded_up() -> None:
     assert hostlimits.setquota_argv("alice", 10 * 2**30 + 1, "/home") == [
-        "setquota", "-u", "alice", "10485761", "10485761", "0", "0", "/home",
-    ]  # fmt: skip
+        "setquota",
+        "-u",
+        "alice",
+        "10485761",
+        "10485761",
+        "0",
+        "0",
+        "/home",
+    ]
 
 
 def test_container_joins_the_user_namespace_made_for_it() -> None:
-    spec = ContainerSpec("alice", "alice", IdRange(231072), "/r", "/hostd/alice",
-                         userns_path="/proc/42/fd/7")  # fmt: skip
+    spec = ContainerSpec(
+        "alice", "alice", IdRange(231072), "/r", "/hostd/alice", userns_path="/proc/42/fd/7"
+    )
     linux = build_config(spec)["linux"]
     assert linux["namespaces"][0] == {"type": "user", "path": "/proc/42/fd/7"}
     assert all(set(ns) == {"type"} for ns in linux["namespaces"][1:])  # the rest are new

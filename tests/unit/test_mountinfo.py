@@ -81,8 +81,10 @@ def test_mounts_under_ignores_a_trailing_slash() -> None:
 def test_mounts_under_unmounts_the_newer_of_two_siblings_first() -> None:
     # the overlay at rootfs uses the volume at data, mounted before it
     assert mounts_under("/c", mounts("/c/data", "/c/lower", "/c/rootfs")) == [
-        "/c/rootfs", "/c/lower", "/c/data",
-    ]  # fmt: skip
+        "/c/rootfs",
+        "/c/lower",
+        "/c/data",
+    ]
 
 
 def test_mounts_under_lists_stacked_mounts_once() -> None:

@@ -24,9 +24,23 @@ def test_accepts_tame_names(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["", "../x", "a/b", "..", ".", ".hidden", "-x", "_x", "a..b", "x" * 64, "al ice",
-     "alice\n", "café", "a\x00b"],
-)  # fmt: skip
+    [
+        "",
+        "../x",
+        "a/b",
+        "..",
+        ".",
+        ".hidden",
+        "-x",
+        "_x",
+        "a..b",
+        "x" * 64,
+        "al ice",
+        "alice\n",
+        "café",
+        "a\x00b",
+    ],
+)
 def test_rejects_names_that_could_escape_or_confuse(name: str) -> None:
     with pytest.raises(RuntimeFailure, match="invalid container name"):
         check_name(name)

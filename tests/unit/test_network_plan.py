@@ -223,10 +223,14 @@ def test_unpin_removes_the_port_from_every_table_present_or_not() -> None:
 
 def test_nft_accepts_the_bridge_table_pins_and_unpins() -> None:
     nft_check(
-        bridge_ruleset(CFG) + bridge_ruleset(CFG)
-        + pin_script(CFG, "alice", A) + pin_script(CFG, "alice", A) + pin_script(CFG, "bob", B)
-        + unpin_script(["hostd"], "alice") + unpin_script(["hostd"], "carol")
-    )  # fmt: skip
+        bridge_ruleset(CFG)
+        + bridge_ruleset(CFG)
+        + pin_script(CFG, "alice", A)
+        + pin_script(CFG, "alice", A)
+        + pin_script(CFG, "bob", B)
+        + unpin_script(["hostd"], "alice")
+        + unpin_script(["hostd"], "carol")
+    )
 
 
 # -- names and addresses -----------------------------------------------------------------------
@@ -359,13 +363,17 @@ def _proc_net_rows(*sockets: tuple[str, str, str]) -> str:
 
 def test_host_services_are_tcp_listeners_and_bound_udp_sockets(tmp_path: Path) -> None:
     any6 = "0" * 32
-    (tmp_path / "tcp").write_text(_proc_net_rows(
-        ("0100007F:1538", "00000000:0000", "0A"),  # 127.0.0.1:5432 listening
-        ("0100007F:AF04", "0100007F:4E21", "01"),  # a connection's end
-    ))  # fmt: skip
+    (tmp_path / "tcp").write_text(
+        _proc_net_rows(
+            ("0100007F:1538", "00000000:0000", "0A"),  # 127.0.0.1:5432 listening
+            ("0100007F:AF04", "0100007F:4E21", "01"),  # a connection's end
+        )
+    )
     (tmp_path / "tcp6").write_text(_proc_net_rows((f"{any6}:08AE", f"{any6}:0000", "0A")))
-    (tmp_path / "udp").write_text(_proc_net_rows(
-        ("00000000:0035", "00000000:0000", "07"),  # DNS, bound
-        ("0A000002:9C40", "08080808:0035", "01"),  # a connected client
-    ))  # fmt: skip
+    (tmp_path / "udp").write_text(
+        _proc_net_rows(
+            ("00000000:0035", "00000000:0000", "07"),  # DNS, bound
+            ("0A000002:9C40", "08080808:0035", "01"),  # a connected client
+        )
+    )
     assert host_services(tmp_path) == {5432, 2222, 53}  # no udp6 file: no IPv6

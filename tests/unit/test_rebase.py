@@ -38,13 +38,26 @@ def test_dpkg_installed_names_only_installed_valid_packages() -> None:
 
 
 def _tenant() -> Tenant:
-    return Tenant("alice", 1000, 1000, "/home/alice", 200000000, "default", "ready", "running",
-                  "2026-11-30T10:00:00+00:00")  # fmt: skip
+    return Tenant(
+        "alice",
+        1000,
+        1000,
+        "/home/alice",
+        200000000,
+        "default",
+        "ready",
+        "running",
+        "2026-11-30T10:00:00+00:00",
+    )
 
 
 def test_warning_names_what_is_set_aside_and_where() -> None:
-    done = Rebased("/s/default@1", "/s/default@2", "/var/backups/hostd-rebase/20261130T100000Z",
-                   ("htop", "vim"))  # fmt: skip
+    done = Rebased(
+        "/s/default@1",
+        "/s/default@2",
+        "/var/backups/hostd-rebase/20261130T100000Z",
+        ("htop", "vim"),
+    )
     text = _set_aside_warning(_tenant(), done)
     assert "/var/backups/hostd-rebase/20261130T100000Z" in text
     assert "packages they installed" in text and "/etc" in text
@@ -58,16 +71,30 @@ def _args(json: bool = False) -> argparse.Namespace:
 
 
 def test_hostctl_says_nothing_to_do(capsys: pytest.CaptureFixture[str]) -> None:
-    same = {"user": "alice", "image": "default", "old": "default@2", "new": "default@2",
-            "restarted": False, "warning": None, "pruned": []}  # fmt: skip
+    same = {
+        "user": "alice",
+        "image": "default",
+        "old": "default@2",
+        "new": "default@2",
+        "restarted": False,
+        "warning": None,
+        "pruned": [],
+    }
     hostctl._rebased(_args(), same)
     out, err = capsys.readouterr()
     assert out == "alice is already on default@2: nothing to do\n" and err == ""
 
 
 def test_hostctl_prints_the_move_and_the_warning(capsys: pytest.CaptureFixture[str]) -> None:
-    moved = {"user": "alice", "image": "default", "old": "default@1", "new": "default@2",
-             "restarted": True, "warning": "set aside at /x", "pruned": ["default@1"]}  # fmt: skip
+    moved = {
+        "user": "alice",
+        "image": "default",
+        "old": "default@1",
+        "new": "default@2",
+        "restarted": True,
+        "warning": "set aside at /x",
+        "pruned": ["default@1"],
+    }
     hostctl._rebased(_args(), moved)
     out, err = capsys.readouterr()
     assert out == "rebased alice from default@1 to default@2 (restarted); pruned default@1\n"

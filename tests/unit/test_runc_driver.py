@@ -96,12 +96,17 @@ def test_exec_argv_with_user_cwd_and_env() -> None:
     )
     assert argv == [
         *BASE,
-        "--user", "1000:1000",
-        "--cwd", "/home/u",
-        "--env", "HOME=/home/u",
-        "--env", "TERM=xterm",
-        "alice", "id",
-    ]  # fmt: skip
+        "--user",
+        "1000:1000",
+        "--cwd",
+        "/home/u",
+        "--env",
+        "HOME=/home/u",
+        "--env",
+        "TERM=xterm",
+        "alice",
+        "id",
+    ]
 
 
 def test_exec_argv_options_of_the_command_stay_after_the_container_id() -> None:

@@ -12,17 +12,55 @@ from runtime.seccomp import DENIALS, denied, profile
 
 # What the issue and the kernel's history name; each one must stay denied.
 MUST_DENY = (
-    "kexec_load", "kexec_file_load", "open_by_handle_at", "userfaultfd", "perf_event_open",
-    "bpf", "keyctl", "add_key", "request_key", "init_module", "finit_module", "delete_module",
-    "iopl", "ioperm", "swapon", "swapoff", "acct", "settimeofday", "clock_settime",
-    "lookup_dcookie", "nfsservctl", "_sysctl", "uselib", "io_uring_setup",
-)  # fmt: skip
+    "kexec_load",
+    "kexec_file_load",
+    "open_by_handle_at",
+    "userfaultfd",
+    "perf_event_open",
+    "bpf",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "iopl",
+    "ioperm",
+    "swapon",
+    "swapoff",
+    "acct",
+    "settimeofday",
+    "clock_settime",
+    "lookup_dcookie",
+    "nfsservctl",
+    "_sysctl",
+    "uselib",
+    "io_uring_setup",
+)
 # What systemd (252) and an inner dockerd (20.10) and runc use: denying one breaks a tenant.
 MUST_ALLOW = (
-    "name_to_handle_at", "reboot", "seccomp", "prctl", "unshare", "setns", "clone", "clone3",
-    "mount", "umount2", "pivot_root", "open_tree", "move_mount", "fsopen", "mount_setattr",
-    "adjtimex", "clock_adjtime", "personality", "ptrace", "chroot", "mknod",
-)  # fmt: skip
+    "name_to_handle_at",
+    "reboot",
+    "seccomp",
+    "prctl",
+    "unshare",
+    "setns",
+    "clone",
+    "clone3",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "open_tree",
+    "move_mount",
+    "fsopen",
+    "mount_setattr",
+    "adjtimex",
+    "clock_adjtime",
+    "personality",
+    "ptrace",
+    "chroot",
+    "mknod",
+)
 
 
 def test_default_is_allow_and_every_rule_is_an_errno() -> None:
@@ -59,8 +97,10 @@ def test_each_call_is_denied_once() -> None:
 
 def test_x86_64_covers_the_i386_and_x32_abis() -> None:
     assert profile("x86_64")["architectures"] == [
-        "SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32",
-    ]  # fmt: skip
+        "SCMP_ARCH_X86_64",
+        "SCMP_ARCH_X86",
+        "SCMP_ARCH_X32",
+    ]
     assert profile("aarch64")["architectures"] == ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
 
 

@@ -21,14 +21,29 @@ from runtime import ttyexec
 
 def test_env_keeps_passed_names_with_one_line_values() -> None:
     given = {
-        "LANG": "C.UTF-8", "LC_TIME": "C", "TZ": "UTC", "EVIL": "1", "LD_PRELOAD": "/x.so",
-        "LC_NL": "a\nb", "LC_CR": "a\rb", "LC_NUL": "a\0b", "LC_HUGE": "x" * (MAX_ENV_VALUE + 1),
-        "LC_MAX": "y" * MAX_ENV_VALUE, "LC_X=Y": "z", "LC_ BAD": "z", b"LC_BYTES": b"ok",
-        "LC_BADUTF8": b"\xff", "LC_NUMBER": 5,
-    }  # fmt: skip
+        "LANG": "C.UTF-8",
+        "LC_TIME": "C",
+        "TZ": "UTC",
+        "EVIL": "1",
+        "LD_PRELOAD": "/x.so",
+        "LC_NL": "a\nb",
+        "LC_CR": "a\rb",
+        "LC_NUL": "a\0b",
+        "LC_HUGE": "x" * (MAX_ENV_VALUE + 1),
+        "LC_MAX": "y" * MAX_ENV_VALUE,
+        "LC_X=Y": "z",
+        "LC_ BAD": "z",
+        b"LC_BYTES": b"ok",
+        "LC_BADUTF8": b"\xff",
+        "LC_NUMBER": 5,
+    }
     assert client_env(given) == [
-        "LANG=C.UTF-8", "LC_TIME=C", "TZ=UTC", f"LC_MAX={'y' * MAX_ENV_VALUE}", "LC_BYTES=ok",
-    ]  # fmt: skip
+        "LANG=C.UTF-8",
+        "LC_TIME=C",
+        "TZ=UTC",
+        f"LC_MAX={'y' * MAX_ENV_VALUE}",
+        "LC_BYTES=ok",
+    ]
 
 
 def test_env_keeps_a_bounded_number_of_variables() -> None:

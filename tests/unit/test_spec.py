@@ -175,9 +175,14 @@ def test_config_survives_json(config: dict[str, Any]) -> None:
 def test_tty_process_keeps_capabilities_and_sets_the_terminal_before_start() -> None:
     config = build_config(make_spec())
     process = exec_process(
-        config, ["bash", "-l"], uid=1000, gid=1000, env=["TERM=xterm"], cwd="/home/a",
+        config,
+        ["bash", "-l"],
+        uid=1000,
+        gid=1000,
+        env=["TERM=xterm"],
+        cwd="/home/a",
         size=(40, 100),
-    )  # fmt: skip
+    )
     assert process["terminal"] is True
     assert process["consoleSize"] == {"height": 40, "width": 100}
     assert process["args"] == ["bash", "-l"]
@@ -190,8 +195,7 @@ def test_tty_process_keeps_capabilities_and_sets_the_terminal_before_start() -> 
 
 def test_a_process_without_terminal_has_no_console_size() -> None:
     config = build_config(make_spec())
-    process = exec_process(config, ["true"], uid=0, gid=0, groups=[27], env=[], cwd="/",
-                           size=None)  # fmt: skip
+    process = exec_process(config, ["true"], uid=0, gid=0, groups=[27], env=[], cwd="/", size=None)
     assert process["terminal"] is False and "consoleSize" not in process
     assert process["user"] == {"uid": 0, "gid": 0, "additionalGids": [27]}
 
@@ -213,9 +217,13 @@ def test_runc_update_sets_every_limit_and_lifts_missing_ones() -> None:
     args = Limits(memory=2**30).runc_update_args()
     pairs = dict(zip(args[::2], args[1::2], strict=True))
     assert pairs == {
-        "--memory": str(2**30), "--memory-swap": str(2**30), "--cpu-period": "100000",
-        "--cpu-quota": "-1", "--cpu-share": "1024", "--pids-limit": "-1",
-    }  # fmt: skip
+        "--memory": str(2**30),
+        "--memory-swap": str(2**30),
+        "--cpu-period": "100000",
+        "--cpu-quota": "-1",
+        "--cpu-share": "1024",
+        "--pids-limit": "-1",
+    }
 
 
 @pytest.mark.parametrize(

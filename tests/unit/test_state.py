@@ -198,8 +198,11 @@ def _statuses(db: State) -> list[tuple[int, str, str]]:
 def test_a_range_is_active_then_kept_or_quarantined_or_freed(db: State) -> None:
     for user, start in [("alice", 100000), ("bob", 165536), ("carol", 231072)]:
         db.begin_add(make_tenant(user, start), Quota())
-    assert _statuses(db) == [(100000, "alice", "active"), (165536, "bob", "active"),
-                             (231072, "carol", "active")]  # fmt: skip
+    assert _statuses(db) == [
+        (100000, "alice", "active"),
+        (165536, "bob", "active"),
+        (231072, "carol", "active"),
+    ]
     db.delete_tenant("alice", "kept")
     db.delete_tenant("bob", "quarantined")
     db.delete_tenant("carol", "free")

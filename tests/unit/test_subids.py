@@ -297,9 +297,13 @@ def test_reown_drops_a_line_the_new_owner_has_already(files: SubIdFiles) -> None
     ],
 )
 def test_owner_problem_names_what_would_let_someone_act_as_the_owner(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uid: int, shell: str, shadow: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    uid: int,
+    shell: str,
+    shadow: str,
     problem: str | None,
-) -> None:  # fmt: skip
+) -> None:
     (tmp_path / "shadow").write_text(f"root:*:19000::::::\n{shadow}\n")
     monkeypatch.setattr(subids, "SHADOW", tmp_path / "shadow")
     pw = pwd.struct_passwd(("owner", "x", uid, uid, "", "/nonexistent", shell))

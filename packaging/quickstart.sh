@@ -59,6 +59,7 @@ ssh_in() {
 }
 echo "--- ssh -p 2222 $user@localhost: docker run inside their container"
 ssh_in "docker run --rm busybox:local sh -c 'echo hello from container \$(uname -n), uid \$(id -u) inside it'"
+# shellcheck disable=SC2016 # expanded inside the container, not here
 ssh_in 'echo "logged in as $(id -un) on $(hostname), groups: $(id -nG)"
   docker version --format "Docker {{.Server.Version}}, storage driver $(docker info --format {{.Driver}})"
   echo "compose $(docker compose version --short), $(docker buildx version | cut -d" " -f1-2)"

@@ -31,10 +31,10 @@ from runtime import inside
 from runtime.containers import Container, Rebased, Runtime
 from runtime.errors import RuntimeFailure
 from runtime.ids import RANGE_SIZE, IdRange
+from runtime.limits import Limits
 from runtime.names import check_name
 from runtime.network import PortGrant, host_services
 from runtime.shares import Share
-from runtime.spec import Limits
 
 log = logging.getLogger(__name__)
 

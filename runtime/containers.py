@@ -61,11 +61,12 @@ from runtime import (
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
 from runtime.images import ImageStore
+from runtime.limits import Limits
 from runtime.names import check_name, hostname_for
 from runtime.network import NetworkConfig
 from runtime.runc import Runc
 from runtime.shares import Share
-from runtime.spec import Bind, ContainerSpec, Limits, build_config, exec_process
+from runtime.spec import Bind, ContainerSpec, build_config, exec_process
 from runtime.ttyexec import TtyProcess
 from runtime.userns import user_namespace
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from typing import Any
 
 from runtime import seccomp
 from runtime.ids import IdRange
+from runtime.limits import Limits
 
 # Every capability of kernel 6.x, by number. Inside the user namespace they only act on
 # objects the namespace owns, which is what makes systemd, dockerd and `--privileged` work.
@@ -82,65 +82,6 @@ class Bind:
     source: str  # host path
     destination: str  # path inside
     options: tuple[str, ...] = ("rbind", "nosuid", "nodev")
-
-
-CPU_PERIOD_US = 100_000
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Resource limits of the whole container (None: unlimited)."""
-
-    cpus: float | None = None  # hard cap in CPUs
-    memory: int | None = None  # bytes
-    pids: int | None = None
-
-    def resources(self) -> dict[str, Any]:
-        """linux.resources entries (besides devices) for these limits."""
-        res: dict[str, Any] = {}
-        if self.memory is not None:  # memory+swap = memory: no swapping past the limit
-            res["memory"] = {"limit": self.memory, "swap": self.memory}
-        if self.cpus is not None:  # a hard cap, and a share in proportion under contention
-            res["cpu"] = {
-                "quota": round(self.cpus * CPU_PERIOD_US),
-                "period": CPU_PERIOD_US,
-                "shares": self.shares(),
-            }
-        if self.pids is not None:
-            res["pids"] = {"limit": self.pids}
-        return res
-
-    def shares(self) -> int:
-        """cpu.shares: 1024 per CPU of the cap (the kernel's default for one)."""
-        return round(1024 * self.cpus) if self.cpus is not None else 1024
-
-    def cpu_set(self, host_cpus: int, seed: int) -> str:
-        """The CPUs the container may run on: ceil(cpus) of them (so `nproc` inside tells its
-        share), starting at a CPU chosen by `seed` so containers spread over the host."""
-        if self.cpus is None or math.ceil(self.cpus) >= host_cpus:
-            return f"0-{host_cpus - 1}" if host_cpus > 1 else "0"
-        first = seed % host_cpus
-        cpus = sorted((first + i) % host_cpus for i in range(math.ceil(self.cpus)))
-        return ",".join(str(c) for c in cpus)
-
-    def runc_update_args(self) -> list[str]:
-        """`runc update` flags setting every limit, lifting the ones that are None."""
-        quota = round(self.cpus * CPU_PERIOD_US) if self.cpus is not None else -1
-        memory = str(self.memory if self.memory is not None else -1)
-        return [
-            "--memory",
-            memory,
-            "--memory-swap",
-            memory,
-            "--cpu-period",
-            str(CPU_PERIOD_US),
-            "--cpu-quota",
-            str(quota),
-            "--cpu-share",
-            str(self.shares()),
-            "--pids-limit",
-            str(self.pids if self.pids is not None else -1),
-        ]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import pytest
 from runtime import lxcfs, mountinfo, volume
 from runtime.containers import Runtime, Settings
 from runtime.errors import RuntimeFailure
-from runtime.spec import Limits
+from runtime.limits import Limits
 from tests.conftest import CGROUP_PARENT, next_range, sh
 
 MiB = 2**20

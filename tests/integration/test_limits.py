@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from runtime.containers import Runtime
-from runtime.spec import Limits
+from runtime.limits import Limits
 from tests.conftest import CGROUP_PARENT, INNER_DRIVER, next_range, sh
 
 

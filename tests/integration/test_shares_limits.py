@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from runtime.containers import Runtime
+from runtime.limits import Limits
 from runtime.shares import Share
-from runtime.spec import Limits
 from tests.conftest import next_range, sh
 
 HOST_UID = 4242  # a host user without a passwd entry is enough for ownership checks

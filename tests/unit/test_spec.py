@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from runtime import seccomp
 from runtime.ids import MAX_ID, MIN_START, RANGE_SIZE, IdRange
-from runtime.spec import CAPABILITIES, Bind, ContainerSpec, Limits, build_config, exec_process
+from runtime.limits import Limits
+from runtime.spec import CAPABILITIES, Bind, ContainerSpec, build_config, exec_process
 
 START = 231072
 BINDS = (

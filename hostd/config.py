@@ -23,6 +23,7 @@ from hostd.units import parse_count, parse_cpus, parse_size
 from runtime.containers import Settings
 from runtime.errors import RuntimeFailure
 from runtime.ids import MAX_ID, MIN_START, RANGE_SIZE
+from runtime.limits import Limits
 from runtime.names import check_name
 from runtime.network import NetworkConfig, host_nameservers
 
@@ -71,17 +72,6 @@ class UserConfig:
 
 
 @dataclass(frozen=True)
-class Limits:
-    """Defaults for new tenants; None is unlimited ("none" in the file)."""
-
-    cpus: float | None
-    memory: int | None  # bytes
-    pids: int | None
-    disk: int | None  # bytes
-    home: int | None  # bytes: the user's block quota on the file system holding their home
-
-
-@dataclass(frozen=True)
 class NetworkSettings:
     bridge: str
     subnet: str  # IPv4 network; the bridge takes its first address
@@ -125,7 +115,8 @@ class Config:
     runtime: RuntimeConfig
     subids: SubIdConfig
     users: UserConfig
-    limits: Limits
+    limits: Limits  # defaults for new tenants
+    home_quota: int | None  # bytes: [limits] home, the block quota on the users' home fs
     network: NetworkSettings
     gateway: GatewaySettings
     sessions: SessionSettings
@@ -443,7 +434,8 @@ def load(main: Path = MAIN, dropin_dir: Path | None = None) -> Config:
         runtime=RuntimeConfig(**values["runtime"]),
         subids=SubIdConfig(**subids),
         users=UserConfig(**values["users"]),
-        limits=Limits(**values["limits"]),
+        limits=Limits(**{k: v for k, v in values["limits"].items() if k != "home"}),
+        home_quota=values["limits"]["home"],
         network=NetworkSettings(**values["network"]),
         gateway=GatewaySettings(**values["gateway"]),
         sessions=SessionSettings(**values["sessions"]),

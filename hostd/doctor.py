@@ -196,7 +196,7 @@ def _home_quota(cfg: Config) -> tuple[bool, str]:
     support = hostlimits.home_quota("/home")
     if support.enforced and shutil.which("setquota") is None:
         return False, f"{support.describe()}, but setquota is missing: apt-get install quota"
-    wanted = cfg.limits.home is not None
+    wanted = cfg.home_quota is not None
     return support.enforced or not wanted, support.describe()
 
 

@@ -13,14 +13,13 @@ import os
 import pwd
 import select
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from hostd.api import Channel, ClientGone, Peer, check_fds, close_fds, parse_request
 from hostd.errors import HostdError
 from hostd.sessions import Program, Sessions
-from hostd.state import Quota
 from hostd.tenants import Tenants, TenantStatus
 from hostd.units import parse_count, parse_cpus, parse_ports, parse_size
 from runtime.errors import RuntimeFailure
@@ -177,13 +176,7 @@ class Service:
             return {"removed": args["name"]}
         if op == "user.add":
             changes = _quota_changes(args)
-            defaults = t.config.limits
-            quota = Quota(
-                **{
-                    **asdict(Quota(defaults.cpus, defaults.memory, defaults.pids, defaults.disk)),
-                    **changes,
-                }
-            )
+            quota = replace(t.config.limits, **changes)
             tenant = t.add(args["user"], args.get("image"), quota, progress)
             return asdict(tenant)
         if op == "user.list":

@@ -14,17 +14,17 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 
 from hostd.errors import HostdError
+from runtime.limits import Limits
 
 PHASES = ("adding", "ready", "removing")
 DESIRED = ("running", "stopped")
 BUSY_TIMEOUT_S = 10.0  # how long a writer waits for another process's transaction to finish
-MAX_INTEGER = 2**63 - 1  # SQLite's largest INTEGER
 
 # Migration N (1-based) takes the database from user_version N-1 to N in one transaction.
 # Never edit a released migration: append a new one.
@@ -112,27 +112,6 @@ class IdRangeRecord:
     user: str
     status: str  # active | kept | quarantined
     since: str
-
-
-@dataclass(frozen=True)
-class Quota:
-    """A tenant's limits; None means unlimited. memory and disk in bytes, cpus in CPUs."""
-
-    cpus: float | None = None
-    memory: int | None = None
-    pids: int | None = None
-    disk: int | None = None
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            if not 0 < value <= MAX_INTEGER:  # also false for NaN and infinity
-                raise HostdError(
-                    f"quota {f.name} = {value} is out of range",
-                    "give a positive number, or no value for unlimited",
-                )
 
 
 @dataclass(frozen=True)
@@ -234,7 +213,7 @@ class State:
             if db.execute(sql, params).rowcount == 0:
                 raise _not_a_tenant(user)
 
-    def begin_add(self, tenant: Tenant, quota: Quota) -> None:
+    def begin_add(self, tenant: Tenant, quota: Limits) -> None:
         """Record a tenant being added (phase 'adding') with its quota, both or neither."""
         if tenant.phase != "adding":
             raise ValueError(f"a new tenant starts in phase 'adding', not {tenant.phase!r}")
@@ -358,7 +337,7 @@ class State:
             db.execute("DELETE FROM ranges WHERE start = ?", (start,))
             return record
 
-    def quota(self, user: str) -> Quota:
+    def quota(self, user: str) -> Limits:
         with self._lock:
             row = self._db.execute(
                 "SELECT q.cpus, q.memory, q.pids, q.disk"
@@ -367,9 +346,9 @@ class State:
             ).fetchone()
         if row is None:
             raise _not_a_tenant(user)
-        return Quota(*row)
+        return Limits(*row)
 
-    def set_quota(self, user: str, quota: Quota) -> None:
+    def set_quota(self, user: str, quota: Limits) -> None:
         with self._write() as db:
             if not db.execute("SELECT 1 FROM tenants WHERE user = ?", (user,)).fetchone():
                 raise _not_a_tenant(user)

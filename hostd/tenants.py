@@ -25,7 +25,7 @@ from typing import Any
 from hostd import hostlimits, passwd
 from hostd.config import Config
 from hostd.errors import HostdError
-from hostd.state import IdRangeRecord, Quota, State, Tenant, utc_now
+from hostd.state import IdRangeRecord, State, Tenant, utc_now
 from hostd.subids import SubIdEntry, SubIdFiles, allocate, ensure_owner
 from runtime import inside
 from runtime.containers import Container, Rebased, Runtime
@@ -56,7 +56,7 @@ class TenantStatus:
     cpu_seconds: float | None
     pids: int | None
     disk: int  # bytes of its storage
-    quota: Quota
+    quota: Limits
     range_start: int
     image: str
 
@@ -82,10 +82,6 @@ class Account:
     groups: list[int]
     env: list[str]
     home: str
-
-
-def limits_of(quota: Quota) -> Limits:
-    return Limits(cpus=quota.cpus, memory=quota.memory, pids=quota.pids)
 
 
 def inner_id(host_id: int) -> int:
@@ -151,13 +147,12 @@ class Tenants:
         self,
         user: str,
         image: str | None = None,
-        quota: Quota | None = None,
+        quota: Limits | None = None,
         progress: Progress = _quiet,
     ) -> Tenant:
         pw = self._account(user)
         image = image or self.config.runtime.default_image
-        defaults = self.config.limits
-        quota = quota or Quota(defaults.cpus, defaults.memory, defaults.pids, defaults.disk)
+        quota = quota or self.config.limits
         self.runtime.images.resolve(image)  # fail before touching anything
         with self._lock(user):
             if self.state.tenant(user) is not None:
@@ -201,7 +196,7 @@ class Tenants:
         cfg = self.config.subids
         return allocate(uids, gids, self.state.range_starts(), cfg.min, cfg.max, RANGE_SIZE)
 
-    def _create_container(self, t: Tenant, pw: pwd.struct_passwd, quota: Quota) -> None:
+    def _create_container(self, t: Tenant, pw: pwd.struct_passwd, quota: Limits) -> None:
         ids = IdRange(t.range_start)
         try:
             existing = self.runtime.get(t.user)
@@ -215,23 +210,22 @@ class Tenants:
                 )
             kept = None if existing.address is None else self._slot(IPv4Address(existing.address))
             self.state.address_index(t.user, prefer=kept)
-            self.runtime.set_limits(t.user, limits_of(quota))
+            self.runtime.set_limits(t.user, replace(quota, disk=existing.limits.disk))
             return
         self.runtime.create(
             t.user,
             t.image,
             ids,
             shares=[self._share(pw)],
-            limits=limits_of(quota),
-            disk=quota.disk or self._whole_disk(),
+            limits=replace(quota, disk=quota.disk or self._whole_disk()),
             address=self.address(t.user),
         )
 
     def _home_quota(self, user: str, home: str, progress: Progress) -> None:
         """The home is outside the container's volume: cap it with `[limits] home` where the
         host enforces user quotas (hostlimits); unset, the user's quota is left alone."""
-        if self.config.limits.home is not None:
-            done = hostlimits.apply_home_quota(user, home, self.config.limits.home)
+        if self.config.home_quota is not None:
+            done = hostlimits.apply_home_quota(user, home, self.config.home_quota)
             progress(done)
             log.info("%s: %s", user, done)
 
@@ -468,13 +462,11 @@ class Tenants:
             t = self.get(user)
             self._home_quota(user, t.home, _quiet)  # [limits] home may have changed
             quota = replace(self.state.quota(user), **changes)
-            when: dict[str, str] = {}
-            if "disk" in changes:
-                live = self.runtime.set_disk(user, quota.disk or self._whole_disk())
-                when["disk"] = "now" if live else "at next start"
-            if set(changes) - {"disk"}:
-                live = self.runtime.set_limits(user, limits_of(quota))
-                when.update({k: "now" if live else "at next start" for k in changes if k != "disk"})
+            disk = self.runtime.get(user).limits.disk
+            if "disk" in changes:  # no disk quota: a volume as big as the host's file system
+                disk = quota.disk or self._whole_disk()
+            live = self.runtime.set_limits(user, replace(quota, disk=disk))
+            when = {key: "now" if live.get(key, True) else "at next start" for key in changes}
             self.state.set_quota(user, quota)
             self.state.log_event(user, "quota " + " ".join(f"{k}={v}" for k, v in changes.items()))
             return when

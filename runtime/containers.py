@@ -40,7 +40,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -110,8 +110,7 @@ class Container:
     rootfs_mode: rootfs.RootfsMode
     created: str
     shares: tuple[Share, ...] = ()
-    limits: Limits = Limits()
-    disk: int | None = None  # size of the data volume (data.img); None: no cap, a plain dir
+    limits: Limits = Limits()  # disk: size of the data volume (data.img); None: a plain dir
     address: str | None = None  # IPv4 address on the host bridge; None: loopback only
 
     def to_json(self) -> str:
@@ -125,7 +124,10 @@ class Container:
         data["ids"] = IdRange(int(data["ids"]))
         data["rootfs_mode"] = rootfs.RootfsMode(data["rootfs_mode"])
         data["shares"] = tuple(Share(**s) for s in data.get("shares", ()))
-        data["limits"] = Limits(**data.get("limits", {}))
+        limits = data.get("limits", {})
+        if "disk" in data:  # written before disk was one of the limits
+            limits = {**limits, "disk": data.pop("disk")}
+        data["limits"] = Limits(**limits)
         return cls(**data)
 
 
@@ -203,7 +205,9 @@ class Runtime:
     def console_log(self, c: Container) -> Path:
         """Where init's output goes: root inside can write there without end, so on the
         tenant's own capped volume when it has one."""
-        return self._dir(c.name) / ("data/console.log" if c.disk is not None else "console.log")
+        return self._dir(c.name) / (
+            "data/console.log" if c.limits.disk is not None else "console.log"
+        )
 
     def _cgroup_plan(self, c: Container) -> cgroups.CgroupPlan:
         layout = cgroups.detect(mountinfo.current())
@@ -247,7 +251,6 @@ class Runtime:
         hostname: str | None = None,
         shares: Sequence[Share] = (),
         limits: Limits | None = None,
-        disk: int | None = None,
         address: IPv4Address | None = None,
     ) -> Container:
         """Prepare a container (storage, root filesystem, bundle); transactional."""
@@ -280,7 +283,8 @@ class Runtime:
                 cdir.mkdir(mode=0o700)
                 undo.push(fsutil.remove_tree, cdir)
                 _close(cdir, ids)
-                mode = self._prepare_storage(cdir, image_dir / "rootfs", ids, disk)
+                limits = limits or Limits()
+                mode = self._prepare_storage(cdir, image_dir / "rootfs", ids, limits.disk)
                 c = Container(
                     name=name,
                     image=image,
@@ -290,8 +294,7 @@ class Runtime:
                     rootfs_mode=mode,
                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     shares=tuple(shares),
-                    limits=limits or Limits(),
-                    disk=disk,
+                    limits=limits,
                     address=None if address is None else str(address),
                 )
                 self._write_etc(c)
@@ -399,7 +402,7 @@ class Runtime:
             plan = self._cgroup_plan(c)
             with _Undo() as undo:
                 undo.push(self._unmount, c)
-                if c.disk is not None:
+                if c.limits.disk is not None:
                     self._mount_volume(c)
                 rootfs.mount(Path(c.image_dir) / "rootfs", c.ids, self._paths(name), c.rootfs_mode)
                 for i, share in enumerate(c.shares):
@@ -453,17 +456,25 @@ class Runtime:
         self.get(name)
         self.runc.kill(name, sig, all_processes=sig == signal.SIGKILL)
 
-    def set_limits(self, name: str, limits: Limits) -> bool:
-        """Record new limits; apply them at once if running. True when applied live."""
+    def set_limits(self, name: str, limits: Limits) -> dict[str, bool]:
+        """Record new limits and apply them to the running container where possible: for
+        each limit that changed, whether it took effect now (else at the next start)."""
+        c = self.get(name)
+        changed = [
+            f.name for f in fields(Limits) if getattr(limits, f.name) != getattr(c.limits, f.name)
+        ]
+        live = {"disk": self._resize(c, limits.disk)} if "disk" in changed else {}
         with self._locked():
             c = replace(self.get(name), limits=limits)
             fsutil.atomic_write(self._dir(name) / "meta.json", c.to_json(), mode=0o600)
-        if self.state(name).status != "running":
-            return False
-        self.runc.update(
-            name, [*limits.runc_update_args(), "--cpuset-cpus", self._cpu_set(name, limits)]
-        )
-        return True
+        cgroup = [key for key in changed if key != "disk"]
+        if cgroup:
+            running = self.state(name).status == "running"
+            if running:
+                update = [*limits.runc_update_args(), "--cpuset-cpus", self._cpu_set(name, limits)]
+                self.runc.update(name, update)
+            live.update(dict.fromkeys(cgroup, running))
+        return live
 
     @staticmethod
     def _cpu_set(name: str, limits: Limits) -> str:
@@ -480,7 +491,7 @@ class Runtime:
     def disk_used(self, name: str) -> int:
         """Bytes of the container's own storage (upper layer, Docker data, shifted copy)."""
         cdir = self._dir(name)
-        if self.get(name).disk is not None and mountinfo.is_mounted(str(cdir / "data")):
+        if self.get(name).limits.disk is not None and mountinfo.is_mounted(str(cdir / "data")):
             return volume.usage(cdir / "data")[0]
         return sum(
             fsutil.disk_usage(cdir / sub)
@@ -524,40 +535,38 @@ class Runtime:
     def _unmount(self, c: Container) -> None:
         cdir = self._dir(c.name)
         fsutil.unmount_all(cdir)
-        if c.disk is not None:
+        if c.limits.disk is not None:
             volume.unmount(cdir / "data")  # waits until the loop device is released
 
     def _mount_volume(self, c: Container) -> None:
         """Mount the data volume, first growing or shrinking it to a size changed while the
         container ran (the kernel may not allow it live)."""
-        assert c.disk is not None
+        assert c.limits.disk is not None
         image, data = self._dir(c.name) / "data.img", self._dir(c.name) / "data"
-        if not mountinfo.is_mounted(str(data)) and image.stat().st_size != c.disk:
-            volume.resize(image, data, c.disk)
+        if not mountinfo.is_mounted(str(data)) and image.stat().st_size != c.limits.disk:
+            volume.resize(image, data, c.limits.disk)
         volume.mount(image, data)
 
-    def set_disk(self, name: str, size: int) -> bool:
+    def _resize(self, c: Container, size: int | None) -> bool:
         """Change the data volume's size; True when it took effect on the running container.
         Growing is live where the kernel allows it (CAP_SYS_RESOURCE); shrinking needs the
         container stopped."""
-        c = self.get(name)
-        if c.disk is None:
+        if c.limits.disk is None or size is None:
             raise RuntimeFailure(
-                f"container {name!r} has no capped volume", "recreate it with a disk size"
+                f"container {c.name!r} has no capped volume or lost it",
+                "recreate it with a disk size",
             )
         size = volume.check_size(size)
-        running = self.state(name).status != "stopped"
-        if running and size < c.disk:
+        running = self.state(c.name).status != "stopped"
+        if running and size < c.limits.disk:
             raise RuntimeFailure(
-                f"lowering the disk of {name!r} needs it stopped",
+                f"lowering the disk of {c.name!r} needs it stopped",
                 "stop it, then set the size again",
             )
-        cdir = self._dir(name)
+        cdir = self._dir(c.name)
         live = running and volume.can_grow_live()
         if not running or live:
             live = volume.resize(cdir / "data.img", cdir / "data", size) and running
-        with self._locked():
-            fsutil.atomic_write(cdir / "meta.json", replace(c, disk=size).to_json(), mode=0o600)
         return live
 
     def rebase(self, name: str, image: str) -> Rebased | None:
@@ -579,7 +588,7 @@ class Runtime:
             shipped = {p.split()[0] for p in self.images.manifest(target).packages}
             self._unmount(c)  # nothing of the old root stays mounted over what moves
             try:
-                if c.disk is not None:
+                if c.limits.disk is not None:
                     self._mount_volume(c)
                 with _Undo() as undo:
                     if copy:

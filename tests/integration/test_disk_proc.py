@@ -28,7 +28,7 @@ def lxcfs_rt(state_dir: Path, rt: Runtime) -> Iterator[Runtime]:
 
 def test_disk_cap_gives_enospc_inside_and_can_be_raised(rt: Runtime) -> None:
     name = f"disk{os.getpid()}"
-    rt.create(name, "default", next_range(), disk=300 * MiB)
+    rt.create(name, "default", next_range(), limits=Limits(disk=300 * MiB))
     cdir = rt.state_dir / "containers" / name
     try:
         rt.start(name)
@@ -40,8 +40,8 @@ def test_disk_cap_gives_enospc_inside_and_can_be_raised(rt: Runtime) -> None:
         assert 250 * MiB < used <= 300 * MiB
         sh(rt, name, "rm /root/fill")
         with pytest.raises(RuntimeFailure, match="needs it stopped"):
-            rt.set_disk(name, 200 * MiB)
-        live = rt.set_disk(name, 600 * MiB)
+            rt.set_limits(name, Limits(disk=200 * MiB))
+        live = rt.set_limits(name, Limits(disk=600 * MiB))["disk"]
         assert live is volume.can_grow_live()  # without CAP_SYS_RESOURCE: at next start
         if not live:
             rt.stop(name)

@@ -19,10 +19,11 @@ from hostd.api import Channel
 from hostd.client import request
 from hostd.config import ID_OWNER
 from hostd.errors import HostdError
-from hostd.state import Quota, State, Tenant, utc_now
+from hostd.state import State, Tenant, utc_now
 from hostd.subids import parse
 from runtime import mountinfo
 from runtime.containers import Runtime
+from runtime.limits import Limits
 from tests.conftest import CGROUP_PARENT
 from tests.hostd_harness import Hostd, UnixUsers, connect_as
 
@@ -222,7 +223,7 @@ def test_quota_status_logs_and_keep_data(hostd: Hostd, unix_users: UnixUsers) ->
                 "stopped",
                 utc_now(),
             ),
-            Quota(),
+            Limits(),
         )
     hostd.start()
     assert user not in _tenant_rows(hostd) and _subuid_owners(hostd)[user] == start

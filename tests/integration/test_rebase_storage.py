@@ -16,6 +16,7 @@ import pytest
 
 from runtime import containers, fsutil, mountinfo, rootfs, volume
 from runtime.containers import Runtime, Settings
+from runtime.limits import Limits
 from tests.conftest import CGROUP_PARENT, next_range
 
 STATUS = (
@@ -49,7 +50,7 @@ def image(rt: Runtime, busybox_tar: Path, tmp_path: Path) -> Iterator[str]:
 @contextlib.contextmanager
 def _container(rt: Runtime, image: str, disk: int | None = None) -> Iterator[str]:
     name = f"rbs{os.getpid()}{'copy' if rt.settings.rootfs_mode == 'copy' else ''}"
-    c = rt.create(name, image, next_range(), disk=disk)
+    c = rt.create(name, image, next_range(), limits=Limits(disk=disk))
     try:
         yield name
     finally:
@@ -60,7 +61,7 @@ def _container(rt: Runtime, image: str, disk: int | None = None) -> Iterator[str
 def _volume(rt: Runtime, name: str) -> Iterator[Path]:
     """The container's data directory, its volume mounted as a start would mount it."""
     cdir = rt.state_dir / "containers" / name
-    if rt.get(name).disk is None:
+    if rt.get(name).limits.disk is None:
         yield cdir / "data"
         return
     volume.mount(cdir / "data.img", cdir / "data")

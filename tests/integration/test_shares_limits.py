@@ -47,7 +47,8 @@ def test_limits_at_start_and_live(rt: Runtime) -> None:
         assert int(sh(rt, name, f"cat {mem}")) == 512 * 2**20
         assert sh(rt, name, "cat /sys/fs/cgroup/pids/pids.max").strip() == "700"
         assert sh(rt, name, "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us").strip() == "150000"
-        assert rt.set_limits(name, Limits(memory=1024 * 2**20, pids=800)) is True
+        live = rt.set_limits(name, Limits(memory=1024 * 2**20, pids=800))
+        assert live == {"cpus": True, "memory": True, "pids": True}
         assert int(sh(rt, name, f"cat {mem}")) == 1024 * 2**20
         assert sh(rt, name, "cat /sys/fs/cgroup/pids/pids.max").strip() == "800"
         assert sh(rt, name, "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us").strip() == "-1"
@@ -56,7 +57,7 @@ def test_limits_at_start_and_live(rt: Runtime) -> None:
         assert rt.disk_used(name) > 0
         rt.stop(name)
         assert rt.usage(name) is None
-        assert rt.set_limits(name, Limits(pids=900)) is False  # applied at next start
+        assert rt.set_limits(name, Limits(pids=900)) == {"memory": False, "pids": False}
         rt.start(name)
         assert sh(rt, name, "cat /sys/fs/cgroup/pids/pids.max").strip() == "900"
     finally:

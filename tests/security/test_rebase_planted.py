@@ -15,6 +15,7 @@ import pytest
 
 from runtime import volume
 from runtime.containers import DPKG_STATUS_MAX, Runtime
+from runtime.limits import Limits
 from tests.conftest import next_range
 
 HOST_SECRET = "Package: hostd-host-secret\nStatus: install ok installed\n"
@@ -45,7 +46,7 @@ def test_a_planted_dpkg_status_is_not_followed_nor_waited_for(
     secret = tmp_path / "host-status"  # a host file in dpkg's format: it must not be read
     secret.write_text(HOST_SECRET)
     name = f"rbp{os.getpid()}"
-    c = rt.create(name, image, next_range(), disk=64 << 20)
+    c = rt.create(name, image, next_range(), limits=Limits(disk=64 << 20))
     try:
         cdir = rt.state_dir / "containers" / name
         volume.mount(cdir / "data.img", cdir / "data")

@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 
 from hostd import state
 from hostd.errors import HostdError
-from hostd.state import MAX_INTEGER, MIGRATIONS, Quota, State, Tenant
+from hostd.state import MIGRATIONS, State, Tenant
+from runtime.errors import RuntimeFailure
+from runtime.limits import MAX_LIMIT, Limits
 
 
 def make_tenant(user: str, range_start: int, **changes: object) -> Tenant:
@@ -71,12 +73,12 @@ def test_an_empty_file_is_migrated(db_path: Path) -> None:
 
 def test_reopening_keeps_data_and_version(db_path: Path) -> None:
     with State(db_path) as s:
-        s.begin_add(make_tenant("alice", 100000), Quota(memory=2**30))
+        s.begin_add(make_tenant("alice", 100000), Limits(memory=2**30))
     for _ in range(2):
         with State(db_path) as s:
             assert s.schema_version == len(MIGRATIONS)
             assert [t.user for t in s.tenants()] == ["alice"]
-            assert s.quota("alice") == Quota(memory=2**30)
+            assert s.quota("alice") == Limits(memory=2**30)
 
 
 def test_database_from_a_newer_hostd_is_refused_untouched(db_path: Path) -> None:
@@ -107,31 +109,31 @@ def test_a_failing_migration_leaves_the_previous_version(
 
 def test_begin_add_records_tenant_and_quota(db: State) -> None:
     alice = make_tenant("alice", 100000)
-    db.begin_add(alice, Quota(cpus=1.5, pids=500))
+    db.begin_add(alice, Limits(cpus=1.5, pids=500))
     assert db.tenant("alice") == alice
-    assert db.quota("alice") == Quota(cpus=1.5, pids=500)
+    assert db.quota("alice") == Limits(cpus=1.5, pids=500)
     assert db.tenant("bob") is None
 
 
 def test_begin_add_requires_phase_adding(db: State) -> None:
     with pytest.raises(ValueError, match="adding"):
-        db.begin_add(make_tenant("alice", 100000, phase="ready"), Quota())
+        db.begin_add(make_tenant("alice", 100000, phase="ready"), Limits())
     assert db.tenants() == []
 
 
 def test_duplicate_user_is_refused_and_nothing_changes(db: State) -> None:
-    db.begin_add(make_tenant("alice", 100000), Quota(memory=1 << 30))
+    db.begin_add(make_tenant("alice", 100000), Limits(memory=1 << 30))
     with pytest.raises(HostdError, match="^user alice is already a tenant: "):
-        db.begin_add(make_tenant("alice", 200000, image="other"), Quota(memory=1))
+        db.begin_add(make_tenant("alice", 200000, image="other"), Limits(memory=1))
     assert db.tenants() == [make_tenant("alice", 100000)]
-    assert db.quota("alice") == Quota(memory=1 << 30)
+    assert db.quota("alice") == Limits(memory=1 << 30)
     assert db.range_starts() == [100000]
 
 
 def test_taken_range_is_refused_and_nothing_changes(db: State) -> None:
-    db.begin_add(make_tenant("alice", 100000), Quota())
+    db.begin_add(make_tenant("alice", 100000), Limits())
     with pytest.raises(HostdError) as info:
-        db.begin_add(make_tenant("bob", 100000), Quota(pids=10))
+        db.begin_add(make_tenant("bob", 100000), Limits(pids=10))
     assert "100000" in info.value.cause and "alice" in info.value.cause
     assert db.tenant("bob") is None
     with raw(db.path) as conn:
@@ -139,7 +141,7 @@ def test_taken_range_is_refused_and_nothing_changes(db: State) -> None:
 
 
 def test_phase_and_desired_updates(db: State) -> None:
-    db.begin_add(make_tenant("alice", 100000), Quota())
+    db.begin_add(make_tenant("alice", 100000), Limits())
     db.set_phase("alice", "ready")
     db.set_desired("alice", "stopped")
     tenant = db.tenant("alice")
@@ -158,7 +160,7 @@ def test_phase_and_desired_updates(db: State) -> None:
     ],
 )
 def test_invalid_values_are_programming_errors(db: State, call: object) -> None:
-    db.begin_add(make_tenant("alice", 100000), Quota())
+    db.begin_add(make_tenant("alice", 100000), Limits())
     with pytest.raises(ValueError):
         call(db)  # type: ignore[operator]
 
@@ -170,7 +172,7 @@ def test_invalid_values_are_programming_errors(db: State, call: object) -> None:
         lambda s: s.set_desired("bob", "stopped"),
         lambda s: s.delete_tenant("bob", "free"),
         lambda s: s.quota("bob"),
-        lambda s: s.set_quota("bob", Quota()),
+        lambda s: s.set_quota("bob", Limits()),
     ],
 )
 def test_unknown_user_is_reported(db: State, call: object) -> None:
@@ -179,7 +181,7 @@ def test_unknown_user_is_reported(db: State, call: object) -> None:
 
 
 def test_delete_cascades_quota_and_frees_the_range(db: State) -> None:
-    db.begin_add(make_tenant("alice", 100000), Quota(disk=10 << 30))
+    db.begin_add(make_tenant("alice", 100000), Limits(disk=10 << 30))
     db.log_event("alice", "add")
     db.delete_tenant("alice", "free")
     assert db.tenant("alice") is None
@@ -188,7 +190,7 @@ def test_delete_cascades_quota_and_frees_the_range(db: State) -> None:
     with raw(db.path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM quotas").fetchone()[0] == 0
     assert [e[1:] for e in db.events()] == [("alice", "add")]  # the audit log outlives tenants
-    db.begin_add(make_tenant("alice", 100000), Quota())
+    db.begin_add(make_tenant("alice", 100000), Limits())
 
 
 def _statuses(db: State) -> list[tuple[int, str, str]]:
@@ -197,7 +199,7 @@ def _statuses(db: State) -> list[tuple[int, str, str]]:
 
 def test_a_range_is_active_then_kept_or_quarantined_or_freed(db: State) -> None:
     for user, start in [("alice", 100000), ("bob", 165536), ("carol", 231072)]:
-        db.begin_add(make_tenant(user, start), Quota())
+        db.begin_add(make_tenant(user, start), Limits())
     assert _statuses(db) == [
         (100000, "alice", "active"),
         (165536, "bob", "active"),
@@ -213,32 +215,32 @@ def test_a_range_is_active_then_kept_or_quarantined_or_freed(db: State) -> None:
 
 
 def test_a_kept_range_is_adopted_only_by_its_user(db: State) -> None:
-    db.begin_add(make_tenant("alice", 100000), Quota())
+    db.begin_add(make_tenant("alice", 100000), Limits())
     db.delete_tenant("alice", "kept")
     with pytest.raises(HostdError) as info:
-        db.begin_add(make_tenant("bob", 100000), Quota())
+        db.begin_add(make_tenant("bob", 100000), Limits())
     assert str(info.value).startswith("ID range starting at 100000 is kept for alice since ")
     assert db.tenant("bob") is None  # the whole add was rolled back
     with raw(db.path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM quotas").fetchone()[0] == 0
-    db.begin_add(make_tenant("alice", 100000), Quota())
+    db.begin_add(make_tenant("alice", 100000), Limits())
     assert _statuses(db) == [(100000, "alice", "active")]
     assert db.kept_range("alice") is None
 
 
 def test_a_quarantined_range_is_never_taken_even_by_its_old_user(db: State) -> None:
-    db.begin_add(make_tenant("alice", 100000), Quota())
+    db.begin_add(make_tenant("alice", 100000), Limits())
     db.delete_tenant("alice", "quarantined")
     fix = r"release it first \(`hostctl ranges release 100000`\)"
     for user in ("alice", "bob"):
         with pytest.raises(HostdError, match=f"is quarantined for alice since .*: {fix}"):
-            db.begin_add(make_tenant(user, 100000), Quota())
+            db.begin_add(make_tenant(user, 100000), Limits())
     assert db.tenants() == []
 
 
 def test_release_refuses_ranges_in_use_and_runs_first_before_forgetting(db: State) -> None:
-    db.begin_add(make_tenant("alice", 100000), Quota())
-    db.begin_add(make_tenant("bob", 165536), Quota())
+    db.begin_add(make_tenant("alice", 100000), Limits())
+    db.begin_add(make_tenant("bob", 165536), Limits())
     db.delete_tenant("bob", "kept")
     ran: list[int] = []
     refusals = [
@@ -263,7 +265,7 @@ def test_release_refuses_ranges_in_use_and_runs_first_before_forgetting(db: Stat
     assert (released.start, released.user, released.status) == (100000, "alice", "quarantined")
     assert ran == [100000]
     assert _statuses(db) == [(165536, "bob", "kept")]
-    db.begin_add(make_tenant("carol", 100000), Quota())  # allocatable again
+    db.begin_add(make_tenant("carol", 100000), Limits())  # allocatable again
 
 
 def test_keep_range_records_a_container_kept_by_an_older_hostd(db: State) -> None:
@@ -298,7 +300,7 @@ def test_migration_3_records_every_tenants_range_as_active(db_path: Path) -> Non
 
 def test_tenants_and_ranges_cover_every_phase_in_order(db: State) -> None:
     for user, start in [("carol", 300000), ("alice", 500000), ("bob", 100000)]:
-        db.begin_add(make_tenant(user, start), Quota())
+        db.begin_add(make_tenant(user, start), Limits())
     db.set_phase("bob", "ready")
     db.set_phase("carol", "removing")
     assert [t.user for t in db.tenants()] == ["alice", "bob", "carol"]
@@ -308,16 +310,16 @@ def test_tenants_and_ranges_cover_every_phase_in_order(db: State) -> None:
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=50)
 @given(
     st.builds(
-        Quota,
+        Limits,
         cpus=st.none() | st.floats(min_value=0.01, max_value=1024),
-        memory=st.none() | st.integers(1, MAX_INTEGER),
-        pids=st.none() | st.integers(1, MAX_INTEGER),
-        disk=st.none() | st.integers(1, MAX_INTEGER),
+        memory=st.none() | st.integers(1, MAX_LIMIT),
+        pids=st.none() | st.integers(1, MAX_LIMIT),
+        disk=st.none() | st.integers(1, MAX_LIMIT),
     )
 )
-def test_quota_round_trips(db: State, quota: Quota) -> None:
+def test_quota_round_trips(db: State, quota: Limits) -> None:
     if db.tenant("alice") is None:
-        db.begin_add(make_tenant("alice", 100000), Quota())
+        db.begin_add(make_tenant("alice", 100000), Limits())
     db.set_quota("alice", quota)
     assert db.quota("alice") == quota
 
@@ -330,12 +332,12 @@ def test_quota_round_trips(db: State, quota: Quota) -> None:
         {"cpus": float("inf")},
         {"memory": -1},
         {"pids": 0},
-        {"disk": MAX_INTEGER + 1},
+        {"disk": MAX_LIMIT + 1},
     ],
 )
 def test_out_of_range_quota_is_refused(kwargs: dict[str, float]) -> None:
-    with pytest.raises(HostdError, match="out of range"):
-        Quota(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeFailure, match="out of range"):
+        Limits(**kwargs)  # type: ignore[arg-type]
 
 
 def test_events_are_filtered_and_limited(db: State) -> None:
@@ -362,7 +364,7 @@ def test_concurrent_use_from_threads(db: State) -> None:
         try:
             for i in range(per_thread):
                 user = f"u{n}-{i}"
-                db.begin_add(make_tenant(user, 100000 + (n * per_thread + i) * 65536), Quota())
+                db.begin_add(make_tenant(user, 100000 + (n * per_thread + i) * 65536), Limits())
                 db.set_phase(user, "ready")
                 db.log_event(user, "add")
                 assert db.tenant(user) is not None
@@ -385,7 +387,8 @@ CHILD = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from hostd.state import Quota, State, Tenant
+    from hostd.state import State, Tenant
+    from runtime.limits import Limits
 
     s = State(Path(sys.argv[1]))
     base = int(sys.argv[2])
@@ -394,7 +397,7 @@ CHILD = textwrap.dedent(
         s.begin_add(
             Tenant(user, 1000, 1000, "/home/x", (base + i) * 65536, "default",
                    "adding", "running", "2024-01-01T00:00:00+00:00"),
-            Quota(cpus=1.0, memory=i + 1, pids=i + 1, disk=i + 1),
+            Limits(cpus=1.0, memory=i + 1, pids=i + 1, disk=i + 1),
         )
         print(user, flush=True)
     """
@@ -433,19 +436,19 @@ def test_sigkill_while_adding_leaves_a_consistent_database(db_path: Path, kill_a
 
 def test_address_slots_are_stable_lowest_free_and_freed_with_the_tenant(db: State) -> None:
     for i, user in enumerate(("a", "b", "c")):
-        db.begin_add(make_tenant(user, 100000 + i * 65536), Quota())
+        db.begin_add(make_tenant(user, 100000 + i * 65536), Limits())
     assert [db.address_index(u) for u in ("a", "b", "c")] == [0, 1, 2]
     assert db.address_index("b") == 1  # kept
     db.delete_tenant("b", "quarantined")
-    db.begin_add(make_tenant("d", 400000), Quota())
+    db.begin_add(make_tenant("d", 400000), Limits())
     assert db.address_index("d") == 1  # the freed slot is reused
     with pytest.raises(HostdError, match="is not a tenant"):
         db.address_index("nobody")
 
 
 def test_port_grants_never_overlap_and_go_with_the_tenant(db: State) -> None:
-    db.begin_add(make_tenant("a", 100000), Quota())
-    db.begin_add(make_tenant("b", 165536), Quota())
+    db.begin_add(make_tenant("a", 100000), Limits())
+    db.begin_add(make_tenant("b", 165536), Limits())
     db.grant_ports("a", 20000, 20009)
     with pytest.raises(HostdError, match="overlap 20000-20009 granted to a"):
         db.grant_ports("b", 20005, 20020)

@@ -20,12 +20,18 @@ from typing import Any
 
 from hostd.errors import HostdError
 from hostd.units import parse_count, parse_cpus, parse_size
-from runtime.containers import Settings
 from runtime.errors import RuntimeFailure
 from runtime.ids import MAX_ID, MIN_START, RANGE_SIZE
 from runtime.limits import Limits
 from runtime.names import check_name
-from runtime.network import NetworkConfig, host_nameservers
+from runtime.netplan import (
+    NetworkConfig,
+    check_bridge,
+    check_nft_table,
+    check_subnet,
+    host_nameservers,
+)
+from runtime.settings import RootfsMode, Settings
 
 MAIN = Path("/etc/hostd/hostd.toml")
 ID_OWNER = "hostd-ids"  # the locked system account tenants' ranges are registered under
@@ -46,7 +52,7 @@ class Paths:
 class RuntimeConfig:
     runc: str
     cgroup_parent: str
-    rootfs_mode: str  # auto | idmapped | copy
+    rootfs_mode: RootfsMode
     default_image: str
     recipes_dir: Path | None  # None: the runtime's own recipes
     cache_dir: Path
@@ -169,12 +175,6 @@ def _cgroup_name(value: Any) -> str:
     return value
 
 
-def _rootfs_mode(value: Any) -> str:
-    if value not in ("auto", "idmapped", "copy"):
-        raise ValueError('use "auto", "idmapped" or "copy"')
-    return str(value)
-
-
 def _image(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError('use an image name like "default"')
@@ -219,29 +219,6 @@ def _text(value: Any) -> str:
     if not isinstance(value, str | int | float):
         raise ValueError('use a string like "2G" or a number')
     return str(value)
-
-
-def _hostd_name(longest: int) -> Callable[[Any], str]:
-    """Kernel objects we create carry the project's prefix, so they are recognisably ours."""
-
-    def check(value: Any) -> str:
-        if not isinstance(value, str) or not re.fullmatch(
-            rf"hostd[A-Za-z0-9_]{{0,{longest - 5}}}", value
-        ):
-            raise ValueError(f'use "hostd" followed by up to {longest - 5} letters or digits')
-        return value
-
-    return check
-
-
-def _subnet(value: Any) -> str:
-    try:
-        net = ipaddress.IPv4Network(value)
-    except (ValueError, TypeError):
-        raise ValueError('use an IPv4 network like "10.213.0.0/16"') from None
-    if net.prefixlen > 28 or not net.is_private:
-        raise ValueError("use a private IPv4 network of at least 16 addresses (/28)")
-    return str(net)
 
 
 def _addresses(value: Any) -> tuple[str, ...]:
@@ -324,7 +301,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     "runtime": {
         "runc": _Key("runc", _program),
         "cgroup_parent": _Key("hostd", _cgroup_name),
-        "rootfs_mode": _Key("auto", _rootfs_mode),
+        "rootfs_mode": _Key("auto", RootfsMode.parse),
         "default_image": _Key("default", _image),
         "recipes_dir": _Key(None, _path),
         "cache_dir": _Key("/var/cache/hostd/debootstrap", _path),
@@ -341,9 +318,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "min_uid": _Key(1000, _id(1), "UID_MIN"),
     },
     "network": {
-        "bridge": _Key("hostd0", _hostd_name(15)),
-        "subnet": _Key("10.213.0.0/16", _subnet),
-        "nft_table": _Key("hostd", _hostd_name(64)),
+        "bridge": _Key("hostd0", check_bridge),
+        "subnet": _Key("10.213.0.0/16", check_subnet),
+        "nft_table": _Key("hostd", check_nft_table),
         "dns": _Key([], _addresses),
         "privileged_ports": _Key(False, _bool),
     },

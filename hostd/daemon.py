@@ -30,7 +30,7 @@ from hostd.service import Service
 from hostd.sessions import Sessions
 from hostd.state import State
 from hostd.tenants import Tenants
-from runtime.containers import Runtime, prepare_state_dir
+from runtime.containers import Runtime
 from runtime.errors import RuntimeFailure
 
 log = logging.getLogger("hostd")
@@ -75,11 +75,11 @@ def listen(path: Path, mode: int, group: str | None) -> socket.socket:
 class Daemon:
     def __init__(self, cfg: config_mod.Config) -> None:
         self.cfg = cfg
-        prepare_state_dir(cfg.paths.state_dir)
+        runtime = Runtime(cfg.runtime_settings())  # makes the state dir
         for line in hostlimits.raise_settings():  # before any tenant starts
             log.info("%s", line)
         self.state = State(cfg.paths.state_dir / "hostd.db")
-        self.tenants = Tenants(cfg, self.state, Runtime(cfg.runtime_settings()))
+        self.tenants = Tenants(cfg, self.state, runtime)
         for line in self.tenants.migrate_ranges():  # before any request can allocate a range
             log.info("upgrade: %s", line)
         # one cap and one account check (locked, expired, nologin) for both doors

@@ -15,8 +15,8 @@ from hostd import hostlimits
 from hostd.config import Config
 from hostd.subids import SubIdFiles, owner_problem
 from runtime import cgroups, mountinfo, proc, seccomp, syscalls, volume
-from runtime.containers import prepare_state_dir
 from runtime.ids import IdRange
+from runtime.storage import prepare_state_dir
 from runtime.userns import user_namespace
 
 

@@ -27,6 +27,7 @@ from typing import IO, Any, Protocol
 from hostd.config import SessionSettings
 from hostd.errors import HostdError
 from hostd.tenants import Account, Progress, Tenants
+from runtime.execs import ExecSpec
 from runtime.ttyexec import TtyProcess, signal_pidfd
 
 # Client environment a session may carry into the container (as sshd's AcceptEnv)
@@ -249,9 +250,8 @@ class Sessions:
         and stderr (`stdio`). runc stays on the host meanwhile, charged to the tenant."""
         a = s.account
         ends = list(stdio) if stdio is not None else [subprocess.PIPE] * 3
-        popen = self.runtime.spawn(
-            s.user, argv, ends, user=a.ids, groups=a.groups, env=env, cwd=a.home
-        )
+        spec = ExecSpec(argv, user=a.ids, groups=a.groups, env=env, cwd=a.home)
+        popen = self.runtime.spawn(s.user, spec, ends)
         return PipeProgram(popen)
 
     def spawn_tty(
@@ -259,14 +259,5 @@ class Sessions:
     ) -> TtyProcess:
         """Start `argv` on a pty inside; its helper stays on the host, charged to the tenant."""
         a = s.account
-        return self.runtime.exec_tty(
-            s.user,
-            argv,
-            user=a.ids,
-            groups=a.groups,
-            env=env,
-            cwd=a.home,
-            rows=rows,
-            cols=cols,
-            charged=True,
-        )
+        spec = ExecSpec(argv, user=a.ids, groups=a.groups, env=env, cwd=a.home)
+        return self.runtime.exec_tty(s.user, spec, rows=rows, cols=cols, charged=True)

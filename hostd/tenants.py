@@ -28,12 +28,14 @@ from hostd.errors import HostdError
 from hostd.state import IdRangeRecord, State, Tenant, utc_now
 from hostd.subids import SubIdEntry, SubIdFiles, allocate, ensure_owner
 from runtime import inside
-from runtime.containers import Container, Rebased, Runtime
+from runtime.containers import Runtime
 from runtime.errors import RuntimeFailure
+from runtime.execs import ExecSpec
 from runtime.ids import RANGE_SIZE, IdRange
 from runtime.limits import Limits
 from runtime.names import check_name
-from runtime.network import PortGrant, host_services
+from runtime.netplan import Forward, host_services
+from runtime.records import Container, Rebased
 from runtime.shares import Share
 
 log = logging.getLogger(__name__)
@@ -420,7 +422,7 @@ class Tenants:
             '-M -d "$4" -s /bin/bash "$1"'
         )
         res = self.runtime.exec(
-            t.user, ["sh", "-c", script, "-", t.user, str(uid), str(gid), t.home]
+            t.user, ExecSpec(["sh", "-c", script, "-", t.user, str(uid), str(gid), t.home])
         )
         if res.returncode != 0:
             raise HostdError(
@@ -473,8 +475,8 @@ class Tenants:
 
     # -- ports -----------------------------------------------------------------------------
 
-    def grants(self) -> list[PortGrant]:
-        return [PortGrant(a, b, self.address(u)) for a, b, u in self.state.port_grants()]
+    def grants(self) -> list[Forward]:
+        return [Forward(a, b, self.address(u)) for a, b, u in self.state.port_grants()]
 
     def apply_network(self) -> bool:
         """Bridge and nft rules exactly as the state says (when hostd or a container starts,

@@ -17,9 +17,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from runtime.containers import Runtime, Settings
+from runtime.containers import Runtime
 from runtime.errors import RuntimeFailure
+from runtime.execs import ExecSpec
 from runtime.ids import IdRange
+from runtime.settings import RootfsMode, Settings
 from runtime.ttyexec import relay
 
 
@@ -60,7 +62,7 @@ def print_recipes(as_json: bool, recipes: list[dict[str, Any]]) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hostd-runtime", description=__doc__)
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/hostd"))
-    p.add_argument("--rootfs-mode", choices=("auto", "idmapped", "copy"), default="auto")
+    p.add_argument("--rootfs-mode", default="auto", help="auto (default), idmapped or copy")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -99,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="hostd-runtime: %(message)s")
     try:
-        rt = Runtime(Settings(args.state_dir, rootfs_mode=args.rootfs_mode))
+        mode = RootfsMode.parse(args.rootfs_mode)
+        rt = Runtime(Settings(args.state_dir, rootfs_mode=mode))
         return _dispatch(rt, args)
     except RuntimeFailure as exc:
         print(f"hostd-runtime: error: {exc}", file=sys.stderr)
@@ -180,18 +183,12 @@ def _dispatch(rt: Runtime, args: argparse.Namespace) -> int:
         if args.tty:
             size = shutil.get_terminal_size()
             term = os.environ.get("TERM", "xterm")
-            p = rt.exec_tty(
-                args.name,
-                command,
-                user=args.user,
-                env=[f"TERM={term}"],
-                rows=size.lines,
-                cols=size.columns,
-            )
+            spec = ExecSpec(command, user=args.user, env=[f"TERM={term}"])
+            p = rt.exec_tty(args.name, spec, rows=size.lines, cols=size.columns)
             relay(p.master)
             return p.wait()
         rt.state(args.name)  # a clear error for an unknown container
-        argv = rt.exec_argv(args.name, command, user=args.user)
+        argv = rt.exec_argv(args.name, ExecSpec(command, user=args.user))
         os.execvp(argv[0], argv)
     return 0
 

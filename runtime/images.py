@@ -20,7 +20,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +47,20 @@ class Manifest:
 
 @dataclass(frozen=True)
 class Recipe:
-    """An image recipe: a directory holding recipe.toml, setup.sh and optionally files/."""
+    """An image recipe: a directory holding recipe.toml, setup.sh and optionally files/.
+
+    Sharing is written out in recipe.toml, never made by symlinks (a wheel would copy them):
+    `alias_of = "debian13"` makes the recipe another name for that one (`default`), and
+    `setup_from = "debian13"` runs that recipe's setup.sh."""
 
     name: str
-    directory: Path
+    directory: Path  # the recipe's own, or the one it is an alias of
     description: str
     suite: str
     variant: str
     mirror: str
     packages: tuple[str, ...]
+    setup: Path  # the script run in the new root
     alias_of: str | None = None  # the recipe this name points to (`default` -> `debian13`)
 
     @classmethod
@@ -64,9 +69,15 @@ class Recipe:
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
+            if "alias_of" in data:
+                return cls._alias(directory, str(data["alias_of"]))
             if not isinstance(data.get("packages", []), list):
                 raise KeyError("packages must be a list of package names")
-            target = directory.resolve().name
+            setup = directory / "setup.sh"
+            if "setup_from" in data:
+                setup = (
+                    directory.parent / check_name(str(data["setup_from"]), "recipe") / "setup.sh"
+                )
             return cls(
                 directory.name,
                 directory,
@@ -75,10 +86,20 @@ class Recipe:
                 str(data.get("variant", "minbase")),
                 str(data["mirror"]),
                 tuple(str(p) for p in data.get("packages", ())),
-                target if target != directory.name else None,
+                setup,
             )
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError, KeyError) as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, KeyError, OSError) as exc:
             raise RuntimeFailure(f"bad image recipe {path}: {exc}", "fix the file") from exc
+
+    @classmethod
+    def _alias(cls, directory: Path, target: str) -> Recipe:
+        real = cls.load(directory.parent / check_name(target, "recipe"))
+        if real.alias_of is not None:
+            raise RuntimeFailure(
+                f"bad image recipe {directory / 'recipe.toml'}: {target} is an alias too",
+                f"name the recipe {real.alias_of} instead",
+            )
+        return replace(real, name=directory.name, alias_of=real.name)
 
 
 Progress = Callable[[str], None]
@@ -181,18 +202,18 @@ class ImageStore:
                 fix=f"check that {recipe.mirror} is reachable from this host",
             )
             progress("running setup.sh in the new root")
-            shutil.copy(recipe.directory / "setup.sh", rootfs / "hostd-setup.sh")
+            shutil.copy(recipe.setup, rootfs / "hostd-setup.sh")
             proc.run(
                 ["chroot", str(rootfs), "/bin/sh", "/hostd-setup.sh"],
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
-                fix=f"fix {recipe.directory / 'setup.sh'}",
+                fix=f"fix {recipe.setup}",
             )
             (rootfs / "hostd-setup.sh").unlink()
             files = recipe.directory / "files"
             if files.is_dir():
                 shutil.copytree(files, rootfs, dirs_exist_ok=True, symlinks=True)
             source = (
-                f"recipe {recipe.directory.resolve().name}: debootstrap {recipe.suite} "
+                f"recipe {recipe.directory.name}: debootstrap {recipe.suite} "
                 f"{recipe.variant} from {recipe.mirror}"
             )
             return self._publish(name, work, source, progress)

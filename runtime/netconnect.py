@@ -1,4 +1,4 @@
-"""A TCP connection made from inside a container's network namespace (for SSH -L forwarding).
+"""A TCP connection made from inside a container's network namespace (a port forwarded into it).
 
 A short-lived helper process (`python -m runtime.netconnect`) enters the namespace, connects,
 and hands the connected socket back over a socketpair: the caller never changes namespace.

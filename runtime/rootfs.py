@@ -13,12 +13,12 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 from runtime import mountinfo, proc, syscalls
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
+from runtime.settings import RootfsMode
 from runtime.userns import user_namespace
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,6 @@ _UNSUPPORTED = (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP)
 # container's root its owner: read-only, or root inside could change every tenant's image
 # (and plant setuid-root files on the host).
 TEMPLATE_ATTRS = syscalls.MOUNT_ATTR_RDONLY | syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
-
-
-class RootfsMode(StrEnum):
-    IDMAPPED = "idmapped"
-    COPY = "copy"
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,13 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runtime import proc
 from runtime.errors import RuntimeFailure
+
+if TYPE_CHECKING:  # execs imports this module
+    from runtime.execs import ExecSpec
 
 
 @dataclass(frozen=True)
@@ -76,25 +80,16 @@ class Runc:
     def delete(self, cid: str) -> None:
         proc.run([*self._base(), "delete", "--force", cid], check=False)
 
-    def exec_argv(
-        self,
-        cid: str,
-        argv: Sequence[str],
-        *,
-        user: str = "0:0",
-        groups: Sequence[int] = (),
-        env: Sequence[str] = (),
-        cwd: str | None = None,
-    ) -> list[str]:
+    def exec_argv(self, cid: str, spec: ExecSpec) -> list[str]:
         """argv of `runc exec` without a terminal: stdio and exit status pass straight through."""
-        cmd = [*self._base(), "exec", "--user", user]
-        for gid in groups:
+        cmd = [*self._base(), "exec", "--user", spec.user]
+        for gid in spec.groups:
             cmd += ["--additional-gids", str(gid)]
-        if cwd:
-            cmd += ["--cwd", cwd]
-        for e in env:
+        if spec.cwd:
+            cmd += ["--cwd", spec.cwd]
+        for e in spec.env:
             cmd += ["--env", e]
-        return [*cmd, cid, *argv]
+        return [*cmd, cid, *spec.argv]
 
 
 # logrus quotes msg Go-style (\" and \\ inside), and may put more fields after it.

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime import seccomp
 from runtime.ids import IdRange
 from runtime.limits import Limits
+
+if TYPE_CHECKING:  # execs imports this module
+    from runtime.execs import ExecSpec
 
 # Every capability of kernel 6.x, by number. Inside the user namespace they only act on
 # objects the namespace owns, which is what makes systemd, dockerd and `--privileged` work.
@@ -214,26 +216,19 @@ def _resources(spec: ContainerSpec) -> dict[str, Any]:
 
 
 def exec_process(
-    config: dict[str, Any],
-    argv: Sequence[str],
-    *,
-    uid: int,
-    gid: int,
-    groups: Sequence[int] = (),
-    env: Sequence[str],
-    cwd: str,
-    size: tuple[int, int] | None,
+    config: dict[str, Any], spec: ExecSpec, size: tuple[int, int] | None
 ) -> dict[str, Any]:
     """process.json for `runc exec --process`: the container's own process settings
     (capabilities included), with a terminal of `size` (rows, columns) set before the program
     runs, or none."""
+    uid, gid = spec.ids()
     process = dict(config["process"])
     process.update(
         terminal=size is not None,
-        args=list(argv),
-        user={"uid": uid, "gid": gid, "additionalGids": list(groups)},
-        env=[*process.get("env", []), *env],
-        cwd=cwd,
+        args=list(spec.argv),
+        user={"uid": uid, "gid": gid, "additionalGids": list(spec.groups)},
+        env=[*process.get("env", []), *spec.env],
+        cwd=spec.cwd or "/",
     )
     if size is not None:
         process["consoleSize"] = {"height": size[0], "width": size[1]}

@@ -19,8 +19,10 @@ from hypothesis import settings
 
 from hostd import config as config_mod
 from runtime import fsutil, lxcfs, network
-from runtime.containers import Runtime, Settings
+from runtime.containers import Runtime
+from runtime.execs import ExecSpec
 from runtime.ids import IdRange
+from runtime.settings import Settings
 from tests.hostd_harness import Hostd, UnixUsers, free_port, make_busybox_tar
 
 CGROUP_PARENT = "hostd-test"
@@ -118,7 +120,7 @@ def make_container(rt: Runtime) -> Iterator[ContainerFactory]:
 
 def sh(rt: Runtime, name: str, script: str, input: bytes | None = None) -> str:
     """Run a shell script as root inside; fail the test with its output if it fails."""
-    res = rt.exec(name, ["sh", "-c", script], input=input, timeout=300)
+    res = rt.exec(name, ExecSpec(["sh", "-c", script]), input=input, timeout=300)
     assert res.returncode == 0, f"{script!r} exited {res.returncode}:\n{res.stdout}\n{res.stderr}"
     return res.stdout
 

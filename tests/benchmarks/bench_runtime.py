@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 from runtime import fsutil
-from runtime.containers import Runtime, Settings
+from runtime.containers import Runtime
 from runtime.ids import IdRange
+from runtime.settings import RootfsMode, Settings
 
 GOALS = {"create_s": 0.2, "ready_s": 2.0, "disk_mb": 20.0}
 LABELS = {
@@ -59,7 +60,9 @@ def main() -> None:
     state = args.state_dir or Path(tempfile.mkdtemp(prefix="hostd-bench-", dir="/var/tmp"))
     try:
         runtimes = {
-            mode: Runtime(Settings(state, rootfs_mode=mode, cgroup_parent="hostd-bench"))
+            mode: Runtime(
+                Settings(state, rootfs_mode=RootfsMode(mode), cgroup_parent="hostd-bench")
+            )
             for mode in ("idmapped", "copy")
         }
         if not (state / "images" / "default").exists():

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from runtime import fsutil
-from runtime.containers import Runtime, Settings
+from runtime.containers import Runtime
+from runtime.settings import Settings
 
 
 @contextlib.contextmanager

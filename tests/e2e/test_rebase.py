@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.containers import SET_ASIDE, Runtime
+from runtime.containers import Runtime
+from runtime.storage import SET_ASIDE
 from tests.e2e.conftest import add_developer
 from tests.hostd_harness import Hostd, Login, UnixUsers
 

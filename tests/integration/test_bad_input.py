@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from runtime import cgroups, fsutil, mountinfo
-from runtime.containers import Runtime, Settings
+from runtime.containers import Runtime
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
-from runtime.rootfs import RootfsMode
+from runtime.settings import RootfsMode, Settings
 from tests.conftest import CGROUP_PARENT, ContainerFactory, next_range
 
 
@@ -117,7 +117,7 @@ def test_idmapped_mode_on_a_file_system_without_it(
     ramfs_runtime: tuple[Path, Path], busybox_tar: Path
 ) -> None:
     state, _ = ramfs_runtime
-    strict = Runtime(Settings(state, rootfs_mode="idmapped", cgroup_parent=CGROUP_PARENT))
+    strict = Runtime(Settings(state, rootfs_mode=RootfsMode.IDMAPPED, cgroup_parent=CGROUP_PARENT))
     strict.images.import_tarball("bb", busybox_tar)
     with pytest.raises(RuntimeFailure, match='ID-mapped mounts unsupported .*"copy"'):
         strict.create("strict", "bb", next_range())

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from runtime import lxcfs, mountinfo, volume
-from runtime.containers import Runtime, Settings
+from runtime.containers import Runtime
 from runtime.errors import RuntimeFailure
+from runtime.execs import ExecSpec
 from runtime.limits import Limits
+from runtime.settings import Settings
 from tests.conftest import CGROUP_PARENT, next_range, sh
 
 MiB = 2**20
@@ -33,7 +35,7 @@ def test_disk_cap_gives_enospc_inside_and_can_be_raised(rt: Runtime) -> None:
     try:
         rt.start(name)
         rt.wait_ready(name)
-        res = rt.exec(name, ["dd", "if=/dev/zero", "of=/root/fill", "bs=1M", "count=400"])
+        res = rt.exec(name, ExecSpec(["dd", "if=/dev/zero", "of=/root/fill", "bs=1M", "count=400"]))
         assert res.returncode != 0 and "No space left on device" in res.stderr
         assert os.stat(cdir / "data.img").st_blocks * 512 <= 300 * MiB  # the host is untouched
         used = rt.disk_used(name)

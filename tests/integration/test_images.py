@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.containers import Runtime, Settings
+from runtime.containers import Runtime
 from runtime.errors import RuntimeFailure
-from runtime.rootfs import RootfsMode
+from runtime.settings import RootfsMode, Settings
 from tests.conftest import CGROUP_PARENT, INNER_DRIVER, ContainerFactory, next_range, sh
 
 
@@ -87,7 +87,7 @@ def test_imported_system_image_boots_and_survives_a_reimport(
 
 
 def test_copy_mode_boots_with_docker(rt: Runtime, state_dir: Path) -> None:
-    copy = Runtime(Settings(state_dir, rootfs_mode="copy", cgroup_parent=CGROUP_PARENT))
+    copy = Runtime(Settings(state_dir, rootfs_mode=RootfsMode.COPY, cgroup_parent=CGROUP_PARENT))
     name = f"copy{os.getpid()}"
     c = copy.create(name, "default", next_range())
     try:

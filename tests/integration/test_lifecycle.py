@@ -8,7 +8,8 @@ from pathlib import Path
 
 from runtime import mountinfo
 from runtime.containers import Runtime
-from runtime.rootfs import RootfsMode
+from runtime.execs import ExecSpec
+from runtime.settings import RootfsMode
 from tests.conftest import CGROUP_PARENT, INNER_DRIVER, ContainerFactory, sh
 
 
@@ -53,7 +54,7 @@ def test_boot_reaches_running_with_docker_ready(
     assert rt.state(name).status == "running"
     assert sh(rt, name, "systemctl is-system-running").strip() == "running"
     assert sh(rt, name, "hostname").strip() == rt.get(name).hostname
-    res = rt.exec(name, ["sudo", "-n", "true"])
+    res = rt.exec(name, ExecSpec(["sudo", "-n", "true"]))
     assert res.returncode == 0 and "unable to resolve host" not in res.stderr
     assert sh(rt, name, "docker info --format '{{.Driver}}'").strip() == INNER_DRIVER
     assert sh(rt, name, "findmnt -no FSTYPE /run").strip() == "tmpfs"
@@ -61,21 +62,16 @@ def test_boot_reaches_running_with_docker_ready(
 
 def test_exec_passes_exit_status_and_user(rt: Runtime, make_container: ContainerFactory) -> None:
     name = make_container("exec")
-    assert rt.exec(name, ["sh", "-c", "exit 7"]).returncode == 7
-    assert rt.exec(name, ["id", "-u"], user="1000:1000").stdout.strip() == "1000"
-    res = rt.exec(name, ["sh", "-c", "cat; echo err >&2"], input=b"in\n")
+    assert rt.exec(name, ExecSpec(["sh", "-c", "exit 7"])).returncode == 7
+    assert rt.exec(name, ExecSpec(["id", "-u"], user="1000:1000")).stdout.strip() == "1000"
+    res = rt.exec(name, ExecSpec(["sh", "-c", "cat; echo err >&2"]), input=b"in\n")
     assert (res.stdout, res.stderr) == ("in\n", "err\n")
 
 
 def test_exec_with_terminal(rt: Runtime, make_container: ContainerFactory) -> None:
     name = make_container("tty")
-    p = rt.exec_tty(
-        name,
-        ["sh", "-c", "tty; stty size; read line; stty size; echo got-$line; exit 5"],
-        env=["TERM=xterm"],
-        rows=40,
-        cols=100,
-    )
+    script = "tty; stty size; read line; stty size; echo got-$line; exit 5"
+    p = rt.exec_tty(name, ExecSpec(["sh", "-c", script], env=["TERM=xterm"]), rows=40, cols=100)
     first = _read_until(p.master, b"40 100")
     assert b"/dev/pts/0" in first
     p.resize(50, 120)

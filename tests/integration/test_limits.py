@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from runtime.containers import Runtime
+from runtime.execs import ExecSpec
 from runtime.limits import Limits
 from tests.conftest import CGROUP_PARENT, INNER_DRIVER, next_range, sh
 
@@ -35,7 +36,7 @@ def test_memory_and_swap_limit(rt: Runtime, limited: str) -> None:
 
 def test_oom_kills_inside_only(rt: Runtime, limited: str) -> None:
     init = rt.state(limited).pid
-    res = rt.exec(limited, ["perl", "-e", '$x = "a" x (400 * 1024 * 1024)'])  # > 256M
+    res = rt.exec(limited, ExecSpec(["perl", "-e", '$x = "a" x (400 * 1024 * 1024)']))  # > 256M
     assert res.returncode == 137  # SIGKILL from the OOM killer
     control = sh(rt, limited, "cat /sys/fs/cgroup/memory/memory.oom_control")
     oom = dict(line.split() for line in control.splitlines())
@@ -47,7 +48,7 @@ def test_oom_kills_inside_only(rt: Runtime, limited: str) -> None:
 
 def test_fork_bomb_stays_inside(rt: Runtime, limited: str) -> None:
     bomb = "for i in $(seq 1000); do sleep 300 </dev/null >/dev/null 2>&1 & done"
-    res = rt.exec(limited, ["sh", "-c", bomb], timeout=120)
+    res = rt.exec(limited, ExecSpec(["sh", "-c", bomb]), timeout=120)
     assert "fork" in res.stderr or "Resource temporarily unavailable" in res.stderr
     used = rt.usage(limited)
     assert used is not None and used.pids <= 300

@@ -23,7 +23,8 @@ import pytest
 
 from runtime import network
 from runtime.errors import RuntimeFailure
-from runtime.network import NetworkConfig, PortGrant, attach, detach, veth_name
+from runtime.netplan import Forward, NetworkConfig, container_mac, veth_name
+from runtime.network import attach, detach
 
 PID = os.getpid()
 CFG = NetworkConfig(
@@ -221,7 +222,7 @@ def net() -> Iterator[Net]:
     try:
         a, b, c = (spaces.add(tag, CFG.address_for(i)) for i, tag in enumerate("abc"))
         containers = [t.container for t in (a, b, c)]
-        network.setup_host(CFG, [PortGrant(GRANTED, GRANTED, b.address)])
+        network.setup_host(CFG, [Forward(GRANTED, GRANTED, b.address)])
         for t in (a, b, c):
             attach(CFG, t.container, t.address, t.pid)
         for port in (GRANTED, UNGRANTED):
@@ -361,7 +362,7 @@ def test_a_tenant_claiming_anothers_address_does_not_get_its_traffic(net: Net) -
     try:
         c.run("busybox", "arping", "-U", "-c", "2", "-I", "eth0", "-s", b, b, check=False)
         neigh = run("ip", "neigh", "show", b, "dev", CFG.bridge).stdout
-        assert network.tenant_mac(net.b.container) in neigh and "PERMANENT" in neigh
+        assert container_mac(net.b.container) in neigh and "PERMANENT" in neigh
         assert http_status("127.0.0.1", GRANTED, 5) == "HTTP/1.0 200 OK"  # still B's server
     finally:
         c.run("ip", "addr", "del", f"{b}/32", "dev", "eth0", check=False)
@@ -369,12 +370,12 @@ def test_a_tenant_claiming_anothers_address_does_not_get_its_traffic(net: Net) -
 
 def test_changing_grants_keeps_tenants_attached(net: Net) -> None:
     try:
-        network.setup_host(CFG, [PortGrant(UNGRANTED, UNGRANTED, net.b.address)])
+        network.setup_host(CFG, [Forward(UNGRANTED, UNGRANTED, net.b.address)])
         assert http_status("127.0.0.1", UNGRANTED, 5) == "HTTP/1.0 200 OK"
         assert http_status("127.0.0.1", GRANTED) is None
         assert f"inet {net.a.address}/24" in net.a.run("ip", "-4", "-o", "addr").stdout
     finally:
-        network.setup_host(CFG, [PortGrant(GRANTED, GRANTED, net.b.address)])
+        network.setup_host(CFG, [Forward(GRANTED, GRANTED, net.b.address)])
     assert http_status("127.0.0.1", GRANTED, 5) == "HTTP/1.0 200 OK"
 
 
@@ -447,7 +448,7 @@ def test_teardown_leaves_nothing(spaces: Namespaces) -> None:
         links = run("ip", "-o", "link").stdout
         assert cfg.bridge not in links and veth_name(e.container) not in links
         assert cfg.nft_table not in run("nft", "list", "tables").stdout
-        assert network.tenant_mac(e.container) not in run("ip", "neigh").stdout
+        assert container_mac(e.container) not in run("ip", "neigh").stdout
         assert not Path(f"/proc/sys/net/ipv4/conf/{cfg.bridge}").exists()
         assert "eth0" not in e.run("ip", "-o", "link").stdout
     finally:

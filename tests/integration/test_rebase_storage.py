@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime import containers, fsutil, mountinfo, rootfs, volume
-from runtime.containers import Runtime, Settings
+from runtime import fsutil, mountinfo, rootfs, storage, volume
+from runtime.containers import Runtime
 from runtime.limits import Limits
+from runtime.settings import RootfsMode, Settings
 from tests.conftest import CGROUP_PARENT, next_range
 
 STATUS = (
@@ -95,7 +96,7 @@ def test_rebase_sets_the_upper_layer_aside_and_keeps_the_volume(
         done = rt.rebase(name, image)
         assert done is not None and done.old_image_dir == old
         assert done.packages == ("hostd-probe",)  # deinstalled and invalid names are not
-        assert done.set_aside.startswith(containers.SET_ASIDE + "/")
+        assert done.set_aside.startswith(storage.SET_ASIDE + "/")
         assert rt.get(name).image_dir == str(new)
         assert _mounted(rt, name) == []  # stopped, as it was
         with _volume(rt, name) as data:
@@ -104,7 +105,7 @@ def test_rebase_sets_the_upper_layer_aside_and_keeps_the_volume(
             assert list((data / "upper").iterdir()) == []
             assert os.stat(data / "upper").st_uid == rt.get(name).ids.root
             assert (data / "docker/kept").read_text() == "kept\n"
-            bind = [b for b in rt.spec(rt.get(name)).binds if b.destination == containers.SET_ASIDE]
+            bind = [b for b in rt.spec(rt.get(name)).binds if b.destination == storage.SET_ASIDE]
             assert bind and "nosuid" in bind[0].options and "nodev" in bind[0].options
         assert rt.rebase(name, image) is None  # already there
         assert Path(old).name in rt.prune_images() and not Path(old).exists()
@@ -144,7 +145,7 @@ def test_copy_mode_rebase_redoes_the_shifted_copy(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    copy = Runtime(Settings(state_dir, rootfs_mode="copy", cgroup_parent=CGROUP_PARENT))
+    copy = Runtime(Settings(state_dir, rootfs_mode=RootfsMode.COPY, cgroup_parent=CGROUP_PARENT))
     with _container(copy, image) as name:
         _write_state(copy, name)
         cdir = copy.state_dir / "containers" / name

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from runtime.containers import Runtime
+from runtime.execs import ExecSpec
 from runtime.limits import Limits
 from runtime.shares import Share
 from tests.conftest import next_range, sh
@@ -27,11 +28,13 @@ def test_share_maps_only_the_host_user(rt: Runtime, tmp_path: Path) -> None:
         rt.wait_ready(name)
         assert sh(rt, name, "stat -c %u:%g /home/alice").strip() == "1000:1000"
         assert sh(rt, name, "stat -c %u /home/alice/root-owned").strip() == "65534"
-        res = rt.exec(name, ["sh", "-c", "echo mine > /home/alice/new"], user="1000:1000")
+        res = rt.exec(name, ExecSpec(["sh", "-c", "echo mine > /home/alice/new"], user="1000:1000"))
         assert res.returncode == 0, res.stderr
         st = os.stat(home / "new")
         assert (st.st_uid, st.st_gid) == (HOST_UID, HOST_UID)
-        assert rt.exec(name, ["sh", "-c", "echo x > /home/alice/root-owned"]).returncode != 0
+        assert (
+            rt.exec(name, ExecSpec(["sh", "-c", "echo x > /home/alice/root-owned"])).returncode != 0
+        )
     finally:
         rt.delete(name, force=True)
     assert (home / "new").read_text() == "mine\n"  # deleting the container keeps the home

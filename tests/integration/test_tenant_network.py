@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import network
+from runtime import netplan
 from tests.conftest import TEST_BRIDGE, TEST_TABLE
 from tests.hostd_harness import Hostd, UnixUsers
 
@@ -78,7 +78,7 @@ def test_granted_port_serves_the_tenants_container(
     _, b = two_tenants
     hostd.hostctl("ports", "grant", b, "20001")
     bridge = str(
-        network.NetworkConfig(TEST_BRIDGE, "10.231.64.0/20", TEST_TABLE).bridge_address().ip
+        netplan.NetworkConfig(TEST_BRIDGE, "10.231.64.0/20", TEST_TABLE).bridge_address().ip
     )
     assert _http("127.0.0.1", 20001).strip() == f"served-by-{b}"
     assert _http(bridge, 20001).strip() == f"served-by-{b}"
@@ -100,7 +100,7 @@ def test_tenants_cannot_reach_each_other_or_the_host(
     assert hostd.hostctl("exec", a, "--", "sh", "-c", ping, check=False).returncode != 0
     # the host's own services (here: hostd's neighbour, a listener on the bridge address)
     with socket.socket() as listener:
-        bridge = network.NetworkConfig(TEST_BRIDGE, "10.231.64.0/20", TEST_TABLE)
+        bridge = netplan.NetworkConfig(TEST_BRIDGE, "10.231.64.0/20", TEST_TABLE)
         listener.bind((str(bridge.bridge_address().ip), 0))
         listener.listen()
         port = listener.getsockname()[1]
@@ -148,7 +148,7 @@ def test_removal_leaves_no_network_objects(
     hostd.hostctl("user", "add", user, "--disk", "1G")
     hostd.hostctl("start", user)
     hostd.hostctl("ports", "grant", user, "23000")
-    veth = network.veth_name(user)
+    veth = netplan.veth_name(user)
     assert veth in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
     image = hostd.state_dir / "containers" / user / "data.img"
     loops = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout

@@ -19,6 +19,7 @@ import pytest
 from runtime import inside, mountinfo, shares
 from runtime.containers import Runtime
 from runtime.errors import RuntimeFailure
+from runtime.execs import ExecSpec
 from runtime.ids import IdRange
 from runtime.shares import Share
 from tests.conftest import ContainerFactory, sh
@@ -212,9 +213,9 @@ def test_output_of_commands_inside_is_bounded(
 ) -> None:
     name = make_container("flood")
     with pytest.raises(RuntimeFailure, match="printed more than"):
-        rt.exec(name, ["sh", "-c", "yes"], timeout=60)
+        rt.exec(name, ExecSpec(["sh", "-c", "yes"]), timeout=60)
     with pytest.raises(RuntimeFailure, match="took longer than"):
-        rt.exec(name, ["sleep", "60"], timeout=1)
+        rt.exec(name, ExecSpec(["sleep", "60"]), timeout=1)
 
 
 def test_symlinks_inside_do_not_lead_hostd_to_host_files(

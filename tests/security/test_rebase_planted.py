@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from runtime import volume
-from runtime.containers import DPKG_STATUS_MAX, Runtime
+from runtime.containers import Runtime
 from runtime.limits import Limits
+from runtime.storage import DPKG_STATUS_MAX
 from tests.conftest import next_range
 
 HOST_SECRET = "Package: hostd-host-secret\nStatus: install ok installed\n"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from runtime.containers import Runtime
+from runtime.execs import ExecSpec
 from tests.conftest import ContainerFactory, load_busybox, sh
 
 NON_NAMESPACED_KNOBS = ("kernel/threads-max", "vm/swappiness", "kernel/panic")
@@ -31,12 +32,23 @@ def test_host_knobs_cannot_be_written(
     name = make_container("knob")
     path = f"/proc/sys/{knob}"
     before = Path(path).read_text()
-    res = rt.exec(name, ["sh", "-c", f"echo 1 > {path}"])
+    res = rt.exec(name, ExecSpec(["sh", "-c", f"echo 1 > {path}"]))
     assert res.returncode != 0
     load_busybox(rt, name, busybox_tar)
     res = rt.exec(
         name,
-        ["docker", "run", "--rm", "--privileged", "busybox:local", "sh", "-c", f"echo 1 > {path}"],
+        ExecSpec(
+            [
+                "docker",
+                "run",
+                "--rm",
+                "--privileged",
+                "busybox:local",
+                "sh",
+                "-c",
+                f"echo 1 > {path}",
+            ]
+        ),
     )
     assert res.returncode != 0, "an inner --privileged container changed a host knob"
     assert Path(path).read_text() == before
@@ -44,19 +56,19 @@ def test_host_knobs_cannot_be_written(
 
 def test_sysrq_trigger_cannot_be_written(rt: Runtime, make_container: ContainerFactory) -> None:
     name = make_container("sysrq")
-    assert rt.exec(name, ["sh", "-c", "echo h > /proc/sysrq-trigger"]).returncode != 0
+    assert rt.exec(name, ExecSpec(["sh", "-c", "echo h > /proc/sysrq-trigger"])).returncode != 0
 
 
 def test_no_block_devices_and_no_host_disk(rt: Runtime, make_container: ContainerFactory) -> None:
     name = make_container("dev")
     root_dev = os.stat("/").st_dev
     major, minor = os.major(root_dev), os.minor(root_dev)
-    res = rt.exec(name, ["mknod", "/tmp/disk", "b", str(major), str(minor)])
+    res = rt.exec(name, ExecSpec(["mknod", "/tmp/disk", "b", str(major), str(minor)]))
     assert res.returncode != 0 and "Operation not permitted" in res.stderr
     mount_src = subprocess.run(
         ["findmnt", "-no", "SOURCE", "/"], capture_output=True, text=True, check=True
     ).stdout.strip()
-    res = rt.exec(name, ["mount", mount_src, "/mnt"])
+    res = rt.exec(name, ExecSpec(["mount", mount_src, "/mnt"]))
     assert res.returncode != 0
     assert sh(rt, name, "ls /mnt | wc -l").strip() == "0"
 
@@ -68,7 +80,7 @@ def test_containers_see_neither_processes_nor_files_of_each_other(
     sh(rt, a, "echo secret > /root/secret-a && (nohup sleep 4242 >/dev/null 2>&1 &)")
     assert "sleep 4242" in sh(rt, a, "ps -eo args")
     assert "sleep 4242" not in sh(rt, b, "ps -eo args")
-    assert rt.exec(b, ["test", "-e", "/root/secret-a"]).returncode != 0
+    assert rt.exec(b, ExecSpec(["test", "-e", "/root/secret-a"])).returncode != 0
     # on the host, a's file belongs to a's range and is absent from b's storage
     upper_a = rt.state_dir / "containers" / a / "data/upper/root/secret-a"
     assert upper_a.stat().st_uid == rt.get(a).ids.start

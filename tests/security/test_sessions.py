@@ -30,6 +30,7 @@ import pytest
 from hostd import config as config_mod
 from hostd.client import connect, request
 from runtime.containers import Runtime
+from runtime.execs import ExecSpec
 from tests.conftest import CGROUP_PARENT
 from tests.hostd_harness import Hostd, UnixUsers, authorize, children, ssh_argv
 
@@ -329,14 +330,16 @@ def test_a_tenants_slow_sessions_do_not_delay_another_tenants_login(
     unit = "/etc/systemd/system/hostd-slow.service"
     res = rt.exec(
         tenant.user,
-        [
-            "sh",
-            "-c",
-            'printf "$1" >"$2" && ln -s "$2" /etc/systemd/system/multi-user.target.wants/',
-            "-",
-            SLOW_UNIT,
-            unit,
-        ],
+        ExecSpec(
+            [
+                "sh",
+                "-c",
+                'printf "$1" >"$2" && ln -s "$2" /etc/systemd/system/multi-user.target.wants/',
+                "-",
+                SLOW_UNIT,
+                unit,
+            ]
+        ),
     )
     assert res.returncode == 0, res.stderr
     stuck: list[subprocess.Popen[bytes]] = []
@@ -362,7 +365,9 @@ def test_a_tenants_slow_sessions_do_not_delay_another_tenants_login(
         _wait_for(lambda: rt.state(tenant.user).status == "running", "the tenant to run")
         rt.exec(
             tenant.user,
-            ["rm", "-f", unit, "/etc/systemd/system/multi-user.target.wants/hostd-slow.service"],
+            ExecSpec(
+                ["rm", "-f", unit, "/etc/systemd/system/multi-user.target.wants/hostd-slow.service"]
+            ),
         )
         hostd.hostctl("user", "remove", other.user, check=False)
 

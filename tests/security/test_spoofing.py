@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime import network
-from runtime.network import NetworkConfig, attach, detach, tenant_mac
+from runtime import netplan, network
+from runtime.netplan import NetworkConfig, container_mac
+from runtime.network import attach, detach
 from tests.integration.test_network import (
     Namespaces,
     Tenant,
@@ -177,7 +178,7 @@ class Pair:
     def legit(self, marker: bytes) -> bytes:
         """A's own, well-formed datagram to the bridge address."""
         return udp_frame(
-            tenant_mac(self.a.container), self.bridge_mac, str(self.a.address), GW, marker
+            container_mac(self.a.container), self.bridge_mac, str(self.a.address), GW, marker
         )
 
 
@@ -220,7 +221,7 @@ def _keep_ip_forward() -> Iterator[None]:
 
 
 def test_raw_frames_with_anothers_address_or_a_forged_mac_are_dropped(pair: Pair) -> None:
-    a_mac, b_mac = tenant_mac(pair.a.container), tenant_mac(pair.b.container)
+    a_mac, b_mac = container_mac(pair.a.container), container_mac(pair.b.container)
     a_ip, b_ip = str(pair.a.address), str(pair.b.address)
     attacks = {
         "b-ip": udp_frame(a_mac, pair.bridge_mac, b_ip, GW, b"spoof-b-ip"),
@@ -264,7 +265,7 @@ def test_a_tenant_with_a_forged_mac_reaches_nothing_until_it_puts_its_own_back(
     a = pair.a
     a.run("ip", "link", "set", "eth0", "address", FORGED_MAC)
     a.run(sys.executable, "-c", SEND_UDP_FROM, str(a.address), GW, "9", "spoof-link")
-    a.run("ip", "link", "set", "eth0", "address", tenant_mac(a.container))
+    a.run("ip", "link", "set", "eth0", "address", container_mac(a.container))
     a.run(sys.executable, "-c", SEND_UDP_FROM, str(a.address), GW, "9", "legit-3")
     frames = pair.recorder.until(b"legit-3")
     assert FORGED_MAC not in {f.src_mac for f in frames}
@@ -274,14 +275,14 @@ def test_a_tenant_with_a_forged_mac_reaches_nothing_until_it_puts_its_own_back(
 def test_a_port_without_its_pin_passes_nothing(pair: Pair) -> None:
     """Fail closed: a port of the bridge whose pin is gone (flushed by hand, say) drops
     everything until attach pins it again."""
-    veth = network.veth_name(pair.a.container)
-    assert int(Path(f"/sys/class/net/{veth}/netdev_group").read_text()) == network.port_group(CFG)
+    veth = netplan.veth_name(pair.a.container)
+    assert int(Path(f"/sys/class/net/{veth}/netdev_group").read_text()) == netplan.port_group(CFG)
     run("nft", "delete", "element", "bridge", CFG.nft_table, "ports", f'{{ "{veth}" }}')
     assert not network.attached(CFG, pair.a.container)  # reconcile re-attaches it
     pair.send(pair.legit(b"unpinned"))
     subprocess.run(
         ["nft", "-f", "-"],
-        input=network.pin_script(CFG, pair.a.container, pair.a.address).encode(),
+        input=netplan.pin_script(CFG, pair.a.container, pair.a.address).encode(),
         check=True,
     )
     assert network.attached(CFG, pair.a.container)
@@ -294,7 +295,7 @@ def test_a_port_attached_without_a_group_is_attached_again(pair: Pair) -> None:
     """A veth of an earlier version (no group, no pin) passes everything: reconcile must see
     it as unattached, and attach then pins it."""
     a = pair.a
-    run("ip", "link", "set", network.veth_name(a.container), "group", "default")
+    run("ip", "link", "set", netplan.veth_name(a.container), "group", "default")
     assert not network.attached(CFG, a.container)
     attach(CFG, a.container, a.address, a.pid)
     assert network.attached(CFG, a.container)

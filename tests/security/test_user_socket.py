@@ -19,6 +19,7 @@ from hostd import config as config_mod
 from hostd.api import Channel
 from hostd.client import call, request
 from runtime.containers import Runtime
+from runtime.execs import ExecSpec
 from tests.hostd_harness import Hostd, UnixUsers, connect_as
 
 FLOOD = 300
@@ -205,7 +206,7 @@ def _waiting_for_the_file(rt: Runtime, name: str) -> bool:
     """Whether reconcile started the container and its boot now waits for the file."""
     if rt.state(name).status != "running":
         return False
-    res = rt.exec(name, ["systemctl", "is-active", "hostd-test-slow.service"])
+    res = rt.exec(name, ExecSpec(["systemctl", "is-active", "hostd-test-slow.service"]))
     return res.stdout.strip() == "activating"
 
 
@@ -218,7 +219,7 @@ def test_a_tenant_slow_to_boot_does_not_keep_hostd_closed(hostd: Hostd, tenants:
     hostd.hostctl("start", slow)
     unit = "/etc/systemd/system/hostd-test-slow.service"
     script = f"cat > {unit} && systemctl enable -q hostd-test-slow.service"
-    assert rt.exec(slow, ["sh", "-c", script], input=SLOW_UNIT.encode()).returncode == 0
+    assert rt.exec(slow, ExecSpec(["sh", "-c", script]), input=SLOW_UNIT.encode()).returncode == 0
     hostd.stop()
     rt.stop(slow, 10)  # its desired state stays "running": the next hostd starts it
     offset = hostd.log.stat().st_size
@@ -234,7 +235,7 @@ def test_a_tenant_slow_to_boot_does_not_keep_hostd_closed(hostd: Hostd, tenants:
         assert _timed_status(hostd, None) < 1.0
     finally:
         with contextlib.suppress(Exception):
-            rt.exec(slow, ["touch", "/run/hostd-test-go"])
+            rt.exec(slow, ExecSpec(["touch", "/run/hostd-test-go"]))
     deadline = time.monotonic() + 120
     while not hostd.reconciled(offset):
         assert time.monotonic() < deadline, "reconcile did not finish once the tenant booted"

@@ -24,9 +24,9 @@ from hostd.config import (
     read_login_defs,
 )
 from hostd.errors import HostdError
-from runtime.containers import DEFAULT_RECIPES, Settings
 from runtime.limits import Limits
-from runtime.network import NetworkConfig, host_nameservers
+from runtime.netplan import NetworkConfig, host_nameservers
+from runtime.settings import DEFAULT_RECIPES, RootfsMode, Settings
 
 SHIPPED = Path(__file__).resolve().parents[2] / "etc" / "hostd.toml"
 
@@ -45,7 +45,7 @@ def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
         runtime=RuntimeConfig(
             runc="runc",
             cgroup_parent="hostd",
-            rootfs_mode="auto",
+            rootfs_mode=RootfsMode.AUTO,
             default_image="default",
             recipes_dir=None,
             cache_dir=Path("/var/cache/hostd/debootstrap"),
@@ -411,7 +411,7 @@ def test_runtime_settings_carry_paths_and_runtime_options(files: Files) -> None:
         state_dir=Path("/srv/hostd"),
         runc="/usr/local/bin/runc",
         cgroup_parent="tenants",
-        rootfs_mode="copy",
+        rootfs_mode=RootfsMode.COPY,
         cache_dir=Path("/srv/cache"),
         recipes_dir=DEFAULT_RECIPES,
         lxcfs=Path("/srv/hostd/lxcfs"),

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from runtime.containers import Container, _Undo, prepare_state_dir
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
-from runtime.rootfs import RootfsMode
+from runtime.records import Container
+from runtime.settings import RootfsMode
+from runtime.storage import prepare_state_dir
+from runtime.undo import Undo
 
 
 def make_container(mode: RootfsMode = RootfsMode.IDMAPPED) -> Container:
@@ -30,7 +32,7 @@ def make_container(mode: RootfsMode = RootfsMode.IDMAPPED) -> Container:
     )
 
 
-@pytest.mark.parametrize("mode", list(RootfsMode))
+@pytest.mark.parametrize("mode", [RootfsMode.IDMAPPED, RootfsMode.COPY])
 def test_container_survives_meta_json(mode: RootfsMode) -> None:
     c = make_container(mode)
     back = Container.from_json(c.to_json())
@@ -62,7 +64,7 @@ def run_undo(steps: list[str], fail_with: Exception | None, broken: str = "") ->
         if name == broken:
             raise OSError(f"{name} broke")
 
-    with _Undo() as undo:
+    with Undo() as undo:
         for name in ("a", "b", "c"):
             undo.push(step, name)
         if fail_with is not None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.containers import DEFAULT_RECIPES
 from runtime.errors import RuntimeFailure
 from runtime.images import ImageStore, Manifest, Recipe
+from runtime.settings import DEFAULT_RECIPES
 
 MINIMAL = 'suite = "trixie"\nmirror = "http://mirror.example/debian"\n'
 
@@ -37,7 +37,8 @@ def test_default_is_debian13_with_a_current_docker() -> None:
     assert recipe.mirror.startswith("http")
     wanted = {"systemd", "systemd-sysv", "docker.io", "docker-cli", "docker-buildx"}
     assert wanted | {"docker-compose", "containerd", "runc"} <= set(recipe.packages)
-    assert (recipe.directory / "setup.sh").is_file()  # what build() runs in the chroot
+    assert recipe.directory == DEFAULT_RECIPES / "debian13"  # its files/ too
+    assert recipe.setup.is_file()  # what build() runs in the chroot
     daemon = json.loads((recipe.directory / "files/etc/docker/daemon.json").read_text())
     assert daemon == {"storage-driver": "overlay2"}  # measured fastest: docs/benchmarks.md
 
@@ -45,7 +46,25 @@ def test_default_is_debian13_with_a_current_docker() -> None:
 def test_debian12_recipe_ships_with_the_same_setup() -> None:
     recipe = Recipe.load(DEFAULT_RECIPES / "debian12")
     assert (recipe.suite, recipe.alias_of) == ("bookworm", None)
-    assert (recipe.directory / "setup.sh").resolve() == DEFAULT_RECIPES / "debian13/setup.sh"
+    assert recipe.setup == DEFAULT_RECIPES / "debian13/setup.sh"
+    assert recipe.setup.is_file() and recipe.directory == DEFAULT_RECIPES / "debian12"
+
+
+def test_recipes_ship_without_symlinks() -> None:
+    """A wheel copies symlinks as files: sharing is written in recipe.toml instead."""
+    assert [p for p in DEFAULT_RECIPES.rglob("*") if p.is_symlink()] == []
+
+
+def test_an_alias_names_a_real_recipe(tmp_path: Path) -> None:
+    for name, text in (("a", 'alias_of = "b"\n'), ("b", 'alias_of = "c"\n'), ("c", MINIMAL)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "recipe.toml").write_text(text)
+    assert Recipe.load(tmp_path / "b").alias_of == "c"
+    with pytest.raises(RuntimeFailure, match="c instead"):
+        Recipe.load(tmp_path / "a")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "recipe.toml").write_text('alias_of = "missing"\n')
+    assert "missing/recipe.toml" in load_failure(tmp_path / "d").cause
 
 
 def test_recipes_are_listed_with_what_is_built(tmp_path: Path) -> None:

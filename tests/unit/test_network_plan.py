@@ -1,4 +1,4 @@
-"""Tenant network plans (names, addresses, nft ruleset, resolv.conf), checked without root."""
+"""Container network plans (names, addresses, nft ruleset, resolv.conf), checked without root."""
 
 from __future__ import annotations
 
@@ -12,25 +12,25 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from runtime.errors import RuntimeFailure
-from runtime.network import (
+from runtime.netplan import (
     IFNAMSIZ,
+    Forward,
     NetworkConfig,
-    PortGrant,
     bridge_ruleset,
+    container_mac,
     host_nameservers,
     host_services,
     pin_script,
     port_group,
     resolv_conf,
     ruleset,
-    tenant_mac,
     unpin_script,
     veth_name,
 )
 
 CFG = NetworkConfig(bridge="hostd0", subnet="10.213.0.0/16", nft_table="hostd")
 A, B = IPv4Address("10.213.0.2"), IPv4Address("10.213.0.3")
-GRANTS = (PortGrant(20001, 20001, B), PortGrant(30000, 30010, A))
+FORWARDS = (Forward(20001, 20001, B), Forward(30000, 30010, A))
 
 
 def rules(text: str) -> list[str]:
@@ -53,38 +53,38 @@ def test_ruleset_is_one_table_of_the_project() -> None:
     assert text.count("table ") == 1
 
 
-def test_ruleset_is_deterministic_whatever_the_grant_order() -> None:
-    assert ruleset(CFG, GRANTS) == ruleset(CFG, GRANTS[::-1]) == ruleset(CFG, list(GRANTS))
+def test_ruleset_is_deterministic_whatever_the_forward_order() -> None:
+    assert ruleset(CFG, FORWARDS) == ruleset(CFG, FORWARDS[::-1]) == ruleset(CFG, list(FORWARDS))
 
 
-def test_tenants_are_masqueraded_on_the_way_out() -> None:
+def test_containers_are_masqueraded_on_the_way_out() -> None:
     assert 'oifname != "hostd0" ip saddr 10.213.0.0/16 masquerade' in chain(
         ruleset(CFG), "postrouting"
     )
 
 
-def test_tenants_cannot_reach_each_other_through_the_host() -> None:
+def test_containers_cannot_reach_each_other_through_the_host() -> None:
     forward = chain(ruleset(CFG), "forward")
     assert forward[1] == 'iifname "hostd0" oifname "hostd0" drop'  # before any accept
     assert forward[-1] == 'oifname "hostd0" drop'  # nothing reaches a tenant unasked
 
 
-def test_tenants_may_send_only_ipv4_from_their_subnet() -> None:
+def test_containers_may_send_only_ipv4_from_their_subnet() -> None:
     forward = chain(ruleset(CFG), "forward")
     accept = forward.index('iifname "hostd0" ip saddr 10.213.0.0/16 accept')
     assert forward[accept + 1] == 'iifname "hostd0" drop'
 
 
-def test_tenants_reach_no_host_service_without_dns() -> None:
+def test_containers_reach_no_host_service_without_dns() -> None:
     text = ruleset(CFG)
-    assert chain(text, "input")[1:] == ['iifname "hostd0" jump from_tenants']
-    assert chain(text, "from_tenants") == ["ct state established,related accept", "drop"]
+    assert chain(text, "input")[1:] == ['iifname "hostd0" jump from_containers']
+    assert chain(text, "from_containers") == ["ct state established,related accept", "drop"]
 
 
-def test_host_users_but_root_reach_tenants_only_through_grants() -> None:
+def test_host_users_but_root_reach_containers_only_through_forwards() -> None:
     text = ruleset(CFG)
-    assert chain(text, "local_out")[1:] == ['oifname "hostd0" jump to_tenants']
-    assert chain(text, "to_tenants") == [
+    assert chain(text, "local_out")[1:] == ['oifname "hostd0" jump to_containers']
+    assert chain(text, "to_containers") == [
         "ct state established,related accept",
         "ct status dnat accept",  # a granted port, from 127.0.0.1 say
         "meta skuid 0 accept",
@@ -94,56 +94,56 @@ def test_host_users_but_root_reach_tenants_only_through_grants() -> None:
 
 def test_dns_on_the_bridge_address_is_allowed_when_configured() -> None:
     with_dns = NetworkConfig(dns=("10.213.0.1",))
-    assert chain(ruleset(with_dns), "from_tenants") == [
+    assert chain(ruleset(with_dns), "from_containers") == [
         "ct state established,related accept",
         "ip daddr 10.213.0.1 meta l4proto { tcp, udp } th dport 53 accept",
         "drop",
     ]
     # other nameservers are reached through NAT: nothing opens on the host
     elsewhere = NetworkConfig(dns=("192.0.2.53",))
-    assert chain(ruleset(elsewhere), "from_tenants") == chain(ruleset(CFG), "from_tenants")
+    assert chain(ruleset(elsewhere), "from_containers") == chain(ruleset(CFG), "from_containers")
 
 
-def test_grants_dnat_from_elsewhere_and_from_the_host_itself() -> None:
-    text = ruleset(CFG, GRANTS)
+def test_forwards_dnat_from_elsewhere_and_from_the_host_itself() -> None:
+    text = ruleset(CFG, FORWARDS)
     prerouting, output = chain(text, "prerouting"), chain(text, "output")
     assert prerouting[0].startswith("type nat hook prerouting")
     assert prerouting[1:] == [
-        'iifname != "hostd0" meta nfproto ipv4 fib daddr type local jump grants'
+        'iifname != "hostd0" meta nfproto ipv4 fib daddr type local jump forwards'
     ]
     assert output[0].startswith("type nat hook output")
-    assert output[1:] == ["meta nfproto ipv4 fib daddr type local jump grants"]
-    assert chain(text, "grants") == [
+    assert output[1:] == ["meta nfproto ipv4 fib daddr type local jump forwards"]
+    assert chain(text, "forwards") == [
         "meta l4proto { tcp, udp } th dport 20001 dnat ip to 10.213.0.3",
         "meta l4proto { tcp, udp } th dport 30000-30010 dnat ip to 10.213.0.2",
     ]
 
 
-def test_granted_ports_reach_tenants_and_localhost_is_masqueraded() -> None:
-    text = ruleset(CFG, GRANTS)
+def test_forwarded_ports_reach_containers_and_localhost_is_masqueraded() -> None:
+    text = ruleset(CFG, FORWARDS)
     assert 'oifname "hostd0" ct status dnat accept' in chain(text, "forward")
     assert 'oifname "hostd0" ip saddr 127.0.0.0/8 masquerade' in chain(text, "postrouting")
 
 
-def test_no_grants_means_an_empty_grants_chain() -> None:
-    assert chain(ruleset(CFG), "grants") == []
+def test_no_forwards_means_an_empty_forwards_chain() -> None:
+    assert chain(ruleset(CFG), "forwards") == []
 
 
-def test_overlapping_grants_are_refused() -> None:
+def test_overlapping_forwards_are_refused() -> None:
     with pytest.raises(RuntimeFailure, match="overlap"):
-        ruleset(CFG, [PortGrant(20001, 20005, A), PortGrant(20005, 20005, B)])
+        ruleset(CFG, [Forward(20001, 20005, A), Forward(20005, 20005, B)])
 
 
-def test_grants_must_target_a_tenant_address() -> None:
+def test_forwards_must_target_a_container_address() -> None:
     for address in ("10.213.0.1", "10.213.255.255", "10.214.0.2"):
-        with pytest.raises(RuntimeFailure, match="not a tenant address"):
-            ruleset(CFG, [PortGrant(20001, 20001, IPv4Address(address))])
+        with pytest.raises(RuntimeFailure, match="not a container address"):
+            ruleset(CFG, [Forward(20001, 20001, IPv4Address(address))])
 
 
 @pytest.mark.parametrize("first,last", [(0, 10), (10, 9), (1, 65536)])
 def test_port_ranges_are_checked(first: int, last: int) -> None:
     with pytest.raises(RuntimeFailure, match="invalid port range"):
-        PortGrant(first, last, A)
+        Forward(first, last, A)
 
 
 def nft_check(script: str) -> None:
@@ -162,7 +162,7 @@ def nft_check(script: str) -> None:
 
 
 def test_nft_accepts_the_ruleset() -> None:
-    for cfg, grants in ((CFG, ()), (NetworkConfig(dns=("10.213.0.1",)), GRANTS)):
+    for cfg, grants in ((CFG, ()), (NetworkConfig(dns=("10.213.0.1",)), FORWARDS)):
         nft_check(ruleset(cfg, grants))
 
 
@@ -184,7 +184,7 @@ def test_bridge_table_sends_each_port_to_its_own_chain() -> None:
 
 
 def test_a_port_passes_only_its_own_mac_with_its_own_address() -> None:
-    mac, veth = tenant_mac("alice"), veth_name("alice")
+    mac, veth = container_mac("alice"), veth_name("alice")
     lines = pin_script(CFG, "alice", A).splitlines()
     chain = f"bridge hostd port_{veth}"
     assert lines == [
@@ -205,8 +205,8 @@ def test_port_groups_are_per_bridge_and_never_the_default() -> None:
     assert port_group(CFG) == port_group(NetworkConfig(bridge="hostd0", subnet="10.9.0.0/16"))
 
 
-def test_pins_are_for_tenant_addresses_only() -> None:
-    with pytest.raises(RuntimeFailure, match="not a tenant address"):
+def test_pins_are_for_container_addresses_only() -> None:
+    with pytest.raises(RuntimeFailure, match="not a container address"):
         pin_script(CFG, "alice", IPv4Address("10.213.0.1"))
 
 
@@ -252,8 +252,8 @@ def test_veth_names_differ_between_containers_and_from_the_bridge() -> None:
     assert veth_name("alice") == "hostd2bd806c97f"  # stable across runs and machines
 
 
-def test_tenant_mac_is_local_unicast_and_matches_the_veth_name() -> None:
-    mac = tenant_mac("alice")
+def test_container_mac_is_local_unicast_and_matches_the_veth_name() -> None:
+    mac = container_mac("alice")
     assert mac == "02:2b:d8:06:c9:7f"
     assert mac.replace(":", "")[2:] == veth_name("alice")[len("hostd") :]
 
@@ -271,8 +271,8 @@ def test_a_full_subnet_says_so() -> None:
         small.address_for(253)
 
 
-@given(st.integers(min_value=16, max_value=30), st.data())
-def test_every_tenant_address_is_in_the_subnet_and_not_reserved(
+@given(st.integers(min_value=16, max_value=28), st.data())
+def test_every_container_address_is_in_the_subnet_and_not_reserved(
     prefix: int, data: st.DataObject
 ) -> None:
     cfg = NetworkConfig(subnet=f"10.213.0.0/{prefix}")
@@ -281,7 +281,7 @@ def test_every_tenant_address_is_in_the_subnet_and_not_reserved(
     address = cfg.address_for(index)
     assert address in net
     assert address not in (net.network_address, net.broadcast_address, cfg.bridge_address().ip)
-    assert cfg.check_tenant_address(address) == address
+    assert cfg.check_address(address) == address
 
 
 @pytest.mark.parametrize(
@@ -293,7 +293,8 @@ def test_every_tenant_address_is_in_the_subnet_and_not_reserved(
         {"nft_table": "filter"},
         {"nft_table": "hostd;flush ruleset"},
         {"subnet": "10.213.0.1/16"},  # host bits set
-        {"subnet": "10.213.0.0/31"},
+        {"subnet": "10.213.0.0/29"},  # room for 5 containers only
+        {"subnet": "8.8.0.0/16"},  # not private
         {"dns": ("not-an-address",)},
     ],
 )

@@ -9,7 +9,8 @@ import pytest
 from hostd import hostctl
 from hostd.state import Tenant
 from hostd.tenants import _set_aside_warning
-from runtime.containers import Rebased, dpkg_installed
+from runtime.records import Rebased
+from runtime.storage import dpkg_installed
 
 STATUS = """Package: htop
 Status: install ok installed

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from runtime.errors import RuntimeFailure
+from runtime.execs import ExecSpec
 from runtime.runc import Runc, _runc_error
 
 RUNC = Runc("/usr/sbin/runc", Path("/state/runc"))
@@ -87,13 +88,19 @@ echo '{"ociVersion": "1.0.2", "id": "alice", "pid": 4242, "status": "running"}'"
 
 
 def test_exec_argv_without_terminal() -> None:
-    assert RUNC.exec_argv("alice", ["ls", "-l"]) == [*BASE, "--user", "0:0", "alice", "ls", "-l"]
+    assert RUNC.exec_argv("alice", ExecSpec(["ls", "-l"])) == [
+        *BASE,
+        "--user",
+        "0:0",
+        "alice",
+        "ls",
+        "-l",
+    ]
 
 
 def test_exec_argv_with_user_cwd_and_env() -> None:
-    argv = RUNC.exec_argv(
-        "alice", ["id"], user="1000:1000", cwd="/home/u", env=["HOME=/home/u", "TERM=xterm"]
-    )
+    spec = ExecSpec(["id"], user="1000:1000", cwd="/home/u", env=["HOME=/home/u", "TERM=xterm"])
+    argv = RUNC.exec_argv("alice", spec)
     assert argv == [
         *BASE,
         "--user",
@@ -110,6 +117,6 @@ def test_exec_argv_with_user_cwd_and_env() -> None:
 
 
 def test_exec_argv_options_of_the_command_stay_after_the_container_id() -> None:
-    argv = RUNC.exec_argv("alice", ["--tty", "-c", "x"])
+    argv = RUNC.exec_argv("alice", ExecSpec(["--tty", "-c", "x"]))
     assert argv[-4:] == ["alice", "--tty", "-c", "x"]
     assert "--tty" not in argv[:-3]

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from runtime import seccomp
+from runtime.execs import ExecSpec
 from runtime.ids import MAX_ID, MIN_START, RANGE_SIZE, IdRange
 from runtime.limits import Limits
 from runtime.spec import CAPABILITIES, Bind, ContainerSpec, build_config, exec_process
@@ -175,15 +176,8 @@ def test_config_survives_json(config: dict[str, Any]) -> None:
 
 def test_tty_process_keeps_capabilities_and_sets_the_terminal_before_start() -> None:
     config = build_config(make_spec())
-    process = exec_process(
-        config,
-        ["bash", "-l"],
-        uid=1000,
-        gid=1000,
-        env=["TERM=xterm"],
-        cwd="/home/a",
-        size=(40, 100),
-    )
+    spec = ExecSpec(["bash", "-l"], user="1000", env=["TERM=xterm"], cwd="/home/a")
+    process = exec_process(config, spec, (40, 100))
     assert process["terminal"] is True
     assert process["consoleSize"] == {"height": 40, "width": 100}
     assert process["args"] == ["bash", "-l"]
@@ -196,8 +190,9 @@ def test_tty_process_keeps_capabilities_and_sets_the_terminal_before_start() -> 
 
 def test_a_process_without_terminal_has_no_console_size() -> None:
     config = build_config(make_spec())
-    process = exec_process(config, ["true"], uid=0, gid=0, groups=[27], env=[], cwd="/", size=None)
+    process = exec_process(config, ExecSpec(["true"], groups=[27]), None)
     assert process["terminal"] is False and "consoleSize" not in process
+    assert process["cwd"] == "/"
     assert process["user"] == {"uid": 0, "gid": 0, "additionalGids": [27]}
 
 

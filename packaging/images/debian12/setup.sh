@@ -1,1 +1,0 @@
-../debian13/setup.sh

@@ -1,0 +1,83 @@
+"""Steps of a container's life the Runtime composes: host checks before anything is made,
+halting init, and the probe that says a booted container's Docker answers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+from collections.abc import Iterator
+
+from runtime import inside, proc
+from runtime.errors import RuntimeFailure
+from runtime.runc import Runc
+
+log = logging.getLogger(__name__)
+
+SYSTEMD_HALT = int(signal.SIGRTMIN) + 3  # what `systemctl halt` amounts to for PID 1
+
+
+def check_host(runc: str) -> None:
+    """Fail early, with the fix, when runc or a kernel feature is missing."""
+    proc.require(runc, "runc")
+    if not os.path.exists("/proc/self/ns/user"):
+        raise RuntimeFailure(
+            "the kernel has no user namespaces", "use a kernel built with CONFIG_USER_NS=y"
+        )
+    with open("/proc/sys/user/max_user_namespaces") as f:
+        if int(f.read()) == 0:
+            raise RuntimeFailure(
+                "user namespaces are disabled", "run `sysctl -w user.max_user_namespaces=15000`"
+            )
+    with open("/proc/filesystems") as f:
+        if "overlay" not in f.read().split():
+            raise RuntimeFailure("the kernel has no overlay file system", "run `modprobe overlay`")
+
+
+def halt(runc: Runc, name: str, pid: int, timeout: float) -> None:
+    """Ask systemd (init, `pid`) to halt; kill every process if it has not within `timeout`
+    seconds (at once with timeout 0). Returns once init is gone (or after 10 s more)."""
+    with _pidfd(pid) as pidfd:
+        if pidfd is None:
+            return
+        halted = False
+        if timeout > 0:
+            runc.kill(name, SYSTEMD_HALT)
+            halted = _wait_readable(pidfd, timeout)
+            if not halted:
+                log.warning("%s did not halt within %s s: killing it", name, timeout)
+        if not halted:
+            runc.kill(name, signal.SIGKILL, all_processes=True)
+            _wait_readable(pidfd, 10.0)
+
+
+def docker_ping(pid: int) -> bool:
+    """Whether the dockerd of the container whose init is `pid` answers. The socket path is
+    resolved inside the container: the container controls what /run/docker.sock is."""
+    try:
+        with inside.connect_unix(pid, "/run/docker.sock", timeout=2) as s:
+            s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return b" 200 " in s.recv(64).split(b"\r\n", 1)[0]
+    except (OSError, RuntimeFailure):
+        return False
+
+
+@contextlib.contextmanager
+def _pidfd(pid: int) -> Iterator[int | None]:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _wait_readable(fd: int, timeout: float) -> bool:
+    """Wait until `fd` is readable (a pidfd: the process exited), at most `timeout` seconds."""
+    ready, _, _ = select.select([fd], [], [], timeout)
+    return bool(ready)

@@ -1,0 +1,275 @@
+"""A container's storage: the state dir, the data volume, the root filesystem over its image,
+shares, the /etc files and device nodes bound in, disk usage, and what a rebase sets aside.
+
+Everything here works on one container directory (layout in runtime.records); the caller holds
+the runtime lock where other processes could race it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+import time
+from pathlib import Path
+
+from runtime import fsutil, inside, lxcfs, mountinfo, netplan, rootfs, shares, volume
+from runtime.errors import Conflict, RuntimeFailure
+from runtime.ids import IdRange
+from runtime.netplan import NetworkConfig
+from runtime.records import Container, rootfs_paths, share_dir
+from runtime.settings import RootfsMode
+from runtime.spec import Bind
+from runtime.undo import Undo
+
+log = logging.getLogger(__name__)
+
+SET_ASIDE = "/var/backups/hostd-rebase"  # where a container sees the upper layers rebases set aside
+DPKG_STATUS_MAX = 32 << 20  # bytes of a set-aside dpkg status file read
+_PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]*")  # Debian policy 5.6.1
+
+# Character devices the container's root may open, besides runc's defaults (null, zero, full,
+# random, urandom, tty). Our own nodes, owned by the container's root: the host's are 0600.
+DEVICES = {"fuse": (10, 229, "/dev/fuse"), "net-tun": (10, 200, "/dev/net/tun")}
+
+
+def prepare_state_dir(path: Path) -> None:
+    """The containers' root users, unprivileged on the host, must pass through the state dir
+    and every directory above it to their root filesystems (else runc fails with a bare
+    "permission denied"). The state dir, and what is made above it, is the runtime's own:
+    created 0711, opened to passing if closed. The directories above are the admin's: a closed
+    one is refused, before anything is made. Once per process (Runtime() calls it), never per
+    request: it changes modes the runtime lock does not cover."""
+    ours = [path]
+    while not ours[-1].parent.exists():
+        ours.append(ours[-1].parent)
+    for d in (ours[-1].parent, *ours[-1].parent.parents):
+        mode = d.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            raise RuntimeFailure(
+                f"{d} (mode {stat.S_IMODE(mode):04o}) is closed to the containers' root users",
+                f"chmod o+x {d}, or choose a state_dir under directories others may pass",
+            )
+    path.mkdir(mode=0o711, parents=True, exist_ok=True)
+    if (path / "images").is_dir():  # templates hold root's setuid files (0711 before 0.2)
+        os.chmod(path / "images", 0o700)
+    for d in ours:
+        mode = stat.S_IMODE(d.stat().st_mode)
+        if not mode & stat.S_IXOTH:  # the umask, or an older version, made it so
+            os.chmod(d, mode | 0o011)
+            log.info("%s: mode %04o, so that the containers may pass", d, mode | 0o011)
+
+
+# -- creation ----------------------------------------------------------------------------------
+
+
+def make(
+    cdir: Path, template: Path, ids: IdRange, disk: int | None, wanted: RootfsMode
+) -> RootfsMode:
+    """Directories, data volume, device nodes and the root filesystem of a new container; the
+    mode its root filesystem got (`auto`: ID-mapped where the file system allows it)."""
+    (cdir / "data").mkdir(mode=0o711)
+    if disk is not None:  # everything writable of the container goes on the capped volume
+        volume.create(cdir / "data.img", disk)
+        volume.mount(cdir / "data.img", cdir / "data")
+        os.chmod(cdir / "data", 0o711)
+    for sub in ("rootfs", "lower", "data/work", "etc", "dev"):
+        (cdir / sub).mkdir(mode=0o700 if sub == "lower" else 0o711)
+    for sub in ("data/upper", "data/docker", "data/containerd"):
+        (cdir / sub).mkdir(mode=0o755 if sub == "data/upper" else 0o710)
+        os.chown(cdir / sub, ids.root, ids.root)
+    for node, (major, minor, _) in DEVICES.items():
+        os.mknod(cdir / "dev" / node, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+        os.chown(cdir / "dev" / node, ids.root, ids.root)
+        os.chmod(cdir / "dev" / node, 0o666)  # mknod applied the umask
+    paths = rootfs_paths(cdir)
+    if wanted is not RootfsMode.COPY:
+        try:
+            rootfs.mount(template, ids, paths, RootfsMode.IDMAPPED)
+            return RootfsMode.IDMAPPED
+        except RuntimeFailure as exc:
+            fsutil.unmount_all(cdir)
+            if wanted is RootfsMode.IDMAPPED or not rootfs.idmap_unsupported(exc):
+                raise
+            log.warning("%s; falling back to a shifted copy of the image", exc.cause)
+    rootfs.shifted_copy(template, paths.lower, ids)
+    rootfs.mount(template, ids, paths, RootfsMode.COPY)
+    return RootfsMode.COPY
+
+
+def write_etc(cdir: Path, c: Container, network: NetworkConfig | None) -> None:
+    """hostname and hosts (so `sudo` can resolve its own name), resolv.conf with an address:
+    bound into the container over the image's."""
+    hosts = (
+        f"127.0.0.1\tlocalhost\n127.0.1.1\t{c.hostname}\n"
+        "::1\tlocalhost ip6-localhost ip6-loopback\n"
+    )
+    files = [("hostname", c.hostname + "\n"), ("hosts", hosts)]
+    if c.address is not None:
+        if network is None:
+            raise RuntimeFailure("an address needs a network", "configure the bridge")
+        files.append(("resolv.conf", netplan.resolv_conf(network)))
+    for fname, text in files:
+        fsutil.atomic_write(cdir / "etc" / fname, text)
+        os.chown(cdir / "etc" / fname, c.ids.root, c.ids.root)
+
+
+def binds(cdir: Path, c: Container, lxcfs_dir: Path | None) -> list[Bind]:
+    """What of the container directory (and of lxcfs) the OCI spec binds inside."""
+    # The inner Docker's data is a plain file system, as on a host: setuid programs work in
+    # inner containers whatever the storage driver, and nothing is locked (see volume.py).
+    found = [
+        Bind(str(cdir / "data/docker"), "/var/lib/docker", ("rbind",)),
+        Bind(str(cdir / "data/containerd"), "/var/lib/containerd", ("rbind",)),
+        Bind(str(cdir / "etc/hostname"), "/etc/hostname", ("bind", "nosuid", "nodev")),
+        Bind(str(cdir / "etc/hosts"), "/etc/hosts", ("bind", "nosuid", "nodev")),
+    ]
+    if c.address is not None:
+        found.append(
+            Bind(str(cdir / "etc/resolv.conf"), "/etc/resolv.conf", ("bind", "nosuid", "nodev"))
+        )
+    if (cdir / "data/previous").is_dir():  # writable: the container's root deletes it when done
+        found.append(Bind(str(cdir / "data/previous"), SET_ASIDE, ("bind", "nosuid", "nodev")))
+    found += [
+        Bind(str(cdir / "dev" / node), dest, ("bind", "nosuid"))
+        for node, (_, _, dest) in DEVICES.items()
+    ]
+    found += [
+        Bind(str(share_dir(cdir, i)), share.destination, ("rbind", "nosuid", "nodev"))
+        for i, share in enumerate(c.shares)
+    ]
+    if lxcfs_dir is not None:
+        found += lxcfs.binds(lxcfs_dir)
+    return found
+
+
+# -- mounts --------------------------------------------------------------------------------------
+
+
+def mount(cdir: Path, c: Container) -> None:
+    """Everything a start needs mounted: volume, root filesystem, shares (mounted parts kept)."""
+    if c.limits.disk is not None:
+        mount_volume(cdir, c)
+    rootfs.mount(Path(c.image_dir) / "rootfs", c.ids, rootfs_paths(cdir), c.rootfs_mode)
+    for i, share in enumerate(c.shares):
+        shares.mount(share, c.ids, share_dir(cdir, i))
+
+
+def unmount(cdir: Path, c: Container) -> None:
+    fsutil.unmount_all(cdir)
+    if c.limits.disk is not None:
+        volume.unmount(cdir / "data")  # waits until the loop device is released
+
+
+def mount_volume(cdir: Path, c: Container) -> None:
+    """Mount the data volume, first growing or shrinking it to a size changed while the
+    container ran (the kernel may not allow it live)."""
+    assert c.limits.disk is not None
+    image, data = cdir / "data.img", cdir / "data"
+    if not mountinfo.is_mounted(str(data)) and image.stat().st_size != c.limits.disk:
+        volume.resize(image, data, c.limits.disk)
+    volume.mount(image, data)
+
+
+def resize(cdir: Path, c: Container, size: int | None, running: bool) -> bool:
+    """Change the data volume's size; True when it took effect on the running container.
+    Growing is live where the kernel allows it (CAP_SYS_RESOURCE); shrinking needs the
+    container stopped."""
+    if c.limits.disk is None or size is None:
+        raise RuntimeFailure(
+            f"container {c.name!r} has no capped volume or lost it",
+            "recreate it with a disk size",
+        )
+    size = volume.check_size(size)
+    if running and size < c.limits.disk:
+        raise Conflict(
+            f"lowering the disk of {c.name!r} needs it stopped",
+            "stop it, then set the size again",
+        )
+    live = running and volume.can_grow_live()
+    if not running or live:
+        live = volume.resize(cdir / "data.img", cdir / "data", size) and running
+    return live
+
+
+def disk_used(cdir: Path, c: Container) -> int:
+    """Bytes of the container's own storage (upper layer, Docker data, shifted copy)."""
+    if c.limits.disk is not None and mountinfo.is_mounted(str(cdir / "data")):
+        return volume.usage(cdir / "data")[0]
+    return sum(
+        fsutil.disk_usage(cdir / sub)
+        for sub in ("data", "lower")
+        if not mountinfo.is_mounted(str(cdir / sub))
+    )
+
+
+# -- rebase ------------------------------------------------------------------------------------
+
+
+def rebase(cdir: Path, c: Container, target: Path, undo: Undo) -> Path:
+    """Put a stopped container's storage over image version `target`: a new shifted copy
+    (copy mode), the upper layer set aside; where it was set aside. Mounts the volume only."""
+    copy = c.rootfs_mode is RootfsMode.COPY
+    if c.limits.disk is not None:
+        mount_volume(cdir, c)
+    if copy:
+        fsutil.remove_tree(cdir / "lower.new")  # from an interrupted rebase
+        (cdir / "lower.new").mkdir(mode=0o700)
+        undo.push(fsutil.remove_tree, cdir / "lower.new")
+        rootfs.shifted_copy(target / "rootfs", cdir / "lower.new", c.ids)
+    aside = _set_aside(cdir, c.ids, undo)
+    if copy:
+        _swap(cdir / "lower", cdir / "lower.old", undo)
+        _swap(cdir / "lower.new", cdir / "lower", undo)
+    return aside
+
+
+def dpkg_installed(status: str) -> set[str]:
+    """Names of the packages a dpkg status file says are installed (valid names only: the
+    file may be anything its container wrote)."""
+    found = set()
+    for stanza in status.split("\n\n"):
+        fields = dict(
+            line.split(":", 1) for line in stanza.splitlines() if ":" in line and line[:1] != " "
+        )
+        name = fields.get("Package", "").strip()
+        if fields.get("Status", "").split()[-1:] == ["installed"] and _PACKAGE_NAME.fullmatch(name):
+            found.add(name)
+    return found
+
+
+def dpkg_installed_in(upper: Path) -> set[str]:
+    """dpkg_installed() of the root whose upper layer is `upper`; empty if dpkg's status never
+    changed there. The file is the container's: read without following its links, capped."""
+    try:
+        status = inside.read_file_under(str(upper), "var/lib/dpkg/status", DPKG_STATUS_MAX)
+    except RuntimeFailure:  # absent (no package installed), or not a plain file
+        return set()
+    return dpkg_installed(status.decode(errors="replace"))
+
+
+def _set_aside(cdir: Path, ids: IdRange, undo: Undo) -> Path:
+    """Move the upper layer to data/previous/<UTC time> and start an empty one. The container
+    is stopped: nothing of it can race us, but it may have planted entries in data/previous."""
+    previous = cdir / "data/previous"  # ours: the container sees only what is below it
+    if not os.path.lexists(previous):
+        previous.mkdir(mode=0o755)
+        os.chown(previous, ids.root, ids.root)
+        undo.push(os.rmdir, previous)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside, n = previous / stamp, 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = previous / f"{stamp}-{n}"
+    _swap(cdir / "data/upper", aside, undo)
+    (cdir / "data/upper").mkdir(mode=0o755)
+    undo.push(os.rmdir, cdir / "data/upper")
+    os.chown(cdir / "data/upper", ids.root, ids.root)
+    return aside
+
+
+def _swap(src: Path, dest: Path, undo: Undo) -> None:
+    """Rename `src` to `dest` (which must not exist), renamed back on undo."""
+    os.rename(src, dest)
+    undo.push(os.rename, dest, src)

@@ -1,1 +1,1 @@
-"""System containers: images, ID-mapped rootfs, OCI spec, runc. Knows nothing of users or SSH."""
+"""System containers: images, ID-mapped rootfs, OCI spec, runc. Knows nothing of their users."""

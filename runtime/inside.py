@@ -1,7 +1,7 @@
 """Files and sockets inside a running container, reached from the host without trusting it.
 
 `/proc/<pid>/root/<path>` resolves the container's symlinks against the *host's* root: a
-tenant's `/run/docker.sock -> /run/hostd/admin.sock` or `/etc/passwd -> /etc/shadow` would
+container's `/run/docker.sock -> /run/hostd/admin.sock` or `/etc/passwd -> /etc/shadow` would
 lead root on the host to the host's own file. Here every path is walked with openat2's
 RESOLVE_IN_ROOT from the container's root, so absolute symlinks and `..` stay inside it.
 """
@@ -41,13 +41,13 @@ def _opened(root_dir: str, path: str, flags: int, resolve: int) -> Iterator[int]
 
 def read_file(pid: int, path: str, limit: int) -> bytes:
     """A regular file of the container's root file system, at most `limit` bytes. Mounts are
-    not crossed (a tenant's FUSE mount over it could block the reader forever), FIFOs and
+    not crossed (a container's FUSE mount over it could block the reader forever), FIFOs and
     devices are refused."""
     return read_file_under(f"/proc/{pid}/root", path, limit)
 
 
 def read_file_under(root_dir: str, path: str, limit: int) -> bytes:
-    """read_file() of a tree the tenant wrote that is not a running container's root (an
+    """read_file() of a tree the container wrote that is not a running container's root (an
     upper layer, say): `root_dir` itself is trusted, what lies below it is not."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
     with _opened(root_dir, path, flags, _RESOLVE | syscalls.RESOLVE_NO_XDEV) as fd:

@@ -28,7 +28,7 @@ _UNSUPPORTED = (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 # The template is shared by every container of the image, and the mapping makes each
-# container's root its owner: read-only, or root inside could change every tenant's image
+# container's root its owner: read-only, or root inside could change every container's image
 # (and plant setuid-root files on the host).
 TEMPLATE_ATTRS = syscalls.MOUNT_ATTR_RDONLY | syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
 

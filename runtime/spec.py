@@ -189,7 +189,7 @@ def build_config(spec: ContainerSpec) -> dict[str, Any]:
             "gidMappings": id_map,
             "cgroupsPath": spec.cgroups_path,
             # Device access is bounded by the user namespace (no mknod of real devices, only
-            # the nodes bound into /dev); the inner Docker must be free to grant its containers
+            # the nodes bound into /dev); the inner Docker must be free to give its containers
             # what it has, `--privileged` included, so the devices cgroup allows all.
             "resources": _resources(spec),
             "maskedPaths": list(MASKED_PATHS),

@@ -1,6 +1,6 @@
 """A container's capped storage: a sparse ext4 image on a loop device, mounted at `data/`.
 
-The tenant's whole writable state (overlay upper, /var/lib/docker, ...) lives in one file
+The container's whole writable state (overlay upper, /var/lib/docker, ...) lives in one file
 system whose size is the cap: writing past it fails with ENOSPC inside, and nothing outside is
 affected. The image is sparse, so the host only spends blocks on what was written.
 `mount -o loop` gives the loop device the autoclear flag: unmounting releases it.
@@ -37,7 +37,7 @@ MKFS_OPTIONS = (
 )
 # No nosuid/nodev: flags of a host mount are locked in the container's user namespace, and
 # BuildKit's `rbind ro` remounts of /var/lib/docker without them fail (EPERM). The volume lies
-# in the tenant's 0710 directory, out of host users' reach; root inside cannot make device
+# in the container's 0710 directory, out of host users' reach; root inside cannot make device
 # nodes, and the container's device cgroup refuses any it finds.
 MOUNT_OPTIONS = "loop"
 RELEASE_TIMEOUT = 5.0  # seconds for the kernel to detach an autoclear loop device

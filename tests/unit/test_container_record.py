@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from runtime.containers import Runtime
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
 from runtime.records import Container
-from runtime.settings import RootfsMode
+from runtime.settings import RootfsMode, Settings
 from runtime.storage import prepare_state_dir
 from runtime.undo import Undo
 
@@ -132,3 +133,12 @@ def test_a_closed_directory_on_the_way_is_refused_before_anything_is_made(
     ):
         prepare_state_dir(open_base / "home" / "state" / "hostd")
     assert not (open_base / "home" / "state" / "hostd").exists()
+
+
+def test_the_runtime_prepares_its_state_dir_once_not_per_request(open_base: Path) -> None:
+    state = open_base / "state"
+    rt = Runtime(Settings(state))
+    assert state.stat().st_mode & 0o777 == 0o711
+    state.chmod(0o700)  # changed behind its back: requests (under the lock) leave it so
+    assert rt.prune_images() == []
+    assert state.stat().st_mode & 0o777 == 0o700

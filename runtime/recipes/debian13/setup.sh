@@ -3,7 +3,7 @@
 # debian12 and debian13 recipes.
 set -eu
 
-# Boot only what a tenant uses: units that cannot work in an unprivileged container (kernel
+# Boot only what a system container uses: units that cannot work in an unprivileged container (kernel
 # modules, udev, fsck, consoles) or are useless there (timers for apt, man-db, e2scrub, fstrim)
 # are masked, so the system is `running` and docker.service is reached early.
 # A template unit masked masks all its instances (modprobe@, getty@...).
@@ -39,7 +39,7 @@ chmod 0440 /etc/sudoers.d/hostd
 apt-get clean
 rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/*.log
 
-# Do now the first-boot work that ConditionNeedsUpdate= would redo in every new tenant
+# Do now the first-boot work that ConditionNeedsUpdate= would redo in every new container
 # (ldconfig, the journal catalog), and mark /etc and /var as up to date with /usr.
 ldconfig
 journalctl --update-catalog

@@ -32,6 +32,7 @@ from hostd.errors import HostdError
 from hostd.gateway import SFTP_SERVER, WRONG, Gateway
 from hostd.sessions import Sessions
 from hostd.tenants import Account, Tenants
+from runtime import netconnect
 from runtime.ttyexec import TtyProcess
 from tests.hostd_harness import wait_for
 
@@ -626,3 +627,34 @@ def test_a_failure_before_the_program_runs_is_one_line_and_status_255(
 
     world.serve(scenario)
     assert world.runtime.spawned == []
+
+
+def test_a_local_forward_connects_from_inside_the_tenants_network(
+    world: World, keys: dict[str, asyncssh.SSHKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """-L: the connection is made in the network namespace of the container's init (here
+    that PID is ours, and so is the namespace)."""
+    asked: list[tuple[int, str, int]] = []
+
+    def connect_in(pid: int, host: str, port: int) -> socket.socket:
+        asked.append((pid, host, port))
+        return socket.create_connection((host, port), timeout=10)
+
+    monkeypatch.setattr(netconnect, "connect_in", connect_in)
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"echo:" + await reader.readline())
+        await writer.drain()
+        writer.close()
+
+    async def scenario(port: int) -> None:
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        inner = server.sockets[0].getsockname()[1]
+        async with server, connect(port, "alice", client_keys=[keys["alice"]]) as conn:
+            reader, writer = await conn.open_connection("127.0.0.1", inner)
+            writer.write(b"hello\n")
+            assert await reader.read() == b"echo:hello\n"
+            writer.close()
+        assert asked == [(os.getpid(), "127.0.0.1", inner)]
+
+    world.serve(scenario)

@@ -14,10 +14,13 @@ from typing import NamedTuple
 from hostd import hostlimits
 from hostd.config import Config
 from hostd.subids import SubIdFiles, owner_problem
-from runtime import cgroups, mountinfo, proc, seccomp, syscalls, volume
+from runtime import cgroups, mountinfo, proc, seccomp, syscalls, sysctl, volume
 from runtime.ids import IdRange
 from runtime.storage import prepare_state_dir
 from runtime.userns import user_namespace
+
+FILESYSTEMS = Path("/proc/filesystems")
+APPARMOR = Path("/sys/module/apparmor/parameters/enabled")
 
 
 class Check(NamedTuple):
@@ -35,7 +38,7 @@ def _kernel(_: Config) -> tuple[bool, str]:
 
 
 def _userns(_: Config) -> tuple[bool, str]:
-    path = Path("/proc/sys/user/max_user_namespaces")
+    path = sysctl.ROOT / "user/max_user_namespaces"
     if not path.exists():
         return False, "no user namespaces: use a kernel with CONFIG_USER_NS=y"
     n = int(path.read_text())
@@ -52,29 +55,42 @@ def _state_dir(cfg: Config) -> tuple[bool, str]:
     return True, f"{cfg.paths.state_dir}: the containers may pass through to their files"
 
 
+def _idmapped_owner(src: Path, dst: Path, ids: IdRange) -> int:
+    """Owner of root's `src` seen through an ID-mapped bind mount of it at `dst` (the kernel
+    may refuse: OSError)."""
+    with user_namespace(ids.map_line(), ids.map_line()) as fd:
+        syscalls.idmapped_bind(str(src), str(dst), fd)
+    try:
+        return os.stat(dst).st_uid
+    finally:
+        syscalls.umount(str(dst))
+
+
 def _idmap(cfg: Config) -> tuple[bool, str]:
     base = cfg.paths.state_dir
     prepare_state_dir(base)
+    ids = IdRange(cfg.subids.min)
     with tempfile.TemporaryDirectory(dir=base, prefix=".doctor-") as tmp:
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
         src.mkdir()
         dst.mkdir()
-        ids = IdRange(cfg.subids.min)
         try:
-            with user_namespace(ids.map_line(), ids.map_line()) as fd:
-                syscalls.idmapped_bind(str(src), str(dst), fd)
-            owner = os.stat(dst).st_uid
-            syscalls.umount(str(dst))
+            owner = _idmapped_owner(src, dst, ids)
         except OSError as exc:
             return False, (
                 f"refused on {base} ({exc.strerror}): containers will use a "
                 'shifted copy (rootfs_mode = "copy")'
             )
-    return owner == ids.start, f"supported on {base}"
+    if owner != ids.start:
+        return False, (
+            f"on {base} a mapped root's file shows owner {owner}, not {ids.start}: containers "
+            'would see wrong owners; set rootfs_mode = "copy"'
+        )
+    return True, f"supported on {base}"
 
 
 def _overlay(_: Config) -> tuple[bool, str]:
-    found = "overlay" in Path("/proc/filesystems").read_text().split()
+    found = "overlay" in FILESYSTEMS.read_text().split()
     return found, "available" if found else "missing: modprobe overlay"
 
 
@@ -82,9 +98,11 @@ def _cgroups(_: Config) -> tuple[bool, str]:
     layout = cgroups.detect(mountinfo.current())
     if layout.version == 2:
         return True, "v2 (unified)"
+    if not layout.hierarchies:
+        return False, "no cgroup file system mounted: mount cgroup2 on /sys/fs/cgroup"
     names = ",".join(c for h in layout.hierarchies for c in h.controllers)
     hybrid = any("unified" in h.controllers for h in layout.hierarchies)
-    return bool(layout.hierarchies), f"v1{' hybrid' if hybrid else ''} ({names})"
+    return True, f"v1{' hybrid' if hybrid else ''} ({names})"
 
 
 def _runc(cfg: Config) -> tuple[bool, str]:
@@ -171,7 +189,7 @@ def _lxcfs(_: Config) -> tuple[bool, str]:
 
 
 def _seccomp(cfg: Config) -> tuple[bool, str]:
-    actions = Path("/proc/sys/kernel/seccomp/actions_avail")
+    actions = sysctl.ROOT / "kernel/seccomp/actions_avail"
     if not actions.exists() or "errno" not in actions.read_text().split():
         return False, "the kernel has no seccomp filters: use one with CONFIG_SECCOMP_FILTER=y"
     runc = shutil.which(cfg.runtime.runc)
@@ -181,8 +199,7 @@ def _seccomp(cfg: Config) -> tuple[bool, str]:
 
 
 def _apparmor(_: Config) -> tuple[bool, str]:
-    enabled = Path("/sys/module/apparmor/parameters/enabled")
-    if not enabled.exists() or enabled.read_text().strip() != "Y":
+    if not APPARMOR.exists() or APPARMOR.read_text().strip() != "Y":
         return True, "not enabled on this kernel"
     return True, "enabled; tenants get no AppArmor profile (seccomp and their user namespace)"
 
@@ -196,8 +213,12 @@ def _home_quota(cfg: Config) -> tuple[bool, str]:
     support = hostlimits.home_quota("/home")
     if support.enforced and shutil.which("setquota") is None:
         return False, f"{support.describe()}, but setquota is missing: apt-get install quota"
-    wanted = cfg.home_quota is not None
-    return support.enforced or not wanted, support.describe()
+    if not support.enforced and cfg.home_quota is not None:
+        return False, (
+            f"{support.describe()}: mount {support.mount.target} with usrquota, or drop "
+            "[limits] home"
+        )
+    return True, support.describe()
 
 
 CHECKS: tuple[tuple[str, Callable[[Config], tuple[bool, str]]], ...] = (

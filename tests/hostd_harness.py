@@ -16,9 +16,41 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+POLL_INTERVAL = 0.05  # seconds between two looks at a condition; the timeout bounds the wait
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float,
+    what: str | Callable[[], str],
+    *,
+    interval: float = POLL_INTERVAL,
+    ignore: tuple[type[Exception], ...] = (),
+) -> T:
+    """Poll `predicate` until it returns something true, and return that: tests wait for a
+    real condition, never for a guessed time. An exception of the `ignore` types counts as
+    "not yet", any other ends the wait. After `timeout` seconds fail, naming `what` (a text,
+    or a function making one then) and the last value or exception seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except ignore as exc:
+            last: object = exc
+        else:
+            if value:
+                return value
+            last = value
+        if time.monotonic() >= deadline:
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {said}; last: {last!r}")
+        time.sleep(interval)
 
 
 @dataclass
@@ -44,16 +76,16 @@ class Hostd:
                 stdout=log,
                 stderr=log,
             )
-        deadline = time.monotonic() + 60
-        while not self._answers():
-            assert self.proc.poll() is None, f"hostd exited: {self.log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "hostd did not open its socket within 60 s"
-            time.sleep(0.05)
-        deadline = time.monotonic() + 300  # reconcile may start every tenant
-        while reconciled and not self.reconciled(offset):
-            assert self.proc.poll() is None, f"hostd exited: {self.log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "hostd did not finish reconciling in 300 s"
-            time.sleep(0.05)
+        wait_for(lambda: self._running() and self._answers(), 60, "hostd's admin socket")
+        if reconciled:  # reconcile may start every tenant
+            wait_for(lambda: self._running() and self.reconciled(offset), 300, "reconcile's end")
+
+    def _running(self) -> bool:
+        """True while hostd runs; fails the test, with hostd's last words, once it exited."""
+        assert self.proc is not None and self.proc.poll() is None, (
+            f"hostd exited: {self.log.read_text()[-2000:]}"
+        )
+        return True
 
     def reconciled(self, offset: int) -> bool:
         """Whether hostd logged the end of a reconcile after byte `offset` of its log."""
@@ -222,17 +254,20 @@ def set_winsize(fd: int, rows: int, cols: int) -> None:
 
 def read_until(fd: int, pattern: bytes, seen: bytearray) -> bytes:
     """Read the client's terminal until `pattern` matches what arrived (bounded: 60 s)."""
-    deadline = time.monotonic() + 60
-    while not re.search(pattern, seen):
-        left = deadline - time.monotonic()
-        assert left > 0, f"no {pattern!r} in {bytes(seen)[-500:]!r}"
-        if select.select([fd], [], [], left)[0]:
+
+    def arrived() -> bool:
+        if re.search(pattern, seen):
+            return True
+        if select.select([fd], [], [], POLL_INTERVAL)[0]:
             try:
                 chunk = os.read(fd, 65536)
             except OSError:  # EIO: the process on the other side of the pty is gone
                 chunk = b""
             assert chunk, f"terminal closed before {pattern!r}: {bytes(seen)[-500:]!r}"
-            seen += chunk
+            seen.extend(chunk)
+        return re.search(pattern, seen) is not None
+
+    wait_for(arrived, 60, lambda: f"{pattern!r} in {bytes(seen)[-500:]!r}", interval=0)
     return bytes(seen)
 
 
@@ -309,16 +344,16 @@ def start_sshd(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [SSHD, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL, stdout=out, stderr=out
         )
-    deadline = time.monotonic() + 30
-    while True:
+
+    def answers() -> bool:
         assert proc.poll() is None, f"sshd exited: {log.read_text()[-2000:]}"
-        with socket.socket() as s, contextlib.suppress(OSError):
+        with socket.socket() as s:
             s.settimeout(5)
             s.connect(("127.0.0.1", port))
-            if s.recv(64).startswith(b"SSH-2.0-"):
-                return proc
-        assert time.monotonic() < deadline, f"sshd did not answer on port {port} within 30 s"
-        time.sleep(0.05)
+            return s.recv(64).startswith(b"SSH-2.0-")
+
+    wait_for(answers, 30, f"sshd's banner on port {port}", ignore=(OSError,))
+    return proc
 
 
 def children(pid: int) -> list[int]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import itertools
 import os
 import pty
 import pwd
@@ -12,9 +12,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from tests.hostd_harness import (
     login_as,
     read_until,
     set_winsize,
+    wait_for,
 )
 
 
@@ -83,9 +84,15 @@ def test_interactive_shell_on_a_pty(login: Login) -> None:
         read_until(fd, rb"30 100\s+SIZE-DONE", seen)
         set_winsize(fd, 50, 132)
         os.kill(pid, signal.SIGWINCH)
-        wait = b'for i in $(seq 100); do [ "$(stty size)" = "50 132" ] && break; sleep 0.1; done'
-        os.write(fd, wait + b"; stty size; echo RESIZED-DONE\n")
-        read_until(fd, rb"50 132\s+RESIZED-DONE", seen)
+        asked = itertools.count()
+
+        def size() -> bytes:
+            n = next(asked)
+            os.write(fd, b"echo SIZE-$(stty size | tr ' ' x)-%d\n" % n)
+            answer = rb"SIZE-(\d+x\d+)-%d\s" % n
+            return bytes(re.findall(answer, read_until(fd, answer, seen))[-1])
+
+        wait_for(lambda: size() == b"50x132", 10, lambda: f"50x132 in {bytes(seen)[-300:]!r}")
         os.write(fd, b"exit 3\n")
         _, status = os.waitpid(pid, 0)
         pid = 0
@@ -157,14 +164,16 @@ def test_local_forward_reaches_an_inner_container(
         login.ssh_args("-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{local}:127.0.0.1:8080")
     )
     try:
-        deadline, body = time.monotonic() + 60, b""
-        while b"forwarded" not in body:
-            assert time.monotonic() < deadline and tunnel.poll() is None, body
-            with socket.socket() as s, contextlib.suppress(OSError):
+
+        def body() -> bytes:
+            assert tunnel.poll() is None, "the tunnel's ssh exited"
+            with socket.socket() as s:
                 s.settimeout(5)
                 s.connect(("127.0.0.1", local))
                 s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                body = s.recv(4096)
+                return s.recv(4096)
+
+        wait_for(lambda: b"forwarded" in body(), 60, "the page via the tunnel", ignore=(OSError,))
     finally:
         tunnel.terminate()
         tunnel.wait()
@@ -266,13 +275,14 @@ def _pattern(marker: str) -> str:
     return f"{marker[:-1]}[{marker[-1]}]"
 
 
-def _wait_gone(hostd: Hostd, user: str, marker: str) -> None:
-    """Bounded poll until no process inside runs `marker`."""
-    script = (
-        f"for i in $(seq 100); do pgrep -f '{_pattern(marker)}' >/dev/null || exit 0; "
-        "sleep 0.1; done"
-    )
-    hostd.hostctl("exec", user, "--", "sh", "-c", script + "; exit 1")
+def _runs(hostd: Hostd, user: str, marker: str) -> bool:
+    """Whether a process inside runs `marker`."""
+    found = hostd.hostctl("exec", user, "--", "pgrep", "-f", _pattern(marker), check=False)
+    return found.returncode == 0
+
+
+def _ended(hostd: Hostd, user: str, marker: str) -> bool:
+    return not _runs(hostd, user, marker)
 
 
 def test_signals_reach_the_command(login: Login) -> None:
@@ -307,14 +317,10 @@ def test_closing_the_client_ends_the_session(login: Login, hostd: Hostd) -> None
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
-        script = (
-            f"for i in $(seq 100); do pgrep -f '{_pattern(marker)}' && exit 0; sleep 0.1; done; "
-            "exit 1"
-        )
-        hostd.hostctl("exec", login.user, "--", "sh", "-c", script)  # it runs inside
+        wait_for(partial(_runs, hostd, login.user, marker), 10, f"{marker!r} running inside")
         client.kill()
         client.wait()
-        _wait_gone(hostd, login.user, marker)
+        wait_for(partial(_ended, hostd, login.user, marker), 10, f"{marker!r} to end")
 
 
 def test_stopping_the_container_ends_sessions_with_a_message(login: Login, hostd: Hostd) -> None:

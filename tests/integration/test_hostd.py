@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import signal
@@ -9,7 +10,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from runtime import mountinfo
 from runtime.containers import Runtime
 from runtime.limits import Limits
 from tests.conftest import CGROUP_PARENT
-from tests.hostd_harness import Hostd, UnixUsers, connect_as
+from tests.hostd_harness import Hostd, UnixUsers, connect_as, wait_for
 
 
 def _tenant_rows(h: Hostd) -> dict[str, tuple[int, str]]:
@@ -89,6 +89,12 @@ def test_add_start_docker_restart_hostd_remove(
     assert Path(home, "from-inside").exists()  # the host home is the user's, not the tenant's
 
 
+def _half_done_or_over(hostd: Hostd, add: subprocess.Popen[bytes], user: str) -> str | None:
+    if add.poll() is not None:
+        return "over"
+    return "adding" if _tenant_rows(hostd).get(user, (0, ""))[1] == "adding" else None
+
+
 def test_kill_9_mid_add_is_repaired_on_restart(hostd: Hostd, unix_users: UnixUsers) -> None:
     """Kill hostd while an add is half done (its state row says `adding`), restart it."""
     caught = 0
@@ -108,12 +114,10 @@ def test_kill_9_mid_add_is_repaired_on_restart(hostd: Hostd, unix_users: UnixUse
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 30
-        while add.poll() is None and time.monotonic() < deadline:
-            if _tenant_rows(hostd).get(user, (0, ""))[1] == "adding":
-                hostd.stop(signal.SIGKILL)
-                caught += 1
-                break
+        seen = functools.partial(_half_done_or_over, hostd, add, user)
+        if wait_for(seen, 90, f"{user}'s add half done or over", interval=0) == "adding":
+            hostd.stop(signal.SIGKILL)
+            caught += 1
         add.wait(timeout=60)
         if hostd.proc is not None:  # the add finished before we saw it half done
             hostd.hostctl("user", "remove", user)

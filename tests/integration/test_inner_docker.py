@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from runtime.containers import Runtime
+from runtime.execs import ExecSpec
 from tests.conftest import INNER_DRIVER, load_busybox, next_range, sh
+from tests.hostd_harness import wait_for
 
-# Bounded polls inside the container, for services that take a moment to listen.
-RETRY = "for i in $(seq 100); do {cmd} && exit 0; sleep 0.1; done; exit 1"
+
+def _output(rt: Runtime, name: str, script: str) -> str:
+    """What `script` printed inside, or "" if it failed: for polls of a service starting."""
+    res = rt.exec(name, ExecSpec(["sh", "-c", script]), timeout=60)
+    return res.stdout if res.returncode == 0 else ""
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +59,7 @@ def test_docker_run_publish(rt: Runtime, dind: str) -> None:
         "'mkdir /www && echo published > /www/index.html && httpd -f -p 80 -h /www'",
     )
     try:
-        out = sh(rt, dind, RETRY.format(cmd="curl -fsS http://127.0.0.1:8080/"))
+        out = wait_for(partial(_output, rt, dind, "curl -fsS http://127.0.0.1:8080/"), 10, "web-p")
         assert "published" in out
     finally:
         sh(rt, dind, "docker rm -f web-p")
@@ -85,8 +91,8 @@ def test_docker_network_by_name(rt: Runtime, dind: str) -> None:
         "'mkdir /www && echo by-name > /www/index.html && httpd -f -p 80 -h /www'",
     )
     try:
-        poll = RETRY.format(cmd="wget -qO- http://server/")
-        out = sh(rt, dind, f"docker run --rm --network net1 busybox:local sh -c '{poll}'")
+        fetch = "docker run --rm --network net1 busybox:local wget -qO- http://server/"
+        out = wait_for(partial(_output, rt, dind, fetch), 30, "server by name on net1")
         assert "by-name" in out
     finally:
         sh(rt, dind, "docker rm -f server && docker network rm net1")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 from pathlib import Path
 
 from runtime import mountinfo
@@ -11,26 +10,11 @@ from runtime.containers import Runtime
 from runtime.execs import ExecSpec
 from runtime.settings import RootfsMode
 from tests.conftest import CGROUP_PARENT, INNER_DRIVER, ContainerFactory, sh
+from tests.hostd_harness import read_until
 
 
 def _cgroup_dirs(name: str) -> list[Path]:
     return [p for p in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_PARENT}/{name}") if p.is_dir()]
-
-
-def _read_until(fd: int, marker: bytes) -> bytes:
-    """Read a pty until `marker` shows up (or the other side closes), bounded to 30 s."""
-    out = b""
-    while marker not in out:
-        ready, _, _ = select.select([fd], [], [], 30)
-        assert ready, f"timed out waiting for {marker!r}; got {out!r}"
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    return out
 
 
 def test_create_maps_the_shared_template(rt: Runtime, make_container: ContainerFactory) -> None:
@@ -72,11 +56,11 @@ def test_exec_with_terminal(rt: Runtime, make_container: ContainerFactory) -> No
     name = make_container("tty")
     script = "tty; stty size; read line; stty size; echo got-$line; exit 5"
     p = rt.exec_tty(name, ExecSpec(["sh", "-c", script], env=["TERM=xterm"]), rows=40, cols=100)
-    first = _read_until(p.master, b"40 100")
+    first = read_until(p.master, rb"40 100", bytearray())
     assert b"/dev/pts/0" in first
     p.resize(50, 120)
     os.write(p.master, b"hello\n")
-    second = _read_until(p.master, b"got-hello")
+    second = read_until(p.master, rb"got-hello", bytearray())
     assert b"50 120" in second
     assert p.wait() == 5
 

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from runtime import lxcfs, mountinfo
 from runtime.errors import RuntimeFailure
+from tests.hostd_harness import wait_for
 
 LIMIT = 256 * 2**20
 
@@ -112,9 +112,7 @@ def test_a_crashed_lxcfs_is_replaced(mountpoint: Path) -> None:
     lxcfs.ensure_running(mountpoint)
     (pid,) = ours(mountpoint)
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while ours(mountpoint) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not ours(mountpoint), 5, "the killed lxcfs to be gone")
     with pytest.raises(OSError):  # the dead mount stays behind: ENOTCONN
         (mountpoint / "proc/meminfo").read_text()
 

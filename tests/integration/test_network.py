@@ -13,8 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -25,6 +24,7 @@ from runtime import network
 from runtime.errors import RuntimeFailure
 from runtime.netplan import Forward, NetworkConfig, container_mac, veth_name
 from runtime.network import attach, detach
+from tests.hostd_harness import wait_for
 
 PID = os.getpid()
 CFG = NetworkConfig(
@@ -90,13 +90,6 @@ def run(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.Compl
     return done
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 @dataclass
 class Tenant:
     container: str
@@ -144,7 +137,8 @@ class Namespaces:
         self.tenants.append(tenant)
         # `ip netns exec` joins the namespace, then execs: attach only once it has joined.
         want = os.stat(f"/run/netns/{netns}").st_ino
-        wait_for(lambda: os.stat(f"/proc/{sleeper.pid}/ns/net").st_ino == want, f"{netns} to hold")
+        joined = lambda: os.stat(f"/proc/{sleeper.pid}/ns/net").st_ino == want  # noqa: E731
+        wait_for(joined, 10, f"{netns} to hold")
         return tenant
 
     def serve(self, tenant: Tenant, *argv: str) -> None:
@@ -230,8 +224,8 @@ def net() -> Iterator[Net]:
         spaces.serve(b, sys.executable, "-c", UDP_ECHO, str(GRANTED))
         # The host reaches tenants directly: wait until B's servers answer.
         for port in (GRANTED, UNGRANTED):
-            wait_for(functools.partial(http_status, str(b.address), port), f"HTTP on B:{port}")
-        wait_for(lambda: udp_echo(str(b.address), GRANTED, 0.2), "UDP echo on B")
+            wait_for(functools.partial(http_status, str(b.address), port), 10, f"HTTP on B:{port}")
+        wait_for(lambda: udp_echo(str(b.address), GRANTED, 0.2), 10, "UDP echo on B")
         yield Net(a, b, c, spaces)
     finally:
         try:
@@ -283,11 +277,11 @@ def test_a_tenant_routing_through_the_host_does_not_reach_another(net: Net, tmp_
             s.sendto(marker.encode(), (b, SINK))
         return marker in received.read_text()
 
-    wait_for(lambda: got("host-1"), "the UDP sink in B")  # the host reaches it
+    wait_for(lambda: got("host-1"), 10, "the UDP sink in B")  # the host reaches it
     net.c.run("ip", "route", "add", f"{b}/32", "via", GW, "dev", "eth0")
     try:
         net.c.run(sys.executable, "-c", SEND_UDP, b, str(SINK), "from-c")
-        wait_for(lambda: got("host-2"), "a datagram from the host after C's")
+        wait_for(lambda: got("host-2"), 10, "a datagram from the host after C's")
         assert "from-c" not in received.read_text()
     finally:
         net.c.run("ip", "route", "del", f"{b}/32", check=False)

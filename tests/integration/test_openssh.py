@@ -20,7 +20,6 @@ import struct
 import subprocess
 import tempfile
 import termios
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import pytest
 from hostd.login import SFTP_SERVER, command_argv
 from tests.conftest import INNER_DRIVER
 from tests.hostd_harness import (
+    POLL_INTERVAL,
     SSHD,
     Hostd,
     UnixUsers,
@@ -38,6 +38,7 @@ from tests.hostd_harness import (
     free_port,
     start_sshd,
     stop_sshd,
+    wait_for,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -307,15 +308,19 @@ class PtyClient:
         return bool(data)
 
     def expect(self, pattern: bytes, timeout: float = 120) -> re.Match[bytes]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = re.compile(pattern).search(self.out, self._pos)
-            if found:
-                self._pos = found.end()
-                return found
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {pattern!r} within {timeout} s in {self.out[-3000:]!r}"
-            assert self._read(left), f"ended before {pattern!r}: {self.out[-3000:]!r}"
+        regex = re.compile(pattern)
+
+        def arrived() -> re.Match[bytes] | None:
+            found = regex.search(self.out, self._pos)
+            if found is None:
+                assert self._read(POLL_INTERVAL), f"ended before {pattern!r}: {self.out[-3000:]!r}"
+                found = regex.search(self.out, self._pos)
+            return found
+
+        what = lambda: f"{pattern!r} in {self.out[-3000:]!r}"  # noqa: E731
+        found = wait_for(arrived, timeout, what, interval=0)
+        self._pos = found.end()
+        return found
 
     def send(self, line: str) -> None:
         os.write(self.master, line.encode() + b"\r")
@@ -325,10 +330,14 @@ class PtyClient:
         os.kill(self.proc.pid, signal.SIGWINCH)
 
     def wait(self, timeout: float = 60) -> int:
-        deadline = time.monotonic() + timeout
-        while self._read(max(0.0, deadline - time.monotonic())):  # drain until ssh is gone
-            assert time.monotonic() < deadline, f"ssh did not exit: {self.out[-3000:]!r}"
-        return self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        """Drain the output until ssh is gone; its exit status."""
+        wait_for(
+            lambda: not self._read(POLL_INTERVAL),
+            timeout,
+            lambda: f"ssh to exit: {self.out[-3000:]!r}",
+            interval=0,
+        )
+        return self.proc.wait(timeout=timeout)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -355,13 +364,13 @@ def test_shell_on_a_pty(sshd: Sshd, hostd: Hostd) -> None:
         term.send('sudo -n true && echo "U:sudo:$((6*7))"')
         term.expect(rb"U:sudo:42")
         term.resize(40, 132)
-        deadline = time.monotonic() + 30
-        while True:  # the window-change request travels asynchronously
+
+        def size() -> bytes:
             term.send('echo "S:$(stty size):$((6*7))"')
-            size = term.expect(rb"S:(\d+ \d+):42").group(1)
-            if size == b"40 132":
-                break
-            assert time.monotonic() < deadline, f"stty size still {size!r} after the resize"
+            return term.expect(rb"S:(\d+ \d+):42").group(1)
+
+        # the window-change request travels asynchronously
+        wait_for(lambda: size() == b"40 132", 30, lambda: f"40 132 in {term.out[-300:]!r}")
         term.send("exit 3")
         assert term.wait() == 3
     finally:
@@ -444,10 +453,7 @@ def test_closing_the_client_ends_the_command_inside(
         client.wait()
         if terminal:
             term.close()
-    deadline = time.monotonic() + 30
-    while running():
-        assert time.monotonic() < deadline, f"{marker!r} still runs 30 s after the client left"
-        time.sleep(0.2)
+    wait_for(lambda: not running(), 30, f"{marker!r} to end after the client left", interval=0.2)
 
 
 def test_fifty_concurrent_sessions(sshd: Sshd) -> None:

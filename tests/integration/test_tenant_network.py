@@ -14,14 +14,11 @@ import pytest
 
 from runtime import netplan
 from tests.conftest import TEST_BRIDGE, TEST_TABLE
-from tests.hostd_harness import Hostd, UnixUsers
+from tests.hostd_harness import Hostd, UnixUsers, wait_for
 
 SERVE = (
     "docker run -d --name web{port} -p {port}:80 busybox:local sh -c "
     "'mkdir /www && echo served-by-{user} > /www/index.html && httpd -f -p 80 -h /www'"
-)
-WAIT = (
-    "for i in $(seq 100); do curl -fsS http://127.0.0.1:{port}/ && exit 0; sleep 0.1; done; exit 1"
 )
 
 
@@ -38,7 +35,8 @@ def _serve(h: Hostd, user: str, port: int, busybox_tar: Path) -> None:
         "exec", user, "--", "docker", "import", "-", "busybox:local", input=busybox_tar.read_bytes()
     )
     h.hostctl("exec", user, "--", "sh", "-c", SERVE.format(port=port, user=user))
-    h.hostctl("exec", user, "--", "sh", "-c", WAIT.format(port=port))  # up inside
+    fetch = ("exec", user, "--", "curl", "-fsS", f"http://127.0.0.1:{port}/")
+    wait_for(lambda: h.hostctl(*fetch, check=False).returncode == 0, 10, f"web{port} inside")
 
 
 def _http(address: str, port: int) -> str:

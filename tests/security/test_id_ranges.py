@@ -16,7 +16,6 @@ import pwd
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 from hostd.config import ID_OWNER
 from hostd.subids import SubIdEntry, SubIdFiles, parse
 from runtime.ids import RANGE_SIZE
-from tests.hostd_harness import Hostd, UnixUsers
+from tests.hostd_harness import Hostd, UnixUsers, wait_for
 
 REAL = SubIdFiles(Path("/etc/subuid"), Path("/etc/subgid"))  # what newuidmap reads
 
@@ -84,11 +83,13 @@ def _map_as(user: str, tool: str, start: int) -> tuple[subprocess.CompletedProce
         cwd="/",
     )
     try:
-        ours, deadline = os.readlink("/proc/self/ns/user"), time.monotonic() + 30
-        while os.readlink(f"/proc/{target.pid}/ns/user") == ours:  # until unshare has run
+        ours = os.readlink("/proc/self/ns/user")
+
+        def unshared() -> bool:
             assert target.poll() is None, "unshare --user failed"
-            assert time.monotonic() < deadline, "unshare --user did not unshare within 30 s"
-            time.sleep(0.01)
+            return os.readlink(f"/proc/{target.pid}/ns/user") != ours
+
+        wait_for(unshared, 30, "unshare --user to unshare", interval=0.01)
         res = subprocess.run(
             [tool, str(target.pid), "0", str(start), str(RANGE_SIZE)],
             capture_output=True,

@@ -13,15 +13,15 @@ import contextlib
 import ctypes
 import errno
 import os
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 
 from hostd import hostlimits
 from runtime import sysctl
-from tests.hostd_harness import Hostd, UnixUsers
+from tests.hostd_harness import Hostd, UnixUsers, wait_for
 
 KERNEL_DEFAULTS = {"fs/inotify/max_user_instances": 128, "fs/inotify/max_user_watches": 8192}
 STORM = 30
@@ -105,6 +105,12 @@ def test_hostd_raised_the_limits(default_limits: Hostd) -> None:
     assert "raised fs.inotify.max_user_instances from 128 to 1024" in default_limits.log.read_text()
 
 
+def _flood_report(hostd: Hostd, user: str, i: int) -> str:
+    """Flooder `i`'s line ("<count> <error>") once it wrote all of it, else ""."""
+    res = hostd.hostctl("exec", user, "--", "cat", f"/tmp/flood.{i}", check=False)
+    return res.stdout if res.returncode == 0 and res.stdout.endswith("\n") else ""
+
+
 def test_one_tenant_cannot_take_the_inotify_instances_of_others(
     default_limits: Hostd, unix_users: UnixUsers
 ) -> None:
@@ -116,15 +122,10 @@ def test_one_tenant_cannot_take_the_inotify_instances_of_others(
         assert start_and_ask_docker(hostd, attacker) == ""
         hostd.hostctl("exec", attacker, "--", "sh", "-c", FLOOD)
         counts = []
-        deadline = time.monotonic() + 120
         for i in (1, 2, 3):  # each flooder writes its count once the kernel refused it
-            while True:
-                res = hostd.hostctl("exec", attacker, "--", "cat", f"/tmp/flood.{i}", check=False)
-                if res.returncode == 0 and res.stdout.endswith("\n"):
-                    break
-                assert time.monotonic() < deadline, "the flood did not finish within 120 s"
-                time.sleep(0.2)  # poll interval; the deadline bounds the wait
-            count, _, reason = res.stdout.strip().partition(" ")
+            done = partial(_flood_report, hostd, attacker, i)
+            out = wait_for(done, 120, f"flooder {i}'s count", interval=0.2)
+            count, _, reason = out.strip().partition(" ")
             assert reason == "Too many open files"
             counts.append(int(count))
         assert 0 < sum(counts) <= cap, "the tenant went past its cap"

@@ -20,8 +20,9 @@ import pwd
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import asyncssh
@@ -32,7 +33,7 @@ from hostd.client import connect, request
 from runtime.containers import Runtime
 from runtime.execs import ExecSpec
 from tests.conftest import CGROUP_PARENT
-from tests.hostd_harness import Hostd, UnixUsers, authorize, children, ssh_argv
+from tests.hostd_harness import Hostd, UnixUsers, authorize, children, ssh_argv, wait_for
 
 REFUSAL = (
     "sessions open, the most allowed: end one, or ask an admin to raise [sessions] max_per_tenant"
@@ -108,13 +109,6 @@ def open_sessions(tenant: Tenant) -> Iterator[Sessions]:
         sessions.close()
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {timeout} s"
-        time.sleep(0.1)  # poll interval; the deadline bounds the wait
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -173,9 +167,11 @@ def test_sessions_over_the_cap_are_refused_and_the_others_go_on(
         assert all(client.poll() is None for client in held)  # the others go on
         held[0].kill()
         held[0].wait()
-        _wait_for(
+        wait_for(
             lambda: hostd.hostctl("exec", tenant.user, "--", "true", check=False).returncode == 0,
+            60,
             "a session after one ended",
+            interval=0.1,
         )
 
 
@@ -221,7 +217,8 @@ async def _signals_after_the_end(tenant: Tenant, hostd: Hostd, marker: str) -> i
         assert len(helpers) == 1, helpers
         proc.stdin.write("\n")
         # the pty helper exits with the shell, which it reaped: the shell's PID is free now
-        await asyncio.to_thread(_wait_for, lambda: _ended(helpers[0]), "the program to end")
+        ended = partial(_ended, helpers[0])
+        await asyncio.to_thread(wait_for, ended, 60, "the program to end", interval=0.1)
         for name in ("TERM", "KILL", "HUP", "INT", "USR1"):  # late: must reach nobody
             proc.send_signal(name)
         # the child is still there (pkill finds it), and its end ends the session
@@ -351,7 +348,7 @@ def test_a_tenants_slow_sessions_do_not_delay_another_tenants_login(
             )
             for _ in range(8)
         ]
-        _wait_for(lambda: _hanging(tenant.user) >= 1, "the tenant's container to boot slowly")
+        wait_for(lambda: _hanging(tenant.user), 60, "the tenant's slow boot", interval=0.1)
         started = time.monotonic()
         res2 = subprocess.run([*other.ssh_args(), "echo in"], capture_output=True, timeout=120)
         took = time.monotonic() - started
@@ -362,7 +359,9 @@ def test_a_tenants_slow_sessions_do_not_delay_another_tenants_login(
         for client in stuck:
             client.kill()
             client.wait()
-        _wait_for(lambda: rt.state(tenant.user).status == "running", "the tenant to run")
+        wait_for(
+            lambda: rt.state(tenant.user).status == "running", 60, "the tenant to run", interval=0.1
+        )
         rt.exec(
             tenant.user,
             ExecSpec(

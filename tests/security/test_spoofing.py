@@ -14,7 +14,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 from runtime import netplan, network
 from runtime.netplan import NetworkConfig, container_mac
 from runtime.network import attach, detach
+from tests.hostd_harness import POLL_INTERVAL, wait_for
 from tests.integration.test_network import (
     Namespaces,
     Tenant,
@@ -141,17 +141,18 @@ class Recorder:
         """Frames received until one carrying `marker` (sent last, by the same port: frames
         of one port arrive in order, so anything sent before it and missing was dropped)."""
         frames: list[Frame] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"{marker!r} never arrived: the port drops legitimate traffic"
-            self.sock.settimeout(remaining)
+        self.sock.settimeout(POLL_INTERVAL)
+
+        def arrived() -> bool:
             raw, addr = self.sock.recvfrom(65535)
             if addr[2] == socket.PACKET_OUTGOING:
-                continue
+                return False
             frames.append(parse(raw))
-            if marker in raw:
-                return frames
+            return marker in raw
+
+        what = f"{marker!r} (else the port drops legitimate traffic)"
+        wait_for(arrived, timeout, what, interval=0, ignore=(TimeoutError,))
+        return frames
 
 
 def parse(raw: bytes) -> Frame:

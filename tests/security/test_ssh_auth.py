@@ -37,6 +37,7 @@ from tests.hostd_harness import (
     connect_as,
     keypair,
     login_as,
+    wait_for,
 )
 
 PER_SOURCE = 8  # the shipped max_unauthenticated_per_source
@@ -311,12 +312,15 @@ def test_preauth_flood_from_one_source_does_not_keep_others_out(
 def _still_open(
     socks: list[socket.socket], until: Callable[[list[socket.socket]], bool], timeout: float
 ) -> list[socket.socket]:
-    """Those of `socks` the server has not closed, once `until` holds of them or at the
-    timeout (reading and dropping what the server sends)."""
-    left, deadline = list(socks), time.monotonic() + timeout
+    """Those of `socks` the server has not closed, once `until` holds of them (within
+    `timeout`), reading and dropping what the server sends."""
+    left = list(socks)
     for s in socks:
         s.setblocking(False)
-    while not until(left) and time.monotonic() < deadline:
+
+    def settled() -> bool:
+        if until(left):
+            return True
         for s in list(left):
             try:
                 if not s.recv(4096):
@@ -325,7 +329,9 @@ def _still_open(
                 pass
             except ConnectionError:
                 left.remove(s)
-        time.sleep(0.05)
+        return until(left)
+
+    wait_for(settled, timeout, lambda: f"the server to close connections ({len(left)} open)")
     return left
 
 

@@ -11,6 +11,7 @@ import select
 import socket
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from hostd.api import Channel
 from hostd.client import call, request
 from runtime.containers import Runtime
 from runtime.execs import ExecSpec
-from tests.hostd_harness import Hostd, UnixUsers, connect_as
+from tests.hostd_harness import POLL_INTERVAL, Hostd, UnixUsers, connect_as, wait_for
 
 FLOOD = 300
 PER_USER = 64  # [api] max_connections_per_user, the default the test hostd runs with
@@ -106,10 +107,11 @@ def test_idle_connections_cost_no_threads_and_others_are_served(
     try:
         # hostd answered each of them on connect but PER_USER of the tenant's, which wait for
         # their request (poll: the last ones may still be in the listen backlog)
-        deadline = time.monotonic() + 30
-        while _answered(refused) < FLOOD or _answered(held) < FLOOD - PER_USER:
-            assert time.monotonic() < deadline, "hostd did not answer the flood"
-            time.sleep(0.05)  # poll interval
+        wait_for(
+            lambda: _answered(refused) >= FLOOD and _answered(held) >= FLOOD - PER_USER,
+            30,
+            "hostd's answers to the flood",
+        )
         assert _answered(held) == FLOOD - PER_USER
         assert _threads(pid) <= MAX_THREADS
         assert _timed_status(hostd, None) < 1.0  # hostctl status, as an admin
@@ -167,19 +169,21 @@ def test_oversized_requests_are_refused_without_growing_hostd(
     sent = dict.fromkeys(conns, 0)
     for conn in conns:
         conn.setblocking(False)
-    deadline = time.monotonic() + 60
+
+    def all_sent_or_refused() -> bool:
+        _, writable, _ = select.select([], list(sent), [], POLL_INTERVAL)
+        for conn in writable:
+            try:
+                sent[conn] += conn.send(payload[sent[conn] : sent[conn] + 65536])
+            except OSError:  # hostd closed it: refused
+                del sent[conn]
+                continue
+            if sent[conn] == len(payload):
+                del sent[conn]
+        return not sent
+
     try:
-        while sent:
-            _, writable, _ = select.select([], list(sent), [], 1)
-            for conn in writable:
-                try:
-                    sent[conn] += conn.send(payload[sent[conn] : sent[conn] + 65536])
-                except OSError:  # hostd closed it: refused
-                    del sent[conn]
-                    continue
-                if sent[conn] == len(payload):
-                    del sent[conn]
-            assert time.monotonic() < deadline, "hostd neither read nor refused the requests"
+        wait_for(all_sent_or_refused, 60, "hostd to read or refuse the requests", interval=0)
         for conn in conns:
             conn.setblocking(True)
             assert "request longer than 64 KiB ([api] max_request)" in _reply(conn)
@@ -227,17 +231,11 @@ def test_a_tenant_slow_to_boot_does_not_keep_hostd_closed(hostd: Hostd, tenants:
         hostd.start(reconciled=False)  # returns once the admin socket answers
         assert _timed_status(hostd, None) < 1.0
         assert _timed_status(hostd, other) < 1.0  # only the slow tenant's requests wait
-        deadline = time.monotonic() + 60
-        while not _waiting_for_the_file(rt, slow):
-            assert time.monotonic() < deadline, "the slow tenant was not started"
-            time.sleep(0.1)  # poll interval
+        wait_for(partial(_waiting_for_the_file, rt, slow), 60, "the slow tenant's start")
         assert not hostd.reconciled(offset), "reconcile finished before the tenant booted"
         assert _timed_status(hostd, None) < 1.0
     finally:
         with contextlib.suppress(Exception):
             rt.exec(slow, ExecSpec(["touch", "/run/hostd-test-go"]))
-    deadline = time.monotonic() + 120
-    while not hostd.reconciled(offset):
-        assert time.monotonic() < deadline, "reconcile did not finish once the tenant booted"
-        time.sleep(0.1)  # poll interval
+    wait_for(partial(hostd.reconciled, offset), 120, "reconcile's end once the tenant booted")
     assert f"reconcile: restarted {slow}" in hostd.log.read_text()

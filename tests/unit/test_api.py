@@ -8,7 +8,6 @@ import functools
 import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from hostd.apiserver import Door, Refused, Request, Workers, read_request
 from hostd.client import request
 from hostd.config import ApiSettings, load
 from hostd.errors import HostdError
+from tests.hostd_harness import wait_for
 
 
 @pytest.fixture
@@ -127,9 +127,8 @@ def test_workers_are_bounded_refuse_when_busy_and_are_reused() -> None:
     assert not pool.try_submit(job)  # refused, not queued
     release.set()
     done = threading.Event()
-    deadline = time.monotonic() + 30
-    while not pool.try_submit(done.set):  # accepted once a worker is free again
-        assert time.monotonic() < deadline, "no worker became free"
+    # accepted once a worker is free again
+    wait_for(lambda: pool.try_submit(done.set), 30, "a free worker", interval=0)
     assert done.wait(30)
     assert pool.threads == 2
 

@@ -79,13 +79,16 @@ class Daemon:
         for line in hostlimits.raise_settings():  # before any tenant starts
             log.info("%s", line)
         self.state = State(cfg.paths.state_dir / "hostd.db")
-        self.tenants = Tenants(cfg, self.state, Runtime(cfg.runtime_settings()))
+        runtime = Runtime(cfg.runtime_settings())
+        self.tenants = Tenants(cfg, self.state, runtime)
         for line in self.tenants.migrate_ranges():  # before any request can allocate a range
             log.info("upgrade: %s", line)
         # one cap and one account check (locked, expired, nologin) for both doors
-        self.sessions = Sessions(self.tenants, cfg.sessions, refusal=accounts.account_refusal)
+        self.sessions = Sessions(
+            self.tenants, runtime, cfg.sessions, refusal=accounts.account_refusal
+        )
         self.service = Service(
-            self.tenants, cfg.users.admin_group, self.sessions, self._refresh_tenants
+            self.tenants, runtime, cfg.users.admin_group, self.sessions, self._refresh_tenants
         )
         self._tenant_uids: frozenset[int] = frozenset()
         self._refresh_tenants()

@@ -1,8 +1,9 @@
 """Tenants: Unix users turned into owners of a system container. The daemon's core logic.
 
 Adding a user is one transaction over three stores, in this order:
-  1. check the user (a human Unix account with a home) and look at the runtime once (a
-     container kept by `remove --keep-data` is adopted, the others' addresses avoided);
+  1. check the user (a human Unix account with a home), look at the runtime's containers once
+     (one kept by `remove --keep-data` is adopted, the others' addresses avoided) and resolve
+     the image, so bad input fails before anything changes;
   2. reserve: the state row (phase `adding`, with its ID range) and the range's subuid/subgid
      entries, under the allocation locks (hostd.ranges);
   3. create the container (or adopt the kept one), cap the home, mark the tenant `ready`.
@@ -175,10 +176,13 @@ class Tenants:
             return replace(tenant, phase="ready")
 
     def _image_for(self, user: str, image: str | None, kept: Container | None) -> str:
-        """The image asked for, else the kept container's, else the default. A kept container
-        stays on its own image: moving it is `rebase`'s work."""
+        """The image asked for, else the kept container's, else the default; an unknown one
+        fails here, before anything changes. A kept container stays on its own image: moving
+        it is `rebase`'s work."""
         if kept is None:
-            return image or self.config.runtime.default_image
+            image = image or self.config.runtime.default_image
+            self.runtime.images.resolve(image)
+            return image
         if image is not None and image != kept.image:
             raise Conflict(
                 f"the container kept for {user} is on image {kept.image}, not {image}",

@@ -200,21 +200,24 @@ def test_no_free_range_is_refused_with_the_fix(host: Host, tenants: Tenants) -> 
     assert host.state.tenant("late") is None and len(host.registered()) == SLOTS
 
 
-@pytest.mark.parametrize(
-    ("image", "fail", "error"),
-    [
-        ("nosuchimage", None, NotFound),  # the runtime's check, the one place it is made
-        ("default", "create", RuntimeFailure),
-    ],
-)
+def test_an_unknown_image_is_refused_before_anything_changes(host: Host, tenants: Tenants) -> None:
+    progress: list[str] = []
+    with pytest.raises(NotFound, match="image 'nosuchimage' does not exist"):
+        tenants.add(host.user("alice"), image="nosuchimage", progress=progress.append)
+    assert nothing_recorded(host) and progress == [] and host.rt.calls == [("containers", "")]
+
+
+@pytest.mark.parametrize("conflict", [False, True])
 def test_a_failed_create_rolls_back_state_subuid_and_address(
-    host: Host, tenants: Tenants, image: str, fail: str | None, error: type[Exception]
+    host: Host, tenants: Tenants, conflict: bool
 ) -> None:
     tenants.add(host.user("bob", uid=2001))
-    if fail:
-        host.rt.fail(fail)
-    with pytest.raises(error):
-        tenants.add(host.user("alice"), image=image)
+    if conflict:  # its checks are the runtime's: here, a half-made container of that name
+        host.rt.half_made.add("alice")
+    else:
+        host.rt.fail("create")
+    with pytest.raises(RuntimeFailure):
+        tenants.add(host.user("alice"))
     assert [t.user for t in host.state.tenants()] == ["bob"]
     assert host.ranges() == {MIN: ("bob", "active")} and host.registered() == [MIN]
     assert host.state.address_slots() == {"bob": 0} and list(host.rt.boxes) == ["bob"]

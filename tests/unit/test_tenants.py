@@ -729,7 +729,7 @@ OPS = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(OPS)
 def test_ranges_and_addresses_never_overlap(ops: list[tuple[str, str]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:

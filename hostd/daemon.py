@@ -83,9 +83,11 @@ class Daemon:
         for line in self.tenants.migrate_ranges():  # before any request can allocate a range
             log.info("upgrade: %s", line)
         # one cap and one account check (locked, expired, nologin) for both doors
-        self.sessions = Sessions(self.tenants, cfg.sessions, refusal=accounts.account_refusal)
+        self.sessions = Sessions(
+            self.tenants, runtime, cfg.sessions, refusal=accounts.account_refusal
+        )
         self.service = Service(
-            self.tenants, cfg.users.admin_group, self.sessions, self._refresh_tenants
+            self.tenants, runtime, cfg.users.admin_group, self.sessions, self._refresh_tenants
         )
         self._tenant_uids: frozenset[int] = frozenset()
         self._refresh_tenants()

@@ -46,6 +46,15 @@ def lookup(passwd: str, group: str, name: str) -> Entry | None:
     return None
 
 
+def has_group(group: str, name: str, gid: int) -> bool:
+    """Whether a group named `name`, or one with `gid`, exists (groupadd would refuse both)."""
+    for line in group.splitlines():
+        fields = line.split(":")
+        if len(fields) == 4 and (fields[0] == name or fields[2] == str(gid)):
+            return True
+    return False
+
+
 def _supplementary(group: str, name: str, gid: int) -> tuple[int, ...]:
     found: list[int] = []
     for line in group.splitlines():

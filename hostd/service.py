@@ -22,6 +22,7 @@ from hostd.errors import HostdError
 from hostd.sessions import Program, Sessions
 from hostd.tenants import Tenants, TenantStatus
 from hostd.units import parse_count, parse_cpus, parse_ports, parse_size
+from runtime.containers import Runtime
 from runtime.errors import RuntimeFailure
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,13 @@ class Service:
     def __init__(
         self,
         tenants: Tenants,
+        runtime: Runtime,
         admin_group: str,
         sessions: Sessions,
         after_admin_request: Callable[[], None] = lambda: None,
     ) -> None:
         self.tenants = tenants
-        self.runtime = tenants.runtime
+        self.runtime = runtime
         self.admin_group = admin_group
         self.sessions = sessions
         # Runs after each admin request, before its reply: the daemon reloads who is a tenant.

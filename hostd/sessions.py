@@ -27,6 +27,7 @@ from typing import IO, Any, Protocol
 from hostd.config import SessionSettings
 from hostd.errors import HostdError
 from hostd.tenants import Account, Progress, Tenants
+from runtime.containers import Runtime
 from runtime.execs import ExecSpec
 from runtime.ttyexec import TtyProcess, signal_pidfd
 
@@ -165,11 +166,12 @@ class Sessions:
     def __init__(
         self,
         tenants: Tenants,
+        runtime: Runtime,
         settings: SessionSettings,
         refusal: Callable[[str], str | None] = no_refusal,
     ) -> None:
         self.tenants = tenants
-        self.runtime = tenants.runtime
+        self.runtime = runtime  # the whole runtime: sessions exec and spawn, Tenants do not
         self.max_per_tenant = settings.max_per_tenant
         self.refusal = refusal  # the account check for logins (PAM's account stage)
         self._guard = threading.Lock()

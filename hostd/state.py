@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from hostd.errors import HostdError
+from runtime.errors import Conflict, NotFound
 from runtime.limits import Limits
 
 PHASES = ("adding", "ready", "removing")
@@ -225,7 +226,7 @@ class State:
                 )
             except sqlite3.IntegrityError:
                 if db.execute("SELECT 1 FROM tenants WHERE user = ?", (tenant.user,)).fetchone():
-                    raise HostdError(
+                    raise Conflict(
                         f"user {tenant.user} is already a tenant",
                         "remove it first, or pick another user",
                     ) from None
@@ -233,7 +234,7 @@ class State:
                     "SELECT user FROM tenants WHERE range_start = ?", (tenant.range_start,)
                 ).fetchone()
                 if owner:
-                    raise HostdError(
+                    raise Conflict(
                         f"ID range starting at {tenant.range_start} is already given to {owner[0]}",
                         "allocate a range that is not in the state database (any phase)",
                     ) from None
@@ -330,7 +331,7 @@ class State:
         with self._write() as db:
             record = _range(db, start)
             if record is None:
-                raise HostdError(f"no ID range starts at {start}", "see `hostctl ranges`")
+                raise NotFound(f"no ID range starts at {start}", "see `hostctl ranges`")
             if record.status != "quarantined":
                 raise _range_in_use(record)
             first()
@@ -379,6 +380,11 @@ class State:
             db.execute("INSERT INTO addresses (user, idx) VALUES (?, ?)", (user, idx))
             return idx
 
+    def address_slots(self) -> dict[str, int]:
+        """Every tenant's address slot, by user."""
+        with self._lock:
+            return {str(u): int(i) for u, i in self._db.execute("SELECT user, idx FROM addresses")}
+
     def grant_ports(self, user: str, first: int, last: int) -> None:
         """Give `user` the host ports first..last; refused if any belongs to someone."""
         with self._write() as db:
@@ -390,7 +396,7 @@ class State:
             ).fetchone()
             if clash:
                 owner = "them" if clash[2] == user else clash[2]
-                raise HostdError(
+                raise Conflict(
                     f"ports {first}-{last} overlap {clash[0]}-{clash[1]} granted to {owner}",
                     "revoke those first or pick other ports",
                 )
@@ -405,7 +411,7 @@ class State:
                 (user, first, last),
             ).rowcount
             if not gone:
-                raise HostdError(
+                raise NotFound(
                     f"{user} has no grant of ports {first}-{last}", "see `hostctl ports list`"
                 )
 
@@ -467,17 +473,17 @@ def _take_range(db: sqlite3.Connection, start: int, user: str) -> None:
         raise _range_in_use(record)
 
 
-def _range_in_use(r: IdRangeRecord) -> HostdError:
+def _range_in_use(r: IdRangeRecord) -> Conflict:
     fixes = {
         "active": f"remove the tenant first (`hostctl user remove {r.user}`)",
         "kept": f"add {r.user} again, or add and remove them without --keep-data",
         "quarantined": f"release it first (`hostctl ranges release {r.start}`)",
     }
-    return HostdError(
+    return Conflict(
         f"ID range starting at {r.start} is {r.status} for {r.user} since {r.since}",
         fixes[r.status],
     )
 
 
-def _not_a_tenant(user: str) -> HostdError:
-    return HostdError(f"user {user} is not a tenant", "check the name, or add the user first")
+def _not_a_tenant(user: str) -> NotFound:
+    return NotFound(f"user {user} is not a tenant", "check the name, or add the user first")

@@ -34,6 +34,7 @@ from hostd.gateway import SFTP_SERVER, WRONG, Gateway
 from hostd.sessions import Sessions
 from hostd.tenants import Account, Tenants
 from runtime import netconnect
+from runtime.containers import Runtime
 from runtime.execs import ExecSpec
 from runtime.ttyexec import TtyProcess
 from tests.hostd_harness import wait_for
@@ -193,7 +194,8 @@ class World:
     def serve(self, scenario: Callable[[int], Awaitable[None]]) -> None:
         async def run() -> None:
             tenants = cast(Tenants, self.tenants)
-            self.sessions = Sessions(tenants, SessionSettings(self.max_sessions))
+            runtime = cast(Runtime, self.runtime)
+            self.sessions = Sessions(tenants, runtime, SessionSettings(self.max_sessions))
             gw = Gateway(tenants, self.settings, self.key_dir, self.sessions)
             await gw.start()
             assert gw._acceptor is not None

@@ -17,6 +17,7 @@ from hostd.errors import HostdError
 from hostd.sessions import MAX_ENV, MAX_ENV_VALUE, PipeProgram, Sessions, client_env, terminal_env
 from hostd.tenants import Tenants
 from runtime import ttyexec
+from runtime.containers import Runtime
 
 
 def test_env_keeps_passed_names_with_one_line_values() -> None:
@@ -58,8 +59,8 @@ def test_term_must_look_like_a_terminal_name() -> None:
 
 
 def _sessions(cap: int) -> Sessions:
-    tenants = cast(Tenants, SimpleNamespace(runtime=None))
-    return Sessions(tenants, SessionSettings(max_per_tenant=cap))
+    tenants = cast(Tenants, SimpleNamespace())
+    return Sessions(tenants, cast(Runtime, None), SessionSettings(max_per_tenant=cap))
 
 
 def test_the_cap_refuses_one_more_session_and_names_the_setting() -> None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hostd import state
 from hostd.errors import HostdError
 from hostd.state import MIGRATIONS, State, Tenant
-from runtime.errors import RuntimeFailure
+from runtime.errors import Conflict, NotFound, RuntimeFailure
 from runtime.limits import MAX_LIMIT, Limits
 
 
@@ -123,7 +123,7 @@ def test_begin_add_requires_phase_adding(db: State) -> None:
 
 def test_duplicate_user_is_refused_and_nothing_changes(db: State) -> None:
     db.begin_add(make_tenant("alice", 100000), Limits(memory=1 << 30))
-    with pytest.raises(HostdError, match="^user alice is already a tenant: "):
+    with pytest.raises(Conflict, match="^user alice is already a tenant: "):
         db.begin_add(make_tenant("alice", 200000, image="other"), Limits(memory=1))
     assert db.tenants() == [make_tenant("alice", 100000)]
     assert db.quota("alice") == Limits(memory=1 << 30)
@@ -132,7 +132,7 @@ def test_duplicate_user_is_refused_and_nothing_changes(db: State) -> None:
 
 def test_taken_range_is_refused_and_nothing_changes(db: State) -> None:
     db.begin_add(make_tenant("alice", 100000), Limits())
-    with pytest.raises(HostdError) as info:
+    with pytest.raises(Conflict) as info:
         db.begin_add(make_tenant("bob", 100000), Limits(pids=10))
     assert "100000" in info.value.cause and "alice" in info.value.cause
     assert db.tenant("bob") is None
@@ -176,7 +176,7 @@ def test_invalid_values_are_programming_errors(db: State, call: object) -> None:
     ],
 )
 def test_unknown_user_is_reported(db: State, call: object) -> None:
-    with pytest.raises(HostdError, match="^user bob is not a tenant: "):
+    with pytest.raises(NotFound, match="^user bob is not a tenant: "):
         call(db)  # type: ignore[operator]
 
 
@@ -217,7 +217,7 @@ def test_a_range_is_active_then_kept_or_quarantined_or_freed(db: State) -> None:
 def test_a_kept_range_is_adopted_only_by_its_user(db: State) -> None:
     db.begin_add(make_tenant("alice", 100000), Limits())
     db.delete_tenant("alice", "kept")
-    with pytest.raises(HostdError) as info:
+    with pytest.raises(Conflict) as info:
         db.begin_add(make_tenant("bob", 100000), Limits())
     assert str(info.value).startswith("ID range starting at 100000 is kept for alice since ")
     assert db.tenant("bob") is None  # the whole add was rolled back
@@ -233,7 +233,7 @@ def test_a_quarantined_range_is_never_taken_even_by_its_old_user(db: State) -> N
     db.delete_tenant("alice", "quarantined")
     fix = r"release it first \(`hostctl ranges release 100000`\)"
     for user in ("alice", "bob"):
-        with pytest.raises(HostdError, match=f"is quarantined for alice since .*: {fix}"):
+        with pytest.raises(Conflict, match=f"is quarantined for alice since .*: {fix}"):
             db.begin_add(make_tenant(user, 100000), Limits())
     assert db.tenants() == []
 
@@ -249,7 +249,7 @@ def test_release_refuses_ranges_in_use_and_runs_first_before_forgetting(db: Stat
         (300000, "^no ID range starts at 300000: see `hostctl ranges`$"),
     ]
     for start, message in refusals:
-        with pytest.raises(HostdError, match=message):
+        with pytest.raises(RuntimeFailure, match=message):
             db.release_range(start, lambda: ran.append(start))  # noqa: B023 (runs at once)
     assert ran == []
 
@@ -271,7 +271,7 @@ def test_release_refuses_ranges_in_use_and_runs_first_before_forgetting(db: Stat
 def test_keep_range_records_a_container_kept_by_an_older_hostd(db: State) -> None:
     db.keep_range(100000, "alice")
     assert db.kept_range("alice") == 100000
-    with pytest.raises(HostdError, match="is kept for alice"):
+    with pytest.raises(Conflict, match="is kept for alice"):
         db.keep_range(100000, "bob")
 
 
@@ -442,7 +442,7 @@ def test_address_slots_are_stable_lowest_free_and_freed_with_the_tenant(db: Stat
     db.delete_tenant("b", "quarantined")
     db.begin_add(make_tenant("d", 400000), Limits())
     assert db.address_index("d") == 1  # the freed slot is reused
-    with pytest.raises(HostdError, match="is not a tenant"):
+    with pytest.raises(NotFound, match="is not a tenant"):
         db.address_index("nobody")
 
 
@@ -450,13 +450,13 @@ def test_port_grants_never_overlap_and_go_with_the_tenant(db: State) -> None:
     db.begin_add(make_tenant("a", 100000), Limits())
     db.begin_add(make_tenant("b", 165536), Limits())
     db.grant_ports("a", 20000, 20009)
-    with pytest.raises(HostdError, match="overlap 20000-20009 granted to a"):
+    with pytest.raises(Conflict, match="overlap 20000-20009 granted to a"):
         db.grant_ports("b", 20005, 20020)
-    with pytest.raises(HostdError, match="granted to them"):
+    with pytest.raises(Conflict, match="granted to them"):
         db.grant_ports("a", 20009, 20009)
     db.grant_ports("b", 20010, 20010)
     assert db.port_grants() == [(20000, 20009, "a"), (20010, 20010, "b")]
-    with pytest.raises(HostdError, match="has no grant of ports 20000-20001"):
+    with pytest.raises(NotFound, match="has no grant of ports 20000-20001"):
         db.revoke_ports("a", 20000, 20001)
     db.delete_tenant("a", "kept")
     assert db.port_grants() == [(20010, 20010, "b")]

@@ -1,0 +1,58 @@
+"""What `hostctl status` and `user show` report of a tenant: its state and what it uses."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from hostd.backend import ContainerRuntime
+from hostd.state import Tenant
+from runtime.limits import Limits
+
+
+@dataclass(frozen=True)
+class TenantStatus:
+    user: str
+    state: str  # stopped | running | ... (the runtime's), or the tenant's phase while not ready
+    uptime: float | None  # seconds since its init started
+    memory: int | None  # bytes in use
+    cpu_seconds: float | None
+    pids: int | None
+    disk: int  # bytes of its storage
+    quota: Limits
+    range_start: int
+    image: str
+
+
+def tenant_status(runtime: ContainerRuntime, t: Tenant, quota: Limits) -> TenantStatus:
+    """A tenant being added or removed has no container to ask: its phase stands for it."""
+    if t.phase != "ready":
+        return TenantStatus(
+            t.user, t.phase, None, None, None, None, 0, quota, t.range_start, t.image
+        )
+    st = runtime.state(t.user)
+    used = runtime.usage(t.user) if st.status == "running" else None
+    return TenantStatus(
+        user=t.user,
+        state=st.status,
+        uptime=uptime(st.pid) if st.pid else None,
+        memory=used.memory if used else None,
+        cpu_seconds=used.cpu_seconds if used else None,
+        pids=used.pids if used else None,
+        disk=runtime.disk_used(t.user),
+        quota=quota,
+        range_start=t.range_start,
+        image=t.image,
+    )
+
+
+def uptime(pid: int) -> float | None:
+    """Seconds since process `pid` started, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            now = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, now - start_ticks / os.sysconf("SC_CLK_TCK"))

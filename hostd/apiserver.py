@@ -22,7 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hostd import aio
-from hostd.api import MAX_FDS, close_fds, error_line
+from hostd.api import close_fds
+from hostd.protocol import MAX_FDS, error_line
+from runtime.errors import Busy, RuntimeFailure
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,8 @@ _INT = array.array("i").itemsize
 LOG_EVERY = 60.0  # seconds between two log lines about the same cap (a flood must not flood)
 
 
-class Refused(Exception):
-    """A connection the server will not serve; str() is the client's line `cause: fix`."""
+class Refused(RuntimeFailure):
+    """A request the server will not read to its end (too long, too many fds)."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,8 @@ async def read_request(sock: socket.socket, max_size: int) -> Request | None:
             fds += got
             if truncated:
                 raise Refused(
-                    f"more than {MAX_FDS} file descriptors sent with a request: "
-                    "send stdin, stdout and stderr at most"
+                    f"more than {MAX_FDS} file descriptors sent with a request",
+                    "send stdin, stdout and stderr at most",
                 )
             if not data:
                 close_fds(fds)
@@ -69,8 +71,8 @@ async def read_request(sock: socket.socket, max_size: int) -> Request | None:
                 return Request(bytes(buf[:end]), bytes(buf[end + 1 :]), fds)
             if len(buf) > max_size:
                 raise Refused(
-                    f"request longer than {max_size // 1024} KiB ([api] max_request)"
-                    ": send a smaller request"
+                    f"request longer than {max_size // 1024} KiB ([api] max_request)",
+                    "send a smaller request",
                 )
     except BaseException:
         close_fds(fds)
@@ -90,10 +92,10 @@ def _recv(sock: socket.socket, size: int, max_fds: int) -> tuple[bytes, list[int
     return data, list(fds), bool(flags & socket.MSG_CTRUNC)
 
 
-def refuse(conn: socket.socket, message: str) -> None:
-    """Send the one-line reason (non-blocking: a fresh socket's buffer takes it) and close."""
+def refuse(conn: socket.socket, error: RuntimeFailure) -> None:
+    """Send the error (non-blocking: a fresh socket's buffer takes it) and close."""
     with contextlib.suppress(OSError):
-        conn.send(error_line(message))
+        conn.send(error_line(error))
     conn.close()
 
 
@@ -157,37 +159,45 @@ class Door:
     per_uid: Counter[int] = field(default_factory=Counter)
     _logged: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
-    def refusal(self, uid: int) -> str | None:
+    def refusal(self, uid: int) -> Busy | None:
         """Why a new connection of `uid` is over a cap, or None."""
         if self.max_per_uid is not None and self.per_uid[uid] >= self.max_per_uid:
             return self._over(
                 "max_connections_per_user",
-                f"uid {uid} has {self.per_uid[uid]} connections to hostd's {self.name} socket"
-                " ([api] max_connections_per_user): close some sessions, or ask an admin to"
-                " raise the limit",
+                Busy(
+                    f"uid {uid} has {self.per_uid[uid]} connections to hostd's {self.name}"
+                    " socket ([api] max_connections_per_user)",
+                    "close some sessions, or ask an admin to raise the limit",
+                ),
             )
         if self.open >= self.max_connections:
             return self._over(
                 "max_connections",
-                f"hostd's {self.name} socket has {self.open} connections"
-                " ([api] max_connections): try again later, or ask an admin to raise it",
+                Busy(
+                    f"hostd's {self.name} socket has {self.open} connections"
+                    " ([api] max_connections)",
+                    "try again later, or ask an admin to raise it",
+                ),
             )
         return None
 
-    def busy(self) -> str:
+    def busy(self) -> Busy:
         """The refusal of a request that found every worker busy."""
         return self._over(
             "workers",
-            f"hostd is serving {self.pool.size} requests on its {self.name} socket at once"
-            f" ([api] {self.pool.name}): try again later, or ask an admin to raise it",
+            Busy(
+                f"hostd is serving {self.pool.size} requests on its {self.name} socket at once"
+                f" ([api] {self.pool.name})",
+                "try again later, or ask an admin to raise it",
+            ),
         )
 
-    def _over(self, cap: str, message: str) -> str:
+    def _over(self, cap: str, error: Busy) -> Busy:
         now = time.monotonic()
         if now - self._logged.get(cap, -LOG_EVERY) >= LOG_EVERY:
             self._logged[cap] = now
-            log.warning("refused a connection: %s (said at most once a minute)", message)
-        return message
+            log.warning("refused a connection: %s (said at most once a minute)", error)
+        return error
 
     def enter(self, uid: int) -> None:
         self.open += 1

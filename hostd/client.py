@@ -8,8 +8,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hostd.api import Channel, ClientGone
+from hostd.api import Channel, ClientGone, close_fds
 from hostd.errors import HostdError
+from hostd.protocol import encode_request, error_of
+from runtime.errors import Internal
 
 
 def _quiet(_: str) -> None:
@@ -43,12 +45,13 @@ def connect(path: Path, fixes: tuple[str, str] = ADMIN_FIXES) -> Channel:
 def call(
     path: Path,
     op: str,
-    args: dict[str, Any] | None = None,
+    args: object = None,
     fds: Sequence[int] = (),
     progress: Callable[[str], None] = _quiet,
     on_tty: Callable[[int], None] | None = None,
 ) -> Any:
-    """Send one request and return its result; a failure raises HostdError with the message.
+    """Send one request (`args`: the op's request dataclass) and return its result as JSON
+    data; a failure raises the error class of its code (runtime.errors.ERROR_CODES).
     `on_tty` receives a pty master sent back by `exec` and runs the session."""
     chan = connect(path)
     with chan.sock:
@@ -58,24 +61,29 @@ def call(
 def request(
     chan: Channel,
     op: str,
-    args: dict[str, Any] | None = None,
+    args: object = None,
     fds: Sequence[int] = (),
     progress: Callable[[str], None] = _quiet,
     on_tty: Callable[[int], None] | None = None,
 ) -> Any:
     """`call` on an already connected channel."""
+    line = encode_request(op, args)
     with contextlib.suppress(ClientGone):  # refused before reading: its reason waits for us
-        chan.send({"op": op, "args": args or {}}, fds)
+        chan.send(line, fds)
     while True:
-        msg, got = chan.receive()
+        try:
+            msg, got = chan.receive()
+        except ValueError as exc:  # not JSON, or too long
+            raise Internal(f"hostd sent a malformed reply ({exc})", "see hostd's log") from None
         if msg is None:
             raise HostdError("hostd closed the connection", "see hostd's log")
         if "progress" in msg:
             progress(str(msg["progress"]))
         elif msg.get("tty") and got and on_tty is not None:
-            on_tty(got[0])
+            on_tty(got.pop(0))
         elif "ok" in msg:
+            close_fds(got)
             if not msg["ok"]:
-                cause, _, fix = str(msg["error"]).rpartition(": ")
-                raise HostdError(cause or fix, fix if cause else "see hostd's log")
+                raise error_of(msg.get("error"))
             return msg.get("result")
+        close_fds(got)

@@ -31,7 +31,7 @@ from hostd.sessions import Sessions
 from hostd.state import State
 from hostd.tenants import Tenants
 from runtime.containers import Runtime
-from runtime.errors import RuntimeFailure
+from runtime.errors import NotFound, RuntimeFailure
 
 log = logging.getLogger("hostd")
 
@@ -204,8 +204,10 @@ class Daemon:
         if not door.admin and peer.uid != 0 and peer.uid not in self._tenant_uids:
             refuse(
                 conn,
-                f"uid {peer.uid} is not a tenant: ask an admin to make you one"
-                " (hostctl user add YOUR-NAME)",
+                NotFound(
+                    f"uid {peer.uid} is not a tenant",
+                    "ask an admin to make you one (hostctl user add YOUR-NAME)",
+                ),
             )
             return
         refusal = door.refusal(peer.uid)
@@ -221,19 +223,20 @@ class Daemon:
         """Read the request on the loop, then hand it to the door's pool (which then owns the
         connection), or refuse it."""
         api = self.cfg.api
-        refusal: str | None = None
+        refusal: RuntimeFailure | None = None
         try:
             request = await asyncio.wait_for(
                 read_request(conn, api.max_request), api.request_timeout
             )
         except TimeoutError:
             request = None
-            refusal = (
+            refusal = RuntimeFailure(
                 f"no request within {api.request_timeout:g} s of connecting"
-                " ([api] request_timeout): send it at once"
+                " ([api] request_timeout)",
+                "send it at once",
             )
         except Refused as exc:
-            request, refusal = None, str(exc)
+            request, refusal = None, exc
         except OSError:  # the client reset the connection
             request = None
         except BaseException:  # cancelled at shutdown

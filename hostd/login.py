@@ -6,8 +6,9 @@ would have run: the login shell, `$SHELL -c "$SSH_ORIGINAL_COMMAND"`, or the sft
 hostd starts the container first if it is stopped.
 
 It runs under the system's /usr/bin/python3, which ordinary users can execute, with the standard
-library only: import nothing here beyond hostd.api, hostd.client, hostd.errors, runtime.errors,
-runtime.proc and runtime.ttyexec (whose helper-process part loads runtime.syscalls lazily).
+library only: import nothing here beyond hostd.api, hostd.client, hostd.errors, hostd.protocol,
+runtime.errors, runtime.proc and runtime.ttyexec (whose helper-process part loads
+runtime.syscalls lazily).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import syslog
 import termios
 import threading
 from pathlib import Path
-from typing import Any
 
 from hostd.client import USER_FIXES, connect, request
-from hostd.errors import HostdError
+from hostd.protocol import ExecArgs
+from runtime.errors import NotFound, RuntimeFailure
 from runtime.ttyexec import relay
 
 DEFAULT_SOCKET = "/run/hostd/user.sock"
@@ -59,14 +60,15 @@ def command_argv(original: str | None) -> list[str]:
     return ["/bin/sh", "-c", _SHELL_COMMAND, "hostd-login", original]
 
 
-def _user_facing(exc: HostdError) -> HostdError:
-    """hostd's fixes are written for admins; say what the user can do instead."""
-    if exc.cause.endswith(" is not a tenant"):
-        user = exc.cause.removesuffix(" is not a tenant")
-        if user == f"uid {os.getuid()}":  # hostd refuses at connect, knowing only the UID
-            with contextlib.suppress(KeyError):
-                user = pwd.getpwuid(os.getuid()).pw_name
-        return HostdError(
+def _user_facing(exc: RuntimeFailure) -> RuntimeFailure:
+    """hostd's fixes are written for admins; say what the user can do instead. On the user
+    socket, what hostd cannot find is the caller as a tenant (refused at connect, where hostd
+    knows only the UID, or by the request)."""
+    if isinstance(exc, NotFound):
+        user = f"uid {os.getuid()}"
+        with contextlib.suppress(KeyError):
+            user = pwd.getpwuid(os.getuid()).pw_name
+        return NotFound(
             f"{user} is not a tenant", f"ask an admin to make you one (`hostctl user add {user}`)"
         )
     return exc
@@ -119,12 +121,14 @@ def run(socket_path: Path, original: str | None) -> int:
     """Run the session; returns the program's exit status."""
     argv = command_argv(original)
     interactive = os.isatty(sys.stdin.fileno())
-    args: dict[str, Any] = {"argv": argv, "env": dict(os.environ)}  # hostd keeps LANG, LC_*...
+    env = dict(os.environ)  # hostd keeps LANG, LC_*...
     fds: list[int] = []
     if interactive:  # sshd allocated a pty: a pty inside, relayed
         rows, cols = _window_size(sys.stdin.fileno())
-        args.update(tty=True, rows=rows, cols=cols, term=os.environ.get("TERM") or "xterm")
+        term = os.environ.get("TERM") or "xterm"
+        args = ExecArgs(argv, env=env, tty=True, rows=rows, cols=cols, term=term)
     else:  # our own stdio: stdout and stderr stay apart and binary-safe (scp, sftp, docker)
+        args = ExecArgs(argv, env=env)
         fds = [sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno()]
 
     def progress(message: str) -> None:
@@ -138,7 +142,7 @@ def run(socket_path: Path, original: str | None) -> int:
             _exit_when_client_leaves(sys.stdout.fileno())
         try:
             result = request(chan, "exec", args, fds, progress, on_tty=_tty_session)
-        except HostdError as exc:
+        except RuntimeFailure as exc:
             raise _user_facing(exc) from None
     return int(result["exit"])
 
@@ -148,7 +152,7 @@ def main() -> int:
     socket_path = Path(os.environ.get("HOSTD_USER_SOCKET") or DEFAULT_SOCKET)
     try:
         return run(socket_path, os.environ.get("SSH_ORIGINAL_COMMAND"))
-    except HostdError as exc:
+    except RuntimeFailure as exc:
         message = str(exc)
     except OSError as exc:
         message = f"the session failed ({exc.strerror or exc}): log in again"

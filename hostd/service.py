@@ -1,4 +1,5 @@
-"""The operations behind hostd's two sockets, and who may call which.
+"""The operations behind hostd's two sockets: one handler per operation of hostd.protocol,
+and who may call which, as the protocol's table says.
 
 Admin socket: every operation. User socket: the caller (identified by SO_PEERCRED) may only
 start, inspect and enter their own container.
@@ -7,48 +8,47 @@ start, inspect and enter their own container.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import grp
 import logging
 import os
 import pwd
 import select
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hostd.api import Channel, ClientGone, Peer, check_fds, close_fds, parse_request
+from hostd import protocol as p
+from hostd.api import Channel, ClientGone, Peer, close_fds
 from hostd.errors import HostdError
 from hostd.sessions import Program, Sessions
+from hostd.state import IdRangeRecord, Tenant
 from hostd.tenants import Tenants, TenantStatus
 from hostd.units import parse_count, parse_cpus, parse_ports, parse_size
 from runtime.containers import Runtime
-from runtime.errors import RuntimeFailure
+from runtime.errors import Internal, RuntimeFailure
+from runtime.ids import RANGE_SIZE
+from runtime.images import Manifest
+from runtime.limits import Limits
 
 log = logging.getLogger(__name__)
-
-USER_OPS = ("status", "start", "exec")
-
-
-def _quota_changes(args: dict[str, Any]) -> dict[str, Any]:
-    """Parse the limit arguments present in `args` ("none" lifts a limit)."""
-    parsers: dict[str, Callable[[str], Any]] = {
-        "cpus": lambda v: parse_cpus(v, os.cpu_count() or 1),
-        "memory": lambda v: parse_size(v, "memory"),
-        "pids": lambda v: parse_count(v, "pids"),
-        "disk": lambda v: parse_size(v, "disk"),
-    }
-    return {
-        key: None if str(args[key]).lower() in ("none", "unlimited") else parse(str(args[key]))
-        for key, parse in parsers.items()
-        if args.get(key) is not None
-    }
+EVENTS_SHOWN = 20  # recent events in `user show`
 
 
-def status_dict(s: TenantStatus) -> dict[str, Any]:
-    data = asdict(s)
-    data["quota"] = asdict(s.quota)
-    return data
+@dataclass(frozen=True)
+class Call:
+    """One request being served: who asked, the fds that came with it, where replies go."""
+
+    peer: Peer
+    fds: list[int]
+    chan: Channel
+
+    def progress(self, text: str) -> None:
+        self.chan.send(p.progress_line(text))
+
+
+Handler = Callable[[Any, Call], object]
 
 
 class Service:
@@ -66,6 +66,30 @@ class Service:
         self.sessions = sessions
         # Runs after each admin request, before its reply: the daemon reloads who is a tenant.
         self.after_admin_request = after_admin_request
+        self.handlers: dict[str, Handler] = {
+            "ping": self.ping,
+            "image.recipes": self.image_recipes,
+            "image.build": self.image_build,
+            "image.import": self.image_import,
+            "image.list": self.image_list,
+            "image.remove": self.image_remove,
+            "user.add": self.user_add,
+            "user.list": self.user_list,
+            "user.show": self.user_show,
+            "user.remove": self.user_remove,
+            "user.rebase": self.user_rebase,
+            "quota.set": self.quota_set,
+            "start": self.start,
+            "stop": self.stop,
+            "restart": self.restart,
+            "status": self.status,
+            "ports.grant": self.ports_grant,
+            "ports.revoke": self.ports_revoke,
+            "ports.list": self.ports_list,
+            "ranges.list": self.ranges_list,
+            "ranges.release": self.ranges_release,
+            "exec": self.exec,
+        }
 
     def is_admin(self, peer: Peer) -> bool:
         if peer.uid == 0:
@@ -89,45 +113,41 @@ class Service:
         """Serve the request `line` (read by the daemon, with `fds`, which are closed here)
         in a worker thread; replies go to `chan`."""
         try:
-            op, args = parse_request(line)
-            check_fds(op, fds)
+            op, request = p.decode_request(line)
+            p.check_fds(op, len(fds))
             if admin_socket and not self.is_admin(peer):
                 raise HostdError(
                     f"uid {peer.uid} is not an admin", f"use sudo or join group {self.admin_group}"
                 )
             if not admin_socket:
-                args = self._as_user(peer, op, args)
-
-            def progress(msg: str) -> None:
-                chan.send({"progress": msg})
-
+                request = self._confine(peer, op, request)
             try:
-                result = self._dispatch(op, args, fds, chan, progress)
+                result = self.handlers[op.name](request, Call(peer, fds, chan))
             finally:
                 if admin_socket:
                     self.after_admin_request()
-            chan.send({"ok": True, "result": result})
-        except RuntimeFailure as exc:  # HostdError included
-            self._reply_error(chan, str(exc))
-        except (ValueError, KeyError, TypeError) as exc:
-            self._reply_error(chan, f"bad request: {exc}: see `hostctl --help`")
+            chan.send(p.ok_line(result))
         except ClientGone as exc:  # it left, or stopped reading for [api] request_timeout
             log.info("dropped a client of uid %d: %s", peer.uid, exc.strerror)
-        except Exception as exc:  # never let a bug kill the daemon; the client gets one line
+        except RuntimeFailure as exc:  # HostdError included
+            self._reply_error(chan, exc)
+        except Exception as exc:  # never let a bug kill the daemon; the details go to the log
             log.exception("request failed")
-            self._reply_error(chan, f"internal error: {exc}: see hostd's log")
+            self._reply_error(
+                chan, Internal(f"internal error ({type(exc).__name__})", "see hostd's log")
+            )
         finally:
             close_fds(fds)
 
     @staticmethod
-    def _reply_error(chan: Channel, message: str) -> None:
+    def _reply_error(chan: Channel, exc: RuntimeFailure) -> None:
         with contextlib.suppress(OSError):  # the client may be gone
-            chan.send({"ok": False, "error": message})
+            chan.send(p.error_line(exc))
 
-    def _as_user(self, peer: Peer, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    def _confine(self, peer: Peer, op: p.Op, request: Any) -> Any:
         """Restrict a user-socket request to the caller's own container."""
-        if op not in USER_OPS:
-            raise HostdError(f"{op} is for admins", "ask an admin (hostctl) to do it")
+        if p.TENANT not in op.callers:
+            raise HostdError(f"{op.name} is for admins", "ask an admin (hostctl) to do it")
         try:
             name = pwd.getpwuid(peer.uid).pw_name
         except KeyError:
@@ -138,126 +158,186 @@ class Service:
                 f"{name}'s container is being set up or removed ({tenant.phase})",
                 "try again in a minute, or ask an admin",
             )
-        args["user"] = name
-        if op == "exec":  # as their own account inside (same name, home, groups), never root
-            args["as_user"] = name
-            args["login"] = True  # the account check applies
-        return args
+        if isinstance(request, p.ExecArgs):  # as their own account inside, never root
+            return dataclasses.replace(request, user=name, as_user=name, login=True)
+        return dataclasses.replace(request, user=name)
 
-    # -- operations ------------------------------------------------------------------------
+    # -- images ----------------------------------------------------------------------------
 
-    def _dispatch(
-        self,
-        op: str,
-        args: dict[str, Any],
-        fds: list[int],
-        chan: Channel,
-        progress: Callable[[str], None],
-    ) -> Any:
-        t, rt = self.tenants, self.runtime
-        if op == "ping":
-            return {"pid": os.getpid()}
-        if op == "image.recipes":
-            return rt.images.recipe_summaries()
-        if op == "image.build":
-            return asdict(rt.images.build(args["name"], args.get("recipe"), progress))
-        if op == "image.import":
-            if len(fds) != 1:
-                raise HostdError(
-                    "image.import needs the tarball as a file descriptor",
-                    "use `hostctl image import NAME FILE`",
-                )
-            tarball = Path(f"/proc/{os.getpid()}/fd/{fds[0]}")  # readable by tar, our child
-            return asdict(
-                rt.images.import_tarball(args["name"], tarball, progress, args.get("filename"))
+    def ping(self, _: p.NoArgs, call: Call) -> p.Pong:
+        return p.Pong(os.getpid())
+
+    def image_recipes(self, _: p.NoArgs, call: Call) -> list[p.RecipeInfo]:
+        return [p.RecipeInfo(**r) for r in self.runtime.images.recipe_summaries()]
+
+    def image_build(self, req: p.ImageBuildArgs, call: Call) -> p.ImageInfo:
+        return _image(self.runtime.images.build(req.name, req.recipe, call.progress))
+
+    def image_import(self, req: p.ImageImportArgs, call: Call) -> p.ImageInfo:
+        if len(call.fds) != 1:
+            raise HostdError(
+                "image.import needs the tarball as a file descriptor",
+                "use `hostctl image import NAME FILE`",
             )
-        if op == "image.list":
-            return [asdict(m) for m in rt.images.manifests()]
-        if op == "image.remove":
-            rt.images.remove(args["name"], [Path(c.image_dir) for c in rt.containers()])
-            return {"removed": args["name"]}
-        if op == "user.add":
-            changes = _quota_changes(args)
-            quota = replace(t.config.limits, **changes)
-            tenant = t.add(args["user"], args.get("image"), quota, progress)
-            return asdict(tenant)
-        if op == "user.list":
-            return [status_dict(t.status(x.user)) for x in t.state.tenants()]
-        if op == "user.show":
-            tenant = t.get(args["user"])
-            return {
-                **asdict(tenant),
-                **status_dict(t.status(tenant.user)),
-                "events": t.state.events(tenant.user, 20),
-            }
-        if op == "user.remove":
-            t.remove(args["user"], bool(args.get("keep_data")), progress)
-            return {"removed": args["user"]}
-        if op == "user.rebase":
-            return asdict(
-                t.rebase(args["user"], args.get("image"), bool(args.get("restart")), progress)
-            )
-        if op == "quota.set":
-            changes = _quota_changes(args)
-            if not changes:
-                raise HostdError("no limit given", "pass --cpus, --memory, --pids or --disk")
-            applied = t.set_quota(args["user"], changes)
-            return {"quota": asdict(t.state.quota(args["user"])), "applied": applied}
-        if op in ("start", "restart"):
-            (t.start if op == "start" else t.restart)(args["user"], progress)
-            return {op: args["user"]}
-        if op == "stop":
-            t.stop(args["user"])
-            return {"stop": args["user"]}
-        if op == "status":
-            users = [args["user"]] if args.get("user") else [x.user for x in t.state.tenants()]
-            return [status_dict(t.status(u)) for u in users]
-        if op in ("ports.grant", "ports.revoke"):
-            first, last = parse_ports(str(args["ports"]))
-            grant = op == "ports.grant"
-            (t.grant_ports if grant else t.revoke_ports)(args["user"], first, last)
-            return {"user": args["user"], "first": first, "last": last, "granted": grant}
-        if op == "ports.list":
-            return [
-                {"first": a, "last": b, "user": u, "address": str(t.address(u))}
-                for a, b, u in t.state.port_grants()
-            ]
-        if op == "ranges.list":
-            return [asdict(r) for r in t.state.ranges()]
-        if op == "ranges.release":
-            return asdict(t.release_range(int(args["start"])))
-        if op == "exec":
-            return self._exec(args, fds, chan, progress)
-        raise HostdError(f"unknown operation {op!r}", "see `hostctl --help`")
+        tarball = Path(f"/proc/{os.getpid()}/fd/{call.fds[0]}")  # readable by tar, our child
+        images = self.runtime.images
+        return _image(images.import_tarball(req.name, tarball, call.progress, req.filename))
 
-    def _exec(
-        self, args: dict[str, Any], fds: list[int], chan: Channel, progress: Callable[[str], None]
-    ) -> dict[str, int]:
+    def image_list(self, _: p.NoArgs, call: Call) -> list[p.ImageInfo]:
+        return [_image(m) for m in self.runtime.images.manifests()]
+
+    def image_remove(self, req: p.ImageArgs, call: Call) -> p.Done:
+        self.runtime.images.remove(req.name, [Path(c.image_dir) for c in self.runtime.containers()])
+        return p.Done(req.name, "removed")
+
+    # -- tenants ---------------------------------------------------------------------------
+
+    def user_add(self, req: p.UserAddArgs, call: Call) -> p.TenantInfo:
+        quota = dataclasses.replace(self.tenants.config.limits, **_limit_changes(req))
+        return _tenant(self.tenants.add(req.user, req.image, quota, call.progress))
+
+    def user_list(self, _: p.NoArgs, call: Call) -> list[p.Status]:
+        return [_status(self.tenants.status(t.user)) for t in self.tenants.state.tenants()]
+
+    def user_show(self, req: p.UserArgs, call: Call) -> p.UserDetails:
+        t = self.tenants
+        tenant = t.get(req.user)
+        state = self.runtime.state(tenant.user)
+        return p.UserDetails(
+            tenant=_tenant(tenant),
+            status=_status(t.status(tenant.user)),
+            address=str(t.address(tenant.user)),
+            ports=[p.PortRange(a, b) for a, b, u in t.state.port_grants() if u == tenant.user],
+            image_version=Path(state.container.image_dir).name,
+            events=[p.Event(at, what) for at, _, what in t.state.events(tenant.user, EVENTS_SHOWN)],
+        )
+
+    def user_remove(self, req: p.UserRemoveArgs, call: Call) -> p.Done:
+        self.tenants.remove(req.user, req.keep_data, call.progress)
+        return p.Done(req.user, "removed")
+
+    def user_rebase(self, req: p.UserRebaseArgs, call: Call) -> p.Rebased:
+        r = self.tenants.rebase(req.user, req.image, req.restart, call.progress)
+        return p.Rebased(r.user, r.image, r.old, r.new, r.restarted, r.warning, list(r.pruned))
+
+    def quota_set(self, req: p.QuotaSetArgs, call: Call) -> p.QuotaSet:
+        changes = _limit_changes(req)
+        if not changes:
+            raise HostdError("no limit given", "pass --cpus, --memory, --pids or --disk")
+        applied = self.tenants.set_quota(req.user, changes)
+        return p.QuotaSet(_quota(self.tenants.state.quota(req.user)), applied)
+
+    def start(self, req: p.UserArgs, call: Call) -> p.Done:
+        self.tenants.start(req.user, call.progress)
+        return p.Done(req.user, "start")
+
+    def stop(self, req: p.UserArgs, call: Call) -> p.Done:
+        self.tenants.stop(req.user)
+        return p.Done(req.user, "stop")
+
+    def restart(self, req: p.UserArgs, call: Call) -> p.Done:
+        self.tenants.restart(req.user, call.progress)
+        return p.Done(req.user, "restart")
+
+    def status(self, req: p.StatusArgs, call: Call) -> list[p.Status]:
+        t = self.tenants
+        users = [req.user] if req.user else [x.user for x in t.state.tenants()]
+        return [_status(t.status(u)) for u in users]
+
+    # -- ports and ranges ------------------------------------------------------------------
+
+    def ports_grant(self, req: p.PortsArgs, call: Call) -> p.PortsChanged:
+        first, last = parse_ports(req.ports)
+        self.tenants.grant_ports(req.user, first, last)
+        return p.PortsChanged(req.user, first, last, True)
+
+    def ports_revoke(self, req: p.PortsArgs, call: Call) -> p.PortsChanged:
+        first, last = parse_ports(req.ports)
+        self.tenants.revoke_ports(req.user, first, last)
+        return p.PortsChanged(req.user, first, last, False)
+
+    def ports_list(self, _: p.NoArgs, call: Call) -> list[p.PortGrant]:
+        t = self.tenants
+        return [p.PortGrant(a, b, u, str(t.address(u))) for a, b, u in t.state.port_grants()]
+
+    def ranges_list(self, _: p.NoArgs, call: Call) -> list[p.RangeInfo]:
+        return [_range(r) for r in self.tenants.state.ranges()]
+
+    def ranges_release(self, req: p.RangeArgs, call: Call) -> p.RangeInfo:
+        return _range(self.tenants.release_range(req.start))
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def exec(self, req: p.ExecArgs, call: Call) -> p.Exited:
         """Run a command inside: on the caller's own stdio (3 fds) or on a pty sent back."""
-        user, argv = args["user"], [str(a) for a in args["argv"]]
-        if not argv:
+        if not req.argv:
             raise HostdError("no command given", "add one after `--`")
-        tty = bool(args.get("tty"))
-        if not tty and len(fds) != 3:
+        if not req.tty and len(call.fds) != 3:
             raise HostdError("exec needs stdin, stdout and stderr", "use hostctl exec")
-        given = args.get("env") or {}
-        if not isinstance(given, dict):
-            raise HostdError("env must be an object", "use hostctl exec or hostd-login")
-        with self.sessions.slot(user):
-            session = self.sessions.prepare(
-                user, str(args.get("as_user") or "root"), bool(args.get("login")), progress
-            )
-            env = session.env(given, (args.get("term") or "") if tty else None)
+        with self.sessions.slot(req.user):
+            session = self.sessions.prepare(req.user, req.as_user, req.login, call.progress)
+            env = session.env(req.env, req.term if req.tty else None)
             program: Program
-            if tty:
-                rows, cols = int(args.get("rows", 24)), int(args.get("cols", 80))
-                program = self.sessions.spawn_tty(session, argv, env, rows, cols)
+            if req.tty:
+                program = self.sessions.spawn_tty(session, req.argv, env, req.rows, req.cols)
                 with contextlib.suppress(OSError):  # if the client is gone, it is hung up below
-                    chan.send({"tty": True}, [program.master])
+                    call.chan.send(p.TTY_LINE, [program.master])
                 program.close_master()
             else:
-                program = self.sessions.spawn_pipes(session, argv, env, fds)
-            return {"exit": _wait_or_hangup(chan, program)}
+                program = self.sessions.spawn_pipes(session, req.argv, env, call.fds)
+            return p.Exited(_wait_or_hangup(call.chan, program))
+
+
+def _limit_changes(req: p.LimitArgs) -> dict[str, Any]:
+    """The limits given in `req`, parsed ("none" or "unlimited" lifts a limit)."""
+    parsers: dict[str, Callable[[str], Any]] = {
+        "cpus": lambda v: parse_cpus(v, os.cpu_count() or 1),
+        "memory": lambda v: parse_size(v, "memory"),
+        "pids": lambda v: parse_count(v, "pids"),
+        "disk": lambda v: parse_size(v, "disk"),
+    }
+    given = {key: getattr(req, key) for key in parsers if getattr(req, key) is not None}
+    return {
+        key: None if text.lower() in ("none", "unlimited") else parsers[key](text)
+        for key, text in given.items()
+    }
+
+
+def _image(m: Manifest) -> p.ImageInfo:
+    return p.ImageInfo(m.name, m.version, m.created, m.source, m.size, list(m.packages))
+
+
+def _quota(q: Limits) -> p.Quota:
+    cpus = None if q.cpus is None else round(q.cpus, 2)
+    return p.Quota(cpus, q.memory, q.pids, q.disk)
+
+
+def _tenant(t: Tenant) -> p.TenantInfo:
+    end = t.range_start + RANGE_SIZE - 1
+    return p.TenantInfo(
+        t.user, t.uid, t.gid, t.home, t.range_start, end, t.image, t.phase, t.desired, t.created
+    )
+
+
+def _status(s: TenantStatus) -> p.Status:
+    """Numbers as people read them: uptime to 0.1 s, CPU time to 0.01 s."""
+    return p.Status(
+        user=s.user,
+        state=s.state,
+        uptime=None if s.uptime is None else round(s.uptime, 1),
+        memory=s.memory,
+        cpu_seconds=None if s.cpu_seconds is None else round(s.cpu_seconds, 2),
+        pids=s.pids,
+        disk=s.disk,
+        quota=_quota(s.quota),
+        range_start=s.range_start,
+        range_end=s.range_start + RANGE_SIZE - 1,
+        image=s.image,
+    )
+
+
+def _range(r: IdRangeRecord) -> p.RangeInfo:
+    return p.RangeInfo(r.start, r.start + RANGE_SIZE - 1, r.user, r.status, r.since)
 
 
 def _wait_or_hangup(chan: Channel, program: Program) -> int:

@@ -15,48 +15,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from runtime.containers import Runtime
 from runtime.errors import RuntimeFailure
 from runtime.execs import ExecSpec
 from runtime.ids import IdRange
+from runtime.output import add_image_commands, print_json, print_recipes, print_table
 from runtime.settings import RootfsMode, Settings
 from runtime.ttyexec import relay
-
-
-def add_image_commands(img: Any) -> None:
-    """`image build|import|list|remove` and their arguments (hostctl has the same)."""
-    b = img.add_parser(
-        "build", help="build an image from its recipe (debootstrap); no NAME: list the recipes"
-    )
-    b.add_argument("name", nargs="?", help="image to build, e.g. default, debian12")
-    b.add_argument("--recipe", help="recipe directory name (default: the image name)")
-    i = img.add_parser("import", help="import a root filesystem tarball")
-    i.add_argument("name")
-    i.add_argument("tarball", type=Path)
-    img.add_parser("list")
-    r = img.add_parser("remove")
-    r.add_argument("name")
-
-
-def print_recipes(as_json: bool, recipes: list[dict[str, Any]]) -> None:
-    """The recipes `image build NAME` can build, and which are built."""
-    print_table(
-        as_json,
-        recipes,
-        ("RECIPE", "DESCRIPTION", "BUILT"),
-        [
-            (
-                r["recipe"],
-                (f"= {r['alias_of']}: " if r["alias_of"] else "") + r["description"],
-                r["built"] or "-",
-            )
-            for r in recipes
-        ],
-    )
-    if not as_json:
-        print("build one with: image build NAME", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -194,19 +160,10 @@ def _dispatch(rt: Runtime, args: argparse.Namespace) -> int:
 
 
 def _out(args: argparse.Namespace, data: object, text: str) -> None:
-    print(json.dumps(data, indent=1) if args.json else text)
-
-
-def print_table(
-    as_json: bool, data: object, head: Sequence[str], rows: Sequence[Sequence[str]]
-) -> None:
-    """Aligned columns for people, or `data` as JSON with --json (shared with hostctl)."""
-    if as_json:
-        print(json.dumps(data, indent=1))
-        return
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    for r in [head, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    if args.json:
+        print_json(data)
+    else:
+        print(text)
 
 
 if __name__ == "__main__":

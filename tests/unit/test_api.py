@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from hostd.api import FDS_PER_OP, MAX_FDS, Channel, check_fds, error_line, parse_request
+from hostd.api import Channel
 from hostd.apiserver import Door, Refused, Request, Workers, read_request
 from hostd.client import request
 from hostd.config import ApiSettings, load
 from hostd.errors import HostdError
+from hostd.protocol import MAX_FDS, error_line
+from runtime.errors import Busy, NotFound
 from tests.hostd_harness import wait_for
 
 
@@ -94,25 +96,6 @@ def test_a_long_request_is_refused_after_reading_at_most_the_cap(
     assert sent - left <= 4097  # hostd read no more than the cap and one byte
 
 
-def test_parse_request() -> None:
-    assert parse_request(b'{"op": "status", "args": {"user": "a"}}') == ("status", {"user": "a"})
-    assert parse_request(b'{"op": "ping"}') == ("ping", {})
-    for bad in (b"[1]", b'{"op": "x", "args": [1]}', b"{", b"[" * 100000):
-        with pytest.raises(ValueError):
-            parse_request(bad)
-
-
-def test_fds_per_operation() -> None:
-    check_fds("exec", [0, 1, 2])
-    check_fds("exec", [])  # a pty session sends none
-    check_fds("image.import", [5])
-    with pytest.raises(HostdError, match="status takes at most 0 file descriptors, got 1"):
-        check_fds("status", [0])
-    with pytest.raises(HostdError, match="image.import takes at most 1"):
-        check_fds("image.import", [5, 6])
-    assert max(FDS_PER_OP.values()) == MAX_FDS
-
-
 def test_workers_are_bounded_refuse_when_busy_and_are_reused() -> None:
     pool = Workers(2, "workers")
     release = threading.Event()
@@ -154,24 +137,24 @@ def test_connection_caps_name_their_setting() -> None:
     assert door.refusal(1000) is None
     door.enter(1000)
     refusal = door.refusal(1000)
-    assert refusal is not None and "[api] max_connections_per_user" in refusal
-    assert "uid 1000 has 2 connections" in refusal
+    assert isinstance(refusal, Busy) and "[api] max_connections_per_user" in refusal.cause
+    assert "uid 1000 has 2 connections" in refusal.cause
     door.enter(1001)
     refusal = door.refusal(1002)
-    assert refusal is not None and "has 3 connections ([api] max_connections)" in refusal
+    assert refusal is not None and "has 3 connections ([api] max_connections)" in refusal.cause
     for uid in (1000, 1000, 1001):
         door.leave(uid)
     assert door.open == 0 and not door.per_uid and door.refusal(1000) is None
-    assert "([api] workers)" in door.busy()
+    assert isinstance(door.busy(), Busy) and "([api] workers)" in door.busy().cause
 
 
 def test_the_client_reads_a_refusal_sent_before_its_request(
     pair: tuple[socket.socket, ...],
 ) -> None:
     server, client = pair
-    server.send(error_line("uid 5 has no container here: ask an admin"))
+    server.send(error_line(NotFound("uid 5 has no container here", "ask an admin")))
     server.close()  # before the client sends: its send fails with EPIPE
-    with pytest.raises(HostdError) as info:
+    with pytest.raises(NotFound) as info:
         request(Channel(client), "status")
     assert (info.value.cause, info.value.fix) == ("uid 5 has no container here", "ask an admin")
 

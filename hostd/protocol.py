@@ -1,0 +1,466 @@
+"""hostd's socket protocol as data: every operation with its request and reply types, who may
+call it and how many file descriptors it takes, and errors that travel as codes.
+
+Messages are JSON lines. A client sends `{"op": NAME, "args": {...}}`; the server answers with
+zero or more `{"progress": TEXT}` lines, possibly `{"tty": true}` carrying a pty master, and one
+final `{"ok": true, "result": ...}` or `{"ok": false, "error": {"code", "cause", "fix"}}`. The
+client raises `ERROR_CODES[code](cause, fix)`: no error is ever parsed back from text.
+
+The login hook imports this module under the system's python3: standard library and
+runtime.errors only, and nothing slow to import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from runtime.errors import ERROR_CODES, Internal, RuntimeFailure
+
+ADMIN = "admin"  # the admin socket: root and members of the admin group
+TENANT = "tenant"  # the user socket: a tenant, confined to their own container
+T = TypeVar("T")
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoArgs:
+    pass
+
+
+@dataclass(frozen=True)
+class UserArgs:
+    user: str
+
+
+@dataclass(frozen=True)
+class StatusArgs:
+    user: str | None = None  # None: every tenant (a tenant's own on the user socket)
+
+
+@dataclass(frozen=True)
+class ImageArgs:
+    name: str
+
+
+@dataclass(frozen=True)
+class ImageBuildArgs:
+    name: str
+    recipe: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageImportArgs:
+    name: str  # the tarball comes as the one file descriptor
+    filename: str | None = None  # where it came from, for the manifest
+
+
+@dataclass(frozen=True)
+class LimitArgs:
+    """Limits as admins write them ("1.5", "2G", "none" lifts one); None leaves one as is."""
+
+    cpus: str | None = None
+    memory: str | None = None
+    pids: str | None = None
+    disk: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class UserAddArgs(LimitArgs):
+    user: str
+    image: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuotaSetArgs(LimitArgs):
+    user: str
+
+
+@dataclass(frozen=True)
+class UserRemoveArgs:
+    user: str
+    keep_data: bool = False
+
+
+@dataclass(frozen=True)
+class UserRebaseArgs:
+    user: str
+    image: str | None = None  # None: the tenant's own image
+    restart: bool = False
+
+
+@dataclass(frozen=True)
+class PortsArgs:
+    user: str
+    ports: str  # PORT or FIRST-LAST
+
+
+@dataclass(frozen=True)
+class RangeArgs:
+    start: int
+
+
+@dataclass(frozen=True)
+class ExecArgs:
+    """A command inside: on the caller's stdio (3 fds), or on a pty sent back (`tty`)."""
+
+    argv: list[str]
+    user: str = ""  # the tenant (the caller, on the user socket)
+    as_user: str = "root"  # the account inside (the caller's own, on the user socket)
+    login: bool = False  # a login: the account check applies
+    tty: bool = False
+    rows: int = 24
+    cols: int = 80
+    term: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # filtered by hostd (sessions.client_env)
+
+
+# -- replies -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pong:
+    pid: int
+
+
+@dataclass(frozen=True)
+class RecipeInfo:
+    recipe: str
+    alias_of: str | None
+    description: str
+    suite: str
+    built: str | None  # the version of the image of that name, if built
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    name: str
+    version: str
+    created: str
+    source: str
+    size: int
+    packages: list[str]
+
+
+@dataclass(frozen=True)
+class Quota:
+    cpus: float | None
+    memory: int | None
+    pids: int | None
+    disk: int | None
+
+
+@dataclass(frozen=True)
+class TenantInfo:
+    user: str
+    uid: int
+    gid: int
+    home: str
+    range_start: int
+    range_end: int
+    image: str
+    phase: str
+    desired: str
+    created: str
+
+
+@dataclass(frozen=True)
+class Status:
+    user: str
+    state: str
+    uptime: float | None  # seconds, to 0.1
+    memory: int | None
+    cpu_seconds: float | None  # to 0.01
+    pids: int | None
+    disk: int
+    quota: Quota
+    range_start: int
+    range_end: int
+    image: str
+
+
+@dataclass(frozen=True)
+class PortRange:
+    first: int
+    last: int
+
+
+@dataclass(frozen=True)
+class Event:
+    at: str
+    what: str
+
+
+@dataclass(frozen=True)
+class UserDetails:
+    tenant: TenantInfo
+    status: Status
+    address: str
+    ports: list[PortRange]
+    image_version: str  # the image directory it runs, e.g. default@20261130T101010-a1b2c3
+    events: list[Event]
+
+
+@dataclass(frozen=True)
+class Done:
+    """An operation on a tenant or an image that has nothing else to say."""
+
+    name: str
+    done: str  # what: removed, start, stop, restart
+
+
+@dataclass(frozen=True)
+class Rebased:
+    user: str
+    image: str
+    old: str
+    new: str
+    restarted: bool
+    warning: str | None
+    pruned: list[str]
+
+
+@dataclass(frozen=True)
+class QuotaSet:
+    quota: Quota
+    applied: dict[str, str]  # limit -> "now" or "at next start"
+
+
+@dataclass(frozen=True)
+class PortsChanged:
+    user: str
+    first: int
+    last: int
+    granted: bool
+
+
+@dataclass(frozen=True)
+class PortGrant:
+    first: int
+    last: int
+    user: str
+    address: str
+
+
+@dataclass(frozen=True)
+class RangeInfo:
+    start: int
+    end: int
+    user: str
+    status: str  # active | kept | quarantined
+    since: str
+
+
+@dataclass(frozen=True)
+class Exited:
+    exit: int
+
+
+# -- operations ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    request: type[Any]
+    reply: Any  # a reply dataclass, or list[...] of one
+    callers: frozenset[str] = frozenset({ADMIN})
+    fds: int = 0  # file descriptors it takes at most
+
+
+_BOTH = frozenset({ADMIN, TENANT})
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        Op("ping", NoArgs, Pong),
+        Op("image.recipes", NoArgs, list[RecipeInfo]),
+        Op("image.build", ImageBuildArgs, ImageInfo),
+        Op("image.import", ImageImportArgs, ImageInfo, fds=1),
+        Op("image.list", NoArgs, list[ImageInfo]),
+        Op("image.remove", ImageArgs, Done),
+        Op("user.add", UserAddArgs, TenantInfo),
+        Op("user.list", NoArgs, list[Status]),
+        Op("user.show", UserArgs, UserDetails),
+        Op("user.remove", UserRemoveArgs, Done),
+        Op("user.rebase", UserRebaseArgs, Rebased),
+        Op("quota.set", QuotaSetArgs, QuotaSet),
+        Op("start", UserArgs, Done, _BOTH),
+        Op("stop", UserArgs, Done),
+        Op("restart", UserArgs, Done),
+        Op("status", StatusArgs, list[Status], _BOTH),
+        Op("ports.grant", PortsArgs, PortsChanged),
+        Op("ports.revoke", PortsArgs, PortsChanged),
+        Op("ports.list", NoArgs, list[PortGrant]),
+        Op("ranges.list", NoArgs, list[RangeInfo]),
+        Op("ranges.release", RangeArgs, RangeInfo),
+        Op("exec", ExecArgs, Exited, _BOTH, fds=3),  # the caller's stdio; none for a pty
+    )
+}
+MAX_FDS = max(op.fds for op in OPS.values())
+MAX_REPLY = 1 << 20  # a reply line a client accepts (a status of every tenant fits)
+
+
+def op_named(name: object) -> Op:
+    if not isinstance(name, str) or name not in OPS:
+        raise RuntimeFailure(f"unknown operation {str(name)[:64]!r}", "see `hostctl --help`")
+    return OPS[name]
+
+
+def check_fds(op: Op, count: int) -> None:
+    """Refuse file descriptors the operation does not take (the caller closes them)."""
+    if count > op.fds:
+        raise RuntimeFailure(
+            f"{op.name} takes at most {op.fds} file descriptors, got {count}",
+            "send only the ones hostctl sends",
+        )
+
+
+# -- encoding ------------------------------------------------------------------------------
+
+
+def encode_request(op: str, args: object = None) -> bytes:
+    """A request line; `args` is the op's request dataclass (checked as the server would)."""
+    spec = op_named(op)
+    data = to_json(args) if args is not None else {}
+    decode(spec.request, data)  # a mistake is ours: say so before hostd does
+    return _line({"op": op, "args": data})
+
+
+def decode_request(line: bytes) -> tuple[Op, Any]:
+    """The operation and its request dataclass; RuntimeFailure (invalid) naming what is wrong."""
+    try:
+        message = json.loads(line)
+    except RecursionError:  # deeply nested JSON: the decoder gives up, so do we
+        raise _bad("request nested too deeply") from None
+    except ValueError as exc:
+        raise _bad(f"not JSON ({exc})") from None
+    if not isinstance(message, dict) or set(message) - {"op", "args"}:
+        raise _bad('a request is {"op": NAME, "args": {...}}')
+    op = op_named(message.get("op"))
+    return op, decode(op.request, message.get("args", {}))
+
+
+def ok_line(result: object) -> bytes:
+    return _line({"ok": True, "result": to_json(result)})
+
+
+def progress_line(text: str) -> bytes:
+    return _line({"progress": text})
+
+
+TTY_LINE = b'{"tty": true}\n'  # sent with the pty master of an exec
+
+
+def error_line(exc: RuntimeFailure) -> bytes:
+    error = {"code": exc.code, "cause": exc.cause, "fix": exc.fix}
+    return _line({"ok": False, "error": error})
+
+
+def error_of(data: object) -> RuntimeFailure:
+    """The exception an error reply stands for (Internal if it is not one)."""
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), str) for k in ("code", "cause", "fix")
+    ):
+        return Internal(f"hostd sent a malformed error: {str(data)[:200]}", "see hostd's log")
+    return ERROR_CODES.get(data["code"], Internal)(data["cause"], data["fix"])
+
+
+def decode_reply(op: str, data: object) -> Any:
+    """A result as the op's reply type; Internal if hostd answered something else."""
+    kind = OPS[op].reply
+    try:
+        if typing.get_origin(kind) is list:
+            return _convert(data, kind, "result")
+        return decode(kind, data)
+    except RuntimeFailure as exc:
+        raise Internal(
+            f"hostd's reply to {op} does not fit this client ({exc.cause})",
+            "install hostd and hostctl from the same version",
+        ) from None
+
+
+def _line(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
+def _bad(what: str) -> RuntimeFailure:
+    return RuntimeFailure(f"bad request: {what}", "see `hostctl --help`")
+
+
+def to_json(value: object) -> Any:
+    """Dataclasses (and lists of them) as JSON data."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    return value
+
+
+def decode(kind: type[T], data: object, where: str = "") -> T:
+    """`data` (from JSON) as the dataclass `kind`, checking every field's name and type."""
+    if not isinstance(data, dict):
+        raise _bad(f"{_field(where.rstrip('.'))} must be an object")
+    hints = _hints(kind)
+    unknown = sorted(str(k) for k in data if k not in hints)
+    if unknown:
+        raise _bad(f"unknown {_field(where + unknown[0][:64])}")
+    values = {}
+    for f in dataclasses.fields(kind):  # type: ignore[arg-type]
+        name = where + f.name
+        if f.name in data:
+            values[f.name] = _convert(data[f.name], hints[f.name], name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise _bad(f"{_field(name)} is missing")
+    return kind(**values)
+
+
+def _field(name: str) -> str:
+    return f"field {name!r}" if name else "the arguments"
+
+
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+
+
+def _hints(kind: type[Any]) -> dict[str, Any]:
+    if kind not in _HINTS:
+        _HINTS[kind] = typing.get_type_hints(kind)
+    return _HINTS[kind]
+
+
+_SCALARS: dict[Any, tuple[tuple[type, ...], str]] = {
+    str: ((str,), "a string"),
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    bool: ((bool,), "true or false"),
+}
+
+
+def _convert(value: object, kind: Any, name: str) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (kind,) = (a for a in args if a is not type(None))
+        return _convert(value, kind, name)
+    if kind in _SCALARS:
+        types_, what = _SCALARS[kind]
+        if not isinstance(value, types_) or (kind is not bool and isinstance(value, bool)):
+            raise _bad(f"{_field(name)} must be {what}")
+        return float(value) if kind is float else value  # type: ignore[arg-type]
+    if origin is list:
+        if not isinstance(value, list):
+            raise _bad(f"{_field(name)} must be a list")
+        return [_convert(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _bad(f"{_field(name)} must be an object")
+        return {k: _convert(v, args[1], f"{name}.{k}"[:128]) for k, v in value.items()}
+    if dataclasses.is_dataclass(kind):
+        return decode(kind, value, f"{name}.")  # type: ignore[arg-type]
+    raise TypeError(f"no decoder for {kind!r}")  # a protocol definition the decoder lacks

@@ -1,34 +1,60 @@
-"""`hostctl`: the admin's tool. Talks to hostd's admin socket; `doctor` works without it."""
+"""`hostctl`: the admin's tool. A thin client of hostd's admin socket; `doctor` works without it."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hostd import config as config_mod
-from hostd import doctor
-from hostd.client import call
-from hostd.errors import HostdError
-from hostd.units import format_size, human_size
-from runtime.cli import add_image_commands, print_recipes, print_table
 from runtime.errors import RuntimeFailure
-from runtime.ids import RANGE_SIZE
-from runtime.ttyexec import relay
+from runtime.output import add_image_commands
 
-LIMIT_FLAGS = ("cpus", "memory", "pids", "disk")
+USERS_GROUP = "hostd-users"  # offered by shell completion where a tenant's name goes
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hostctl", description=__doc__)
-    p.add_argument("--config", type=Path, default=config_mod.MAIN)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that remembers its options, positionals and subcommands (for shell
+    completion), and takes --json wherever it is put."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.options: list[str] = []
+        self.positionals: list[str] = []
+        self.commands: dict[str, Parser] = {}
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+        )
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.options += action.option_strings
+        if not action.option_strings:
+            self.positionals.append(action.dest)
+        return action
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        action = super().add_subparsers(**kwargs)
+        self.commands = action.choices  # filled as subcommands are added
+        return action
+
+
+class _Version(argparse.Action):
+    """--version: the package's, read only when asked for (importlib.metadata is slow)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from importlib.metadata import version
+
+        print(f"hostctl {version('hostd')}")
+        parser.exit()
+
+
+def _parser() -> Parser:
+    p = Parser(prog="hostctl", description=__doc__)
+    p.set_defaults(json=False)
+    p.add_argument("--config", type=Path, help="hostd's configuration (/etc/hostd/hostd.toml)")
+    p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def limits(sp: argparse.ArgumentParser) -> None:
@@ -48,19 +74,18 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("user")
     a.add_argument("--image")
     limits(a)
-    user.add_parser("list")
-    s = user.add_parser("show")
-    s.add_argument("user")
+    user.add_parser("list", help="every tenant, its state and usage")
+    user.add_parser("show", help="one tenant in detail").add_argument("user")
     rb = user.add_parser("rebase", help="move a tenant to the current version of an image")
     rb.add_argument("user")
     rb.add_argument("image", nargs="?", help="default: the tenant's own image")
     rb.add_argument("--restart", action="store_true", help="stop and start it if running")
-    rm = user.add_parser("remove")
+    rm = user.add_parser("remove", help="remove a tenant and its container")
     rm.add_argument("user")
     rm.add_argument("--keep-data", action="store_true", help="keep the container and its IDs")
 
     quota = sub.add_parser("quota", help="limits").add_subparsers(dest="sub", required=True)
-    q = quota.add_parser("set")
+    q = quota.add_parser("set", help="change a tenant's limits")
     q.add_argument("user")
     limits(q)
 
@@ -71,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         pg = ports.add_parser(verb, help=f"{verb} host ports (PORT or FIRST-LAST)")
         pg.add_argument("user")
         pg.add_argument("ports")
-    ports.add_parser("list")
+    ports.add_parser("list", help="every grant")
 
     ranges = sub.add_parser("ranges", help="subordinate ID ranges: whose, and quarantined ones")
     ranges_sub = ranges.add_subparsers(dest="sub")  # none: list
@@ -93,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("-n", "--lines", type=int, default=100)
     lg.add_argument("-f", "--follow", action="store_true")
     sub.add_parser("doctor", help="check the host")
+    comp = sub.add_parser("completion", help="print a shell completion script")
+    comp.add_argument("shell", choices=("bash",))
     return p
 
 
@@ -102,11 +129,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in words:  # everything after `--` is the command to exec, options included
         cut = words.index("--")
         words, command = words[:cut], words[cut + 1 :]
-    args = _parser().parse_args(words)
+    parser = _parser()
+    args = parser.parse_args(words)
     if args.cmd == "exec":
         args.command = [*args.command, *command]
+    if args.cmd == "completion":
+        print(completion_bash(parser), end="")
+        return 0
+    from hostd import ctl  # the protocol and the client: not for --help or usage errors
+
     try:
-        return _run(args)
+        return ctl.run(args)
     except RuntimeFailure as exc:
         print(f"hostctl: {exc}", file=sys.stderr)
         return 1
@@ -114,242 +147,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.cmd == "doctor":
-        cfg = config_mod.load(args.config)
-        checks = doctor.run(cfg)
-        print_table(
-            args.json,
-            [c._asdict() for c in checks],
-            ("CHECK", "STATUS", "DETAIL"),
-            [(c.name, "ok" if c.ok else "FIX", c.detail) for c in checks],
-        )
-        return 0 if all(c.ok for c in checks) else 1
-    sock = config_mod.load(args.config).paths.admin_socket
+def completion_bash(parser: Parser) -> str:
+    """A bash completion script for the commands and options of `parser`, and tenants'
+    names (members of hostd-users) where a user goes."""
+    words: list[str] = []
+    users: list[str] = []
 
-    def progress(msg: str) -> None:
-        if not args.json:
-            print(f"... {msg}", file=sys.stderr, flush=True)
+    def walk(node: Parser, path: str) -> None:
+        words.append(f'        ["{path}"]="{" ".join([*node.commands, *node.options])}"')
+        if "user" in node.positionals:
+            users.append(f'        ["{path}"]=1')
+        for name, child in node.commands.items():
+            walk(child, f"{path} {name}")
 
-    def rpc(op: str, **kw: Any) -> Any:
-        return call(sock, op, kw, progress=progress)
-
-    if args.cmd == "image":
-        if args.sub == "build" and args.name is None:
-            print_recipes(args.json, rpc("image.recipes"))
-        elif args.sub == "build":
-            m = rpc("image.build", name=args.name, recipe=args.recipe)
-            _print(args, m, f"built {m['name']}@{m['version']} ({format_size(m['size'])})")
-        elif args.sub == "import":
-            with open(args.tarball, "rb") as f:
-                request = {"name": args.name, "filename": str(args.tarball.resolve())}
-                m = call(sock, "image.import", request, [f.fileno()], progress)
-            _print(args, m, f"imported {m['name']}@{m['version']} ({format_size(m['size'])})")
-        elif args.sub == "list":
-            ms = rpc("image.list")
-            print_table(
-                args.json,
-                ms,
-                ("NAME", "VERSION", "SIZE", "PACKAGES", "CREATED"),
-                [
-                    (
-                        m["name"],
-                        m["version"],
-                        format_size(m["size"]),
-                        str(len(m["packages"])),
-                        m["created"],
-                    )
-                    for m in ms
-                ],
-            )
-        else:
-            _print(args, rpc("image.remove", name=args.name), f"removed image {args.name}")
-    elif args.cmd == "user":
-        if args.sub == "add":
-            t = rpc("user.add", user=args.user, image=args.image, **_limits(args))
-            _print(
-                args,
-                t,
-                f"added {t['user']}: IDs {t['range_start']}-"
-                f"{t['range_start'] + 65535}, image {t['image']}",
-            )
-        elif args.sub == "list":
-            _status_table(args, rpc("user.list"))
-        elif args.sub == "show":
-            info = rpc("user.show", user=args.user)
-            if args.json:
-                _print(args, info, "")
-            else:
-                _show(info)
-        elif args.sub == "rebase":
-            _rebased(
-                args, rpc("user.rebase", user=args.user, image=args.image, restart=args.restart)
-            )
-        else:
-            rpc("user.remove", user=args.user, keep_data=args.keep_data)
-            _print(
-                args,
-                {"removed": args.user},
-                f"removed {args.user}" + (" (data kept)" if args.keep_data else ""),
-            )
-    elif args.cmd == "quota":
-        res = rpc("quota.set", user=args.user, **_limits(args))
-        when = ", ".join(f"{k} {v}" for k, v in res["applied"].items())
-        _print(args, res, f"quota of {args.user}: {_quota_text(res['quota'])} (applied: {when})")
-    elif args.cmd == "ports":
-        if args.sub == "list":
-            grants = rpc("ports.list")
-            rows = [
-                (
-                    f"{g['first']}-{g['last']}" if g["first"] != g["last"] else str(g["first"]),
-                    g["user"],
-                    g["address"],
-                )
-                for g in grants
-            ]
-            print_table(args.json, grants, ("PORTS", "USER", "ADDRESS"), rows)
-        else:
-            res = rpc(f"ports.{args.sub}", user=args.user, ports=args.ports)
-            verb = "granted to" if res["granted"] else "revoked from"
-            _print(args, res, f"ports {res['first']}-{res['last']} {verb} {args.user}")
-    elif args.cmd == "ranges":
-        if args.sub == "release":
-            r = rpc("ranges.release", start=args.start)
-            ids = f"{r['start']}-{r['start'] + RANGE_SIZE - 1}"
-            _print(
-                args,
-                r,
-                f"released IDs {ids} (formerly {r['user']}'s, quarantined since "
-                f"{r['since']}): new tenants may get them",
-            )
-        else:
-            rs = rpc("ranges.list")
-            print_table(
-                args.json,
-                rs,
-                ("START", "COUNT", "USER", "STATUS", "SINCE"),
-                [
-                    (str(r["start"]), str(RANGE_SIZE), r["user"], r["status"], r["since"])
-                    for r in rs
-                ],
-            )
-    elif args.cmd in ("start", "stop", "restart"):
-        _print(args, rpc(args.cmd, user=args.user), f"{args.cmd}: {args.user} done")
-    elif args.cmd == "status":
-        _status_table(args, rpc("status", user=args.user))
-    elif args.cmd == "exec":
-        return _exec(sock, args.user, args.command, args.as_user, args.tty, progress)
-    elif args.cmd == "logs":
-        cmd = ["journalctl", "--no-pager", "-n", str(args.lines)] + (["-f"] if args.follow else [])
-        return _exec(sock, args.user, cmd, "root", False, progress)
-    return 0
-
-
-def _exec(sock: Path, user: str, command: list[str], as_user: str, tty: bool, progress: Any) -> int:
-    if not command:
-        raise HostdError("no command given", "add one after `--`")
-    args: dict[str, Any] = {"user": user, "argv": command, "as_user": as_user}
-    if tty:
-        size = shutil.get_terminal_size()
-        args.update(
-            tty=True, rows=size.lines, cols=size.columns, term=os.environ.get("TERM", "xterm")
-        )
-
-        def session(master: int) -> None:
-            try:
-                relay(master)
-            finally:
-                os.close(master)
-
-        result = call(sock, "exec", args, progress=progress, on_tty=session)
-    else:
-        fds = [sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno()]
-        result = call(sock, "exec", args, fds, progress)
-    return int(result["exit"])
-
-
-def _rebased(args: argparse.Namespace, r: dict[str, Any]) -> None:
-    if r["old"] == r["new"]:
-        _print(args, r, f"{r['user']} is already on {r['new']}: nothing to do")
-        return
-    how = " (restarted)" if r["restarted"] else ""
-    pruned = f"; pruned {', '.join(r['pruned'])}" if r["pruned"] else ""
-    _print(args, r, f"rebased {r['user']} from {r['old']} to {r['new']}{how}{pruned}")
-    if not args.json:
-        print(f"hostctl: warning: {r['warning']}", file=sys.stderr)
-
-
-def _limits(args: argparse.Namespace) -> dict[str, str]:
-    return {k: getattr(args, k) for k in LIMIT_FLAGS if getattr(args, k) is not None}
-
-
-def _quota_text(q: dict[str, Any]) -> str:
-    parts = [f"cpus={q['cpus'] if q['cpus'] is not None else 'unlimited'}"]
-    for key in ("memory", "disk"):
-        parts.append(f"{key}={format_size(q[key]) if q[key] is not None else 'unlimited'}")
-    parts.append(f"pids={q['pids'] if q['pids'] is not None else 'unlimited'}")
-    return " ".join(parts)
-
-
-def _used(value: Any, limit: Any, fmt: Any = str) -> str:
-    used = "-" if value is None else fmt(value)
-    return used if limit is None else f"{used}/{fmt(limit)}"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    return (
-        f"{s // 86400}d{s % 86400 // 3600}h"
-        if s >= 86400
-        else time.strftime("%H:%M:%S", time.gmtime(s))
+    walk(parser, parser.prog)
+    return _BASH.format(
+        words="\n".join(words), users="\n".join(users), group=USERS_GROUP, prog=parser.prog
     )
 
 
-def _status_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    print_table(
-        args.json,
-        rows,
-        ("USER", "STATE", "UPTIME", "MEMORY", "CPU", "PIDS", "DISK"),
-        [
-            (
-                r["user"],
-                r["state"],
-                _duration(r["uptime"]),
-                _used(r["memory"], r["quota"]["memory"], human_size),
-                _used(
-                    None if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.1f}s",
-                    None if r["quota"]["cpus"] is None else f"{r['quota']['cpus']} cpus",
-                ),
-                _used(r["pids"], r["quota"]["pids"]),
-                _used(r["disk"], r["quota"]["disk"], human_size),
-            )
-            for r in rows
-        ],
+_BASH = """\
+# bash completion for {prog}; generated by `{prog} completion bash`
+_{prog}() {{
+    local cur=${{COMP_WORDS[COMP_CWORD]}} path={prog} word i candidates
+    local -A words=(
+{words}
     )
-
-
-def _show(info: dict[str, Any]) -> None:
-    fields = [
-        ("user", info["user"]),
-        ("uid", info["uid"]),
-        ("home", info["home"]),
-        ("image", info["image"]),
-        ("ids", f"{info['range_start']}-{info['range_start'] + 65535}"),
-        ("state", info["state"]),
-        ("uptime", _duration(info["uptime"])),
-        ("quota", _quota_text(info["quota"])),
-        ("created", info["created"]),
-    ]
-    for key, value in fields:
-        print(f"{key + ':':9} {value}")
-    for at, _, what in info["events"]:
-        print(f"{'event:':9} {at} {what}")
-
-
-def _print(args: argparse.Namespace, data: Any, text: str) -> None:
-    print(json.dumps(data, indent=1) if args.json else text)
+    local -A users=(
+{users}
+    )
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        word=${{COMP_WORDS[i]}}
+        [[ $word == -- ]] && return 0
+        if [[ -n ${{words["$path $word"]+set}} ]]; then
+            path="$path $word"
+        fi
+    done
+    candidates=${{words[$path]}}
+    if [[ $cur != -* && -n ${{users[$path]+set}} ]]; then
+        candidates+=" $(getent group {group} | cut -d: -f4 | tr , ' ')"
+    fi
+    mapfile -t COMPREPLY < <(compgen -W "$candidates" -- "$cur")
+}}
+complete -o bashdefault -o default -F _{prog} {prog}
+"""
 
 
 if __name__ == "__main__":

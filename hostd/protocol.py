@@ -1,4 +1,4 @@
-"""hostd's socket protocol as data: every operation with its request and reply types, who may
+"""hostd's socket protocol as data: every operation with its request and reply records, who may
 call it and how many file descriptors it takes, and errors that travel as codes.
 
 Messages are JSON lines. A client sends `{"op": NAME, "args": {...}}`; the server answers with
@@ -10,14 +10,10 @@ The login hook imports this module under the system's python3: standard library 
 runtime.errors only, and nothing slow to import.
 """
 
-from __future__ import annotations
-
-import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from runtime.errors import ERROR_CODES, Internal, RuntimeFailure
 
@@ -29,85 +25,74 @@ T = TypeVar("T")
 # -- requests ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NoArgs:
+class NoArgs(NamedTuple):
     pass
 
 
-@dataclass(frozen=True)
-class UserArgs:
+class UserArgs(NamedTuple):
     user: str
 
 
-@dataclass(frozen=True)
-class StatusArgs:
+class StatusArgs(NamedTuple):
     user: str | None = None  # None: every tenant (a tenant's own on the user socket)
 
 
-@dataclass(frozen=True)
-class ImageArgs:
+class ImageArgs(NamedTuple):
     name: str
 
 
-@dataclass(frozen=True)
-class ImageBuildArgs:
+class ImageBuildArgs(NamedTuple):
     name: str
     recipe: str | None = None
 
 
-@dataclass(frozen=True)
-class ImageImportArgs:
+class ImageImportArgs(NamedTuple):
     name: str  # the tarball comes as the one file descriptor
     filename: str | None = None  # where it came from, for the manifest
 
 
-@dataclass(frozen=True)
-class LimitArgs:
-    """Limits as admins write them ("1.5", "2G", "none" lifts one); None leaves one as is."""
+# Limits as admins write them ("1.5", "2G", "none" lifts one); None leaves one as it is.
+LIMITS = ("cpus", "memory", "pids", "disk")
 
+
+class UserAddArgs(NamedTuple):
+    user: str
+    image: str | None = None
     cpus: str | None = None
     memory: str | None = None
     pids: str | None = None
     disk: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
-class UserAddArgs(LimitArgs):
+class QuotaSetArgs(NamedTuple):
     user: str
-    image: str | None = None
+    cpus: str | None = None
+    memory: str | None = None
+    pids: str | None = None
+    disk: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
-class QuotaSetArgs(LimitArgs):
-    user: str
-
-
-@dataclass(frozen=True)
-class UserRemoveArgs:
+class UserRemoveArgs(NamedTuple):
     user: str
     keep_data: bool = False
 
 
-@dataclass(frozen=True)
-class UserRebaseArgs:
+class UserRebaseArgs(NamedTuple):
     user: str
     image: str | None = None  # None: the tenant's own image
     restart: bool = False
 
 
-@dataclass(frozen=True)
-class PortsArgs:
+class PortsArgs(NamedTuple):
     user: str
     ports: str  # PORT or FIRST-LAST
 
 
-@dataclass(frozen=True)
-class RangeArgs:
+class RangeArgs(NamedTuple):
     start: int
 
 
-@dataclass(frozen=True)
-class ExecArgs:
+class ExecArgs(NamedTuple):
     """A command inside: on the caller's stdio (3 fds), or on a pty sent back (`tty`)."""
 
     argv: list[str]
@@ -118,19 +103,17 @@ class ExecArgs:
     rows: int = 24
     cols: int = 80
     term: str = ""
-    env: dict[str, str] = field(default_factory=dict)  # filtered by hostd (sessions.client_env)
+    env: dict[str, str] | None = None  # the client's; hostd keeps few (sessions.client_env)
 
 
 # -- replies -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Pong:
+class Pong(NamedTuple):
     pid: int
 
 
-@dataclass(frozen=True)
-class RecipeInfo:
+class RecipeInfo(NamedTuple):
     recipe: str
     alias_of: str | None
     description: str
@@ -138,8 +121,7 @@ class RecipeInfo:
     built: str | None  # the version of the image of that name, if built
 
 
-@dataclass(frozen=True)
-class ImageInfo:
+class ImageInfo(NamedTuple):
     name: str
     version: str
     created: str
@@ -148,16 +130,14 @@ class ImageInfo:
     packages: list[str]
 
 
-@dataclass(frozen=True)
-class Quota:
+class Quota(NamedTuple):
     cpus: float | None
     memory: int | None
     pids: int | None
     disk: int | None
 
 
-@dataclass(frozen=True)
-class TenantInfo:
+class TenantInfo(NamedTuple):
     user: str
     uid: int
     gid: int
@@ -170,8 +150,7 @@ class TenantInfo:
     created: str
 
 
-@dataclass(frozen=True)
-class Status:
+class Status(NamedTuple):
     user: str
     state: str
     uptime: float | None  # seconds, to 0.1
@@ -185,20 +164,17 @@ class Status:
     image: str
 
 
-@dataclass(frozen=True)
-class PortRange:
+class PortRange(NamedTuple):
     first: int
     last: int
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
     at: str
     what: str
 
 
-@dataclass(frozen=True)
-class UserDetails:
+class UserDetails(NamedTuple):
     tenant: TenantInfo
     status: Status
     address: str
@@ -207,16 +183,14 @@ class UserDetails:
     events: list[Event]
 
 
-@dataclass(frozen=True)
-class Done:
+class Done(NamedTuple):
     """An operation on a tenant or an image that has nothing else to say."""
 
     name: str
     done: str  # what: removed, start, stop, restart
 
 
-@dataclass(frozen=True)
-class Rebased:
+class Rebased(NamedTuple):
     user: str
     image: str
     old: str
@@ -226,30 +200,26 @@ class Rebased:
     pruned: list[str]
 
 
-@dataclass(frozen=True)
-class QuotaSet:
+class QuotaSet(NamedTuple):
     quota: Quota
     applied: dict[str, str]  # limit -> "now" or "at next start"
 
 
-@dataclass(frozen=True)
-class PortsChanged:
+class PortsChanged(NamedTuple):
     user: str
     first: int
     last: int
     granted: bool
 
 
-@dataclass(frozen=True)
-class PortGrant:
+class PortGrant(NamedTuple):
     first: int
     last: int
     user: str
     address: str
 
 
-@dataclass(frozen=True)
-class RangeInfo:
+class RangeInfo(NamedTuple):
     start: int
     end: int
     user: str
@@ -257,19 +227,17 @@ class RangeInfo:
     since: str
 
 
-@dataclass(frozen=True)
-class Exited:
+class Exited(NamedTuple):
     exit: int
 
 
 # -- operations ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Op:
+class Op(NamedTuple):
     name: str
     request: type[Any]
-    reply: Any  # a reply dataclass, or list[...] of one
+    reply: Any  # a reply record, or list[...] of one
     callers: frozenset[str] = frozenset({ADMIN})
     fds: int = 0  # file descriptors it takes at most
 
@@ -325,7 +293,7 @@ def check_fds(op: Op, count: int) -> None:
 
 
 def encode_request(op: str, args: object = None) -> bytes:
-    """A request line; `args` is the op's request dataclass (checked as the server would)."""
+    """A request line; `args` is the op's request record (checked as the server would)."""
     spec = op_named(op)
     data = to_json(args) if args is not None else {}
     decode(spec.request, data)  # a mistake is ours: say so before hostd does
@@ -394,16 +362,22 @@ def _bad(what: str) -> RuntimeFailure:
 
 
 def to_json(value: object) -> Any:
-    """Dataclasses (and lists of them) as JSON data."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+    """Records (NamedTuples), lists and dicts of them as JSON data."""
+    if _is_record(type(value)):
+        return {k: to_json(v) for k, v in value._asdict().items()}  # type: ignore[attr-defined]
     if isinstance(value, list | tuple):
         return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
     return value
 
 
+def _is_record(kind: object) -> bool:
+    return isinstance(kind, type) and issubclass(kind, tuple) and hasattr(kind, "_fields")
+
+
 def decode(kind: type[T], data: object, where: str = "") -> T:
-    """`data` (from JSON) as the dataclass `kind`, checking every field's name and type."""
+    """`data` (from JSON) as the record `kind`, checking every field's name and type."""
     if not isinstance(data, dict):
         raise _bad(f"{_field(where.rstrip('.'))} must be an object")
     hints = _hints(kind)
@@ -411,12 +385,12 @@ def decode(kind: type[T], data: object, where: str = "") -> T:
     if unknown:
         raise _bad(f"unknown {_field(where + unknown[0][:64])}")
     values = {}
-    for f in dataclasses.fields(kind):  # type: ignore[arg-type]
-        name = where + f.name
-        if f.name in data:
-            values[f.name] = _convert(data[f.name], hints[f.name], name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise _bad(f"{_field(name)} is missing")
+    defaults = kind._field_defaults  # type: ignore[attr-defined]
+    for key in kind._fields:  # type: ignore[attr-defined]
+        if key in data:
+            values[key] = _convert(data[key], hints[key], where + key)
+        elif key not in defaults:
+            raise _bad(f"{_field(where + key)} is missing")
     return kind(**values)
 
 
@@ -461,6 +435,6 @@ def _convert(value: object, kind: Any, name: str) -> Any:
         if not isinstance(value, dict):
             raise _bad(f"{_field(name)} must be an object")
         return {k: _convert(v, args[1], f"{name}.{k}"[:128]) for k, v in value.items()}
-    if dataclasses.is_dataclass(kind):
-        return decode(kind, value, f"{name}.")  # type: ignore[arg-type]
+    if _is_record(kind):
+        return decode(kind, value, f"{name}.")
     raise TypeError(f"no decoder for {kind!r}")  # a protocol definition the decoder lacks

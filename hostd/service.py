@@ -159,8 +159,8 @@ class Service:
                 "try again in a minute, or ask an admin",
             )
         if isinstance(request, p.ExecArgs):  # as their own account inside, never root
-            return dataclasses.replace(request, user=name, as_user=name, login=True)
-        return dataclasses.replace(request, user=name)
+            return request._replace(user=name, as_user=name, login=True)
+        return request._replace(user=name)
 
     # -- images ----------------------------------------------------------------------------
 
@@ -276,7 +276,7 @@ class Service:
             raise HostdError("exec needs stdin, stdout and stderr", "use hostctl exec")
         with self.sessions.slot(req.user):
             session = self.sessions.prepare(req.user, req.as_user, req.login, call.progress)
-            env = session.env(req.env, req.term if req.tty else None)
+            env = session.env(req.env or {}, req.term if req.tty else None)
             program: Program
             if req.tty:
                 program = self.sessions.spawn_tty(session, req.argv, env, req.rows, req.cols)
@@ -288,7 +288,7 @@ class Service:
             return p.Exited(_wait_or_hangup(call.chan, program))
 
 
-def _limit_changes(req: p.LimitArgs) -> dict[str, Any]:
+def _limit_changes(req: p.UserAddArgs | p.QuotaSetArgs) -> dict[str, Any]:
     """The limits given in `req`, parsed ("none" or "unlimited" lifts a limit)."""
     parsers: dict[str, Callable[[str], Any]] = {
         "cpus": lambda v: parse_cpus(v, os.cpu_count() or 1),
@@ -296,7 +296,7 @@ def _limit_changes(req: p.LimitArgs) -> dict[str, Any]:
         "pids": lambda v: parse_count(v, "pids"),
         "disk": lambda v: parse_size(v, "disk"),
     }
-    given = {key: getattr(req, key) for key in parsers if getattr(req, key) is not None}
+    given = {key: getattr(req, key) for key in p.LIMITS if getattr(req, key) is not None}
     return {
         key: None if text.lower() in ("none", "unlimited") else parsers[key](text)
         for key, text in given.items()

@@ -1,0 +1,291 @@
+"""hostctl's commands: requests to hostd's admin socket, and their output for people or as
+JSON. (`hostd.hostctl` parses the command line without loading any of this.)"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from hostd import protocol as p
+from hostd.client import call
+from hostd.errors import HostdError
+from hostd.units import format_size, human_size
+from runtime.output import print_json, print_recipes, print_table
+
+
+class Client:
+    """The admin socket as hostctl uses it: typed replies, progress on stderr."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from hostd import config  # not for --help, completion or usage errors
+
+        self.socket = config.load(args.config or config.MAIN).paths.admin_socket
+        self.json = bool(args.json)
+
+    def progress(self, text: str) -> None:
+        if not self.json:
+            print(f"... {text}", file=sys.stderr, flush=True)
+
+    def raw(self, op: str, request: object = None, fds: Sequence[int] = ()) -> Any:
+        return call(self.socket, op, request, fds, self.progress)
+
+    def __call__(self, op: str, request: object = None, fds: Sequence[int] = ()) -> Any:
+        """The reply as the protocol's dataclass; printed whole as JSON with --json."""
+        data = self.raw(op, request, fds)
+        if self.json:
+            print_json(data)
+        return p.decode_reply(op, data)
+
+    def say(self, text: str) -> None:
+        if not self.json:
+            print(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out the parsed command line; its exit status."""
+    if args.cmd == "doctor":
+        return _doctor(args)
+    c = Client(args)
+    if args.cmd in ("exec", "logs"):
+        return _exec(c, args)
+    commands: dict[str, Callable[[Client, argparse.Namespace], None]] = {
+        "image": _image,
+        "user": _user,
+        "quota": _quota_set,
+        "ports": _ports,
+        "ranges": _ranges,
+        "start": _lifecycle,
+        "stop": _lifecycle,
+        "restart": _lifecycle,
+        "status": _status,
+    }
+    commands[args.cmd](c, args)
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from hostd import config, doctor  # the runtime's checks: only for this command
+
+    checks = doctor.run(config.load(args.config or config.MAIN))
+    print_table(
+        args.json,
+        [c._asdict() for c in checks],
+        ("CHECK", "STATUS", "DETAIL"),
+        [(c.name, "ok" if c.ok else "FIX", c.detail) for c in checks],
+    )
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def _image(c: Client, args: argparse.Namespace) -> None:
+    if args.sub == "build" and args.name is None:
+        print_recipes(args.json, c.raw("image.recipes"))
+    elif args.sub == "build":
+        m = c("image.build", p.ImageBuildArgs(args.name, args.recipe))
+        c.say(f"built {m.name}@{m.version} ({format_size(m.size)})")
+    elif args.sub == "import":
+        with _open(args.tarball) as f:
+            request = p.ImageImportArgs(args.name, str(args.tarball.resolve()))
+            m = c("image.import", request, [f.fileno()])
+        c.say(f"imported {m.name}@{m.version} ({format_size(m.size)})")
+    elif args.sub == "list":
+        images: list[p.ImageInfo] = p.decode_reply("image.list", data := c.raw("image.list"))
+        rows = [
+            (m.name, m.version, format_size(m.size), str(len(m.packages)), m.created)
+            for m in images
+        ]
+        print_table(args.json, data, ("NAME", "VERSION", "SIZE", "PACKAGES", "CREATED"), rows)
+    else:
+        c("image.remove", p.ImageArgs(args.name))
+        c.say(f"removed image {args.name}")
+
+
+def _open(path: Path) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise HostdError(f"cannot read {path}: {exc.strerror}", "give a readable tarball") from None
+
+
+def _user(c: Client, args: argparse.Namespace) -> None:
+    if args.sub == "add":
+        t = c("user.add", p.UserAddArgs(user=args.user, image=args.image, **_limits(args)))
+        c.say(f"added {t.user}: IDs {t.range_start}-{t.range_end}, image {t.image}")
+    elif args.sub == "list":
+        _status_table(args, c.raw("user.list"))
+    elif args.sub == "show":
+        details = c("user.show", p.UserArgs(args.user))
+        if not args.json:
+            _show(details)
+    elif args.sub == "rebase":
+        r = c("user.rebase", p.UserRebaseArgs(args.user, args.image, args.restart))
+        _rebased(c, r)
+    else:
+        c("user.remove", p.UserRemoveArgs(args.user, args.keep_data))
+        c.say(f"removed {args.user}" + (" (data kept)" if args.keep_data else ""))
+
+
+def _quota_set(c: Client, args: argparse.Namespace) -> None:
+    res = c("quota.set", p.QuotaSetArgs(user=args.user, **_limits(args)))
+    when = ", ".join(f"{k} {v}" for k, v in res.applied.items())
+    c.say(f"quota of {args.user}: {_quota_text(res.quota)} (applied: {when})")
+
+
+def _ports(c: Client, args: argparse.Namespace) -> None:
+    if args.sub == "list":
+        grants: list[p.PortGrant] = p.decode_reply("ports.list", data := c.raw("ports.list"))
+        rows = [(_port_range(g.first, g.last), g.user, g.address) for g in grants]
+        print_table(args.json, data, ("PORTS", "USER", "ADDRESS"), rows)
+        return
+    res = c(f"ports.{args.sub}", p.PortsArgs(args.user, args.ports))
+    verb = "granted to" if res.granted else "revoked from"
+    c.say(f"ports {_port_range(res.first, res.last)} {verb} {args.user}")
+
+
+def _ranges(c: Client, args: argparse.Namespace) -> None:
+    if args.sub == "release":
+        r = c("ranges.release", p.RangeArgs(args.start))
+        c.say(
+            f"released IDs {r.start}-{r.end} (formerly {r.user}'s, quarantined since "
+            f"{r.since}): new tenants may get them"
+        )
+        return
+    ranges: list[p.RangeInfo] = p.decode_reply("ranges.list", data := c.raw("ranges.list"))
+    rows = [(str(r.start), str(r.end), r.user, r.status, r.since) for r in ranges]
+    print_table(args.json, data, ("START", "END", "USER", "STATUS", "SINCE"), rows)
+
+
+def _lifecycle(c: Client, args: argparse.Namespace) -> None:
+    c(args.cmd, p.UserArgs(args.user))
+    c.say(f"{args.cmd}: {args.user} done")
+
+
+def _status(c: Client, args: argparse.Namespace) -> None:
+    _status_table(args, c.raw("status", p.StatusArgs(args.user)))
+
+
+def _exec(c: Client, args: argparse.Namespace) -> int:
+    if args.cmd == "logs":
+        follow = ["-f"] if args.follow else []
+        command = ["journalctl", "--no-pager", "-n", str(args.lines), *follow]
+        request = p.ExecArgs(command, user=args.user)
+    elif not args.command:
+        raise HostdError("no command given", "add one after `--`")
+    elif args.tty:
+        size = shutil.get_terminal_size()
+        term = os.environ.get("TERM", "xterm")
+        request = p.ExecArgs(
+            args.command,
+            user=args.user,
+            as_user=args.as_user,
+            tty=True,
+            term=term,
+            rows=size.lines,
+            cols=size.columns,
+        )
+        return int(call(c.socket, "exec", request, progress=c.progress, on_tty=_tty)["exit"])
+    else:
+        request = p.ExecArgs(args.command, user=args.user, as_user=args.as_user)
+    fds = [sys.stdin.fileno(), sys.stdout.fileno(), sys.stderr.fileno()]
+    return int(call(c.socket, "exec", request, fds, c.progress)["exit"])
+
+
+def _tty(master: int) -> None:
+    from runtime.ttyexec import relay
+
+    try:
+        relay(master)
+    finally:
+        os.close(master)
+
+
+def _rebased(c: Client, r: p.Rebased) -> None:
+    if r.old == r.new:
+        c.say(f"{r.user} is already on {r.new}: nothing to do")
+        return
+    how = " (restarted)" if r.restarted else ""
+    pruned = f"; pruned {', '.join(r.pruned)}" if r.pruned else ""
+    c.say(f"rebased {r.user} from {r.old} to {r.new}{how}{pruned}")
+    if not c.json and r.warning:
+        print(f"hostctl: warning: {r.warning}", file=sys.stderr)
+
+
+def _limits(args: argparse.Namespace) -> dict[str, str]:
+    return {k: getattr(args, k) for k in p.LIMITS if getattr(args, k) is not None}
+
+
+def _port_range(first: int, last: int) -> str:
+    return f"{first}-{last}" if first != last else str(first)
+
+
+def _quota_text(q: p.Quota) -> str:
+    def text(value: Any, fmt: Callable[[Any], str] = str) -> str:
+        return "unlimited" if value is None else fmt(value)
+
+    return (
+        f"cpus={text(q.cpus)} memory={text(q.memory, format_size)}"
+        f" disk={text(q.disk, format_size)} pids={text(q.pids)}"
+    )
+
+
+def _used(value: Any, limit: Any, fmt: Callable[[Any], str] = str) -> str:
+    used = "-" if value is None else fmt(value)
+    return used if limit is None else f"{used}/{fmt(limit)}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600}h"
+    return time.strftime("%H:%M:%S", time.gmtime(s))
+
+
+def _status_table(args: argparse.Namespace, data: Any) -> None:
+    rows: list[p.Status] = p.decode_reply("status", data)
+    print_table(
+        args.json,
+        data,
+        ("USER", "STATE", "UPTIME", "MEMORY", "CPU", "PIDS", "DISK"),
+        [
+            (
+                r.user,
+                r.state,
+                _duration(r.uptime),
+                _used(r.memory, r.quota.memory, human_size),
+                _used(
+                    None if r.cpu_seconds is None else f"{r.cpu_seconds:.1f}s",
+                    None if r.quota.cpus is None else f"{r.quota.cpus:g} cpus",
+                ),
+                _used(r.pids, r.quota.pids),
+                _used(r.disk, r.quota.disk, human_size),
+            )
+            for r in rows
+        ],
+    )
+
+
+def _show(d: p.UserDetails) -> None:
+    t, s = d.tenant, d.status
+    ports = ", ".join(_port_range(r.first, r.last) for r in d.ports) or "-"
+    fields = [
+        ("user", f"{t.user} (uid {t.uid})"),
+        ("home", t.home),
+        ("address", d.address),
+        ("ports", ports),
+        ("image", f"{t.image} ({d.image_version})"),
+        ("ids", f"{t.range_start}-{t.range_end}"),
+        ("state", s.state),
+        ("uptime", _duration(s.uptime)),
+        ("quota", _quota_text(s.quota)),
+        ("created", t.created),
+    ]
+    fields += [("event", f"{e.at} {e.what}") for e in d.events]
+    for key, value in fields:
+        print(f"{key + ':':9} {value}")

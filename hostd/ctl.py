@@ -22,11 +22,16 @@ from runtime.output import print_json, print_recipes, print_table
 class Client:
     """The admin socket as hostctl uses it: typed replies, progress on stderr."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, socket: Path, json: bool) -> None:
+        self.socket = socket
+        self.json = json
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Client:
+        """The admin socket of the configuration named on the command line."""
         from hostd import config  # not for --help, completion or usage errors
 
-        self.socket = config.load(args.config or config.MAIN).paths.admin_socket
-        self.json = bool(args.json)
+        return cls(config.load(args.config or config.MAIN).paths.admin_socket, bool(args.json))
 
     def progress(self, text: str) -> None:
         if not self.json:
@@ -51,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     """Carry out the parsed command line; its exit status."""
     if args.cmd == "doctor":
         return _doctor(args)
-    c = Client(args)
+    c = Client.of(args)
     if args.cmd in ("exec", "logs"):
         return _exec(c, args)
     commands: dict[str, Callable[[Client, argparse.Namespace], None]] = {

@@ -18,11 +18,11 @@ import pytest
 from hostd.api import Channel
 from hostd.client import request
 from hostd.config import ID_OWNER
-from hostd.errors import HostdError
 from hostd.state import State, Tenant, utc_now
 from hostd.subids import parse
 from runtime import mountinfo
 from runtime.containers import Runtime
+from runtime.errors import NotFound, RuntimeFailure
 from runtime.limits import Limits
 from tests.conftest import CGROUP_PARENT
 from tests.hostd_harness import Hostd, UnixUsers, connect_as, wait_for
@@ -255,9 +255,9 @@ def test_user_socket_is_limited_to_the_callers_container(
     assert capfd.readouterr().out.strip() == tenant  # as themselves, never as root
     status = _request_as(tenant, hostd.user_socket, "status", {"user": other})
     assert [s["user"] for s in status] == [tenant]  # type: ignore[attr-defined]
-    with pytest.raises(HostdError, match="user.add is for admins"):
+    with pytest.raises(RuntimeFailure, match="user.add is for admins"):
         _request_as(tenant, hostd.user_socket, "user.add", {"user": other})
-    with pytest.raises(HostdError, match=f"uid {pwd.getpwnam(other).pw_uid} is not a tenant"):
+    with pytest.raises(NotFound, match=f"uid {pwd.getpwnam(other).pw_uid} is not a tenant"):
         _request_as(other, hostd.user_socket, "exec", exec_args)
     with pytest.raises(PermissionError):
         connect_as(tenant, hostd.admin_socket)

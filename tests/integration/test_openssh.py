@@ -50,6 +50,7 @@ LOGIN_MODULES = {
     "hostd.client",
     "hostd.errors",
     "hostd.login",
+    "hostd.protocol",
     "runtime",
     "runtime.errors",
     "runtime.proc",

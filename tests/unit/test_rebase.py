@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from hostd import hostctl
+from hostd import ctl
+from hostd import protocol as p
 from hostd.state import Tenant
 from hostd.tenants import _set_aside_warning
 from runtime.records import Rebased
@@ -67,12 +69,8 @@ def test_warning_names_what_is_set_aside_and_where() -> None:
     assert "reinstall" not in _set_aside_warning(_tenant(), Rebased("a", "b", "/x", ()))
 
 
-def _args(json: bool = False) -> argparse.Namespace:
-    return argparse.Namespace(json=json)
-
-
 def test_hostctl_says_nothing_to_do(capsys: pytest.CaptureFixture[str]) -> None:
-    same = {
+    same: dict[str, Any] = {
         "user": "alice",
         "image": "default",
         "old": "default@2",
@@ -81,13 +79,13 @@ def test_hostctl_says_nothing_to_do(capsys: pytest.CaptureFixture[str]) -> None:
         "warning": None,
         "pruned": [],
     }
-    hostctl._rebased(_args(), same)
+    ctl._rebased(ctl.Client(Path("/none"), json=False), p.Rebased(**same))
     out, err = capsys.readouterr()
     assert out == "alice is already on default@2: nothing to do\n" and err == ""
 
 
 def test_hostctl_prints_the_move_and_the_warning(capsys: pytest.CaptureFixture[str]) -> None:
-    moved = {
+    moved: dict[str, Any] = {
         "user": "alice",
         "image": "default",
         "old": "default@1",
@@ -96,7 +94,7 @@ def test_hostctl_prints_the_move_and_the_warning(capsys: pytest.CaptureFixture[s
         "warning": "set aside at /x",
         "pruned": ["default@1"],
     }
-    hostctl._rebased(_args(), moved)
+    ctl._rebased(ctl.Client(Path("/none"), json=False), p.Rebased(**moved))
     out, err = capsys.readouterr()
     assert out == "rebased alice from default@1 to default@2 (restarted); pruned default@1\n"
     assert err == "hostctl: warning: set aside at /x\n"

@@ -1,0 +1,341 @@
+"""hostctl against a fake hostd on a temporary unix socket: parsing (--json anywhere, usage
+errors), output (aligned tables, `user show`, JSON as hostd sent it), --version, shell
+completion, errors as one line with exit 1, and what it loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostd import protocol as p
+from hostd.hostctl import main
+from runtime.errors import NotFound, RuntimeFailure
+
+QUOTA = p.Quota(1.5, 2 << 30, 100, None)
+STATUS = [
+    p.Status("alice", "running", 3725.3, 50 << 20, 12.25, 31, 1 << 30, QUOTA, 300000, 365535, "d"),
+    p.Status(
+        "bo", "stopped", None, None, None, None, 0, p.Quota(None, None, None, None), 0, 1, "d"
+    ),
+]
+TENANT = p.TenantInfo(
+    "alice", 1001, 1001, "/home/alice", 300000, 365535, "default", "ready", "running", "then"
+)
+REPLIES: dict[str, object] = {
+    "status": STATUS,
+    "user.list": STATUS,
+    "user.add": TENANT,
+    "user.show": p.UserDetails(
+        TENANT,
+        STATUS[0],
+        "10.231.64.2",
+        [p.PortRange(8080, 8080), p.PortRange(20000, 20009)],
+        "default@20261130T101010-a1b2c3",
+        [p.Event("2026-11-30T10:00:00Z", "added")],
+    ),
+    "ports.list": [
+        p.PortGrant(8080, 8080, "alice", "10.231.64.2"),
+        p.PortGrant(20000, 20009, "bo", "10.231.64.3"),
+    ],
+    "ranges.list": [p.RangeInfo(300000, 365535, "alice", "active", "then")],
+    "image.list": [p.ImageInfo("default", "default@1", "then", "recipe", 300 << 20, ["a 1"])],
+    "start": p.Done("alice", "start"),
+    "exec": p.Exited(5),
+}
+
+
+@dataclass
+class FakeHostd:
+    """Answers each request with REPLIES[op] (or `errors[op]`), after one progress line."""
+
+    path: Path
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    errors: dict[str, RuntimeFailure] = field(default_factory=dict)
+
+    def serve(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with conn:
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        data, fds = b"", list[int]()
+        while not data.endswith(b"\n"):
+            chunk, got, _, _ = socket.recv_fds(conn, 65536, 3)
+            data, fds = data + chunk, fds + got
+        request = json.loads(data)
+        self.requests.append(request)
+        op = request["op"]
+        if op == "exec" and fds:
+            os.write(fds[1], b"out of the container\n")
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(p.progress_line(f"doing {op}"))
+        if op in self.errors:
+            conn.sendall(p.error_line(self.errors[op]))
+        else:
+            conn.sendall(p.ok_line(REPLIES[op]))
+
+
+@pytest.fixture
+def hostd(tmp_path: Path) -> Iterator[FakeHostd]:
+    fake = FakeHostd(tmp_path / "admin.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(fake.path))
+    listener.listen(8)
+    thread = threading.Thread(target=fake.serve, args=(listener,), daemon=True)
+    thread.start()
+    try:
+        yield fake
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(10)
+
+
+@pytest.fixture
+def config(tmp_path: Path, hostd: FakeHostd) -> str:
+    cfg = tmp_path / "hostd.toml"
+    cfg.write_text(f'[paths]\nadmin_socket = "{hostd.path}"\n')
+    return str(cfg)
+
+
+def run(capfd: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def _columns_aligned(text: str) -> None:
+    """Every row's cells start where the header's words do."""
+    lines = text.splitlines()
+    head = lines[0]
+    starts = [i for i, c in enumerate(head) if c != " " and (i == 0 or head[i - 1] == " ")]
+    for line in lines[1:]:
+        for start in starts[1:]:
+            assert line[start - 2 : start] == "  " and line[start] != " ", (line, start)
+
+
+@pytest.mark.parametrize(
+    "words",
+    [["--json", "user", "list"], ["user", "--json", "list"], ["user", "list", "--json"]],
+)
+def test_json_anywhere(
+    capfd: pytest.CaptureFixture[str], config: str, hostd: FakeHostd, words: list[str]
+) -> None:
+    code, out, err = run(capfd, "--config", config, *words)
+    assert code == 0 and err == ""  # no progress lines with --json
+    assert json.loads(out) == p.to_json(STATUS)
+
+
+def test_json_numbers_are_hostds(capfd: pytest.CaptureFixture[str], config: str) -> None:
+    _, out, _ = run(capfd, "--config", config, "status", "--json")
+    assert '"uptime": 3725.3' in out and '"cpu_seconds": 12.25' in out
+
+
+@pytest.mark.parametrize(
+    ("words", "head"),
+    [
+        (["status"], "USER   STATE    UPTIME    MEMORY"),
+        (["user", "list"], "USER   STATE"),
+        (["ports", "list"], "PORTS        USER   ADDRESS"),
+        (["ranges"], "START   END     USER   STATUS  SINCE"),
+        (["image", "list"], "NAME     VERSION    SIZE"),
+    ],
+)
+def test_tables_are_aligned(
+    capfd: pytest.CaptureFixture[str], config: str, words: list[str], head: str
+) -> None:
+    code, out, err = run(capfd, "--config", config, *words)
+    assert code == 0 and out.startswith(head), out
+    _columns_aligned(out)
+    assert err.startswith("... doing ")  # progress, on stderr
+
+
+def test_status_row(capfd: pytest.CaptureFixture[str], config: str) -> None:
+    _, out, _ = run(capfd, "--config", config, "status")
+    alice, bo = out.splitlines()[1:]
+    assert alice.split() == [
+        "alice",
+        "running",
+        "01:02:05",
+        "50M/2G",
+        "12.2s/1.5",
+        "cpus",
+        "31/100",
+        "1G",
+    ]
+    assert bo.split() == ["bo", "stopped", "-", "-", "-", "-", "0"]
+
+
+def test_user_show(capfd: pytest.CaptureFixture[str], config: str, hostd: FakeHostd) -> None:
+    code, out, _ = run(capfd, "--config", config, "user", "show", "alice")
+    assert code == 0
+    assert hostd.requests[-1] == {"op": "user.show", "args": {"user": "alice"}}
+    assert out.splitlines() == [
+        "user:     alice (uid 1001)",
+        "home:     /home/alice",
+        "address:  10.231.64.2",
+        "ports:    8080, 20000-20009",
+        "image:    default (default@20261130T101010-a1b2c3)",
+        "ids:      300000-365535",
+        "state:    running",
+        "uptime:   01:02:05",
+        "quota:    cpus=1.5 memory=2G disk=unlimited pids=100",
+        "created:  then",
+        "event:    2026-11-30T10:00:00Z added",
+    ]
+
+
+def test_user_add_sends_the_limits_given(
+    capfd: pytest.CaptureFixture[str], config: str, hostd: FakeHostd
+) -> None:
+    code, out, _ = run(capfd, "--config", config, "user", "add", "alice", "--memory", "2G")
+    assert (code, out) == (0, "added alice: IDs 300000-365535, image default\n")
+    assert hostd.requests[-1] == {
+        "op": "user.add",
+        "args": {
+            "user": "alice",
+            "image": None,
+            "cpus": None,
+            "memory": "2G",
+            "pids": None,
+            "disk": None,
+        },
+    }
+
+
+def test_exec_passes_stdio_and_returns_the_exit_status(
+    capfd: pytest.CaptureFixture[str],
+    config: str,
+    hostd: FakeHostd,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with open(os.devnull) as devnull:
+        monkeypatch.setattr(sys, "stdin", devnull)
+        code, out, _ = run(capfd, "--config", config, "exec", "alice", "--", "ls", "--json", "-l")
+    assert code == 5 and out == "out of the container\n"
+    assert hostd.requests[-1]["args"]["argv"] == ["ls", "--json", "-l"]  # after --: the command
+
+
+def test_an_error_is_one_line_and_exit_1(
+    capfd: pytest.CaptureFixture[str], config: str, hostd: FakeHostd
+) -> None:
+    hostd.errors["start"] = NotFound("ghost is not a tenant", "add them")
+    code, out, err = run(capfd, "--config", config, "start", "ghost")
+    assert (code, out) == (1, "")
+    assert err.splitlines()[-1] == "hostctl: ghost is not a tenant: add them"
+
+
+def test_hostd_not_running(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    cfg = tmp_path / "none.toml"
+    cfg.write_text(f'[paths]\nadmin_socket = "{tmp_path}/none.sock"\n')
+    code, _, err = run(capfd, "--config", str(cfg), "status")
+    assert code == 1
+    assert err == (
+        f"hostctl: hostd is not running (no socket at {tmp_path}/none.sock): "
+        "start it: `systemctl start hostd`\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "words", [[], ["user"], ["user", "nope"], ["ranges", "release", "x"], ["--bogus", "status"]]
+)
+def test_usage_errors_exit_2(capfd: pytest.CaptureFixture[str], words: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(words)
+    assert info.value.code == 2
+    assert "usage: hostctl" in capfd.readouterr().err
+
+
+def test_version(capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capfd.readouterr().out == f"hostctl {version('hostd')}\n"
+
+
+def _complete(script: Path, line: str, path: str) -> list[str]:
+    """What bash offers for `line` (the word being completed is its last, maybe empty)."""
+    words = line.split(" ")
+    shell = (
+        f"source {script}; COMP_WORDS=({' '.join(repr(w) for w in words)}); "
+        f"COMP_CWORD={len(words) - 1}; _hostctl; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+    )
+    env = {**os.environ, "PATH": path}
+    res = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=env, check=True)
+    return res.stdout.split()
+
+
+def test_bash_completion(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, script, _ = run(capfd, "completion", "bash")
+    assert code == 0 and "complete -o bashdefault -o default -F _hostctl hostctl" in script
+    (tmp_path / "hostctl.bash").write_text(script)
+    bin_dir = tmp_path / "bin"  # getent for the members of hostd-users
+    bin_dir.mkdir()
+    getent = bin_dir / "getent"
+    getent.write_text('#!/bin/sh\n[ "$2" = hostd-users ] && echo "hostd-users:x:999:alice,bob"\n')
+    getent.chmod(0o755)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    comp = tmp_path / "hostctl.bash"
+    assert _complete(comp, "hostctl us", path) == ["user"]
+    assert _complete(comp, "hostctl user ", path) == [
+        "add",
+        "list",
+        "show",
+        "rebase",
+        "remove",
+        "-h",
+        "--help",
+        "--json",
+    ]
+    assert _complete(comp, "hostctl user add --m", path) == ["--memory"]
+    assert _complete(comp, "hostctl user show ", path)[-2:] == ["alice", "bob"]
+    assert _complete(comp, "hostctl exec alice -- l", path) == []  # the command: not ours
+    assert "--version" in _complete(comp, "hostctl --", path)
+    assert _complete(comp, "hostctl --json ranges r", path) == ["release"]
+
+
+def _loaded(*modules: str) -> set[str]:
+    code = f"import sys, json, {', '.join(modules)}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout))
+
+
+HEAVY = {
+    "pyroute2",
+    "asyncssh",
+    "runtime.containers",
+    "runtime.network",
+    "hostd.tenants",
+    "hostd.doctor",
+}
+
+
+def test_help_and_usage_load_neither_protocol_nor_configuration() -> None:
+    loaded = _loaded("hostd.hostctl")
+    assert not loaded & {*HEAVY, "hostd.protocol", "hostd.client", "hostd.config"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hostd.config imports runtime.containers and runtime.network for Settings and "
+    "NetworkConfig until the rtsplit branch moves them to stdlib-only modules",
+)
+def test_a_request_loads_no_runtime() -> None:
+    # all that `hostctl exec` and every other request (but doctor) import
+    assert not _loaded("hostd.hostctl", "hostd.ctl", "hostd.config") & HEAVY

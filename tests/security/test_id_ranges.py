@@ -153,9 +153,9 @@ def test_a_removed_tenants_range_is_quarantined_until_an_admin_releases_it(
         for path in (hostd.subuid, hostd.subgid):  # still taken for useradd and podman too
             assert _entries_at(path, start) == [SubIdEntry(ID_OWNER, start, RANGE_SIZE)]
         table = hostd.hostctl("ranges").stdout.splitlines()
-        assert table[0].split() == ["START", "COUNT", "USER", "STATUS", "SINCE"]
+        assert table[0].split() == ["START", "END", "USER", "STATUS", "SINCE"]
         assert any(
-            line.split()[:4] == [str(start), str(RANGE_SIZE), gone, "quarantined"]
+            line.split()[:4] == [str(start), str(start + RANGE_SIZE - 1), gone, "quarantined"]
             for line in table[1:]
         )
 

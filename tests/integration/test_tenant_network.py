@@ -23,10 +23,10 @@ SERVE = (
 
 
 def _address(h: Hostd, user: str) -> str:
-    status = json.loads(h.hostctl("--json", "user", "show", user).stdout)
+    details = json.loads(h.hostctl("user", "show", user, "--json").stdout)
     script = "ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1"
     inside = h.hostctl("exec", user, "--", "sh", "-c", script).stdout.strip()
-    assert status["user"] == user and inside
+    assert details["tenant"]["user"] == user and details["address"] == inside  # what show says
     return inside
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from runtime.errors import RuntimeFailure
 from runtime.execs import ExecSpec
-from runtime.runc import Runc, _runc_error
+from runtime.runc import Runc, RuncState, _runc_error
 
 RUNC = Runc("/usr/sbin/runc", Path("/state/runc"))
 BASE = ["/usr/sbin/runc", "--root", "/state/runc", "exec"]
@@ -72,16 +76,63 @@ def test_create_failure_reports_runc_error_and_log(tmp_path: Path) -> None:
     assert info.value.fix == f"see {tmp_path / 'console.log'}"
 
 
-def test_state_parses_runc_json_and_none_when_unknown(tmp_path: Path) -> None:
-    runc = fake_runc(
-        tmp_path,
-        """[ "$4" = alice ] || { echo 'level=error msg="container does not exist"' >&2; exit 1; }
-echo '{"ociVersion": "1.0.2", "id": "alice", "pid": 4242, "status": "running"}'""",
-    )
-    state = runc.state("alice")
-    assert state is not None
-    assert (state.status, state.pid) == ("running", 4242)
+def _state_json(runc: Runc, cid: str, pid: int, start: object, **more: object) -> Path:
+    directory = runc.root / cid
+    directory.mkdir(parents=True)
+    state = {"id": cid, "init_process_pid": pid, "init_process_start": start, **more}
+    (directory / "state.json").write_text(json.dumps(state))
+    return directory
+
+
+def _start_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def test_state_of_a_live_init_without_starting_runc(tmp_path: Path) -> None:
+    runc = fake_runc(tmp_path, "exit 99")  # never run
+    me = os.getpid()
+    created = _state_json(runc, "alice", me, _start_of(me))
+    assert runc.state("alice") == RuncState("running", me)
+    (created / "exec.fifo").touch()  # `runc create` done, `runc start` not yet
+    assert runc.state("alice") == RuncState("created", me)
     assert runc.state("bob") is None
+
+
+def test_state_is_stopped_when_init_is_gone_reused_or_a_zombie(tmp_path: Path) -> None:
+    runc = fake_runc(tmp_path, "exit 99")
+    me = os.getpid()
+    _state_json(runc, "reused", me, _start_of(me) - 1)  # another process with the same PID
+    _state_json(runc, "none", 0, 0)
+    child = subprocess.Popen(["true"])
+    _state_json(runc, "zombie", child.pid, _start_of(child.pid))
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.01)  # poll interval
+    try:
+        for cid in ("reused", "none", "zombie"):
+            assert runc.state(cid) == RuncState("stopped", 0), cid
+    finally:
+        child.wait()
+    assert runc.state("zombie") == RuncState("stopped", 0)  # reaped: gone
+
+
+@pytest.mark.parametrize(
+    ("controller", "file", "frozen"),
+    [("freezer", "freezer.state", "FROZEN"), ("", "cgroup.freeze", "1")],
+)
+def test_state_is_paused_when_frozen(
+    tmp_path: Path, controller: str, file: str, frozen: str
+) -> None:
+    runc = fake_runc(tmp_path, "exit 99")
+    me = os.getpid()
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    _state_json(runc, "alice", me, _start_of(me), cgroup_paths={controller: str(cgroup)})
+    (cgroup / file).write_text(frozen + "\n")
+    assert runc.state("alice") == RuncState("paused", me)
+    (cgroup / file).write_text("THAWED\n" if controller else "0\n")
+    assert runc.state("alice") == RuncState("running", me)
 
 
 # -- exec_argv -------------------------------------------------------------------------------

@@ -31,7 +31,9 @@ class Client:
         """The admin socket of the configuration named on the command line."""
         from hostd import config  # not for --help, completion or usage errors
 
-        return cls(config.load(args.config or config.MAIN).paths.admin_socket, bool(args.json))
+        return cls(
+            config.load(Path(args.config or config.MAIN)).paths.admin_socket, bool(args.json)
+        )
 
     def progress(self, text: str) -> None:
         if not self.json:
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 def _doctor(args: argparse.Namespace) -> int:
     from hostd import config, doctor  # the runtime's checks: only for this command
 
-    checks = doctor.run(config.load(args.config or config.MAIN))
+    checks = doctor.run(config.load(Path(args.config or config.MAIN)))
     print_table(
         args.json,
         [c._asdict() for c in checks],
@@ -94,8 +96,8 @@ def _image(c: Client, args: argparse.Namespace) -> None:
         m = c("image.build", p.ImageBuildArgs(args.name, args.recipe))
         c.say(f"built {m.name}@{m.version} ({format_size(m.size)})")
     elif args.sub == "import":
-        with _open(args.tarball) as f:
-            request = p.ImageImportArgs(args.name, str(args.tarball.resolve()))
+        with _open(Path(args.tarball)) as f:
+            request = p.ImageImportArgs(args.name, str(Path(args.tarball).resolve()))
             m = c("image.import", request, [f.fileno()])
         c.say(f"imported {m.name}@{m.version} ({format_size(m.size)})")
     elif args.sub == "list":

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from runtime.errors import RuntimeFailure
 from runtime.output import add_image_commands
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: --help stays quick
+if TYPE_CHECKING:
+    from typing import Any
 
 USERS_GROUP = "hostd-users"  # offered by shell completion where a tenant's name goes
 
@@ -53,7 +55,7 @@ class _Version(argparse.Action):
 def _parser() -> Parser:
     p = Parser(prog="hostctl", description=__doc__)
     p.set_defaults(json=False)
-    p.add_argument("--config", type=Path, help="hostd's configuration (/etc/hostd/hostd.toml)")
+    p.add_argument("--config", help="hostd's configuration (/etc/hostd/hostd.toml)")
     p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = p.add_subparsers(dest="cmd", required=True)
 

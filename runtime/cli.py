@@ -89,7 +89,7 @@ def _dispatch(rt: Runtime, args: argparse.Namespace) -> int:
             m = rt.images.build(args.name, args.recipe, progress)
             _out(args, asdict(m), f"built {m.name}@{m.version}")
         elif args.image_cmd == "import":
-            m = rt.images.import_tarball(args.name, args.tarball, progress)
+            m = rt.images.import_tarball(args.name, Path(args.tarball), progress)
             _out(args, asdict(m), f"imported {m.name}@{m.version}")
         elif args.image_cmd == "list":
             ms = rt.images.manifests()

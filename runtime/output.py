@@ -5,11 +5,12 @@ Standard library only, and quick to import: hostctl starts through it.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: hostctl --help stays quick
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def add_image_commands(img: Any) -> None:
@@ -21,13 +22,15 @@ def add_image_commands(img: Any) -> None:
     b.add_argument("--recipe", help="recipe directory name (default: the image name)")
     i = img.add_parser("import", help="import a root filesystem tarball")
     i.add_argument("name")
-    i.add_argument("tarball", type=Path)
+    i.add_argument("tarball", help="a file (read by the caller)")
     img.add_parser("list")
     r = img.add_parser("remove")
     r.add_argument("name")
 
 
 def print_json(data: object) -> None:
+    import json  # not loaded for --help
+
     print(json.dumps(data, indent=1))
 
 

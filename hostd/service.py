@@ -34,6 +34,7 @@ from runtime.limits import Limits
 
 log = logging.getLogger(__name__)
 EVENTS_SHOWN = 20  # recent events in `user show`
+MAX_TTY_SIZE = 65535  # rows or columns of a pty (struct winsize holds 16 bits)
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,11 @@ class Service:
             raise HostdError("no command given", "add one after `--`")
         if not req.tty and len(call.fds) != 3:
             raise HostdError("exec needs stdin, stdout and stderr", "use hostctl exec")
+        if req.tty and not (0 < req.rows <= MAX_TTY_SIZE and 0 < req.cols <= MAX_TTY_SIZE):
+            raise HostdError(
+                f"terminal size {req.rows}x{req.cols} is out of range",
+                f"send rows and cols from 1 to {MAX_TTY_SIZE}",
+            )
         with self.sessions.slot(req.user):
             session = self.sessions.prepare(req.user, req.as_user, req.login, call.progress)
             env = session.env(req.env or {}, req.term if req.tty else None)

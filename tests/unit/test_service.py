@@ -320,6 +320,17 @@ def test_exec_on_a_pty_sends_the_master(world: World) -> None:
     assert world.sessions.spawned == [("tty", ["sh"], (5, 9))]
 
 
+@pytest.mark.parametrize(("rows", "cols"), [(0, 80), (24, -1), (65536, 80)])
+def test_exec_refuses_a_terminal_size_out_of_range(world: World, rows: int, cols: int) -> None:
+    args = {"user": "root", "argv": ["sh"], "tty": True, "rows": rows, "cols": cols}
+    err = error(world, "exec", args)
+    assert (err["code"], err["cause"]) == (
+        "invalid",
+        f"terminal size {rows}x{cols} is out of range",
+    )
+    assert world.sessions.spawned == []
+
+
 def test_the_user_socket_confines_a_tenant_to_their_own_container(world: World) -> None:
     assert [s["user"] for s in result(world, "status", {"user": "x"}, admin=False)] == ["root"]
     result(world, "start", {"user": "someone-else"}, admin=False)

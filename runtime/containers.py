@@ -380,7 +380,8 @@ class Runtime:
             left = max(deadline - time.monotonic(), 1.0)
             wait = ExecSpec(["systemctl", "is-system-running", "--wait"])
             status = self.exec(name, wait, timeout=left).stdout.strip()
-            if status or time.monotonic() > deadline:
+            # "offline" too, until systemd has made /run/systemd/system just after exec
+            if status not in ("", "offline") or time.monotonic() > deadline:
                 break
             time.sleep(0.05)  # poll interval; the deadline bounds the wait
         if status != "running":

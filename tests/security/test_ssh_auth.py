@@ -28,7 +28,7 @@ import pytest
 
 from hostd.api import Channel
 from hostd.client import request
-from hostd.errors import HostdError
+from runtime.errors import RuntimeFailure
 from tests.hostd_harness import (
     Hostd,
     Login,
@@ -242,7 +242,7 @@ def test_expired_or_locked_accounts_cannot_log_in_by_key(
     try:
         _fails(alice, "127.0.0.8")
         # the other door (hostd-login behind OpenSSH, a user's `hostctl exec`) refuses too
-        with pytest.raises(HostdError, match=f"{alice.user} may not log in: "):
+        with pytest.raises(RuntimeFailure, match=f"{alice.user} may not log in: "):
             _exec_as(gateway, alice.user, ["true"])
     finally:
         subprocess.run([*unlock, alice.user], check=True, capture_output=True)

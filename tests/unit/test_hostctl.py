@@ -331,11 +331,6 @@ def test_help_and_usage_load_neither_protocol_nor_configuration() -> None:
     assert not loaded & {*HEAVY, "hostd.protocol", "hostd.client", "hostd.config"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hostd.config imports runtime.containers and runtime.network for Settings and "
-    "NetworkConfig until the rtsplit branch moves them to stdlib-only modules",
-)
 def test_a_request_loads_no_runtime() -> None:
     # all that `hostctl exec` and every other request (but doctor) import
     assert not _loaded("hostd.hostctl", "hostd.ctl", "hostd.config") & HEAVY

@@ -19,15 +19,17 @@ from hostd import protocol as p
 from hostd.api import Channel, Peer
 from hostd.service import Service
 from hostd.sessions import Sessions
-from hostd.state import IdRangeRecord, Quota, Tenant
+from hostd.state import IdRangeRecord, Tenant
 from hostd.tenants import Rebase, Tenants, TenantStatus
+from runtime.containers import Runtime
 from runtime.errors import NotFound
 from runtime.images import Manifest
+from runtime.limits import Limits
 
 TENANT_OPS = ("status", "start", "exec")
 ROOT = Peer(pid=os.getpid(), uid=0, gid=0)
 NOBODY = Peer(pid=os.getpid(), uid=65534, gid=65534)  # an account, and not a tenant here
-QUOTA = Quota(cpus=1.5, memory=2 << 30, pids=100, disk=None)
+QUOTA = Limits(cpus=1.5, memory=2 << 30, pids=100, disk=None)
 MANIFEST = Manifest("default", "default@1", "2026-11-30T10:00:00Z", "recipe", 1 << 20, ("a 1",))
 
 
@@ -64,7 +66,7 @@ class FakeTenants:
             containers=lambda: [],
             state=lambda user: SimpleNamespace(container=container, status="running", pid=1),
         )
-        self.config = SimpleNamespace(limits=SimpleNamespace(cpus=None, memory=1, pids=2, disk=3))
+        self.config = SimpleNamespace(limits=Limits(None, 1, 2, 3))
         self.state = SimpleNamespace(
             tenants=lambda: list(self.tenants.values()),
             events=lambda user, limit: [("t1", user, "added"), ("t2", user, "started")],
@@ -86,7 +88,7 @@ class FakeTenants:
     def address(self, user: str) -> str:
         return "10.231.64.2"
 
-    def add(self, user: str, image: str | None, quota: Quota, progress: Any) -> Tenant:
+    def add(self, user: str, image: str | None, quota: Limits, progress: Any) -> Tenant:
         self.calls.append(("add", user, image, quota))
         return _tenant(user)
 
@@ -179,6 +181,7 @@ def world() -> World:
     tenants, sessions, refreshed = FakeTenants(), FakeSessions(), []
     service = Service(
         cast(Tenants, tenants),
+        cast(Runtime, tenants.runtime),
         "hostd-test-no-such-group",
         cast(Sessions, sessions),
         lambda: refreshed.append(1),
@@ -289,7 +292,7 @@ def test_replies_round_floats_and_carry_what_show_needs(world: World) -> None:
 
 def test_limits_are_parsed_and_none_lifts_one(world: World) -> None:
     result(world, "user.add", {"user": "alice", "memory": "1G", "cpus": "none"})
-    assert last_call(world) == ("add", "alice", None, Quota(None, 1 << 30, 2, 3))
+    assert last_call(world) == ("add", "alice", None, Limits(None, 1 << 30, 2, 3))
     applied = result(world, "quota.set", {"user": "root", "pids": "50", "disk": "unlimited"})
     assert applied["applied"] == {"pids": "now", "disk": "now"}
     assert last_call(world) == ("set_quota", "root", {"pids": 50, "disk": None})

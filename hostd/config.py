@@ -8,19 +8,18 @@ file and key to fix: a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import ipaddress
-import json
 import math
 import os
 import re
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from hostd import configfiles
+from hostd.configfiles import Setting, check_path, read_text, toml_setting
 from hostd.errors import HostdError
 from hostd.units import parse_count, parse_cpus, parse_size
-from runtime.errors import RuntimeFailure
 from runtime.ids import MAX_ID, MIN_START, RANGE_SIZE
 from runtime.limits import Limits
 from runtime.names import check_name
@@ -33,7 +32,6 @@ from runtime.netplan import (
 )
 from runtime.settings import RootfsMode, Settings
 
-MAIN = Path("/etc/hostd/hostd.toml")
 ID_OWNER = "hostd-ids"  # the locked system account tenants' ranges are registered under
 
 
@@ -152,12 +150,6 @@ class Config:
 
 
 # -- checks: each takes a TOML value, returns what the dataclass holds, or raises ValueError(fix)
-
-
-def _path(value: Any) -> Path:
-    if not isinstance(value, str) or not PurePosixPath(value).is_absolute() or "\0" in value:
-        raise ValueError('use an absolute path (starting with "/")')
-    return Path(value)
 
 
 def _program(value: Any) -> str:
@@ -290,21 +282,21 @@ class _Key:
 
 _SCHEMA: dict[str, dict[str, _Key]] = {
     "paths": {
-        "state_dir": _Key("/var/lib/hostd", _path),
-        "run_dir": _Key("/run/hostd", _path),
-        "admin_socket": _Key("/run/hostd/admin.sock", _path),
-        "user_socket": _Key("/run/hostd/user.sock", _path),
-        "subuid": _Key("/etc/subuid", _path),
-        "subgid": _Key("/etc/subgid", _path),
-        "login_defs": _Key("/etc/login.defs", _path),
+        "state_dir": _Key("/var/lib/hostd", check_path),
+        "run_dir": _Key("/run/hostd", check_path),
+        "admin_socket": _Key(configfiles.ADMIN_SOCKET, check_path),
+        "user_socket": _Key("/run/hostd/user.sock", check_path),
+        "subuid": _Key("/etc/subuid", check_path),
+        "subgid": _Key("/etc/subgid", check_path),
+        "login_defs": _Key("/etc/login.defs", check_path),
     },
     "runtime": {
         "runc": _Key("runc", _program),
         "cgroup_parent": _Key("hostd", _cgroup_name),
         "rootfs_mode": _Key("auto", RootfsMode.parse),
         "default_image": _Key("default", _image),
-        "recipes_dir": _Key(None, _path),
-        "cache_dir": _Key("/var/cache/hostd/debootstrap", _path),
+        "recipes_dir": _Key(None, check_path),
+        "cache_dir": _Key("/var/cache/hostd/debootstrap", check_path),
         "stop_timeout": _Key(30.0, _seconds),
     },
     "subids": {
@@ -355,44 +347,28 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
 }
 
 
-@dataclass(frozen=True)
-class _Setting:
-    """A value before checking, and where it came from, for error messages."""
-
-    value: Any
-    origin: str  # a file, or "default"
-    text: str  # as written: '[runtime] rootfs_mode = "fast"' or 'SUB_UID_MIN 1000'
-
-    def check(self, check: Callable[[Any], Any]) -> Any:
-        if self.value is None:
-            return None
-        try:
-            return check(self.value)
-        except RuntimeFailure as exc:
-            fix = exc.fix
-        except ValueError as exc:
-            fix = str(exc)
-        raise HostdError(f"{self.origin}: {self.text} is invalid", fix)
-
-
-def _toml(section: str, key: str, value: Any, origin: str) -> _Setting:
-    rendered = json.dumps(value, ensure_ascii=False, default=str)
-    return _Setting(value, origin, f"[{section}] {key} = {rendered}")
-
-
-def load(main: Path = MAIN, dropin_dir: Path | None = None) -> Config:
+def load(main: Path = configfiles.MAIN, dropin_dir: Path | None = None) -> Config:
     """The configuration from `main` (all defaults if missing) and its drop-ins, checked."""
-    if dropin_dir is None:
-        dropin_dir = main.with_name(main.name + ".d")
-    given: dict[tuple[str, str], _Setting] = {}
-    for file in [main, *sorted(dropin_dir.glob("*.toml"), key=lambda p: p.name)]:
-        given.update(_read_toml(file))
+    given = configfiles.read(main, dropin_dir)
+    for section, key in given:
+        if section not in _SCHEMA:
+            raise HostdError(
+                f"{given[section, key].origin}: unknown section [{section}]",
+                "see etc/hostd.toml for the sections",
+            )
+        if key not in _SCHEMA[section]:
+            raise HostdError(
+                f"{given[section, key].origin}: unknown key [{section}] {key}",
+                "see etc/hostd.toml for the keys",
+            )
     defaults = {
-        (section, key): _toml(section, key, spec.default, "default")
+        (section, key): toml_setting(section, key, spec.default, "default")
         for section, keys in _SCHEMA.items()
         for key, spec in keys.items()
     }
-    login_defs = given.get(("paths", "login_defs"), defaults["paths", "login_defs"]).check(_path)
+    login_defs = given.get(("paths", "login_defs"), defaults["paths", "login_defs"]).check(
+        check_path
+    )
     settings = defaults | _from_login_defs(login_defs) | given
     values = {
         section: {key: settings[section, key].check(spec.check) for key, spec in keys.items()}
@@ -420,7 +396,7 @@ def load(main: Path = MAIN, dropin_dir: Path | None = None) -> Config:
     )
 
 
-def _from_login_defs(path: Path) -> dict[tuple[str, str], _Setting]:
+def _from_login_defs(path: Path) -> dict[tuple[str, str], Setting]:
     """Settings whose default /etc/login.defs overrides, so hostd agrees with useradd."""
     defs = read_login_defs(path)
     found = {}
@@ -429,57 +405,16 @@ def _from_login_defs(path: Path) -> dict[tuple[str, str], _Setting]:
             if spec.login_defs is not None and spec.login_defs in defs:
                 text = defs[spec.login_defs]
                 value = int(text) if re.fullmatch(r"[0-9]{1,10}", text) else text
-                found[section, key] = _Setting(value, str(path), f"{spec.login_defs} {text}")
-    return found
-
-
-def _read_toml(file: Path) -> dict[tuple[str, str], _Setting]:
-    text = _read_text(file)
-    if text is None:
-        return {}
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise HostdError(f"{file}: {exc}", "fix the TOML syntax") from None
-    found = {}
-    for section, table in data.items():
-        if not isinstance(table, dict):
-            raise HostdError(
-                f"{file}: {section} is outside any section", "see etc/hostd.toml for the sections"
-            )
-        if section not in _SCHEMA:
-            raise HostdError(
-                f"{file}: unknown section [{section}]", "see etc/hostd.toml for the sections"
-            )
-        for key, value in table.items():
-            if key not in _SCHEMA[section]:
-                raise HostdError(
-                    f"{file}: unknown key [{section}] {key}", "see etc/hostd.toml for the keys"
-                )
-            found[section, key] = _toml(section, key, value, str(file))
+                found[section, key] = Setting(value, str(path), f"{spec.login_defs} {text}")
     return found
 
 
 def read_login_defs(path: Path) -> dict[str, str]:
     """`KEY VALUE` lines of /etc/login.defs (none if it is missing), for its ID ranges."""
-    text = _read_text(path) or ""
+    text = read_text(path) or ""
     defs = {}
     for line in text.splitlines():
         fields = line.split(None, 1)
         if len(fields) == 2 and not fields[0].startswith("#"):
             defs[fields[0]] = fields[1].strip()
     return defs
-
-
-def _read_text(path: Path) -> str | None:
-    """The file's text, None if it does not exist."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise HostdError(
-            f"cannot read {path} ({exc.strerror})", "make it a readable file"
-        ) from None
-    except UnicodeDecodeError:
-        raise HostdError(f"{path} is not UTF-8 text", "fix or remove the file") from None

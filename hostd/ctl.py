@@ -29,11 +29,9 @@ class Client:
     @classmethod
     def of(cls, args: argparse.Namespace) -> Client:
         """The admin socket of the configuration named on the command line."""
-        from hostd import config  # not for --help, completion or usage errors
+        from hostd import configfiles  # not for --help, completion or usage errors
 
-        return cls(
-            config.load(Path(args.config or config.MAIN)).paths.admin_socket, bool(args.json)
-        )
+        return cls(configfiles.admin_socket(Path(args.config or configfiles.MAIN)), bool(args.json))
 
     def progress(self, text: str) -> None:
         if not self.json:
@@ -77,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from hostd import config, doctor  # the runtime's checks: only for this command
+    from hostd import config, configfiles, doctor  # the runtime's checks: only for this command
 
-    checks = doctor.run(config.load(Path(args.config or config.MAIN)))
+    checks = doctor.run(config.load(Path(args.config or configfiles.MAIN)))
     print_table(
         args.json,
         [c._asdict() for c in checks],

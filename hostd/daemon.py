@@ -20,7 +20,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from hostd import accounts, hostlimits
+from hostd import accounts, configfiles, hostlimits
 from hostd import config as config_mod
 from hostd.api import Channel, Peer, close_fds, peer_of
 from hostd.apiserver import Door, Refused, Request, Workers, read_request, refuse
@@ -284,7 +284,7 @@ def _timeval(seconds: float) -> bytes:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hostd", description=__doc__)
-    p.add_argument("--config", type=Path, default=config_mod.MAIN)
+    p.add_argument("--config", type=Path, default=configfiles.MAIN)
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     setup_logging(args.debug)

@@ -10,6 +10,7 @@ from typing import get_type_hints
 
 import pytest
 
+from hostd import configfiles
 from hostd.config import (
     ApiSettings,
     Config,
@@ -445,3 +446,15 @@ def test_network_settings(tmp_path: Path) -> None:
     main.write_text('[network]\nbridge = "hostd7"\nsubnet = "10.9.0.0/24"\ndns = ["10.0.0.53"]\n')
     net = load(main).network
     assert (net.bridge, net.subnet, net.dns) == ("hostd7", "10.9.0.0/24", ("10.0.0.53",))
+
+
+def test_hostctl_finds_the_admin_socket_as_configured(files: Files) -> None:
+    main = files.main
+    assert configfiles.admin_socket(main) == Path(configfiles.ADMIN_SOCKET)  # no file: default
+    files.write_main('[paths]\nadmin_socket = "/srv/a.sock"\n')
+    assert configfiles.admin_socket(main) == Path("/srv/a.sock")
+    files.write_dropin("50-socket.toml", '[paths]\nadmin_socket = "/srv/b.sock"\n')
+    assert configfiles.admin_socket(main) == Path("/srv/b.sock") == files.load().paths.admin_socket
+    files.write_dropin("60-bad.toml", '[paths]\nadmin_socket = "relative.sock"\n')
+    with pytest.raises(HostdError, match=r"60-bad.toml: \[paths\] admin_socket = .* is invalid"):
+        configfiles.admin_socket(main)

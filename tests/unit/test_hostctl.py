@@ -331,6 +331,7 @@ def test_help_and_usage_load_neither_protocol_nor_configuration() -> None:
     assert not loaded & {*HEAVY, "hostd.protocol", "hostd.client", "hostd.config"}
 
 
-def test_a_request_loads_no_runtime() -> None:
+def test_a_request_loads_no_runtime_and_not_the_whole_configuration() -> None:
     # all that `hostctl exec` and every other request (but doctor) import
-    assert not _loaded("hostd.hostctl", "hostd.ctl", "hostd.config") & HEAVY
+    loaded = _loaded("hostd.hostctl", "hostd.ctl", "hostd.configfiles")
+    assert not loaded & {*HEAVY, "hostd.config", "runtime.netplan", "dataclasses"}

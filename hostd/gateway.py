@@ -338,7 +338,6 @@ class Gateway:
     ) -> None:
         self.tenants = tenants
         self.sessions = sessions
-        self.runtime = tenants.runtime
         self.settings = settings
         self.key_path = key_dir / "ssh_host_ed25519_key"
         self.limiter = FailureLimiter(settings.max_failures)

@@ -23,12 +23,14 @@ from runtime.containers import Runtime
 from runtime.execs import ExecSpec
 from runtime.ids import IdRange
 from runtime.settings import Settings
-from tests.hostd_harness import Hostd, UnixUsers, free_port, make_busybox_tar
+from tests.hostd_harness import Hostd, UnixUsers, free_port, free_subnet, make_busybox_tar
 
 CGROUP_PARENT = "hostd-test"
 # Never the production hostd0, nor the names test_network.py uses (hostdn/u/v<pid>).
 TEST_BRIDGE = f"hostdt{os.getpid()}"  # pid_max is 7 digits at most: within IFNAMSIZ
 TEST_TABLE = f"hostd_test_{os.getpid()}"
+TEST_SUBNET = free_subnet(20)  # the hostd fixture's bridge network, this session's own
+TEST_GATEWAY = TEST_SUBNET.network_address + 1  # the bridge's address, the tenants' DNS
 _starts = itertools.count(1_000_000, 65536)
 
 
@@ -155,7 +157,7 @@ def hostd(rt: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hos
         f'[gateway]\nlisten = "127.0.0.1:{h.ssh_port}"\nmax_failures = 1000\n'
         "max_unauthenticated_per_source = 64\n"
         f'[network]\nbridge = "{TEST_BRIDGE}"\nnft_table = "{TEST_TABLE}"\n'
-        'subnet = "10.231.64.0/20"\ndns = ["10.231.64.1"]\n'
+        f'subnet = "{TEST_SUBNET}"\ndns = ["{TEST_GATEWAY}"]\n'
     )
     h.start()
     yield h

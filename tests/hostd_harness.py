@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
+import json
 import os
 import pwd
 import re
@@ -313,6 +315,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+_SUBNET_POOL = ipaddress.IPv4Network("10.240.0.0/12")  # apart from every fixed test subnet
+_handed_out: list[ipaddress.IPv4Network] = []
+
+
+def free_subnet(prefixlen: int) -> ipaddress.IPv4Network:
+    """A private IPv4 subnet for a test bridge that no interface of this host has an address
+    in, and not handed out before in this session: concurrent test sessions (helpers, CI)
+    get networks of their own. The search starts at a place our PID picks."""
+    listing = subprocess.run(
+        ["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    used = [
+        ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}").network
+        for link in json.loads(listing)
+        for a in link.get("addr_info", [])
+    ] + _handed_out
+    subnets = list(_SUBNET_POOL.subnets(new_prefix=prefixlen))
+    first = os.getpid() % len(subnets)
+    for net in subnets[first:] + subnets[:first]:
+        if not any(net.overlaps(u) for u in used):
+            _handed_out.append(net)
+            return net
+    raise RuntimeError(f"no free /{prefixlen} left in {_SUBNET_POOL}")
 
 
 class UnixUsers:

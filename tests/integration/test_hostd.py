@@ -24,7 +24,7 @@ from runtime import mountinfo
 from runtime.containers import Runtime
 from runtime.errors import NotFound, RuntimeFailure
 from runtime.limits import Limits
-from tests.conftest import CGROUP_PARENT
+from tests.conftest import CGROUP_PARENT, TEST_GATEWAY
 from tests.hostd_harness import Hostd, UnixUsers, connect_as, wait_for
 
 
@@ -332,7 +332,7 @@ def test_doctor(hostd: Hostd) -> None:
         "inotify",
         "home quotas",
     ]
-    assert "tenants use 10.231.64.1 (configured)" in res.stdout
+    assert f"tenants use {TEST_GATEWAY} (configured)" in res.stdout
     assert "syscalls denied)" in res.stdout
     assert res.returncode == 0, res.stdout
 

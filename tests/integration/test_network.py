@@ -24,14 +24,15 @@ from runtime import network
 from runtime.errors import RuntimeFailure
 from runtime.netplan import Forward, NetworkConfig, container_mac, veth_name
 from runtime.network import attach, detach
-from tests.hostd_harness import wait_for
+from tests.hostd_harness import free_subnet, wait_for
 
 PID = os.getpid()
+SUBNET = free_subnet(24)
 CFG = NetworkConfig(
     bridge=f"hostdn{PID}",  # not conftest's hostdt<pid>/hostd_test_<pid> of the hostd fixture
-    subnet="10.231.128.0/24",  # outside the default 10.213.0.0/16 of a hostd on this host
+    subnet=str(SUBNET),  # this session's own, outside the default 10.213.0.0/16
     nft_table=f"hostd_test_{PID}_n",
-    dns=("10.231.128.1",),  # the bridge serves DNS: port 53 there is open to tenants
+    dns=(str(SUBNET.network_address + 1),),  # the bridge serves DNS: port 53 open to tenants
 )
 GW = str(CFG.bridge_address().ip)
 GRANTED, UNGRANTED, SINK, HOST_SERVICE = 20001, 20002, 20003, 8081
@@ -425,7 +426,7 @@ def test_attach_to_a_process_that_is_gone_says_so(net: Net) -> None:
 
 def test_teardown_leaves_nothing(spaces: Namespaces) -> None:
     cfg = NetworkConfig(
-        bridge=f"hostdu{PID}", subnet="10.231.129.0/24", nft_table=f"hostd_test_{PID}_u"
+        bridge=f"hostdu{PID}", subnet=str(free_subnet(24)), nft_table=f"hostd_test_{PID}_u"
     )
     e = spaces.add("e", cfg.address_for(0))
     try:

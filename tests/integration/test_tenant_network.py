@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from runtime import netplan
-from tests.conftest import TEST_BRIDGE, TEST_TABLE
+from tests.conftest import TEST_BRIDGE, TEST_GATEWAY, TEST_SUBNET, TEST_TABLE
 from tests.hostd_harness import Hostd, UnixUsers, wait_for
 
 SERVE = (
@@ -76,7 +76,7 @@ def test_granted_port_serves_the_tenants_container(
     _, b = two_tenants
     hostd.hostctl("ports", "grant", b, "20001")
     bridge = str(
-        netplan.NetworkConfig(TEST_BRIDGE, "10.231.64.0/20", TEST_TABLE).bridge_address().ip
+        netplan.NetworkConfig(TEST_BRIDGE, str(TEST_SUBNET), TEST_TABLE).bridge_address().ip
     )
     assert _http("127.0.0.1", 20001).strip() == f"served-by-{b}"
     assert _http(bridge, 20001).strip() == f"served-by-{b}"
@@ -98,16 +98,15 @@ def test_tenants_cannot_reach_each_other_or_the_host(
     assert hostd.hostctl("exec", a, "--", "sh", "-c", ping, check=False).returncode != 0
     # the host's own services (here: hostd's neighbour, a listener on the bridge address)
     with socket.socket() as listener:
-        bridge = netplan.NetworkConfig(TEST_BRIDGE, "10.231.64.0/20", TEST_TABLE)
+        bridge = netplan.NetworkConfig(TEST_BRIDGE, str(TEST_SUBNET), TEST_TABLE)
         listener.bind((str(bridge.bridge_address().ip), 0))
         listener.listen()
         port = listener.getsockname()[1]
         probe = f"curl -sS --max-time 3 http://{bridge.bridge_address().ip}:{port}/"
         assert hostd.hostctl("exec", a, "--", "sh", "-c", probe, check=False).returncode != 0
     # DNS: the configured nameserver
-    assert (
-        "nameserver 10.231.64.1" in hostd.hostctl("exec", a, "--", "cat", "/etc/resolv.conf").stdout
-    )
+    resolv = hostd.hostctl("exec", a, "--", "cat", "/etc/resolv.conf").stdout
+    assert f"nameserver {TEST_GATEWAY}" in resolv
     # the inner Docker cannot take host ports: B's published 20002 is not on the host
     assert _refused("127.0.0.1", 20002)
 

@@ -23,7 +23,7 @@ import pytest
 from runtime import netplan, network
 from runtime.netplan import NetworkConfig, container_mac
 from runtime.network import attach, detach
-from tests.hostd_harness import POLL_INTERVAL, wait_for
+from tests.hostd_harness import POLL_INTERVAL, free_subnet, wait_for
 from tests.integration.test_network import (
     Namespaces,
     Tenant,
@@ -34,7 +34,7 @@ from tests.integration.test_network import (
 PID = os.getpid()
 CFG = NetworkConfig(
     bridge=f"hostds{PID}",  # apart from hostdt/hostdn/hostdu/hostdv<pid> of other tests
-    subnet="10.231.130.0/24",  # apart from the other tests' subnets and the default one
+    subnet=str(free_subnet(24)),  # this session's own, apart from the default one
     nft_table=f"hostd_test_{PID}_s",
 )
 GW = str(CFG.bridge_address().ip)

@@ -175,6 +175,13 @@ class Runtime:
         lifecycle.check_host(self.settings.runc)
         with self._locked():
             current = self.runc.state(name)
+            if current is not None and current.status == "created":
+                # A start cut short: its caller died between `runc create` and `runc start`
+                # (starts hold this lock throughout). Nothing runs there yet: start afresh.
+                log.warning("%s: clearing a start that was cut short", name)
+                lifecycle.halt(self.runc, name, current.pid, 0)
+                self._release_held(c)
+                current = None
             if current is not None and current.status in ("running", "paused", "created"):
                 raise Conflict(f"container {name!r} is already {current.status}", "stop it first")
             if current is not None:
@@ -225,13 +232,17 @@ class Runtime:
         self.runc.kill(name, sig, all_processes=sig == signal.SIGKILL)
 
     def _release(self, c: Container) -> None:
-        """Drop everything a stopped container holds: runc state, cgroups, mounts."""
         with self._locked():
-            self.runc.delete(c.name)
-            if c.address is not None:
-                network.detach(c.name)
-            cgroups.remove(self._cgroup_plan(c))
-            storage.unmount(self.records.dir(c.name), c)
+            self._release_held(c)
+
+    def _release_held(self, c: Container) -> None:
+        """Drop everything a stopped container holds: runc state, cgroups, mounts, its link.
+        Call with the lock held."""
+        self.runc.delete(c.name)
+        if c.address is not None:
+            network.detach(c.name)
+        cgroups.remove(self._cgroup_plan(c))
+        storage.unmount(self.records.dir(c.name), c)
 
     def delete(self, name: str, force: bool = False) -> None:
         """Delete a container and all its data; also the remains of one whose creation was

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from runtime import mountinfo
@@ -76,6 +79,35 @@ def test_stop_then_start_again(rt: Runtime, make_container: ContainerFactory) ->
     rt.start(name)
     rt.wait_ready(name)
     assert sh(rt, name, "cat /root/file").strip() == "persisted"
+
+
+# A child that starts the container and is killed -9 between `runc create` and `runc start`.
+CUT_SHORT = """
+import os, signal, sys
+from pathlib import Path
+from runtime.containers import Runtime
+from runtime.runc import Runc
+from runtime.settings import Settings
+Runc.start = lambda self, name: os.kill(os.getpid(), signal.SIGKILL)
+Runtime(Settings(Path(sys.argv[1]), cgroup_parent=sys.argv[2])).start(sys.argv[3])
+"""
+
+
+def test_a_start_cut_short_by_kill_9_is_started_afresh(
+    rt: Runtime, make_container: ContainerFactory
+) -> None:
+    name = make_container("cut", start=False)
+    child = subprocess.run(
+        [sys.executable, "-c", CUT_SHORT, str(rt.state_dir), CGROUP_PARENT, name], check=False
+    )
+    assert child.returncode == -signal.SIGKILL
+    assert rt.state(name).status == "created"  # init waits on runc's exec fifo, for ever
+    rt.start(name)
+    rt.wait_ready(name)
+    assert rt.state(name).status == "running"
+    rt.stop(name)
+    assert mountinfo.mounts_under(str(rt.state_dir / "containers" / name)) == []
+    assert _cgroup_dirs(name) == []
 
 
 def test_delete_leaves_nothing(rt: Runtime, make_container: ContainerFactory) -> None:

@@ -24,6 +24,8 @@ def proc_sys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "fs/inotify").mkdir(parents=True)
     (tmp_path / "fs/inotify/max_user_instances").write_text("128\n")
     (tmp_path / "fs/inotify/max_user_watches").write_text("8192\n")
+    (tmp_path / "kernel").mkdir()
+    (tmp_path / "kernel/pid_max").write_text("32768\n")
     return tmp_path
 
 
@@ -37,6 +39,7 @@ def test_settings_are_raised_and_reported(proc_sys: Path) -> None:
     assert hostlimits.raise_settings() == [
         "raised fs.inotify.max_user_instances from 128 to 1024",
         "raised fs.inotify.max_user_watches from 8192 to 524288",
+        "raised kernel.pid_max from 32768 to 4194304",
     ]
     assert (proc_sys / "fs/inotify/max_user_instances").read_text() == "1024"
     assert hostlimits.raise_settings() == []  # nothing more to do
@@ -45,6 +48,7 @@ def test_settings_are_raised_and_reported(proc_sys: Path) -> None:
 
 def test_a_higher_value_set_by_the_admin_is_kept(proc_sys: Path) -> None:
     (proc_sys / "fs/inotify/max_user_instances").write_text("8192\n")
+    (proc_sys / "kernel/pid_max").write_text("4194304\n")
     assert hostlimits.raise_settings() == ["raised fs.inotify.max_user_watches from 8192 to 524288"]
     assert (proc_sys / "fs/inotify/max_user_instances").read_text() == "8192\n"
 

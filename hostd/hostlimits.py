@@ -187,28 +187,28 @@ def disk_headroom(
     """The state dir's file system against the sparse volumes: each may grow to its quota, and
     a full file system fails every tenant's writes at once (I/O errors in their volumes)."""
     text = f"{human_size(free)} free of {human_size(size)} on {where}"
-    low = free < size * (1 - FULL)
+    growth = 0
     if tenants is None:
-        room = (
-            f"room for {free // default} full volumes of {human_size(default)}" if default else ""
+        text += "; no tenants yet"
+        if default:
+            text += f"; room for {free // default} full volumes of {human_size(default)}"
+    else:
+        quotas, unlimited = _total([t.quota.disk for t in tenants])
+        taken = sum(t.volume for t in tenants)
+        growth = sum(max(t.quota.disk - t.volume, 0) for t in tenants if t.quota.disk is not None)
+        text += (
+            f"; {len(tenants)} tenants' volumes take {human_size(taken)}, quotas add up to "
+            f"{human_size(quotas)} ({quotas / max(taken + free, 1):.1f}x the space"
+            f"{_unlimited(unlimited)})"
         )
-        return not low, f"{text}; no tenants yet{'; ' + room if room else ''}"
-    quotas, unlimited = _total([t.quota.disk for t in tenants])
-    taken = sum(t.volume for t in tenants)
-    growth = sum(max(t.quota.disk - t.volume, 0) for t in tenants if t.quota.disk is not None)
-    text += (
-        f"; {len(tenants)} tenants' volumes take {human_size(taken)}, quotas add up to "
-        f"{human_size(quotas)} ({quotas / max(taken + free, 1):.1f}x the space"
-        f"{_unlimited(unlimited)})"
-    )
     if growth > free:
         return False, (
             f"{text}: the volumes may grow by {human_size(growth)} more than is free, and a "
             "full file system fails every tenant's writes: add space, or lower disk quotas "
             "(`hostctl quota set USER --disk SIZE`)"
         )
-    if low:
-        return False, f"{text}: less than {1 - FULL:.0%} free: add space or remove tenants"
+    if free < size * (1 - FULL):
+        return False, f"{text}: less than {1 - FULL:.0%} free: add space or remove data"
     return True, text
 
 

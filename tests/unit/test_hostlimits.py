@@ -122,3 +122,19 @@ def test_container_joins_the_user_namespace_made_for_it() -> None:
     assert linux["namespaces"][0] == {"type": "user", "path": "/proc/42/fd/7"}
     assert all(set(ns) == {"type"} for ns in linux["namespaces"][1:])  # the rest are new
     assert linux["uidMappings"] == [{"containerID": 0, "hostID": 231072, "size": 65536}]
+
+
+@pytest.mark.parametrize(
+    ("taken", "free"),
+    [
+        ([], 10),
+        ([(0, 99999), (755360, 999999)], 10),  # outside the bounds
+        ([(100000, 165535), (120000, 130000)], 9),  # overlapping entries
+        ([(400000, 400000)], 9),  # one ID in the middle costs a whole range
+        ([(100000, 755359)], 0),
+    ],
+)
+def test_free_ranges_count_whole_ranges_between_the_taken(
+    taken: list[tuple[int, int]], free: int
+) -> None:
+    assert hostlimits.free_ranges(taken, 100000, 755359, 65536) == free

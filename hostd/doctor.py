@@ -6,21 +6,28 @@ import os
 import platform
 import pwd
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from hostd import hostlimits
 from hostd.config import Config
+from hostd.hostlimits import TenantLoad
 from hostd.subids import SubIdFiles, owner_problem
 from runtime import cgroups, mountinfo, proc, seccomp, syscalls, sysctl, volume
-from runtime.ids import IdRange
+from runtime.ids import RANGE_SIZE, IdRange
+from runtime.limits import Limits
+from runtime.records import Records
 from runtime.storage import prepare_state_dir
 from runtime.userns import user_namespace
 
 FILESYSTEMS = Path("/proc/filesystems")
 APPARMOR = Path("/sys/module/apparmor/parameters/enabled")
+MEMINFO = Path("/proc/meminfo")
+LOADAVG = Path("/proc/loadavg")
+KEY_USERS = Path("/proc/key-users")
 
 
 class Check(NamedTuple):
@@ -221,6 +228,111 @@ def _home_quota(cfg: Config) -> tuple[bool, str]:
     return True, support.describe()
 
 
+# -- headroom: the tenants' quotas (hostd's state, read-only) against the host ---------------
+
+
+def _state_rows(cfg: Config, sql: str) -> list[tuple[Any, ...]] | None:
+    """Rows of a query on hostd's state, opened read-only; None when hostd never ran."""
+    path = cfg.paths.state_dir / "hostd.db"
+    if not path.exists():
+        return None
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def _usage(layout: cgroups.Layout, cfg: Config, user: str) -> cgroups.Usage | None:
+    """What a tenant's cgroup holds now; None when it is not running."""
+    try:
+        return cgroups.usage(layout, cfg.runtime.cgroup_parent, user)
+    except (OSError, KeyError):  # no cgroup: not running
+        return None
+
+
+def _volume(cfg: Config, user: str) -> int:
+    """Bytes of host disk a tenant's sparse volume takes (0 without one)."""
+    try:
+        return os.stat(Records(cfg.paths.state_dir).dir(user) / "data.img").st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def _tenants(cfg: Config) -> list[TenantLoad] | None:
+    rows = _state_rows(
+        cfg,
+        "SELECT t.user, t.range_start, q.cpus, q.memory, q.pids, q.disk"
+        " FROM tenants t LEFT JOIN quotas q ON q.user = t.user ORDER BY t.user",
+    )
+    if rows is None:
+        return None
+    layout = cgroups.detect(mountinfo.current())
+    found = []
+    for user, start, *quota in rows:
+        used = _usage(layout, cfg, user)
+        memory, pids = (used.memory, used.pids) if used else (None, None)
+        found.append(TenantLoad(user, start, Limits(*quota), memory, pids, _volume(cfg, user)))
+    return found
+
+
+def _memory() -> tuple[int, int]:
+    """Total and available memory in bytes."""
+    lines = (line.split(":", 1) for line in MEMINFO.read_text().splitlines() if ":" in line)
+    kib = {key: int(value.split()[0]) for key, value in lines}
+    return kib["MemTotal"] * 1024, kib["MemAvailable"] * 1024
+
+
+def _memory_headroom(cfg: Config) -> tuple[bool, str]:
+    total, available = _memory()
+    return hostlimits.memory_headroom(total, available, _tenants(cfg))
+
+
+def _space(path: Path) -> tuple[int, int]:
+    """Size and free bytes of the file system holding `path` (or its nearest existing parent)."""
+    while not path.exists():
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+
+def _disk_headroom(cfg: Config) -> tuple[bool, str]:
+    size, free = _space(cfg.paths.state_dir)
+    return hostlimits.disk_headroom(
+        str(cfg.paths.state_dir), size, free, _tenants(cfg), cfg.limits.disk
+    )
+
+
+def _pid_headroom(cfg: Config) -> tuple[bool, str]:
+    tasks = int(LOADAVG.read_text().split()[3].split("/")[1])  # all threads on the host
+    return hostlimits.pid_headroom(
+        int(sysctl.read("kernel/pid_max")),
+        int(sysctl.read("kernel/threads-max")),
+        tasks,
+        _tenants(cfg),
+        cfg.limits.pids,
+    )
+
+
+def _keys_headroom(cfg: Config) -> tuple[bool, str]:
+    users = hostlimits.parse_key_users(KEY_USERS.read_text())
+    return hostlimits.keys_headroom(
+        int(sysctl.read("kernel/keys/maxkeys")),
+        int(sysctl.read("kernel/keys/maxbytes")),
+        users,
+        _tenants(cfg),
+    )
+
+
+def _subid_headroom(cfg: Config) -> tuple[bool, str]:
+    uids, gids = SubIdFiles(cfg.paths.subuid, cfg.paths.subgid).read()
+    recorded = _state_rows(cfg, "SELECT start, status FROM ranges") or []
+    taken = [(e.start, e.end) for e in (*uids, *gids) if e.count > 0]
+    taken += [(start, start + RANGE_SIZE - 1) for start, _ in recorded]
+    quarantined = sum(status == "quarantined" for _, status in recorded)
+    return hostlimits.subid_headroom(taken, cfg.subids.min, cfg.subids.max, RANGE_SIZE, quarantined)
+
+
 CHECKS: tuple[tuple[str, Callable[[Config], tuple[bool, str]]], ...] = (
     ("kernel", _kernel),
     ("user namespaces", _userns),
@@ -239,6 +351,11 @@ CHECKS: tuple[tuple[str, Callable[[Config], tuple[bool, str]]], ...] = (
     ("apparmor", _apparmor),
     ("inotify", _inotify),
     ("home quotas", _home_quota),
+    ("memory headroom", _memory_headroom),
+    ("disk headroom", _disk_headroom),
+    ("task headroom", _pid_headroom),
+    ("kernel keys", _keys_headroom),
+    ("subuid space", _subid_headroom),
 )
 
 

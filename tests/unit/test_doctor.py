@@ -18,8 +18,10 @@ import pytest
 from hostd import config as config_mod
 from hostd import doctor, hostlimits, subids
 from hostd.config import Config
-from runtime import mountinfo, netplan, sysctl, volume
+from hostd.state import State, Tenant
+from runtime import cgroups, mountinfo, netplan, sysctl, volume
 from runtime.ids import IdRange
+from runtime.limits import Limits
 from runtime.mountinfo import Mount
 
 RUNC_VERSION = "runc version 1.1.5\ncommit: v1.1.5\nspec: 1.0.2-dev\ngo: go1.19.8\n"
@@ -537,6 +539,224 @@ def test_home_quotas_unavailable_fail_only_when_configured(
     assert one(wanted, "home quotas", monkeypatch)[1:] == (
         False,
         f"{unavailable}: mount /home with usrquota, or drop [limits] home",
+    )
+
+
+# -- headroom ---------------------------------------------------------------------------------
+
+G = 2**30
+M = 2**20
+
+
+def tenants(cfg: Config, *quotas: Limits, quarantine: int = 0) -> list[str]:
+    """hostd's state with one tenant per quota (ranges from 100000 on), and `quarantine`
+    removed ones whose ranges are held back; their names."""
+    cfg.paths.state_dir.mkdir(parents=True, exist_ok=True)
+    names = [f"t{i}" for i in range(len(quotas) + quarantine)]
+    with State(cfg.paths.state_dir / "hostd.db") as state:
+        for i, name in enumerate(names):
+            quota = quotas[i] if i < len(quotas) else Limits()
+            start = 100000 + i * 65536
+            t = Tenant(
+                name,
+                2000 + i,
+                2000 + i,
+                f"/home/{name}",
+                start,
+                "default",
+                "adding",
+                "running",
+                "2026-01-01T00:00:00+00:00",
+            )
+            state.begin_add(t, quota)
+            state.set_phase(name, "ready")
+            if i >= len(quotas):
+                state.delete_tenant(name, "quarantined")
+    return names[: len(quotas)]
+
+
+def running(monkeypatch: pytest.MonkeyPatch, **used: tuple[int, int]) -> None:
+    """These tenants run, using (memory bytes, tasks); the others are stopped."""
+
+    def usage(_: cgroups.Layout, __: Config, user: str) -> cgroups.Usage | None:
+        return cgroups.Usage(used[user][0], 1.0, used[user][1]) if user in used else None
+
+    monkeypatch.setattr(doctor, "_usage", usage)
+
+
+def memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, total: int, available: int) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(
+        f"MemTotal:       {total // 1024} kB\nMemFree:        1 kB\n"
+        f"MemAvailable:   {available // 1024} kB\n"
+    )
+    monkeypatch.setattr(doctor, "MEMINFO", meminfo)
+
+
+def test_memory_headroom_without_tenants_is_capacity_only(
+    cfg: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memory(tmp_path, monkeypatch, 4 * G, 3 * G)
+    assert one(cfg, "memory headroom", monkeypatch)[1:] == (
+        True,
+        "3G available of 4G; 102 tenants fit at 40M each (assumed); no tenants yet",
+    )
+
+
+def test_memory_headroom_warns_when_starting_the_stopped_tenants_would_fill_it(
+    cfg: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenants(cfg, Limits(memory=4 * G), Limits(memory=4 * G), Limits())
+    running(monkeypatch, t0=(100 * M, 20))
+    memory(tmp_path, monkeypatch, 1 * G, 500 * M)
+    text = (
+        "500M available of 1G; 10 tenants fit at 100M each (the mean of 1 running); "
+        "3 tenants' quotas add up to 8G (8.0x, 1 unlimited)"
+    )
+    assert one(cfg, "memory headroom", monkeypatch)[1:] == (True, text)
+    memory(tmp_path, monkeypatch, 1 * G, 300 * M)
+    assert one(cfg, "memory headroom", monkeypatch)[1:] == (
+        False,
+        text.replace("500M", "300M") + ": starting the 2 stopped would leave 100M available: "
+        "add memory, or move tenants to another host",
+    )
+
+
+def space(monkeypatch: pytest.MonkeyPatch, size: int, free: int, volume: int = 0) -> None:
+    """The state dir's file system, and what each tenant's volume takes of it."""
+    monkeypatch.setattr(doctor, "_space", lambda _: (size, free))
+    monkeypatch.setattr(doctor, "_volume", lambda _, __: volume)
+
+
+def test_disk_headroom_without_tenants_counts_default_volumes(
+    cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    space(monkeypatch, 100 * G, 50 * G)
+    where = cfg.paths.state_dir
+    assert one(cfg, "disk headroom", monkeypatch)[1:] == (
+        True,
+        f"50G free of 100G on {where}; no tenants yet; room for 2 full volumes of 20G",
+    )
+    space(monkeypatch, 100 * G, 10 * G)
+    result = one(cfg, "disk headroom", monkeypatch)
+    assert not result.ok and result.detail.endswith("less than 20% free: add space or remove data")
+
+
+def test_disk_headroom_warns_when_the_volumes_may_outgrow_the_free_space(
+    cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenants(cfg, *[Limits(disk=10 * G)] * 3)
+    space(monkeypatch, 100 * G, 30 * G, volume=1 * G)
+    text = (
+        f"30G free of 100G on {cfg.paths.state_dir}; 3 tenants' volumes take 3G, quotas add "
+        "up to 30G (0.9x the space)"
+    )
+    assert one(cfg, "disk headroom", monkeypatch)[1:] == (True, text)
+    space(monkeypatch, 100 * G, 20 * G, volume=1 * G)
+    assert one(cfg, "disk headroom", monkeypatch)[1:] == (
+        False,
+        text.replace("30G free", "20G free").replace("0.9x", "1.3x")
+        + ": the volumes may grow by 27G more than is free, and a full file system fails "
+        "every tenant's writes: add space, or lower disk quotas "
+        "(`hostctl quota set USER --disk SIZE`)",
+    )
+
+
+def tasks(proc_sys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **values: int) -> None:
+    put(proc_sys, "kernel/pid_max", f"{values.get('pid_max', 32768)}\n")
+    put(proc_sys, "kernel/threads-max", f"{values.get('threads_max', 30000)}\n")
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text(f"0.35 0.84 1.46 5/{values.get('now', 115)} 20379\n")
+    monkeypatch.setattr(doctor, "LOADAVG", loadavg)
+
+
+def test_task_headroom_says_what_binds_and_what_hostd_raises(
+    cfg: Config, proc_sys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tasks(proc_sys, tmp_path, monkeypatch)
+    assert one(cfg, "task headroom", monkeypatch)[1:] == (
+        True,
+        "kernel.threads-max = 30000 binds (115 tasks now); hostd raises kernel.pid_max from "
+        "32768 to 4194304 when it starts; no tenants yet; room for 7 tenants at 4096 each",
+    )
+    tasks(proc_sys, tmp_path, monkeypatch, pid_max=4194304, threads_max=10**7, now=3400000)
+    assert one(cfg, "task headroom", monkeypatch)[1:] == (
+        False,
+        "kernel.pid_max = 4194304 binds (3400000 tasks now): over 80% used: stop tenants, "
+        "or raise kernel.pid_max",
+    )
+
+
+def test_task_headroom_warns_when_the_pid_quotas_add_up_past_the_host(
+    cfg: Config, proc_sys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenants(cfg, *[Limits(pids=4096)] * 7, Limits())
+    tasks(proc_sys, tmp_path, monkeypatch, pid_max=4194304)
+    text = (
+        "kernel.threads-max = 30000 binds (115 tasks now); 8 tenants' quotas add up to 28672, "
+        "1 unlimited"
+    )
+    assert one(cfg, "task headroom", monkeypatch)[1:] == (True, text)
+    tasks(proc_sys, tmp_path, monkeypatch, pid_max=4194304, threads_max=28000)
+    assert one(cfg, "task headroom", monkeypatch)[1:] == (
+        False,
+        text.replace("30000", "28000") + ": tenants at their quotas would leave the host no "
+        "tasks: lower pids quotas (`hostctl quota set USER --pids N`) or raise "
+        "kernel.threads-max",
+    )
+
+
+def key_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    path = tmp_path / "key-users"
+    path.write_text(text)
+    monkeypatch.setattr(doctor, "KEY_USERS", path)
+
+
+def test_kernel_keys_warn_when_a_tenant_or_root_nears_its_quota(
+    cfg: Config, proc_sys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put(proc_sys, "kernel/keys/maxkeys", "200\n")
+    put(proc_sys, "kernel/keys/maxbytes", "20000\n")
+    root = "    0:     9 8/8 3/1000000 88/25000000\n"
+    key_users(tmp_path, monkeypatch, root)
+    text = (
+        "each tenant may hold 200 keys, 20000 bytes (kernel.keys.maxkeys/maxbytes): about "
+        "200 containers inside; root holds 3/1000000"
+    )
+    assert one(cfg, "kernel keys", monkeypatch)[1:] == (True, text)
+    tenants(cfg, Limits(), Limits())  # ranges 100000 and 165536
+    key_users(tmp_path, monkeypatch, root + "100000:  12 12/12 12/200 840/20000\n")
+    busiest = "; busiest tenant t0 12/200 keys, 840 bytes"
+    assert one(cfg, "kernel keys", monkeypatch)[1:] == (True, text + busiest)
+    key_users(
+        tmp_path,
+        monkeypatch,
+        root + "100000:  12 12/12 12/200 840/20000\n165536: 190 190/190 190/200 13300/20000\n",
+    )
+    assert one(cfg, "kernel keys", monkeypatch)[1:] == (
+        False,
+        text + "; busiest tenant t1 190/200 keys, 13300 bytes: t1 over 80%: sysctl -w "
+        "kernel.keys.maxkeys=2000 kernel.keys.maxbytes=2000000 (root: kernel.keys.root_maxkeys, "
+        "root_maxbytes), and in /etc/sysctl.d",
+    )
+
+
+def test_subuid_space_counts_free_ranges_and_the_quarantined(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load(base, "[subids]\nmin = 100000\nmax = 755359\n")  # 10 ranges
+    (base / "subuid").write_text(f"{OWNER}:100000:65536\nbob:200000:1000\n")
+    assert one(cfg, "subuid space", monkeypatch)[1:] == (
+        True,
+        "8 of 10 ranges of 65536 IDs free in 100000-755359",
+    )
+    tenants(cfg, Limits(), quarantine=2)  # 100000, and 165536 and 231072 held back
+    (base / "subgid").write_text(f"{OWNER}:296608:393216\n")  # six more, elsewhere
+    assert one(cfg, "subuid space", monkeypatch)[1:] == (
+        False,
+        "1 of 10 ranges of 65536 IDs free in 100000-755359; 2 quarantined (`hostctl ranges "
+        "release START` frees one): raise [subids] max in hostd.toml (or SUB_UID_MAX in "
+        "/etc/login.defs), or release quarantined ranges",
     )
 
 

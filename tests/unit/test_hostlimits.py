@@ -24,6 +24,8 @@ def proc_sys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "fs/inotify").mkdir(parents=True)
     (tmp_path / "fs/inotify/max_user_instances").write_text("128\n")
     (tmp_path / "fs/inotify/max_user_watches").write_text("8192\n")
+    (tmp_path / "kernel").mkdir()
+    (tmp_path / "kernel/pid_max").write_text("32768\n")
     return tmp_path
 
 
@@ -37,6 +39,7 @@ def test_settings_are_raised_and_reported(proc_sys: Path) -> None:
     assert hostlimits.raise_settings() == [
         "raised fs.inotify.max_user_instances from 128 to 1024",
         "raised fs.inotify.max_user_watches from 8192 to 524288",
+        "raised kernel.pid_max from 32768 to 4194304",
     ]
     assert (proc_sys / "fs/inotify/max_user_instances").read_text() == "1024"
     assert hostlimits.raise_settings() == []  # nothing more to do
@@ -45,6 +48,7 @@ def test_settings_are_raised_and_reported(proc_sys: Path) -> None:
 
 def test_a_higher_value_set_by_the_admin_is_kept(proc_sys: Path) -> None:
     (proc_sys / "fs/inotify/max_user_instances").write_text("8192\n")
+    (proc_sys / "kernel/pid_max").write_text("4194304\n")
     assert hostlimits.raise_settings() == ["raised fs.inotify.max_user_watches from 8192 to 524288"]
     assert (proc_sys / "fs/inotify/max_user_instances").read_text() == "8192\n"
 
@@ -118,3 +122,19 @@ def test_container_joins_the_user_namespace_made_for_it() -> None:
     assert linux["namespaces"][0] == {"type": "user", "path": "/proc/42/fd/7"}
     assert all(set(ns) == {"type"} for ns in linux["namespaces"][1:])  # the rest are new
     assert linux["uidMappings"] == [{"containerID": 0, "hostID": 231072, "size": 65536}]
+
+
+@pytest.mark.parametrize(
+    ("taken", "free"),
+    [
+        ([], 10),
+        ([(0, 99999), (755360, 999999)], 10),  # outside the bounds
+        ([(100000, 165535), (120000, 130000)], 9),  # overlapping entries
+        ([(400000, 400000)], 9),  # one ID in the middle costs a whole range
+        ([(100000, 755359)], 0),
+    ],
+)
+def test_free_ranges_count_whole_ranges_between_the_taken(
+    taken: list[tuple[int, int]], free: int
+) -> None:
+    assert hostlimits.free_ranges(taken, 100000, 755359, 65536) == free

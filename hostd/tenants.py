@@ -291,7 +291,9 @@ class Tenants:
             self._start(self.get(user), progress)
 
     def _start(self, t: Tenant, progress: Progress) -> None:
-        """Start t's container and wait until it is ready; call with t's lock held."""
+        """Start t's container and wait until it is ready; call with t's lock held. The
+        intent is recorded first: a start cut short by a crash is taken up by reconcile."""
+        self.state.set_desired(t.user, "running")
         st = self.runtime.state(t.user)
         if st.status != "running":
             progress("starting the container")
@@ -302,7 +304,6 @@ class Tenants:
         progress("waiting for systemd and dockerd")
         self.runtime.wait_ready(t.user)
         self.inner.ensure(t, st.pid)
-        self.state.set_desired(t.user, "running")
 
     def stop(self, user: str) -> None:
         with self._lock(user):

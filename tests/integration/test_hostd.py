@@ -331,6 +331,11 @@ def test_doctor(hostd: Hostd) -> None:
         "apparmor",
         "inotify",
         "home quotas",
+        "memory headroom",
+        "disk headroom",
+        "task headroom",
+        "kernel keys",
+        "subuid space",
     ]
     assert f"tenants use {TEST_GATEWAY} (configured)" in res.stdout
     assert "syscalls denied)" in res.stdout

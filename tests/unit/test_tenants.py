@@ -390,7 +390,7 @@ def test_a_refused_useradd_names_the_cause(host: Host, tenants: Tenants) -> None
     host.rt.refused["useradd"] = "useradd: group 'docker' does not exist"
     with pytest.raises(HostdError, match="cannot create the account alice inside: useradd: group"):
         tenants.start("alice")
-    assert host.state.tenant("alice").desired == "stopped"  # type: ignore[union-attr]
+    assert host.state.tenant("alice").desired == "running"  # type: ignore[union-attr]  # asked for
 
 
 def test_unreadable_accounts_inside_fail_the_start(host: Host, tenants: Tenants) -> None:
@@ -436,12 +436,16 @@ def test_stop_and_unknown_tenants(host: Host, tenants: Tenants) -> None:
             call("nosuchuser")
 
 
-def test_a_failed_start_keeps_desired_stopped(host: Host, tenants: Tenants) -> None:
+def test_a_start_is_remembered_before_it_runs(host: Host, tenants: Tenants) -> None:
+    """hostd killed in the middle of a start: reconcile takes the start up again."""
     tenants.add(host.user("alice"))
     host.rt.fail("wait_ready", RuntimeFailure("container 'alice' booted degraded", "see"))
     with pytest.raises(RuntimeFailure, match="booted degraded"):
         tenants.start("alice")
-    assert host.state.tenant("alice").desired == "stopped"  # type: ignore[union-attr]
+    assert host.state.tenant("alice").desired == "running"  # type: ignore[union-attr]
+    host.rt.boxes["alice"].status = "stopped"  # hostd and the container gone
+    assert "restarted alice" in host.tenants().reconcile()
+    assert host.rt.state("alice").status == "running"
 
 
 # -- quotas ----------------------------------------------------------------------------------

@@ -173,10 +173,10 @@ def leftovers(b: DensityBench, subuid_before: str) -> list[str]:
     containers = b.state / "containers"
     if containers.is_dir():
         found += [f"state dir {p}" for p in containers.iterdir()]
-    found += [f"mount {t}" for t in mountinfo.mounts_under(str(b.state))]
+    found += [f"mount {t}" for t in mountinfo.mounts_under(str(containers))]
     for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
         with open(backing) as f:
-            if f.read().startswith(str(b.state)):
+            if f.read().startswith(str(containers)):
                 found.append(f"loop {backing.split('/')[3]}")
     links = set(os.listdir("/sys/class/net"))
     found += [f"link {veth_name(u)}" for u in b.tenants if veth_name(u) in links]

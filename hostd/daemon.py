@@ -20,13 +20,13 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from hostd import accounts, configfiles, hostlimits
+from hostd import accounts, configfiles, hostlimits, protocol
 from hostd import config as config_mod
 from hostd.api import Channel, Peer, close_fds, peer_of
 from hostd.apiserver import Door, Refused, Request, Workers, read_request, refuse
 from hostd.gateway import Gateway
 from hostd.notify import notify, watchdog_interval
-from hostd.service import Service
+from hostd.service import QUICK_OPS, Service
 from hostd.sessions import Sessions
 from hostd.state import State
 from hostd.tenants import Tenants
@@ -94,6 +94,8 @@ class Daemon:
         api = cfg.api
         users = Workers(api.workers, "workers")
         admins = Workers(api.admin_workers, "admin_workers", queue_when_busy=True)
+        # Admins' reads (`status`) in a pool of their own: never queued behind a start storm.
+        self._quick = Workers(api.admin_workers, "admin_workers", queue_when_busy=True)
         self._user = Door("user", False, api.max_connections, api.max_connections_per_user, users)
         self._admin = Door("admin", True, api.max_connections, None, admins)
         self._receiving: set[asyncio.Task[None]] = set()
@@ -244,7 +246,8 @@ class Daemon:
             door.leave(peer.uid)
             raise
         if request is not None:
-            if door.pool.try_submit(functools.partial(self._serve, conn, peer, door, request)):
+            pool = self._quick if door.admin and _op_name(request.line) in QUICK_OPS else door.pool
+            if pool.try_submit(functools.partial(self._serve, conn, peer, door, request)):
                 return
             close_fds(request.fds)
             refusal = door.busy()
@@ -275,6 +278,15 @@ class Daemon:
         while True:
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)  # the ping period systemd asked for
+
+
+def _op_name(line: bytes) -> str | None:
+    """The op a request line asks for, None if it is not a valid request (its handler says
+    why)."""
+    try:
+        return protocol.decode_request(line)[0].name
+    except RuntimeFailure:
+        return None
 
 
 def _timeval(seconds: float) -> bytes:

@@ -35,6 +35,9 @@ from runtime.limits import Limits
 log = logging.getLogger(__name__)
 EVENTS_SHOWN = 20  # recent events in `user show`
 MAX_TTY_SIZE = 65535  # rows or columns of a pty (struct winsize holds 16 bits)
+# Reads that take no tenant's lock and run no program: the daemon serves admins' ones in a
+# pool of their own, so they answer during a start storm.
+QUICK_OPS = frozenset({"status", "user.list"})
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from runtime.undo import Undo
 from runtime.userns import user_namespace
 
 log = logging.getLogger(__name__)
+DISK_WALK_TTL = 30.0  # seconds a disk walk of a container without a mounted volume is kept
 _LXCFS_LOCK = threading.Lock()  # one lxcfs per host, started by whichever start comes first
 
 
@@ -59,6 +60,9 @@ class Runtime:
         self.runc = Runc(settings.runc, settings.state_dir / "runc")
         self.records = Records(settings.state_dir)
         self.execs = Execs(self.runc, settings.cgroup_parent)
+        self._layout: cgroups.Layout | None = None  # the host's cgroup mounts, read once
+        # name: (its creation, when, bytes) of the last disk walk of a container
+        self._walked: dict[str, tuple[str, float, int]] = {}
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -298,16 +302,28 @@ class Runtime:
         return cgroups.plan(layout, self.settings.cgroup_parent, c.name, c.ids.root)
 
     def usage(self, name: str) -> cgroups.Usage | None:
-        """Memory, CPU time and tasks used now (None when not running)."""
-        c = self.get(name)
+        """Memory, CPU time and tasks used now (None when not running): a few cgroup files,
+        no program run (`hostctl status` asks this of every tenant)."""
         if self.state(name).status != "running":
             return None
-        layout = cgroups.detect(mountinfo.current())
-        return cgroups.usage(layout, self.settings.cgroup_parent, c.name)
+        if self._layout is None:  # cgroup hierarchies are mounted at boot, not while we run
+            self._layout = cgroups.detect(mountinfo.current())
+        return cgroups.usage(self._layout, self.settings.cgroup_parent, name)
 
     def disk_used(self, name: str) -> int:
-        """Bytes of the container's own storage (upper layer, Docker data, shifted copy)."""
-        return storage.disk_used(self.records.dir(name), self.get(name))
+        """Bytes of the container's own storage (upper layer, Docker data, shifted copy): of a
+        mounted volume at once (statvfs); else a walk of its directories, kept for
+        DISK_WALK_TTL seconds (`hostctl status` asks this of every tenant)."""
+        c, cdir = self.get(name), self.records.dir(name)
+        used = storage.volume_used(cdir, c)
+        if used is not None:
+            return used
+        now = time.monotonic()
+        walked = self._walked.get(name)
+        if walked is None or walked[0] != c.created or now - walked[1] >= DISK_WALK_TTL:
+            walked = (c.created, now, storage.walked_used(cdir))
+            self._walked[name] = walked
+        return walked[2]
 
     # -- images --------------------------------------------------------------------------------
 

@@ -193,10 +193,15 @@ def resize(cdir: Path, c: Container, size: int | None, running: bool) -> bool:
     return live
 
 
-def disk_used(cdir: Path, c: Container) -> int:
-    """Bytes of the container's own storage (upper layer, Docker data, shifted copy)."""
-    if c.limits.disk is not None and mountinfo.is_mounted(str(cdir / "data")):
-        return volume.usage(cdir / "data")[0]
+def volume_used(cdir: Path, c: Container) -> int | None:
+    """Bytes used on the container's mounted volume (statvfs: no walk), None if none is."""
+    data = cdir / "data"
+    return volume.usage(data)[0] if c.limits.disk is not None and volume.mounted(data) else None
+
+
+def walked_used(cdir: Path) -> int:
+    """Bytes of the container's own storage outside a mounted volume (the data directory,
+    the shifted copy): a walk of each."""
     return sum(
         fsutil.disk_usage(cdir / sub)
         for sub in ("data", "lower")

@@ -49,6 +49,7 @@ def test_writes_stop_at_the_cap_and_a_live_grow_lifts_it(vol: tuple[Path, Path])
     volume.mount(image, target)  # idempotent
     device = volume.loop_device(target)
     assert device is not None and device.startswith("/dev/loop")
+    assert volume.mounted(target)  # as mountinfo says, from device numbers alone
 
     full = dd(target, "fill", 300)
     assert full.returncode != 0
@@ -98,6 +99,7 @@ def test_unmount_releases_the_loop_device_and_shrink_works_offline(
 
     volume.unmount(target)
     assert volume.loop_device(target) is None
+    assert not volume.mounted(target)
     assert attached(image) == ""
     volume.unmount(target)  # idempotent
 

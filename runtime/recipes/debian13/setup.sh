@@ -32,7 +32,8 @@ systemctl disable docker.service containerd.service >/dev/null 2>&1 || true
 systemctl enable docker.socket >/dev/null 2>&1 || true
 cat > /usr/local/sbin/hostd-docker-idle <<'SCRIPT'
 #!/bin/bash
-# hostd-docker-idle watch: stop docker.service and containerd.service once Docker has been idle
+# hostd-docker-idle watch: stop docker.service (and with it containerd.service) once Docker has
+# been idle
 # for DOCKER_IDLE_STOP seconds (0: never): no container running, no client connected to
 # /run/docker.sock and no request served (dockerd read and wrote nothing), checked every
 # tenth of that time (1 to 30 s).
@@ -49,11 +50,11 @@ boot() {
     done
 }
 
-# What shows someone uses Docker, read from /proc without forking: the bytes dockerd read and
+# What shows someone uses Docker (from /proc, and ss for the sockets): the bytes dockerd read and
 # wrote beyond the 8 of each eventfd call the Go runtime makes on its own (`payload`), the
 # clients connected to its socket (`clients`), and the running container shims (`shims`).
 activity() {
-    local key value comm p rchar=0 wchar=0 syscr=0 syscw=0 state path
+    local key value comm p rchar=0 wchar=0 syscr=0 syscw=0 peer
     clients="" shims=0
     while read -r key value; do
         case $key in
@@ -62,12 +63,10 @@ activity() {
         esac
     done <"/proc/$dockerd/io"
     payload=$((rchar + wchar - 8 * (syscr + syscw)))
-    while read -r _ _ _ _ _ state _ path; do
-        if [ "$state" = 03 ] && [[ $path == /run/docker.sock || $path == /var/run/docker.sock ]]
-        then
-            clients+=x
-        fi
-    done </proc/net/unix
+    # dockerd keeps the server end of some finished calls (`docker run --rm`): peer 0
+    while read -r _ _ _ _ _ _ _ peer; do
+        [ "$peer" = 0 ] || clients+=x
+    done < <(ss -xHn src /run/docker.sock)
     for p in /proc/[0-9]*/comm; do
         read -r comm <"$p" 2>/dev/null && [ "$comm" = containerd-shim ] && shims=$((shims + 1))
     done
@@ -92,7 +91,7 @@ watch() {
         fi
         last=$payload
         if [ "$quiet" -ge "$idle" ]; then
-            [ -n "$(docker ps -q)" ] || exec systemctl --no-block stop docker.service containerd.service
+            [ -n "$(docker ps -q)" ] || exec systemctl --no-block stop docker.service
             quiet=0
             activity
             last=$payload
@@ -139,6 +138,9 @@ echo 'DOCKER_IDLE_STOP=900' > /etc/default/hostd-docker-idle
 mkdir -p /etc/systemd/system/docker.service.d
 printf '[Unit]\nStartLimitIntervalSec=60\nStartLimitBurst=12\n' \
     > /etc/systemd/system/docker.service.d/hostd-idle.conf
+# containerd runs while docker.service wants it, and stops with it.
+mkdir -p /etc/systemd/system/containerd.service.d
+printf '[Unit]\nStopWhenUnneeded=yes\n' > /etc/systemd/system/containerd.service.d/hostd-idle.conf
 systemctl enable hostd-docker-idle.service hostd-docker-boot.service >/dev/null
 test -e /etc/systemd/system/sockets.target.wants/docker.socket
 test ! -e /etc/systemd/system/multi-user.target.wants/docker.service

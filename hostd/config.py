@@ -55,6 +55,7 @@ class RuntimeConfig:
     recipes_dir: Path | None  # None: the runtime's own recipes
     cache_dir: Path
     stop_timeout: float  # seconds
+    docker_idle_stop: int  # seconds an idle inner Docker runs before it stops; 0: never
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class Config:
             cache_dir=self.runtime.cache_dir,
             lxcfs=self.paths.state_dir / "lxcfs",
             network=network,
+            docker_idle_stop=self.runtime.docker_idle_stop,
         )
         if self.runtime.recipes_dir is not None:
             settings = replace(settings, recipes_dir=self.runtime.recipes_dir)
@@ -189,6 +191,21 @@ def _seconds(value: Any) -> float:
     if type(value) not in (int, float) or not 0 < value < math.inf:
         raise ValueError("use a positive number of seconds like 30")
     return float(value)
+
+
+_DURATION = re.compile(r"(\d{1,9})\s*([smhd]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: Any) -> int:
+    """Whole seconds from 900 or "15m" ("30s", "2h", "1d"); 0 or "off" turn the feature off."""
+    text = str(value).strip().lower() if type(value) in (int, str) else ""
+    if text == "off":
+        return 0
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError('use a duration like "15m", "30s", "2h", or "off"')
+    return int(match[1]) * _UNIT_SECONDS[match[2]]
 
 
 def _id(lowest: int) -> Callable[[Any], int]:
@@ -298,6 +315,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "recipes_dir": _Key(None, check_path),
         "cache_dir": _Key("/var/cache/hostd/debootstrap", check_path),
         "stop_timeout": _Key(30.0, _seconds),
+        "docker_idle_stop": _Key("15m", _duration),
     },
     "subids": {
         "min": _Key(100000, _id(MIN_START), "SUB_UID_MIN"),

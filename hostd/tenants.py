@@ -301,7 +301,7 @@ class Tenants:
                 for line in self._reattach():
                     log.warning("%s", line)
             st = self.runtime.start(t.user)
-        progress("waiting for systemd and dockerd")
+        progress("waiting for systemd (Docker starts at its first use)")
         self.runtime.wait_ready(t.user)
         self.inner.ensure(t, st.pid)
 

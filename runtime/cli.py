@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--uid-start", type=int, required=True, help="first host ID of its range")
     s = sub.add_parser("start", help="start a container")
     s.add_argument("name")
-    s.add_argument("--wait", action="store_true", help="until systemd and dockerd are up")
+    s.add_argument(
+        "--wait", action="store_true", help="until systemd is up (Docker starts at its first use)"
+    )
     st = sub.add_parser("stop", help="halt a container (systemd shutdown, then kill)")
     st.add_argument("name")
     st.add_argument("--timeout", type=float, default=30.0)
@@ -112,7 +114,7 @@ def _dispatch(rt: Runtime, args: argparse.Namespace) -> int:
     elif args.cmd == "start":
         rt.start(args.name)
         if args.wait:
-            progress("waiting for systemd and dockerd")
+            progress("waiting for systemd")
             rt.wait_ready(args.name)
         _out(args, {"started": args.name}, f"started {args.name}")
     elif args.cmd == "stop":

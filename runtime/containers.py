@@ -134,7 +134,7 @@ class Runtime:
                     limits=limits,
                     address=None if address is None else str(address),
                 )
-                storage.write_etc(cdir, c, self.settings.network)
+                storage.write_etc(cdir, c, self.settings.network, self.settings.docker_idle_stop)
                 self.records.write(c)
             return c
 
@@ -196,7 +196,7 @@ class Runtime:
             with Undo() as undo:
                 undo.push(storage.unmount, cdir, c)
                 storage.mount(cdir, c)
-                storage.write_etc(cdir, c, self.settings.network)
+                storage.write_etc(cdir, c, self.settings.network, self.settings.docker_idle_stop)
                 if self.settings.lxcfs is not None:
                     with _LXCFS_LOCK:
                         lxcfs.ensure_running(self.settings.lxcfs)
@@ -401,7 +401,9 @@ class Runtime:
         return [self.state(c.name) for c in self.containers()]
 
     def wait_ready(self, name: str, timeout: float = 60.0) -> None:
-        """Return once systemd finished booting (`running`) and the inner dockerd answers."""
+        """Return once systemd finished booting (`running`): then docker.socket listens (a unit
+        that failed would make it `degraded`), and the first docker call starts dockerd; nobody
+        waits for a dockerd they may not use."""
         deadline = time.monotonic() + timeout
         while True:  # until systemd's private socket exists, systemctl cannot ask it
             left = max(deadline - time.monotonic(), 1.0)
@@ -420,14 +422,6 @@ class Runtime:
                 + (f" (failed units: {units})" if units else ""),
                 f"see `journalctl` inside, or {self.console_log(self.get(name))}",
             )
-        pid = self.state(name).pid
-        while not lifecycle.docker_ping(pid):
-            if time.monotonic() > deadline:
-                raise RuntimeFailure(
-                    f"the Docker daemon in {name!r} did not answer",
-                    "see `journalctl -u docker` inside",
-                )
-            time.sleep(0.05)  # poll interval; the deadline above bounds the wait
 
     # -- exec ----------------------------------------------------------------------------------
 

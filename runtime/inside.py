@@ -1,4 +1,4 @@
-"""Files and sockets inside a running container, reached from the host without trusting it.
+"""Files inside a running container, reached from the host without trusting it.
 
 `/proc/<pid>/root/<path>` resolves the container's symlinks against the *host's* root: a
 container's `/run/docker.sock -> /run/hostd/admin.sock` or `/etc/passwd -> /etc/shadow` would
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import stat
 from collections.abc import Iterator
 
@@ -59,20 +58,3 @@ def read_file_under(root_dir: str, path: str, limit: int) -> bytes:
     if len(data) > limit:
         raise RuntimeFailure(f"{path} in the container is larger than {limit} bytes", "shrink it")
     return data
-
-
-def connect_unix(pid: int, path: str, timeout: float) -> socket.socket:
-    """A connection to the unix socket at `path` inside the container."""
-    with _opened(f"/proc/{pid}/root", path, os.O_PATH, _RESOLVE) as fd:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            raise RuntimeFailure(
-                f"{path} in the container is not a socket", "let the service inside re-create it"
-            )
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(f"/proc/self/fd/{fd}")  # the socket the walk found, nothing else
-        except OSError:
-            sock.close()
-            raise
-    return sock

@@ -1,5 +1,5 @@
-"""Steps of a container's life the Runtime composes: host checks before anything is made,
-halting init, and the probe that says a booted container's Docker answers."""
+"""Steps of a container's life the Runtime composes: host checks before anything is made, and
+halting init."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import select
 import signal
 from collections.abc import Iterator
 
-from runtime import inside, proc
+from runtime import proc
 from runtime.errors import RuntimeFailure
 from runtime.runc import Runc
 
@@ -51,17 +51,6 @@ def halt(runc: Runc, name: str, pid: int, timeout: float) -> None:
         if not halted:
             runc.kill(name, signal.SIGKILL, all_processes=True)
             _wait_readable(pidfd, 10.0)
-
-
-def docker_ping(pid: int) -> bool:
-    """Whether the dockerd of the container whose init is `pid` answers. The socket path is
-    resolved inside the container: the container controls what /run/docker.sock is."""
-    try:
-        with inside.connect_unix(pid, "/run/docker.sock", timeout=2) as s:
-            s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-            return b" 200 " in s.recv(64).split(b"\r\n", 1)[0]
-    except (OSError, RuntimeFailure):
-        return False
 
 
 @contextlib.contextmanager

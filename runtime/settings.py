@@ -39,3 +39,4 @@ class Settings:
     rootfs_mode: RootfsMode = RootfsMode.AUTO
     lxcfs: Path | None = None  # lxcfs mount point: a truthful /proc inside; None: the host's
     network: NetworkConfig | None = None  # the host bridge; None: containers get only loopback
+    docker_idle_stop: int = 900  # seconds the inner Docker may idle before it stops; 0: never

@@ -25,6 +25,8 @@ from runtime.undo import Undo
 
 log = logging.getLogger(__name__)
 
+# The inner Docker's idle time, as an EnvironmentFile of the image's hostd-docker-idle.service
+DOCKER_IDLE = "/etc/default/hostd-docker-idle"
 SET_ASIDE = "/var/backups/hostd-rebase"  # where a container sees the upper layers rebases set aside
 DPKG_STATUS_MAX = 32 << 20  # bytes of a set-aside dpkg status file read
 _PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]*")  # Debian policy 5.6.1
@@ -98,14 +100,21 @@ def make(
     return RootfsMode.COPY
 
 
-def write_etc(cdir: Path, c: Container, network: NetworkConfig | None) -> None:
-    """hostname and hosts (so `sudo` can resolve its own name), resolv.conf with an address:
-    bound into the container over the image's."""
+def write_etc(
+    cdir: Path, c: Container, network: NetworkConfig | None, docker_idle_stop: int
+) -> None:
+    """hostname and hosts (so `sudo` can resolve its own name), resolv.conf with an address,
+    and the seconds after which an idle inner Docker stops (read by the image's
+    hostd-docker-idle unit): bound into the container over the image's."""
     hosts = (
         f"127.0.0.1\tlocalhost\n127.0.1.1\t{c.hostname}\n"
         "::1\tlocalhost ip6-localhost ip6-loopback\n"
     )
-    files = [("hostname", c.hostname + "\n"), ("hosts", hosts)]
+    files = [
+        ("hostname", c.hostname + "\n"),
+        ("hosts", hosts),
+        ("docker-idle", f"DOCKER_IDLE_STOP={docker_idle_stop}\n"),
+    ]
     if c.address is not None:
         if network is None:
             raise RuntimeFailure("an address needs a network", "configure the bridge")
@@ -124,6 +133,7 @@ def binds(cdir: Path, c: Container, lxcfs_dir: Path | None) -> list[Bind]:
         Bind(str(cdir / "data/containerd"), "/var/lib/containerd", ("rbind",)),
         Bind(str(cdir / "etc/hostname"), "/etc/hostname", ("bind", "nosuid", "nodev")),
         Bind(str(cdir / "etc/hosts"), "/etc/hosts", ("bind", "nosuid", "nodev")),
+        Bind(str(cdir / "etc/docker-idle"), DOCKER_IDLE, ("bind", "nosuid", "nodev")),
     ]
     if c.address is not None:
         found.append(

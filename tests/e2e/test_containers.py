@@ -40,7 +40,7 @@ def test_restart_policies_across_a_tenant_restart(dev: Login, hostd: Hostd) -> N
             dev.sh(f"docker run -d --name {name} --restart={policy} busybox:local {IDLE}")
         before = _states(dev, names)
         assert all(s.startswith("running ") for s in before.values()), before
-        hostd.hostctl("restart", dev.user)  # returns once the inner dockerd answers again
+        hostd.hostctl("restart", dev.user)  # hostd-docker-boot starts dockerd: restart policies
         wait_inside(
             dev,
             "[ \"$(docker inspect -f '{{.State.Running}}' e2e-always e2e-unless | sort -u)\""

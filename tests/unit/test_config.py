@@ -51,6 +51,7 @@ def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
             recipes_dir=None,
             cache_dir=Path("/var/cache/hostd/debootstrap"),
             stop_timeout=30.0,
+            docker_idle_stop=900,
         ),
         subids=SubIdConfig(min=100000, max=600100000, count=65536),
         users=UserConfig(admin_group="hostd-admin", min_uid=1000),
@@ -150,6 +151,18 @@ def test_main_file_values_are_used(files: Files) -> None:
     assert config.users.admin_group == "wheel"
     assert config.limits == Limits(cpus=0.5, memory=2 * 1024**3, pids=4096, disk=10 * 1024**3)
     assert config.home_quota is None
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [('"5s"', 5), ('"15m"', 900), ('"2h"', 7200), ("60", 60), ('"off"', 0)]
+)
+def test_docker_idle_stop_reaches_the_runtime_in_seconds(
+    files: Files, value: str, seconds: int
+) -> None:
+    files.write_main(f"[runtime]\ndocker_idle_stop = {value}\n")
+    config = files.load()
+    assert config.runtime.docker_idle_stop == seconds
+    assert config.runtime_settings().docker_idle_stop == seconds
 
 
 def test_drop_ins_override_key_by_key_in_name_order(files: Files) -> None:
@@ -253,6 +266,10 @@ def test_bad_value_names_file_key_value_and_fix(files: Files) -> None:
         ("runtime", "stop_timeout = nan", "positive number of seconds"),
         ("runtime", "stop_timeout = inf", "positive number of seconds"),
         ("runtime", 'stop_timeout = "30"', "positive number of seconds"),
+        ("runtime", 'docker_idle_stop = "15 min"', 'like "15m"'),
+        ("runtime", "docker_idle_stop = -1", 'like "15m"'),
+        ("runtime", "docker_idle_stop = 1.5", 'like "15m"'),
+        ("runtime", "docker_idle_stop = true", 'like "15m"'),
         ("subids", "count = 1000", "exactly 65536 IDs"),
         ("subids", "count = 65536.0", "exactly 65536 IDs"),
         ("subids", "min = 1000", "from 65536 to"),

@@ -24,8 +24,126 @@ for unit in \
 done
 systemctl set-default multi-user.target >/dev/null
 
-systemctl enable docker.service containerd.service >/dev/null 2>&1 || true
-test -e /etc/systemd/system/multi-user.target.wants/docker.service
+# Docker starts on first use: docker.socket listens from boot and starts docker.service (and it
+# containerd) at the first connection; hostd-docker-idle stops both again after
+# DOCKER_IDLE_STOP seconds with no container running and no client (/etc/default/hostd-docker-idle,
+# which hostd writes from its [runtime] docker_idle_stop). An idle tenant runs no dockerd.
+systemctl disable docker.service containerd.service >/dev/null 2>&1 || true
+systemctl enable docker.socket >/dev/null 2>&1 || true
+cat > /usr/local/sbin/hostd-docker-idle <<'SCRIPT'
+#!/bin/bash
+# hostd-docker-idle watch: stop docker.service (and with it containerd.service) once Docker has
+# been idle
+# for DOCKER_IDLE_STOP seconds (0: never): no container running, no client connected to
+# /run/docker.sock and no request served (dockerd read and wrote nothing), checked every
+# tenth of that time (1 to 30 s).
+# docker.socket keeps listening, so the next docker call starts them again.
+# hostd-docker-idle boot: start Docker at boot if a container has a restart policy.
+set -u
+
+boot() {
+    local f policy='"RestartPolicy":\{"Name":"(always|unless-stopped|on-failure)"'
+    for f in /var/lib/docker/containers/*/hostconfig.json; do
+        if [ -e "$f" ] && [[ $(<"$f") =~ $policy ]]; then
+            exec systemctl start --no-block docker.service
+        fi
+    done
+}
+
+# What shows someone uses Docker (from /proc, and ss for the sockets): the bytes dockerd read and
+# wrote beyond the 8 of each eventfd call the Go runtime makes on its own (`payload`), the
+# clients connected to its socket (`clients`), and the running container shims (`shims`).
+activity() {
+    local key value comm p rchar=0 wchar=0 syscr=0 syscw=0 peer
+    clients="" shims=0
+    while read -r key value; do
+        case $key in
+            rchar:) rchar=$value ;; wchar:) wchar=$value ;;
+            syscr:) syscr=$value ;; syscw:) syscw=$value ;;
+        esac
+    done <"/proc/$dockerd/io"
+    payload=$((rchar + wchar - 8 * (syscr + syscw)))
+    # dockerd keeps the server end of some finished calls (`docker run --rm`): peer 0
+    while read -r _ _ _ _ _ _ _ peer; do
+        [ "$peer" = 0 ] || clients+=x
+    done < <(ss -xHn src /run/docker.sock)
+    for p in /proc/[0-9]*/comm; do
+        read -r comm <"$p" 2>/dev/null && [ "$comm" = containerd-shim ] && shims=$((shims + 1))
+    done
+}
+
+watch() {
+    local idle=${DOCKER_IDLE_STOP:-900} step quiet=0 last="" tick clients shims payload
+    [ "$idle" -gt 0 ] 2>/dev/null || exit 0
+    dockerd=$(systemctl show -P MainPID docker.service)
+    [ "$dockerd" -gt 0 ] || exit 0
+    step=$((idle / 10))
+    [ "$step" -ge 1 ] || step=1
+    [ "$step" -le 30 ] || step=30
+    exec {tick}<> <(:)  # `read -t` on a pipe nobody writes to: a sleep without a fork
+    while :; do
+        read -r -t "$step" -u "$tick" _ || true
+        activity
+        if [ "$payload" = "$last" ] && [ -z "$clients" ] && [ "$shims" = 0 ]; then
+            quiet=$((quiet + step))
+        else
+            quiet=0
+        fi
+        last=$payload
+        if [ "$quiet" -ge "$idle" ]; then
+            [ -n "$(docker ps -q)" ] || exec systemctl --no-block stop docker.service
+            quiet=0
+            activity
+            last=$payload
+        fi
+    done
+}
+
+case ${1:-} in
+    boot) boot ;;
+    watch) watch ;;
+    *) echo "usage: hostd-docker-idle boot|watch" >&2; exit 2 ;;
+esac
+SCRIPT
+chmod 0755 /usr/local/sbin/hostd-docker-idle
+cat > /etc/systemd/system/hostd-docker-idle.service <<'UNIT'
+[Unit]
+Description=Stop Docker when it is idle
+BindsTo=docker.service
+After=docker.service
+
+[Service]
+Environment=DOCKER_IDLE_STOP=900
+EnvironmentFile=-/etc/default/hostd-docker-idle
+ExecStart=/usr/local/sbin/hostd-docker-idle watch
+
+[Install]
+WantedBy=docker.service
+UNIT
+cat > /etc/systemd/system/hostd-docker-boot.service <<'UNIT'
+[Unit]
+Description=Start Docker at boot for containers with a restart policy
+ConditionDirectoryNotEmpty=/var/lib/docker/containers
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/hostd-docker-idle boot
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+echo 'DOCKER_IDLE_STOP=900' > /etc/default/hostd-docker-idle
+# Every idle stop makes the next call a start: allow more than Debian's 3 starts a minute (a
+# start limit hit would fail docker.socket too), still stopping a dockerd that crash-loops.
+mkdir -p /etc/systemd/system/docker.service.d
+printf '[Unit]\nStartLimitIntervalSec=60\nStartLimitBurst=12\n' \
+    > /etc/systemd/system/docker.service.d/hostd-idle.conf
+# containerd runs while docker.service wants it, and stops with it.
+mkdir -p /etc/systemd/system/containerd.service.d
+printf '[Unit]\nStopWhenUnneeded=yes\n' > /etc/systemd/system/containerd.service.d/hostd-idle.conf
+systemctl enable hostd-docker-idle.service hostd-docker-boot.service >/dev/null
+test -e /etc/systemd/system/sockets.target.wants/docker.socket
+test ! -e /etc/systemd/system/multi-user.target.wants/docker.service
 
 # Each container gets its own machine ID on first boot; hostname and hosts are written at start.
 : > /etc/machine-id

@@ -1,0 +1,93 @@
+"""Idle tenants cost little: a tenant's Docker (dockerd, containerd) starts at its first use
+through docker.socket and stops again after `[runtime] docker_idle_stop` with no container
+running and no client, while the socket keeps listening for the next call. Seen as the user
+over SSH, with the idle time set short in hostd's configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import QUOTAS, wait_inside
+from tests.hostd_harness import Hostd, Login, UnixUsers, login_as
+
+IDLE_STOP = 5  # seconds, in the drop-in below
+DOCKER_DOWN = "! pgrep -x dockerd >/dev/null && ! pgrep -x containerd >/dev/null"
+SOCKET_LISTENS = "systemctl is-active -q docker.socket && test -S /run/docker.sock"
+DOCKERD_PID = "pgrep -x dockerd"
+KEEPER = "sleep 86399"  # what the --restart always container runs: found by pgrep -f
+# What to show when Docker did not stop: the setting, the watcher, what it watches, what runs.
+WHY = (
+    "cat /etc/default/hostd-docker-idle; systemctl status --no-pager hostd-docker-idle;"
+    " for i in 1 2 3; do sudo cat /proc/$(pgrep -x dockerd)/io; sleep 1; done;"
+    " grep docker.sock /proc/net/unix; ps -ef"
+)
+
+
+@pytest.fixture(scope="module")
+def idle_hostd(hostd: Hostd) -> Iterator[Hostd]:
+    with hostd.configured("idle", f'[runtime]\ndocker_idle_stop = "{IDLE_STOP}s"\n') as h:
+        yield h
+
+
+@pytest.fixture
+def tenants(
+    idle_hostd: Hostd, unix_users: UnixUsers, tmp_path: Path, busybox_tar: Path
+) -> Iterator[list[Login]]:
+    """Two new tenants, logged in over SSH (their containers started by the login) and
+    nothing else: their Docker has not been used yet."""
+    logins: list[Login] = []
+    try:
+        for i in range(2):
+            user = unix_users.make()
+            idle_hostd.hostctl("user", "add", user, *QUOTAS)
+            (tmp_path / str(i)).mkdir()
+            logins.append(login_as(user, idle_hostd.ssh_port, tmp_path / str(i)))
+            logins[-1].sh("true")
+        yield logins
+    finally:
+        for login in logins:
+            idle_hostd.hostctl("user", "remove", login.user, check=False)
+
+
+def load_busybox(login: Login, busybox_tar: Path) -> None:
+    login.sh("docker import - busybox:local >/dev/null", input=busybox_tar.read_bytes())
+
+
+def test_docker_starts_on_first_use_and_stops_when_idle(
+    tenants: list[Login], busybox_tar: Path
+) -> None:
+    dev = tenants[0]
+    # A login (and hostctl start) did not wait for Docker, nor start it
+    dev.sh(f"{DOCKER_DOWN} && {SOCKET_LISTENS}")
+    load_busybox(dev, busybox_tar)  # the first call starts it
+    assert dev.sh("docker run --rm busybox:local echo activated").strip() == "activated"
+    wait_inside(dev, DOCKER_DOWN, "dockerd and containerd idle-stopped", WHY, timeout=60)
+    dev.sh(SOCKET_LISTENS)
+    # ...and the next call starts them again, images kept
+    assert dev.sh("docker run --rm busybox:local echo again").strip() == "again"
+    dev.sh(DOCKERD_PID)
+
+
+def test_a_running_container_keeps_docker_up(
+    tenants: list[Login], busybox_tar: Path, idle_hostd: Hostd
+) -> None:
+    """Two tenants use Docker at once; one leaves a `--restart always` container running.
+    The other's dockerd idle-stops (so the idle time has passed); the first keeps the same
+    dockerd and its container, and after a tenant restart the container runs again with
+    no docker call (restart policies are honoured at boot)."""
+    busy, quiet = tenants
+    for login in tenants:
+        load_busybox(login, busybox_tar)
+    busy.sh(f"docker run -d --restart always --name keeper busybox:local {KEEPER} >/dev/null")
+    quiet.sh("docker ps >/dev/null")
+    pid = busy.sh(DOCKERD_PID).strip()
+    wait_inside(quiet, DOCKER_DOWN, "the control tenant's dockerd idle-stopped", WHY)
+    assert busy.sh(DOCKERD_PID).strip() == pid, "dockerd stopped under a running container"
+    busy.sh(f"pgrep -f '{KEEPER}' >/dev/null")
+    idle_hostd.hostctl("restart", busy.user)
+    wait_inside(busy, f"pgrep -f '{KEEPER}' >/dev/null", "the keeper running after restart")
+    busy.sh("docker rm -f keeper >/dev/null")
+    wait_inside(busy, DOCKER_DOWN, "dockerd idle-stopped once the keeper is gone", WHY)

@@ -287,6 +287,7 @@ def _show(d: p.UserDetails) -> None:
         ("image", f"{t.image} ({d.image_version})"),
         ("ids", f"{t.range_start}-{t.range_end}"),
         ("state", s.state),
+        *([("reason", s.reason)] if s.reason else []),
         ("uptime", _duration(s.uptime)),
         ("quota", _quota_text(s.quota)),
         ("created", t.created),

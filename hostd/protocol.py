@@ -162,6 +162,7 @@ class Status(NamedTuple):
     range_start: int
     range_end: int
     image: str
+    reason: str | None = None  # why its last start failed (state "failed")
 
 
 class PortRange(NamedTuple):

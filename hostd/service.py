@@ -342,6 +342,7 @@ def _status(s: TenantStatus) -> p.Status:
         range_start=s.range_start,
         range_end=s.range_start + RANGE_SIZE - 1,
         image=s.image,
+        reason=s.reason,
     )
 
 

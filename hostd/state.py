@@ -80,6 +80,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """INSERT INTO ranges (start, user, status, since)
             SELECT range_start, user, 'active', created FROM tenants""",
     ),
+    (  # 4: why a tenant's last start failed, until it starts or is stopped
+        """CREATE TABLE failures (
+            user TEXT PRIMARY KEY REFERENCES tenants(user) ON DELETE CASCADE,
+            at TEXT NOT NULL,
+            reason TEXT NOT NULL
+        )""",
+    ),
 )
 
 _TENANT_COLUMNS = "user, uid, gid, home, range_start, image, phase, desired, created"
@@ -252,6 +259,21 @@ class State:
     def set_desired(self, user: str, desired: str) -> None:
         _check_desired(desired)
         self._change_one(user, "UPDATE tenants SET desired = ? WHERE user = ?", (desired, user))
+
+    def set_failure(self, user: str, reason: str | None) -> None:
+        """Record why the tenant's start failed; None clears it (it started, or was stopped)."""
+        with self._write() as db:
+            db.execute("DELETE FROM failures WHERE user = ?", (user,))
+            if reason is not None:
+                db.execute(
+                    "INSERT INTO failures (user, at, reason) VALUES (?, ?, ?)",
+                    (user, utc_now(), reason),
+                )
+
+    def failure(self, user: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT reason FROM failures WHERE user = ?", (user,)).fetchone()
+        return None if row is None else str(row[0])
 
     def set_image(self, user: str, image: str) -> None:
         self._change_one(user, "UPDATE tenants SET image = ? WHERE user = ?", (image, user))

@@ -13,7 +13,7 @@ from runtime.limits import Limits
 @dataclass(frozen=True)
 class TenantStatus:
     user: str
-    state: str  # stopped | running | ... (the runtime's), or the tenant's phase while not ready
+    state: str  # stopped | running | ... (the runtime's), failed, or the phase while not ready
     uptime: float | None  # seconds since its init started
     memory: int | None  # bytes in use
     cpu_seconds: float | None
@@ -22,19 +22,26 @@ class TenantStatus:
     quota: Limits
     range_start: int
     image: str
+    reason: str | None = None  # why its last start failed (state "failed")
 
 
-def tenant_status(runtime: ContainerRuntime, t: Tenant, quota: Limits) -> TenantStatus:
-    """A tenant being added or removed has no container to ask: its phase stands for it."""
+def tenant_status(
+    runtime: ContainerRuntime, t: Tenant, quota: Limits, failure: str | None = None
+) -> TenantStatus:
+    """A tenant being added or removed has no container to ask: its phase stands for it.
+    One whose last start failed is `failed`, with the reason, until a start succeeds or an
+    admin stops it (a container that booted degraded may still be running)."""
     if t.phase != "ready":
         return TenantStatus(
             t.user, t.phase, None, None, None, None, 0, quota, t.range_start, t.image
         )
     st = runtime.state(t.user)
     used = runtime.usage(t.user) if st.status == "running" else None
+    failed = failure is not None
     return TenantStatus(
         user=t.user,
-        state=st.status,
+        state="failed" if failed else st.status,
+        reason=failure if failed else None,
         uptime=uptime(st.pid) if st.pid else None,
         memory=used.memory if used else None,
         cpu_seconds=used.cpu_seconds if used else None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -294,22 +295,47 @@ class Tenants:
         """Start t's container and wait until it is ready; call with t's lock held. The
         intent is recorded first: a start cut short by a crash is taken up by reconcile."""
         self.state.set_desired(t.user, "running")
-        st = self.runtime.state(t.user)
-        if st.status != "running":
-            progress("starting the container")
-            if self.apply_network():  # the bridge was gone: deleted by hand, say
-                for line in self._reattach():
-                    log.warning("%s", line)
-            st = self.runtime.start(t.user)
-        progress("waiting for systemd (Docker starts at its first use)")
-        self.runtime.wait_ready(t.user)
-        self.inner.ensure(t, st.pid)
+        try:
+            st = self.runtime.state(t.user)
+            if st.status != "running":
+                progress("starting the container")
+                if self.apply_network():  # the bridge was gone: deleted by hand, say
+                    for line in self._reattach():
+                        log.warning("%s", line)
+                st = self.runtime.start(t.user)
+            progress("waiting for systemd (Docker starts at its first use)")
+            self.runtime.wait_ready(t.user)
+            self.inner.ensure(t, st.pid)
+        except RuntimeFailure as exc:
+            failure = self._explained(t.user, exc)
+            self.state.set_failure(t.user, failure.cause)
+            log.warning("%s: start failed: %s", t.user, failure)
+            raise failure from exc
+        self.state.set_failure(t.user, None)
+
+    def _explained(self, user: str, exc: RuntimeFailure) -> RuntimeFailure:
+        """The failure with what the container said about it (journal or console), on the
+        same one line, and a fix for the host limit that is the usual cause when init ran out
+        of one."""
+        try:
+            lines = self.runtime.boot_messages(user)
+        except RuntimeFailure as more:  # explaining must not hide the failure itself
+            log.warning("%s: cannot read why its start failed: %s", user, more)
+            lines = []
+        if not lines:
+            return exc
+        said = " | ".join(lines)
+        fix = exc.fix
+        if re.search(r"inotify|Too many open files", said):
+            fix = "raise fs.inotify.max_user_instances (see `hostctl doctor`), then start it again"
+        return type(exc)(f"{exc.cause}; it said: {said}", fix)
 
     def stop(self, user: str) -> None:
         with self._lock(user):
             self.get(user)
             self._stop_container(user)
             self.state.set_desired(user, "stopped")
+            self.state.set_failure(user, None)
 
     def _stop_container(self, user: str) -> None:
         """Stop it if there is a (complete) container: one deleted meanwhile is stopped."""
@@ -439,7 +465,8 @@ class Tenants:
         self.addresses.revoke(user, first, last)
 
     def status(self, user: str) -> TenantStatus:
-        return tenant_status(self.runtime, self.get(user), self.state.quota(user))
+        t = self.get(user)
+        return tenant_status(self.runtime, t, self.state.quota(user), self.state.failure(user))
 
     def release_range(self, start: int) -> IdRangeRecord:
         return self.ranges.release(start)

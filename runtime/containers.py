@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -25,7 +26,18 @@ from dataclasses import fields, replace
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from runtime import cgroups, fsutil, lifecycle, lxcfs, mountinfo, network, proc, records, storage
+from runtime import (
+    cgroups,
+    fsutil,
+    inside,
+    lifecycle,
+    lxcfs,
+    mountinfo,
+    network,
+    proc,
+    records,
+    storage,
+)
 from runtime.errors import Conflict, RuntimeFailure
 from runtime.execs import EXEC_MAX_OUTPUT, EXEC_TIMEOUT, Execs, ExecSpec
 from runtime.ids import IdRange
@@ -45,6 +57,20 @@ from runtime.userns import user_namespace
 log = logging.getLogger(__name__)
 DISK_WALK_TTL = 30.0  # seconds a disk walk of a container without a mounted volume is kept
 _LXCFS_LOCK = threading.Lock()  # one lxcfs per host, started by whichever start comes first
+
+
+CONSOLE_TAIL = 16 << 10  # bytes of the console log read to explain a failed start
+BOOT_LINES = 5  # lines of it (or of the journal) shown
+LINE_MAX = 200  # characters of each
+_TERMINAL_ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|.)")
+
+
+def printable_lines(text: str, lines: int) -> list[str]:
+    """The last `lines` non-empty lines of what a container wrote, safe for a terminal and a
+    log: escape sequences and control characters removed, each cut at LINE_MAX."""
+    text = _TERMINAL_ESCAPE.sub("", text)
+    kept = ["".join(c for c in line if c.isprintable()).strip() for line in text.splitlines()]
+    return [line[:LINE_MAX] for line in kept if line][-lines:]
 
 
 class Runtime:
@@ -94,6 +120,22 @@ class Runtime:
 
     def console_log(self, c: Container) -> Path:
         return records.console_log(self.records.dir(c.name), c)
+
+    def boot_messages(self, name: str, lines: int = BOOT_LINES) -> list[str]:
+        """What the container says about a start gone wrong, as printable text: the errors
+        its journal holds while it still runs, else the last lines its init wrote to the
+        console (init's own failures, before the journal runs)."""
+        if self.state(name).status == "running":
+            journal = ["journalctl", "-b", "-p", "warning", "-q", "-o", "cat", "--no-pager"]
+            res = self.exec(name, ExecSpec([*journal, "-n", str(lines)]), timeout=10)
+            if said := printable_lines(res.stdout, lines):
+                return said
+        log = self.console_log(self.get(name))
+        try:  # the container wrote it: not followed if it is a link, only its tail read
+            data = inside.read_tail_under(str(log.parent), log.name, CONSOLE_TAIL)
+        except RuntimeFailure:  # never started, or not a plain file any more
+            return []
+        return printable_lines(data.decode(errors="replace"), lines)
 
     # -- create --------------------------------------------------------------------------------
 

@@ -48,13 +48,28 @@ def read_file(pid: int, path: str, limit: int) -> bytes:
 def read_file_under(root_dir: str, path: str, limit: int) -> bytes:
     """read_file() of a tree the container wrote that is not a running container's root (an
     upper layer, say): `root_dir` itself is trusted, what lies below it is not."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
-    with _opened(root_dir, path, flags, _RESOLVE | syscalls.RESOLVE_NO_XDEV) as fd:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RuntimeFailure(
-                f"{path} in the container is not a regular file", "restore it as a plain file"
-            )
+    with _regular(root_dir, path) as (fd, _):
         data = os.read(fd, limit + 1)
     if len(data) > limit:
         raise RuntimeFailure(f"{path} in the container is larger than {limit} bytes", "shrink it")
     return data
+
+
+def read_tail_under(root_dir: str, path: str, limit: int) -> bytes:
+    """The last `limit` bytes of a file the container wrote (its console log, say), found as
+    read_file_under() finds it."""
+    with _regular(root_dir, path) as (fd, size):
+        return os.pread(fd, limit, max(0, size - limit))
+
+
+@contextlib.contextmanager
+def _regular(root_dir: str, path: str) -> Iterator[tuple[int, int]]:
+    """`path` under `root_dir` opened for reading, and its size; a regular file or an error."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
+    with _opened(root_dir, path, flags, _RESOLVE | syscalls.RESOLVE_NO_XDEV) as fd:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RuntimeFailure(
+                f"{path} in the container is not a regular file", "restore it as a plain file"
+            )
+        yield fd, st.st_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pwd
 import signal
@@ -370,3 +371,46 @@ def test_ready_notification_and_unit_file(hostd: Hostd, tmp_path: Path) -> None:
     local.write_text(unit.read_text().replace("/usr/local/bin/hostd", str(exe)))
     res = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+FAILING_UNIT = """[Unit]
+Description=a unit that fails at boot
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'echo hostd-test: cannot go on; exit 3'
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def test_a_failed_start_says_why_in_status_and_show(hostd: Hostd, unix_users: UnixUsers) -> None:
+    user = unix_users.make()
+    hostd.hostctl("user", "add", user)
+    hostd.hostctl("start", user)
+    unit = "/etc/systemd/system/hostd-test-fail.service"
+    script = f"cat > {unit} && systemctl enable hostd-test-fail.service"
+    hostd.hostctl("exec", user, "--", "sh", "-c", script, input=FAILING_UNIT.encode())
+    res = hostd.hostctl("restart", user, check=False)
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()[-1:]) == 1
+    error = res.stderr.strip().splitlines()[-1]
+    assert "booted degraded (failed units: hostd-test-fail.service)" in error, error
+    said = error.split("; it said: ", 1)[1]  # from its journal: the unit's failure
+    assert "hostd-test-fail.service" in said, error
+    status = json.loads(hostd.hostctl("status", user, "--json").stdout)[0]
+    assert status["state"] == "failed" and "hostd-test-fail.service" in status["reason"]
+    show = hostd.hostctl("user", "show", user).stdout
+    assert "reason:" in show and "hostd-test-fail.service" in show
+    assert f"{user}: start failed: " in hostd.log.read_text()
+    hostd.hostctl(
+        "exec",
+        user,
+        "--",
+        "rm",
+        "-f",
+        unit,
+        unit.replace("system/", "system/multi-user.target.wants/"),
+    )
+    hostd.hostctl("restart", user)
+    status = json.loads(hostd.hostctl("status", user, "--json").stdout)[0]
+    assert status["state"] == "running" and status["reason"] is None
+    hostd.hostctl("user", "remove", user)

@@ -47,6 +47,7 @@ class Box:
 
     record: Container
     status: str = "stopped"
+    console: list[str] = field(default_factory=list)  # what init said last
     pid: int = 0
     files: dict[str, str] = field(
         default_factory=lambda: {"/etc/passwd": BASE_PASSWD, "/etc/group": BASE_GROUP}
@@ -168,6 +169,9 @@ class FakeRuntime:
 
     def wait_ready(self, name: str) -> None:
         self._step("wait_ready", name)
+
+    def boot_messages(self, name: str) -> list[str]:
+        return list(self._box(name).console)
 
     def stop(self, name: str, timeout: float) -> None:
         box = self._box(name)

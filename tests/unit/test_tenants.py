@@ -436,6 +436,40 @@ def test_stop_and_unknown_tenants(host: Host, tenants: Tenants) -> None:
             call("nosuchuser")
 
 
+def test_a_failed_start_says_why_until_the_tenant_starts_or_is_stopped(
+    host: Host, tenants: Tenants
+) -> None:
+    tenants.add(host.user("alice"))
+    host.rt.boxes["alice"].console = ["\x1b[0;1;31m[FAILED]\x1b[0m x", "Failed to start Docker"]
+    host.rt.fail("wait_ready", RuntimeFailure("container 'alice' booted degraded", "see"))
+    with pytest.raises(RuntimeFailure) as info:
+        tenants.start("alice")
+    assert "booted degraded; it said: " in str(info.value)
+    assert str(info.value).endswith("Failed to start Docker: see")
+    host.rt.boxes["alice"].status = "stopped"
+    status = tenants.status("alice")
+    assert status.state == "failed" and status.reason == info.value.cause
+    tenants.start("alice")  # it works now
+    assert tenants.status("alice").state == "running" and tenants.status("alice").reason is None
+    host.rt.fail("start", RuntimeFailure("runc create failed", "see the log"))
+    tenants.stop("alice")
+    with pytest.raises(RuntimeFailure, match="runc create failed; it said"):
+        tenants.start("alice")
+    assert tenants.status("alice").state == "failed"
+    tenants.stop("alice")  # an admin's stop clears it
+    assert tenants.status("alice").state == "stopped" and tenants.status("alice").reason is None
+
+
+def test_a_start_that_ran_out_of_inotify_instances_says_what_to_raise(
+    host: Host, tenants: Tenants
+) -> None:
+    tenants.add(host.user("alice"))
+    host.rt.boxes["alice"].console = ["Failed to allocate manager object: Too many open files"]
+    host.rt.fail("wait_ready", RuntimeFailure("container 'alice' booted offline", "see"))
+    with pytest.raises(RuntimeFailure, match="raise fs.inotify.max_user_instances"):
+        tenants.start("alice")
+
+
 def test_a_start_is_remembered_before_it_runs(host: Host, tenants: Tenants) -> None:
     """hostd killed in the middle of a start: reconcile takes the start up again."""
     tenants.add(host.user("alice"))

@@ -199,26 +199,16 @@ def authorize(user: str, line: str) -> None:
     keys.chmod(0o600)
 
 
+# OpenSSH client options of every test and benchmark: non-interactive, any host key trusted
+SSH_OPTIONS = [
+    *("-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"),
+    *("-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"),
+]
+
+
 def ssh_argv(port: int, key: Path, user: str, *extra: str) -> list[str]:
-    """An OpenSSH client command for `user` at 127.0.0.1:`port` with `key`, non-interactive,
-    trusting any host key."""
-    return [
-        "ssh",
-        "-p",
-        str(port),
-        "-i",
-        str(key),
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "LogLevel=ERROR",
-        *extra,
-        f"{user}@127.0.0.1",
-    ]
+    """An OpenSSH client command for `user` at 127.0.0.1:`port` with `key`."""
+    return ["ssh", "-p", str(port), "-i", str(key), *SSH_OPTIONS, *extra, f"{user}@127.0.0.1"]
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from runtime import fsutil, lxcfs, network
 from runtime.containers import Runtime
 from tests.benchmarks.images import state_with_default_image
 from tests.hostd_harness import (
+    SSH_OPTIONS,
     Hostd,
     UnixUsers,
     authorize,
@@ -148,20 +149,7 @@ class Bench:
         return port
 
     def opts(self, port_flag: str, port: int) -> list[str]:
-        return [
-            port_flag,
-            str(port),
-            "-i",
-            str(self.key),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-        ]
+        return [port_flag, str(port), "-i", str(self.key), *SSH_OPTIONS]
 
     def ssh(self, port: int, command: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(

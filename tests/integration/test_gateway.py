@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.hostd_harness import (
+    SSH_OPTIONS,
     Hostd,
     Login,
     UnixUsers,
@@ -109,18 +110,7 @@ def test_scp_and_sftp_round_trips(login: Login, tmp_path: Path) -> None:
     src = tmp_path / "up.bin"
     src.write_bytes(data)
     home = Path(pwd.getpwnam(login.user).pw_dir)
-    base = [
-        "-P",
-        str(login.port),
-        "-i",
-        str(login.key),
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-    ]
+    base = ["-P", str(login.port), "-i", str(login.key), *SSH_OPTIONS]
     target = f"{login.user}@127.0.0.1"
     for legacy, name in ((False, "sftp-mode.bin"), (True, "legacy.bin")):
         mode = ["-O"] if legacy else []

@@ -31,6 +31,7 @@ from hostd.login import SFTP_SERVER, command_argv
 from tests.conftest import INNER_DRIVER
 from tests.hostd_harness import (
     POLL_INTERVAL,
+    SSH_OPTIONS,
     SSHD,
     Hostd,
     UnixUsers,
@@ -75,18 +76,8 @@ class Sshd:
             "/dev/null",
             "-i",
             str(key or self.key),
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "ConnectTimeout=30",
+            *SSH_OPTIONS,
+            *("-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=30"),
         ]
 
     def ssh_argv(self, user: str, *args: str, key: Path | None = None) -> list[str]:

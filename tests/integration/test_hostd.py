@@ -26,7 +26,7 @@ from runtime.containers import Runtime
 from runtime.errors import NotFound, RuntimeFailure
 from runtime.limits import Limits
 from tests.conftest import CGROUP_PARENT, TEST_GATEWAY
-from tests.hostd_harness import Hostd, UnixUsers, connect_as, wait_for
+from tests.hostd_harness import Hostd, UnixUsers, connect_as, login_as, wait_for
 
 
 def _tenant_rows(h: Hostd) -> dict[str, tuple[int, str]]:
@@ -383,8 +383,11 @@ WantedBy=multi-user.target
 """
 
 
-def test_a_failed_start_says_why_in_status_and_show(hostd: Hostd, unix_users: UnixUsers) -> None:
+def test_a_failed_start_says_why_in_status_and_show(
+    hostd: Hostd, unix_users: UnixUsers, tmp_path: Path
+) -> None:
     user = unix_users.make()
+    login = login_as(user, hostd.ssh_port, tmp_path)
     hostd.hostctl("user", "add", user)
     hostd.hostctl("start", user)
     unit = "/etc/systemd/system/hostd-test-fail.service"
@@ -401,6 +404,11 @@ def test_a_failed_start_says_why_in_status_and_show(hostd: Hostd, unix_users: Un
     show = hostd.hostctl("user", "show", user).stdout
     assert "reason:" in show and "hostd-test-fail.service" in show
     assert f"{user}: start failed: " in hostd.log.read_text()
+    hostd.hostctl("stop", user)
+    res = login.ssh("true")  # the login starts it, and the user hears why it failed
+    err = res.stderr.decode(errors="replace")
+    assert res.returncode != 0 and "it said: " in err, err
+    assert "hostd-test-fail.service" in err.split("it said: ", 1)[1], err
     hostd.hostctl(
         "exec",
         user,

@@ -100,6 +100,7 @@ class GatewaySettings:
 @dataclass(frozen=True)
 class SessionSettings:
     max_per_tenant: int  # sessions open at once per tenant (SSH, hostd-login, hostctl exec)
+    auto_stop: int = 0  # seconds idle before a tenant's container is stopped; 0: never
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ _DURATION = re.compile(r"(\d{1,9})\s*([smhd]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _duration(value: Any) -> int:
+def parse_duration(value: Any) -> int:
     """Whole seconds from 900 or "15m" ("30s", "2h", "1d"); 0 or "off" turn the feature off."""
     text = str(value).strip().lower() if type(value) in (int, str) else ""
     if text == "off":
@@ -206,6 +207,14 @@ def _duration(value: Any) -> int:
     if match is None:
         raise ValueError('use a duration like "15m", "30s", "2h", or "off"')
     return int(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+def format_duration(seconds: int) -> str:
+    """`parse_duration`'s text for `seconds`: the largest unit that divides it, or "off"."""
+    if seconds <= 0:
+        return "off"
+    unit = next(u for u in "dhms" if seconds % _UNIT_SECONDS[u] == 0)
+    return f"{seconds // _UNIT_SECONDS[unit]}{unit}"
 
 
 def _id(lowest: int) -> Callable[[Any], int]:
@@ -315,7 +324,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "recipes_dir": _Key(None, check_path),
         "cache_dir": _Key("/var/cache/hostd/debootstrap", check_path),
         "stop_timeout": _Key(30.0, _seconds),
-        "docker_idle_stop": _Key("15m", _duration),
+        "docker_idle_stop": _Key("15m", parse_duration),
     },
     "subids": {
         "min": _Key(100000, _id(MIN_START), "SUB_UID_MIN"),
@@ -346,6 +355,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "sessions": {
         "max_per_tenant": _Key(64, _id(1)),
+        "auto_stop": _Key("off", parse_duration),
     },
     "api": {
         "max_connections": _Key(512, _number(1, 65536)),

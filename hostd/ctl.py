@@ -127,6 +127,9 @@ def _user(c: Client, args: argparse.Namespace) -> None:
         details = c("user.show", p.UserArgs(args.user))
         if not args.json:
             _show(details)
+    elif args.sub == "set":
+        done = c("user.set", p.UserSetArgs(args.user, args.auto_stop))
+        c.say(f"{done.user}: auto-stop {done.auto_stop}")
     elif args.sub == "rebase":
         r = c("user.rebase", p.UserRebaseArgs(args.user, args.image, args.restart))
         _rebased(c, r)
@@ -290,6 +293,7 @@ def _show(d: p.UserDetails) -> None:
         *([("reason", s.reason)] if s.reason else []),
         ("uptime", _duration(s.uptime)),
         ("quota", _quota_text(s.quota)),
+        ("autostop", d.auto_stop),
         ("created", t.created),
     ]
     fields += [("event", f"{e.at} {e.what}") for e in d.events]

@@ -25,6 +25,7 @@ from hostd import config as config_mod
 from hostd.api import Channel, Peer, close_fds, peer_of
 from hostd.apiserver import Door, Refused, Request, Workers, read_request, refuse
 from hostd.gateway import Gateway
+from hostd.idle import AutoStopper
 from hostd.notify import notify, watchdog_interval
 from hostd.service import QUICK_OPS, Service
 from hostd.sessions import Sessions
@@ -86,8 +87,9 @@ class Daemon:
         self.sessions = Sessions(
             self.tenants, runtime, cfg.sessions, refusal=accounts.account_refusal
         )
+        self.auto_stopper = AutoStopper(self.tenants, self.sessions)
         self.service = Service(
-            self.tenants, runtime, cfg.users.admin_group, self.sessions, self._refresh_tenants
+            self.tenants, runtime, cfg.users.admin_group, self.sessions, self._after_admin
         )
         self._tenant_uids: frozenset[int] = frozenset()
         self._refresh_tenants()
@@ -108,6 +110,11 @@ class Daemon:
         added by `hostctl user add` passes once the command returns; a removed one may pass
         until then and is refused by the request itself."""
         self._tenant_uids = frozenset(t.uid for t in self.state.tenants())  # one atomic store
+
+    def _after_admin(self) -> None:
+        """After each admin request: who is a tenant, and auto-stop settings, may have changed."""
+        self._refresh_tenants()
+        self.auto_stopper.wake()
 
     async def run(self) -> None:
         try:
@@ -145,6 +152,8 @@ class Daemon:
         # A thread of its own: a tenant slow to start delays no request but its own (per-user
         # locks), and a daemon thread does not hold up hostd's exit.
         threading.Thread(target=self._reconcile, name="reconcile", daemon=True).start()
+        # Its own thread too: a stop under a tenant's lock delays nobody else.
+        threading.Thread(target=self.auto_stopper.run, name="auto-stop", daemon=True).start()
         await stop.wait()
         notify("STOPPING=1")
         log.info("hostd stopping; containers keep running")

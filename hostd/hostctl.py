@@ -78,6 +78,13 @@ def _parser() -> Parser:
     limits(a)
     user.add_parser("list", help="every tenant, its state and usage")
     user.add_parser("show", help="one tenant in detail").add_argument("user")
+    us = user.add_parser("set", help="change a tenant's settings")
+    us.add_argument("user")
+    us.add_argument(
+        "--auto-stop",
+        metavar="WHEN",
+        help='stop the container after this long idle: "3d", "12h", "off", or "default"',
+    )
     rb = user.add_parser("rebase", help="move a tenant to the current version of an image")
     rb.add_argument("user")
     rb.add_argument("image", nargs="?", help="default: the tenant's own image")

@@ -72,6 +72,13 @@ class QuotaSetArgs(NamedTuple):
     disk: str | None = None
 
 
+class UserSetArgs(NamedTuple):
+    """A tenant's settings; None leaves one as it is."""
+
+    user: str
+    auto_stop: str | None = None  # "3d", "off", or "default" ([sessions] auto_stop)
+
+
 class UserRemoveArgs(NamedTuple):
     user: str
     keep_data: bool = False
@@ -182,6 +189,12 @@ class UserDetails(NamedTuple):
     ports: list[PortRange]
     image_version: str  # the image directory it runs, e.g. default@20261130T101010-a1b2c3
     events: list[Event]
+    auto_stop: str = ""  # "3d", "off", or the default's: "off (default)"
+
+
+class UserSettings(NamedTuple):
+    user: str
+    auto_stop: str
 
 
 class Done(NamedTuple):
@@ -256,6 +269,7 @@ OPS: dict[str, Op] = {
         Op("user.add", UserAddArgs, TenantInfo),
         Op("user.list", NoArgs, list[Status]),
         Op("user.show", UserArgs, UserDetails),
+        Op("user.set", UserSetArgs, UserSettings),
         Op("user.remove", UserRemoveArgs, Done),
         Op("user.rebase", UserRebaseArgs, Rebased),
         Op("quota.set", QuotaSetArgs, QuotaSet),

@@ -21,6 +21,7 @@ from typing import Any
 
 from hostd import protocol as p
 from hostd.api import Channel, ClientGone, Peer, close_fds
+from hostd.config import parse_duration
 from hostd.errors import HostdError
 from hostd.sessions import Program, Sessions
 from hostd.state import IdRangeRecord, Tenant
@@ -80,6 +81,7 @@ class Service:
             "user.add": self.user_add,
             "user.list": self.user_list,
             "user.show": self.user_show,
+            "user.set": self.user_set,
             "user.remove": self.user_remove,
             "user.rebase": self.user_rebase,
             "quota.set": self.quota_set,
@@ -214,7 +216,20 @@ class Service:
             ports=[p.PortRange(a, b) for a, b, u in t.state.port_grants() if u == tenant.user],
             image_version=Path(state.container.image_dir).name,
             events=[p.Event(at, what) for at, _, what in t.state.events(tenant.user, EVENTS_SHOWN)],
+            auto_stop=t.auto_stop_setting(tenant.user),
         )
+
+    def user_set(self, req: p.UserSetArgs, call: Call) -> p.UserSettings:
+        if req.auto_stop is None:
+            raise HostdError("no setting given", "pass --auto-stop DURATION, off or default")
+        text = req.auto_stop.strip().lower()
+        try:
+            after = None if text == "default" else parse_duration(text)
+        except ValueError as exc:
+            raise HostdError(
+                f"auto-stop {req.auto_stop[:64]!r} is not a duration", str(exc)
+            ) from None
+        return p.UserSettings(req.user, self.tenants.set_auto_stop(req.user, after))
 
     def user_remove(self, req: p.UserRemoveArgs, call: Call) -> p.Done:
         self.tenants.remove(req.user, req.keep_data, call.progress)

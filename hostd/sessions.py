@@ -19,6 +19,7 @@ import re
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -169,19 +170,27 @@ class Sessions:
         runtime: Runtime,
         settings: SessionSettings,
         refusal: Callable[[str], str | None] = no_refusal,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tenants = tenants
+        self.clock = clock  # when sessions begin and end, for auto-stop (hostd.idle)
         self.runtime = runtime  # the whole runtime: sessions exec and spawn, Tenants do not
         self.max_per_tenant = settings.max_per_tenant
         self.refusal = refusal  # the account check for logins (PAM's account stage)
         self._guard = threading.Lock()
         self._open: dict[str, int] = {}  # sessions per tenant
+        self._last: dict[str, float] = {}  # when a session of each tenant began or ended
         self._holders: dict[str, int] = {}  # users of each tenant's pool
         self._pools: dict[str, ThreadPoolExecutor] = {}
 
     def count(self, user: str) -> int:
         with self._guard:
             return self._open.get(user, 0)
+
+    def last_use(self, user: str) -> float | None:
+        """When (`clock`) a session of `user` last began or ended, for auto-stop."""
+        with self._guard:
+            return self._last.get(user)
 
     @contextlib.contextmanager
     def pool(self, user: str) -> Iterator[ThreadPoolExecutor]:
@@ -212,11 +221,13 @@ class Sessions:
                     "end one, or ask an admin to raise [sessions] max_per_tenant",
                 )
             self._open[user] = count + 1
+            self._last[user] = self.clock()
         try:
             with self.pool(user) as pool:
                 yield pool
         finally:
             with self._guard:
+                self._last[user] = self.clock()
                 self._open[user] -= 1
                 if not self._open[user]:
                     del self._open[user]
@@ -234,9 +245,11 @@ class Sessions:
         return Session(user, self.tenants.account(user, account))
 
     def running_pid(self, user: str, progress: Progress = _quiet) -> int:
-        """Blocking. Start the container if needed; the host PID of its init."""
+        """Blocking. Start the container if needed; the host PID of its init. One being
+        stopped (for idleness, say) is started again once stopped: call it with a slot held,
+        so auto-stop, which checks the slots after marking the stop, never stops it under us."""
         state = self.runtime.state(user)
-        if state.status == "running":
+        if state.status == "running" and user not in self.tenants.stopping:
             return state.pid
         self.tenants.start(user, progress)
         return self.runtime.state(user).pid

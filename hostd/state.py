@@ -87,6 +87,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             reason TEXT NOT NULL
         )""",
     ),
+    (  # 5: auto-stop of idle tenants: an admin's per-tenant setting, and who was stopped why
+        """CREATE TABLE auto_stop (
+            user TEXT PRIMARY KEY REFERENCES tenants(user) ON DELETE CASCADE,
+            after INTEGER NOT NULL CHECK (after >= 0)
+        )""",
+        """CREATE TABLE dormant (
+            user TEXT PRIMARY KEY REFERENCES tenants(user) ON DELETE CASCADE,
+            idle_since TEXT NOT NULL,
+            at TEXT NOT NULL
+        )""",
+    ),
 )
 
 _TENANT_COLUMNS = "user, uid, gid, home, range_start, image, phase, desired, created"
@@ -257,8 +268,51 @@ class State:
         self._change_one(user, "UPDATE tenants SET phase = ? WHERE user = ?", (phase, user))
 
     def set_desired(self, user: str, desired: str) -> None:
+        """An explicit start or stop: a tenant stopped for idleness is no longer dormant."""
         _check_desired(desired)
-        self._change_one(user, "UPDATE tenants SET desired = ? WHERE user = ?", (desired, user))
+        with self._write() as db:
+            sql = "UPDATE tenants SET desired = ? WHERE user = ?"
+            if db.execute(sql, (desired, user)).rowcount == 0:
+                raise _not_a_tenant(user)
+            db.execute("DELETE FROM dormant WHERE user = ?", (user,))
+
+    # -- auto-stop -------------------------------------------------------------------------
+
+    def set_auto_stop(self, user: str, after: int | None) -> None:
+        """The tenant's own idle time before auto-stop (seconds, 0: never); None: the default."""
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM tenants WHERE user = ?", (user,)).fetchone():
+                raise _not_a_tenant(user)
+            db.execute("DELETE FROM auto_stop WHERE user = ?", (user,))
+            if after is not None:
+                db.execute("INSERT INTO auto_stop (user, after) VALUES (?, ?)", (user, after))
+
+    def auto_stops(self) -> dict[str, int]:
+        """Every tenant's own auto-stop setting, by user (the others take the default)."""
+        with self._lock:
+            return {
+                str(u): int(a) for u, a in self._db.execute("SELECT user, after FROM auto_stop")
+            }
+
+    def set_dormant(self, user: str, idle_since: str) -> None:
+        """Record a tenant stopped for idleness: desired 'stopped' (reconcile leaves it so; the
+        next session starts it), and since when it was idle."""
+        with self._write() as db:
+            sql = "UPDATE tenants SET desired = 'stopped' WHERE user = ?"
+            if db.execute(sql, (user,)).rowcount == 0:
+                raise _not_a_tenant(user)
+            db.execute(
+                "INSERT OR REPLACE INTO dormant (user, idle_since, at) VALUES (?, ?, ?)",
+                (user, idle_since, utc_now()),
+            )
+
+    def dormant(self, user: str) -> str | None:
+        """Since when the tenant was idle, if it was stopped for it and not started since."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT idle_since FROM dormant WHERE user = ?", (user,)
+            ).fetchone()
+        return None if row is None else str(row[0])
 
     def set_failure(self, user: str, reason: str | None) -> None:
         """Record why the tenant's start failed; None clears it (it started, or was stopped)."""

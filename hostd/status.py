@@ -22,15 +22,20 @@ class TenantStatus:
     quota: Limits
     range_start: int
     image: str
-    reason: str | None = None  # why its last start failed (state "failed")
+    reason: str | None = None  # why it failed (state "failed") or is stopped (auto-stopped)
 
 
 def tenant_status(
-    runtime: ContainerRuntime, t: Tenant, quota: Limits, failure: str | None = None
+    runtime: ContainerRuntime,
+    t: Tenant,
+    quota: Limits,
+    failure: str | None = None,
+    dormant: str | None = None,
 ) -> TenantStatus:
     """A tenant being added or removed has no container to ask: its phase stands for it.
     One whose last start failed is `failed`, with the reason, until a start succeeds or an
-    admin stops it (a container that booted degraded may still be running)."""
+    admin stops it (a container that booted degraded may still be running). One stopped for
+    idleness (`dormant`: idle since when) is `stopped`, saying so."""
     if t.phase != "ready":
         return TenantStatus(
             t.user, t.phase, None, None, None, None, 0, quota, t.range_start, t.image
@@ -38,10 +43,13 @@ def tenant_status(
     st = runtime.state(t.user)
     used = runtime.usage(t.user) if st.status == "running" else None
     failed = failure is not None
+    reason = failure
+    if not failed and dormant is not None and st.status == "stopped":
+        reason = f"idle since {dormant}; starts at the next login"
     return TenantStatus(
         user=t.user,
         state="failed" if failed else st.status,
-        reason=failure if failed else None,
+        reason=reason,
         uptime=uptime(st.pid) if st.pid else None,
         memory=used.memory if used else None,
         cpu_seconds=used.cpu_seconds if used else None,

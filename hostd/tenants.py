@@ -33,7 +33,7 @@ from typing import Any
 from hostd import hostlimits
 from hostd.addresses import Addresses
 from hostd.backend import ContainerRuntime
-from hostd.config import Config
+from hostd.config import Config, format_duration
 from hostd.errors import HostdError
 from hostd.inneraccounts import Account, InnerAccounts, ReadFile, inner_id
 from hostd.ranges import GetPwNam, Ranges
@@ -348,6 +348,48 @@ class Tenants:
         finally:
             self.stopping.discard(user)
 
+    def auto_stop(self, user: str, still_idle: Callable[[], str | None]) -> bool:
+        """Stop a running tenant that hostd.idle found idle. Under its lock and marked
+        `stopping` (new sessions then wait and start it again), `still_idle` says since when it
+        is idle, or None if a session came meanwhile. Recorded as dormant, so it stays stopped
+        until its next session starts it. Whether it was stopped."""
+        with self._lock(user):
+            t = self.state.tenant(user)
+            if t is None or t.phase != "ready" or t.desired != "running":
+                return False
+            try:
+                if self.runtime.state(user).status != "running":
+                    return False
+            except RuntimeFailure:  # removed meanwhile
+                return False
+            self.stopping.add(user)
+            try:
+                since = still_idle()
+                if since is None:
+                    return False
+                self._stop_container(user)
+            finally:
+                self.stopping.discard(user)
+            self.state.set_dormant(user, since)
+            self.state.log_event(user, f"auto-stop idle-since={since}")
+            log.info("%s: stopped, idle since %s; it starts at the next login", user, since)
+            return True
+
+    def set_auto_stop(self, user: str, after: int | None) -> str:
+        """The tenant's own auto-stop time (seconds, 0: never; None: the default); the
+        setting as `auto_stop_setting` says it."""
+        self.state.set_auto_stop(user, after)
+        setting = self.auto_stop_setting(user)
+        self.state.log_event(user, f"auto-stop {setting}")
+        return setting
+
+    def auto_stop_setting(self, user: str) -> str:
+        """The setting as people read it: "3d", "off", or the default's, like "off (default)"."""
+        own = self.state.auto_stops().get(user)
+        if own is not None:
+            return format_duration(own)
+        return f"{format_duration(self.config.sessions.auto_stop)} (default)"
+
     def is_down(self, user: str) -> bool:
         """Stopped or being stopped (sessions inside are ending because of it)."""
         return user in self.stopping or self.runtime.state(user).status != "running"
@@ -466,7 +508,13 @@ class Tenants:
 
     def status(self, user: str) -> TenantStatus:
         t = self.get(user)
-        return tenant_status(self.runtime, t, self.state.quota(user), self.state.failure(user))
+        return tenant_status(
+            self.runtime,
+            t,
+            self.state.quota(user),
+            self.state.failure(user),
+            self.state.dormant(user),
+        )
 
     def release_range(self, start: int) -> IdRangeRecord:
         return self.ranges.release(start)

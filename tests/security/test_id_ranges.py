@@ -223,8 +223,10 @@ def test_an_old_installation_is_migrated_at_start(hostd: Hostd, unix_users: Unix
             for user, start in starts.items():
                 files.reown(start, RANGE_SIZE, {ID_OWNER}, old[user])
         others = _sql(hostd, ("SELECT * FROM ranges WHERE user NOT IN (?, ?)", [tenant, kept]))
-        # schema 2: without the tables of later migrations (ranges, failures)
-        drops = [(f"DROP TABLE {table}", []) for table in ("ranges", "failures")]
+        # schema 2: without the tables of later migrations (ranges, failures, auto-stop)
+        drops = [
+            (f"DROP TABLE {table}", []) for table in ("ranges", "failures", "auto_stop", "dormant")
+        ]
         _sql(hostd, *drops, ("PRAGMA user_version = 2", []))
 
         for _ in range(2):  # the second start finds nothing left to do

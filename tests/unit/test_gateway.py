@@ -150,6 +150,7 @@ class FakeTenants:
         self.host = host
         self.runtime = runtime
         self.down = False
+        self.stopping: set[str] = set()
         self.started: list[str] = []
         self.account_error: HostdError | None = None
 

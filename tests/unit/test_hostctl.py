@@ -43,7 +43,9 @@ REPLIES: dict[str, object] = {
         [p.PortRange(8080, 8080), p.PortRange(20000, 20009)],
         "default@20261130T101010-a1b2c3",
         [p.Event("2026-11-30T10:00:00Z", "added")],
+        "14d (default)",
     ),
+    "user.set": p.UserSettings("alice", "3d"),
     "ports.list": [
         p.PortGrant(8080, 8080, "alice", "10.231.64.2"),
         p.PortGrant(20000, 20009, "bo", "10.231.64.3"),
@@ -182,6 +184,14 @@ def test_status_row(capfd: pytest.CaptureFixture[str], config: str) -> None:
     assert bo.split() == ["bo", "stopped", "-", "-", "-", "-", "0"]
 
 
+def test_user_set_auto_stop(
+    capfd: pytest.CaptureFixture[str], config: str, hostd: FakeHostd
+) -> None:
+    code, out, _ = run(capfd, "--config", config, "user", "set", "alice", "--auto-stop", "3d")
+    assert code == 0 and out == "alice: auto-stop 3d\n"
+    assert hostd.requests[-1] == {"op": "user.set", "args": {"user": "alice", "auto_stop": "3d"}}
+
+
 def test_user_show(capfd: pytest.CaptureFixture[str], config: str, hostd: FakeHostd) -> None:
     code, out, _ = run(capfd, "--config", config, "user", "show", "alice")
     assert code == 0
@@ -196,6 +206,7 @@ def test_user_show(capfd: pytest.CaptureFixture[str], config: str, hostd: FakeHo
         "state:    running",
         "uptime:   01:02:05",
         "quota:    cpus=1.5 memory=2G disk=unlimited pids=100",
+        "autostop: 14d (default)",
         "created:  then",
         "event:    2026-11-30T10:00:00Z added",
     ]
@@ -297,6 +308,7 @@ def test_bash_completion(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> N
         "add",
         "list",
         "show",
+        "set",
         "rebase",
         "remove",
         "-h",

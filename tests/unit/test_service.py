@@ -106,6 +106,14 @@ class FakeTenants:
         self.get(user)
         self.calls.append(("start", user))
 
+    def auto_stop_setting(self, user: str) -> str:
+        return "off (default)"
+
+    def set_auto_stop(self, user: str, after: int | None) -> str:
+        self.get(user)
+        self.calls.append(("set_auto_stop", user, after))
+        return "off (default)" if after is None else f"{after}s"
+
     def stop(self, user: str) -> None:
         self.calls.append(("stop", user))
 
@@ -249,6 +257,7 @@ ADMIN_CALLS: list[tuple[str, dict[str, Any]]] = [
     ("user.add", {"user": "alice", "memory": "1G", "cpus": "none"}),
     ("user.list", {}),
     ("user.show", {"user": "root"}),
+    ("user.set", {"user": "root", "auto_stop": "3d"}),
     ("user.remove", {"user": "root", "keep_data": True}),
     ("user.rebase", {"user": "root"}),
     ("quota.set", {"user": "root", "pids": "50"}),
@@ -288,6 +297,23 @@ def test_replies_round_floats_and_carry_what_show_needs(world: World) -> None:
     assert show.address == "10.231.64.2" and show.ports == [p.PortRange(8080, 8080)]
     assert show.image_version == "default@1" and show.tenant.range_end == 365535
     assert [e.what for e in show.events] == ["added", "started"]
+    assert show.auto_stop == "off (default)"
+
+
+def test_user_set_parses_the_auto_stop_time(world: World) -> None:
+    assert result(world, "user.set", {"user": "root", "auto_stop": "3d"})["auto_stop"] == "259200s"
+    result(world, "user.set", {"user": "root", "auto_stop": "OFF"})
+    result(world, "user.set", {"user": "root", "auto_stop": " default "})
+    assert world.tenants.calls[-3:] == [
+        ("set_auto_stop", "root", 259200),
+        ("set_auto_stop", "root", 0),
+        ("set_auto_stop", "root", None),
+    ]
+    bad = error(world, "user.set", {"user": "root", "auto_stop": "3 weeks"})
+    assert (bad["code"], bad["cause"]) == ("invalid", "auto-stop '3 weeks' is not a duration")
+    assert "off" in bad["fix"]
+    assert error(world, "user.set", {"user": "root"})["cause"] == "no setting given"
+    assert error(world, "user.set", {"user": "ghost", "auto_stop": "1d"})["code"] == "not_found"
 
 
 def test_limits_are_parsed_and_none_lifts_one(world: World) -> None:

@@ -1,0 +1,94 @@
+"""Auto-stop of idle tenants: with `[sessions] auto_stop` set (a few seconds here), a tenant
+nobody uses is stopped, says why in `hostctl status`, stays stopped across a hostd restart,
+and its next SSH login starts it again; a user's own process or an open session keeps a
+tenant up. Seen through hostctl and SSH, waiting on real conditions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import QUOTAS
+from tests.hostd_harness import Hostd, Login, UnixUsers, login_as, wait_for
+
+AUTO_STOP = 5  # seconds, in the drop-in below
+
+
+@pytest.fixture(scope="module")
+def auto_hostd(hostd: Hostd) -> Iterator[Hostd]:
+    with hostd.configured("autostop", f'[sessions]\nauto_stop = "{AUTO_STOP}s"\n') as h:
+        yield h
+
+
+@pytest.fixture
+def logins(auto_hostd: Hostd, unix_users: UnixUsers, tmp_path: Path) -> Iterator[list[Login]]:
+    """Three new tenants (not logged in yet); removed afterwards."""
+    made: list[Login] = []
+    try:
+        for i in range(3):
+            user = unix_users.make()
+            auto_hostd.hostctl("user", "add", user, *QUOTAS)
+            (tmp_path / str(i)).mkdir()
+            made.append(login_as(user, auto_hostd.ssh_port, tmp_path / str(i)))
+        yield made
+    finally:
+        for login in made:
+            auto_hostd.hostctl("user", "remove", login.user, check=False)
+
+
+def status(hostd: Hostd, user: str) -> dict[str, object]:
+    (row,) = json.loads(hostd.hostctl("status", user, "--json").stdout)
+    return dict(row)
+
+
+def state(hostd: Hostd, user: str) -> object:
+    return status(hostd, user)["state"]
+
+
+def test_idle_tenants_stop_and_start_again_at_the_next_login(
+    auto_hostd: Hostd, logins: list[Login]
+) -> None:
+    worker, idle, watched = logins
+    # worker leaves a process of its own running; idle logs in and out; watched keeps a
+    # session open (as root inside: no process of a user's account, only the session)
+    worker.sh("setsid nohup sleep 3600 </dev/null >/dev/null 2>&1 &")
+    session = subprocess.Popen(
+        [sys.executable, "-m", "hostd.hostctl", "--config", str(auto_hostd.config)]
+        + ["exec", watched.user, "--", "sleep", "3600"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: state(auto_hostd, watched.user) == "running", 60, "watched started")
+        idle.sh("true")  # the last of the three to be used: when it stops, the others were due
+        wait_for(lambda: state(auto_hostd, idle.user) == "stopped", 60, "the idle tenant stopped")
+        reason = str(status(auto_hostd, idle.user)["reason"])
+        assert reason.startswith("idle since ") and reason.endswith("starts at the next login")
+        shown = auto_hostd.hostctl("user", "show", idle.user).stdout
+        assert f"reason:   {reason}" in shown and f"autostop: {AUTO_STOP}s (default)" in shown
+        assert state(auto_hostd, worker.user) == "running"  # its sleep keeps it up
+        assert state(auto_hostd, watched.user) == "running"  # its open session keeps it up
+        assert b"stopped " + watched.user.encode() not in auto_hostd.log.read_bytes()
+    finally:
+        session.terminate()  # the client goes: hostd hangs the session up
+        session.wait(timeout=60)
+    wait_for(lambda: state(auto_hostd, watched.user) == "stopped", 60, "watched stopped")
+
+    auto_hostd.stop()  # a restarted hostd leaves the dormant tenants stopped
+    auto_hostd.start()
+    assert state(auto_hostd, idle.user) == "stopped"
+    assert str(status(auto_hostd, idle.user)["reason"]).startswith("idle since ")
+    # the next login gets a shell: the container starts again, transparently
+    assert idle.sh("echo back; id -un").split() == ["back", idle.user]
+    assert status(auto_hostd, idle.user)["reason"] is None
+    # ...and an admin's own setting wins over the default
+    auto_hostd.hostctl("user", "set", worker.user, "--auto-stop", "off")
+    assert "autostop: off" in auto_hostd.hostctl("user", "show", worker.user).stdout
+    bad = auto_hostd.hostctl("user", "set", worker.user, "--auto-stop", "soon", check=False)
+    assert bad.returncode == 1 and "is not a duration" in bad.stderr

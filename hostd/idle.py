@@ -146,12 +146,19 @@ class AutoStopper:
             if start in busy:
                 self._seen[user] = now
             since = self._since(user, pid, now)
-            if is_due(after, since, now) and self.tenants.auto_stop(
-                user, functools.partial(self._still_idle, user, since)
-            ):
+            if is_due(after, since, now) and self._stop(user, since):
                 self._seen.pop(user, None)
                 done.append(f"stopped {user}, idle for {format_duration(after)}")
         return done
+
+    def _stop(self, user: str, since: float) -> bool:
+        """Stop one tenant; a failure is logged and tried again at the next check, and does not
+        keep the others running."""
+        try:
+            return self.tenants.auto_stop(user, functools.partial(self._still_idle, user, since))
+        except RuntimeFailure as exc:
+            log.warning("auto-stop: cannot stop %s: %s", user, exc)
+            return False
 
     def _since(self, user: str, pid: int, now: float) -> float:
         up = uptime(pid)

@@ -367,10 +367,15 @@ class Tenants:
                 since = still_idle()
                 if since is None:
                     return False
-                self._stop_container(user)
+                # Recorded first: status never shows it stopped without saying why.
+                self.state.set_dormant(user, since)
+                try:
+                    self._stop_container(user)
+                except BaseException:
+                    self.state.set_desired(user, "running")  # not stopped: not dormant either
+                    raise
             finally:
                 self.stopping.discard(user)
-            self.state.set_dormant(user, since)
             self.state.log_event(user, f"auto-stop idle-since={since}")
             log.info("%s: stopped, idle since %s; it starts at the next login", user, since)
             return True

@@ -87,6 +87,15 @@ def test_an_idle_tenant_is_stopped_after_its_time_and_says_why(world: World) -> 
     assert world.after(10 * DAY) == []  # stopped once
 
 
+def test_a_stop_that_fails_leaves_it_running_and_not_dormant(world: World) -> None:
+    world.tenants.set_auto_stop("alice", 60)
+    world.host.rt.fail("stop")
+    assert world.after(60) == []
+    assert world.running() and world.host.state.dormant("alice") is None
+    assert world.host.state.tenant("alice").desired == "running"  # type: ignore[union-attr]
+    assert world.after(60) == ["stopped alice, idle for 1m"]  # the next check stops it
+
+
 def test_a_dormant_tenant_stays_stopped_at_reconcile_and_starts_at_its_next_session(
     world: World,
 ) -> None:

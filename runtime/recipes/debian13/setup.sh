@@ -6,7 +6,8 @@ set -eu
 # Boot only what a system container uses: units that cannot work in an unprivileged container (kernel
 # modules, udev, fsck, consoles) or are useless there (timers for apt, man-db, e2scrub, fstrim)
 # are masked, so the system is `running` and docker.service is reached early.
-# A template unit masked masks all its instances (modprobe@, getty@...).
+# A template unit masked masks all its instances (modprobe@, getty@...). logind too: sessions
+# enter by `runc exec`, not a PAM login inside, so it would track nothing (and keep dbus up).
 for unit in \
     sys-kernel-debug.mount sys-kernel-tracing.mount sys-kernel-config.mount \
     sys-fs-fuse-connections.mount proc-sys-fs-binfmt_misc.automount \
@@ -19,7 +20,7 @@ for unit in \
     e2scrub_reap.service e2scrub_all.timer fstrim.timer apt-daily.timer \
     apt-daily-upgrade.timer man-db.timer dpkg-db-backup.timer \
     getty.target getty@.service serial-getty@.service console-getty.service \
-    container-getty@.service; do
+    container-getty@.service systemd-logind.service; do
     ln -sf /dev/null "/etc/systemd/system/$unit"
 done
 systemctl set-default multi-user.target >/dev/null

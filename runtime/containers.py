@@ -59,6 +59,10 @@ DISK_WALK_TTL = 30.0  # seconds a disk walk of a container without a mounted vol
 _LXCFS_LOCK = threading.Lock()  # one lxcfs per host, started by whichever start comes first
 
 
+WAIT_FOR_SYSTEMD = (
+    "until [ -d /run/systemd/system ] && [ -S /run/systemd/private ]; do sleep 0.02; done; "
+    "exec systemctl is-system-running --wait"
+)
 CONSOLE_TAIL = 16 << 10  # bytes of the console log read to explain a failed start
 BOOT_LINES = 5  # lines of it (or of the journal) shown
 LINE_MAX = 200  # characters of each
@@ -306,8 +310,9 @@ class Runtime:
                 raise Conflict(
                     f"container {name!r} is {st.status}", "stop it first, or delete with force"
                 )
-            self.stop(name, timeout=0)
-        self._release(c)
+            self.stop(name, timeout=0)  # killed, and everything it held released
+        else:
+            self._release(c)  # what a stop cut short may have left
         with self._locked():
             fsutil.remove_tree(cdir)
 
@@ -449,7 +454,9 @@ class Runtime:
         deadline = time.monotonic() + timeout
         while True:  # until systemd's private socket exists, systemctl cannot ask it
             left = max(deadline - time.monotonic(), 1.0)
-            wait = ExecSpec(["systemctl", "is-system-running", "--wait"])
+            # One exec: until systemd's private socket exists, systemctl cannot ask it (it
+            # says "offline"), and each poll from here is a `runc exec` (50-300 ms)
+            wait = ExecSpec(["/bin/sh", "-c", WAIT_FOR_SYSTEMD])
             status = self.exec(name, wait, timeout=left).stdout.strip()
             # "offline" too, until systemd has made /run/systemd/system just after exec
             if status not in ("", "offline") or time.monotonic() > deadline:

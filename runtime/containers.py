@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import fields, replace
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -434,6 +434,19 @@ class Runtime:
             return False
         network.attach(cfg, name, IPv4Address(c.address), st.pid)
         return True
+
+    def unattached(self, names: Iterable[str]) -> list[str]:
+        """Those of these running containers with an address that are off the bridge (one
+        look at the links and the nft table for all)."""
+        running = []
+        for name in names:
+            try:
+                st = self.state(name)
+            except RuntimeFailure:  # deleted meanwhile
+                continue
+            if st.container.address is not None and st.status == "running":
+                running.append(name)
+        return network.unattached(self.network_config(), running) if running else []
 
     # -- queries -------------------------------------------------------------------------------
 

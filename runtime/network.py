@@ -6,9 +6,11 @@ runs `nft`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
@@ -215,17 +217,33 @@ def attach(cfg: NetworkConfig, container: str, address: IPv4Address, netns_pid: 
 def attached(cfg: NetworkConfig, container: str) -> bool:
     """Whether the container's host veth exists and is a pinned port of the bridge (a veth
     attached by an earlier version, without group and pin, is not: re-attach it)."""
+    return not unattached(cfg, [container])
+
+
+def unattached(cfg: NetworkConfig, containers: Iterable[str]) -> list[str]:
+    """Those of `containers` whose host veth is missing, off the bridge or not pinned: one
+    link dump and one `nft` for all of them (reconcile asks it of every running tenant)."""
     with IPRoute() as ipr:
-        bridge, host = _index(ipr, cfg.bridge), _index(ipr, veth_name(container))
-        if bridge is None or host is None:
-            return False
-        link = ipr.get_links(host)[0]
-        if link.get_attr("IFLA_MASTER") != bridge or link.get_attr("IFLA_GROUP") != port_group(cfg):
-            return False
+        bridge = _index(ipr, cfg.bridge)
+        ports = {
+            str(link.get_attr("IFLA_IFNAME"))
+            for link in ipr.get_links()
+            if bridge is not None
+            and link.get_attr("IFLA_MASTER") == bridge
+            and link.get_attr("IFLA_GROUP") == port_group(cfg)
+        }
+    pinned = _pinned(cfg) if ports else set()
+    return [c for c in containers if veth_name(c) not in ports & pinned]
+
+
+def _pinned(cfg: NetworkConfig) -> set[str]:
+    """The veths pinned in the bridge table's `ports` map (none if it is missing)."""
     nft = proc.require("nft", "nftables")
-    element = f'{{ "{veth_name(container)}" }}'
-    get = [nft, "get", "element", "bridge", cfg.nft_table, "ports", element]
-    return proc.run(get, check=False).returncode == 0
+    got = proc.run([nft, "-j", "list", "map", "bridge", cfg.nft_table, "ports"], check=False)
+    if got.returncode != 0:
+        return set()
+    maps = [item["map"] for item in json.loads(got.stdout)["nftables"] if "map" in item]
+    return {str(elem[0]) for m in maps for elem in m.get("elem", ())}
 
 
 def _configure_inside(netns_pid: int, address: IPv4Address, gw: IPv4Interface) -> None:
@@ -234,21 +252,32 @@ def _configure_inside(netns_pid: int, address: IPv4Address, gw: IPv4Interface) -
     unsafe): `nsenter --net` running `ip -batch`, one exec of each, where a Python helper
     spent about half a second importing pyroute2 on every start."""
     interface = IPv4Interface((address, gw.network.prefixlen))
-    script = (
-        "link set lo up\n"
-        f"addr add {interface} dev {CONTAINER_IF}\n"
-        f"link set {CONTAINER_IF} up\n"
-        f"route add default via {gw.ip}\n"
-    )
+    steps = [
+        ("bring lo up", "link set lo up"),
+        (f"add {interface} to {CONTAINER_IF}", f"addr add {interface} dev {CONTAINER_IF}"),
+        (f"bring {CONTAINER_IF} up", f"link set {CONTAINER_IF} up"),
+        (f"add the default route via {gw.ip}", f"route add default via {gw.ip}"),
+    ]
+    script = "".join(f"{command}\n" for _, command in steps)
     nsenter, ip = proc.require("nsenter", "util-linux"), proc.require("ip", "iproute2")
     argv = [nsenter, f"--net=/proc/{netns_pid}/ns/net", "--", ip, "-batch", "-"]
     done = proc.run(argv, input=script.encode(), check=False, timeout=30)
     if done.returncode != 0:
-        said = "; ".join(ln.strip() for ln in done.stderr.splitlines() if ln.strip())
         raise RuntimeFailure(
-            f"cannot configure the network of pid {netns_pid}: {said or done.returncode}",
+            f"cannot configure the network of pid {netns_pid}: {_batch_error(done, steps)}",
             "check that the container is running and its network is unconfigured",
         )
+
+
+def _batch_error(done: proc.Result, steps: list[tuple[str, str]]) -> str:
+    """`<step>: <reason>` from what `ip -batch` said ("RTNETLINK answers: File exists",
+    then "Command failed -:4"), else its last line (nsenter's own failure)."""
+    lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
+    failed = re.fullmatch(r"Command failed -:(\d+)", lines[-1]) if lines else None
+    if failed is None or not 1 <= int(failed.group(1)) <= len(steps):
+        return done.last_error_line()
+    reason = lines[-2].rsplit("answers: ", 1)[-1] if len(lines) > 1 else "failed"
+    return f"{steps[int(failed.group(1)) - 1][0]}: {reason}"
 
 
 def detach(container: str) -> None:

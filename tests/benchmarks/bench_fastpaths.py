@@ -34,10 +34,10 @@ import time
 from pathlib import Path
 
 from runtime import fsutil
-from tests.benchmarks.bench_density import timed
+from tests.benchmarks.bench_density import reconcile, timed
 from tests.benchmarks.bench_ssh import REPO, Bench
 from tests.benchmarks.images import state_with_default_image
-from tests.hostd_harness import UnixUsers, authorize, wait_for
+from tests.hostd_harness import UnixUsers, authorize
 
 DROPIN = (
     '[runtime]\ncgroup_parent = "hostd-fast"\n'
@@ -103,20 +103,6 @@ def cold_round(b: FastBench) -> dict[str, float]:
     return t
 
 
-def reconcile(b: FastBench) -> float:
-    """Seconds from hostd's start (after a kill -9) until its reconcile has finished."""
-    h = b.hostd
-    assert h.proc is not None
-    h.proc.kill()
-    h.proc.wait()
-    h.proc = None
-    offset = h.log.stat().st_size
-    t0 = time.perf_counter()
-    h.start(reconciled=False)
-    wait_for(lambda: h.reconciled(offset), 300, "reconcile's end", interval=0.01)
-    return time.perf_counter() - t0
-
-
 Row = tuple[str, str, str, str]  # metric, value, goal, ratio
 
 
@@ -139,7 +125,7 @@ def measure(b: FastBench, runs: int) -> list[Row]:
     for u in b.others:
         b.ctl("user", "add", u)
         b.ctl("start", u)
-    recon = [reconcile(b) for _ in range(max(1, runs // 2))]
+    recon = [reconcile(b.hostd) for _ in range(max(1, runs // 2))]
 
     def col(key: str) -> list[float]:
         return [r[key] for r in rounds]

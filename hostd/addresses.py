@@ -69,7 +69,7 @@ class Addresses:
         """Put these running tenants' veths back on the bridge where they are off it; what was
         done."""
         done = []
-        for user in users:
+        for user in self.runtime.unattached(users):
             try:
                 if self.runtime.ensure_attached(user):
                     done.append(f"re-attached {user} to the bridge")

@@ -8,7 +8,7 @@ a container, which IDs and address it gets, and the checks on users stay in host
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Protocol
@@ -70,3 +70,5 @@ class ContainerRuntime(Protocol):
     def network_config(self) -> NetworkConfig: ...
     def setup_network(self, forwards: Sequence[Forward]) -> bool: ...
     def ensure_attached(self, name: str) -> bool: ...
+
+    def unattached(self, names: Iterable[str]) -> list[str]: ...

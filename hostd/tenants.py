@@ -265,24 +265,31 @@ class Tenants:
         half-way leaves the tenant `removing`: run it again (or reconcile finishes it)."""
         with self._lock(user):
             self.get(user)
-            if not keep_data:
-                self.state.set_phase(user, "removing")  # a crash from here on is finished later
-            progress("stopping the container")
-            self._stop_container(user)
+            forwards = self.addresses.forwards()
             if keep_data:
+                progress("stopping the container")
+                self._stop_container(user)
                 self.state.delete_tenant(user, "kept")
             else:
+                self.state.set_phase(user, "removing")  # a crash from here on is finished later
                 progress("deleting the container and its data")
                 self._delete(user)
             self.state.log_event(user, "remove" + (" keep-data" if keep_data else ""))
-        self.apply_network()  # their port grants went with them
+        if self.addresses.forwards() != forwards:  # their port grants went with them
+            self.apply_network()
         if not keep_data:
             self._prune()  # the version of their image, if nobody else uses it
 
     def _delete(self, user: str) -> None:
-        """Container, then state row; the range stays quarantined until an admin releases it."""
-        if self.runtime.exists(user):
-            self.runtime.delete(user, force=True)
+        """Container, then state row; the range stays quarantined until an admin releases it.
+        A running container is killed at once, not halted: its data goes with it, so a clean
+        shutdown would only make the caller wait (about half a second of systemd's)."""
+        self.stopping.add(user)
+        try:
+            if self.runtime.exists(user):
+                self.runtime.delete(user, force=True)
+        finally:
+            self.stopping.discard(user)
         self.state.delete_tenant(user, "quarantined")
 
     # -- run state -------------------------------------------------------------------------
@@ -550,7 +557,6 @@ class Tenants:
                     self._undo_add(t, self._kept_before(t))
                     done.append(f"rolled back the interrupted add of {t.user}")
                 elif t is not None and t.phase == "removing":
-                    self._stop_container(t.user)
                     self._delete(t.user)
                     done.append(f"finished removing {t.user}")
         for name in self.runtime.incomplete():

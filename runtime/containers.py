@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import fields, replace
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -59,6 +59,10 @@ DISK_WALK_TTL = 30.0  # seconds a disk walk of a container without a mounted vol
 _LXCFS_LOCK = threading.Lock()  # one lxcfs per host, started by whichever start comes first
 
 
+WAIT_FOR_SYSTEMD = (
+    "until [ -d /run/systemd/system ] && [ -S /run/systemd/private ]; do sleep 0.02; done; "
+    "exec systemctl is-system-running --wait"
+)
 CONSOLE_TAIL = 16 << 10  # bytes of the console log read to explain a failed start
 BOOT_LINES = 5  # lines of it (or of the journal) shown
 LINE_MAX = 200  # characters of each
@@ -306,8 +310,9 @@ class Runtime:
                 raise Conflict(
                     f"container {name!r} is {st.status}", "stop it first, or delete with force"
                 )
-            self.stop(name, timeout=0)
-        self._release(c)
+            self.stop(name, timeout=0)  # killed, and everything it held released
+        else:
+            self._release(c)  # what a stop cut short may have left
         with self._locked():
             fsutil.remove_tree(cdir)
 
@@ -430,6 +435,19 @@ class Runtime:
         network.attach(cfg, name, IPv4Address(c.address), st.pid)
         return True
 
+    def unattached(self, names: Iterable[str]) -> list[str]:
+        """Those of these running containers with an address that are off the bridge (one
+        look at the links and the nft table for all)."""
+        running = []
+        for name in names:
+            try:
+                st = self.state(name)
+            except RuntimeFailure:  # deleted meanwhile
+                continue
+            if st.container.address is not None and st.status == "running":
+                running.append(name)
+        return network.unattached(self.network_config(), running) if running else []
+
     # -- queries -------------------------------------------------------------------------------
 
     def state(self, name: str) -> ContainerState:
@@ -449,7 +467,9 @@ class Runtime:
         deadline = time.monotonic() + timeout
         while True:  # until systemd's private socket exists, systemctl cannot ask it
             left = max(deadline - time.monotonic(), 1.0)
-            wait = ExecSpec(["systemctl", "is-system-running", "--wait"])
+            # One exec: until systemd's private socket exists, systemctl cannot ask it (it
+            # says "offline"), and each poll from here is a `runc exec` (50-300 ms)
+            wait = ExecSpec(["/bin/sh", "-c", WAIT_FOR_SYSTEMD])
             status = self.exec(name, wait, timeout=left).stdout.strip()
             # "offline" too, until systemd has made /run/systemd/system just after exec
             if status not in ("", "offline") or time.monotonic() > deadline:

@@ -6,15 +6,15 @@ runs `nft`.
 from __future__ import annotations
 
 import contextlib
-import errno
+import json
 import os
+import re
 import socket
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
@@ -217,60 +217,67 @@ def attach(cfg: NetworkConfig, container: str, address: IPv4Address, netns_pid: 
 def attached(cfg: NetworkConfig, container: str) -> bool:
     """Whether the container's host veth exists and is a pinned port of the bridge (a veth
     attached by an earlier version, without group and pin, is not: re-attach it)."""
+    return not unattached(cfg, [container])
+
+
+def unattached(cfg: NetworkConfig, containers: Iterable[str]) -> list[str]:
+    """Those of `containers` whose host veth is missing, off the bridge or not pinned: one
+    link dump and one `nft` for all of them (reconcile asks it of every running tenant)."""
     with IPRoute() as ipr:
-        bridge, host = _index(ipr, cfg.bridge), _index(ipr, veth_name(container))
-        if bridge is None or host is None:
-            return False
-        link = ipr.get_links(host)[0]
-        if link.get_attr("IFLA_MASTER") != bridge or link.get_attr("IFLA_GROUP") != port_group(cfg):
-            return False
+        bridge = _index(ipr, cfg.bridge)
+        ports = {
+            str(link.get_attr("IFLA_IFNAME"))
+            for link in ipr.get_links()
+            if bridge is not None
+            and link.get_attr("IFLA_MASTER") == bridge
+            and link.get_attr("IFLA_GROUP") == port_group(cfg)
+        }
+    pinned = _pinned(cfg) if ports else set()
+    return [c for c in containers if veth_name(c) not in ports & pinned]
+
+
+def _pinned(cfg: NetworkConfig) -> set[str]:
+    """The veths pinned in the bridge table's `ports` map (none if it is missing)."""
     nft = proc.require("nft", "nftables")
-    element = f'{{ "{veth_name(container)}" }}'
-    get = [nft, "get", "element", "bridge", cfg.nft_table, "ports", element]
-    return proc.run(get, check=False).returncode == 0
+    got = proc.run([nft, "-j", "list", "map", "bridge", cfg.nft_table, "ports"], check=False)
+    if got.returncode != 0:
+        return set()
+    maps = [item["map"] for item in json.loads(got.stdout)["nftables"] if "map" in item]
+    return {str(elem[0]) for m in maps for elem in m.get("elem", ())}
 
 
 def _configure_inside(netns_pid: int, address: IPv4Address, gw: IPv4Interface) -> None:
-    """Configure eth0, lo and the default route inside the namespace, from a short-lived
-    helper (`python -m runtime.network`): entering a namespace from a multi-threaded daemon,
-    or from a fork of it, is unsafe."""
+    """Configure lo, eth0 and the default route inside the namespace, from a short-lived
+    helper (entering a namespace from a multi-threaded daemon, or from a fork of it, is
+    unsafe): `nsenter --net` running `ip -batch`, one exec of each, where a Python helper
+    spent about half a second importing pyroute2 on every start."""
     interface = IPv4Interface((address, gw.network.prefixlen))
-    argv = [sys.executable, "-m", "runtime.network", str(netns_pid), str(interface), str(gw.ip)]
-    done = proc.run(argv, check=False, timeout=30)
+    steps = [
+        ("bring lo up", "link set lo up"),
+        (f"add {interface} to {CONTAINER_IF}", f"addr add {interface} dev {CONTAINER_IF}"),
+        (f"bring {CONTAINER_IF} up", f"link set {CONTAINER_IF} up"),
+        (f"add the default route via {gw.ip}", f"route add default via {gw.ip}"),
+    ]
+    script = "".join(f"{command}\n" for _, command in steps)
+    nsenter, ip = proc.require("nsenter", "util-linux"), proc.require("ip", "iproute2")
+    argv = [nsenter, f"--net=/proc/{netns_pid}/ns/net", "--", ip, "-batch", "-"]
+    done = proc.run(argv, input=script.encode(), check=False, timeout=30)
     if done.returncode != 0:
         raise RuntimeFailure(
-            f"cannot configure the network of pid {netns_pid}: {done.last_error_line()}",
+            f"cannot configure the network of pid {netns_pid}: {_batch_error(done, steps)}",
             "check that the container is running and its network is unconfigured",
         )
 
 
-def _helper_main(netns_pid: str, interface: str, gateway: str) -> int:
-    """Helper side: join the namespace, then configure it through a netlink socket there.
-    Prints what failed as one line."""
-    addr = IPv4Interface(interface)
-    step = "join the network namespace"
-    try:
-        netns.setns(f"/proc/{netns_pid}/ns/net", flags=0)
-        with IPRoute() as ipr:
-            step = "bring lo up"
-            ipr.link("set", index=_index(ipr, "lo"), state="up")
-            step = f"find {CONTAINER_IF}"
-            eth = _index(ipr, CONTAINER_IF)
-            if eth is None:
-                raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
-            step = f"add {addr} to {CONTAINER_IF}"
-            ipr.addr("add", index=eth, address=str(addr.ip), prefixlen=addr.network.prefixlen)
-            step = f"bring {CONTAINER_IF} up"
-            ipr.link("set", index=eth, state="up")
-            step = f"add the default route via {gateway}"
-            ipr.route("add", dst="0.0.0.0/0", gateway=gateway)
-    except NetlinkError as exc:
-        print(f"{step}: {os.strerror(exc.code)}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"{step}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    return 0
+def _batch_error(done: proc.Result, steps: list[tuple[str, str]]) -> str:
+    """`<step>: <reason>` from what `ip -batch` said ("RTNETLINK answers: File exists",
+    then "Command failed -:4"), else its last line (nsenter's own failure)."""
+    lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
+    failed = re.fullmatch(r"Command failed -:(\d+)", lines[-1]) if lines else None
+    if failed is None or not 1 <= int(failed.group(1)) <= len(steps):
+        return done.last_error_line()
+    reason = lines[-2].rsplit("answers: ", 1)[-1] if len(lines) > 1 else "failed"
+    return f"{steps[int(failed.group(1)) - 1][0]}: {reason}"
 
 
 def detach(container: str) -> None:
@@ -296,7 +303,3 @@ def detach(container: str) -> None:
     tables = _bridge_tables()
     if tables:
         _nft(unpin_script(tables, container), "check `nft list tables bridge`")
-
-
-if __name__ == "__main__":
-    sys.exit(_helper_main(*sys.argv[1:]))

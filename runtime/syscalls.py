@@ -93,10 +93,6 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> i
     )
 
 
-def unshare_user() -> None:
-    _check(lib.unshare(lib.CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
-
-
 def enter_netns(pid: int) -> None:
     """Move this (single-threaded helper) process into the network namespace of `pid`."""
     fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -118,5 +114,4 @@ __all__ = [
     "openat2",
     "set_child_subreaper",
     "umount",
-    "unshare_user",
 ]

@@ -1,8 +1,10 @@
 """A user namespace with a given mapping, as a file descriptor: for ID-mapped mounts, and
 for a container to join (so that the namespace has the owner we choose, not runc's root).
 
-The namespace is made by a short-lived helper process (`python -m runtime.userns`), never by
-the caller itself: unsharing in a multi-threaded daemon or in preexec_fn is unsafe.
+The namespace is made by a short-lived helper process (util-linux's `setpriv` and `unshare`
+exec'ing a shell that waits for its stdin to close: three small execs where a Python helper
+took 25-200 ms to start, twice a container start), never by the caller itself: unsharing in a
+multi-threaded daemon or in preexec_fn is unsafe.
 
 The kernel charges the namespaced counters (inotify instances and watches, user, mount, net...
 namespaces) of everything inside a user namespace to its owner, level by level up to the host,
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,7 +30,7 @@ def user_namespace(uid_map: str, gid_map: str, owner: int | None = None) -> Iter
     """Yield an fd of a fresh user namespace with the given /proc/PID/{uid,gid}_map contents,
     owned by host ID `owner` (uid and gid; None: ours); closed on exit."""
     helper = subprocess.Popen(
-        [sys.executable, "-m", "runtime.userns", *([] if owner is None else [str(owner)])],
+        _helper_argv(owner),
         env=proc.child_env(),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -58,21 +59,12 @@ def user_namespace(uid_map: str, gid_map: str, owner: int | None = None) -> Iter
         os.close(fd)
 
 
-def _helper_main(args: list[str]) -> None:
-    """Helper side: take the owner's IDs (none other, no capabilities left), enter a new user
+def _helper_argv(owner: int | None) -> list[str]:
+    """The helper: take the owner's IDs (none other, no capabilities left), enter a new user
     namespace, say so, and live until stdin closes."""
-    from runtime.syscalls import unshare_user
-
-    if args:
-        owner = int(args[0])
-        os.setgroups([])
-        os.setresgid(owner, owner, owner)
-        os.setresuid(owner, owner, owner)
-    unshare_user()
-    sys.stdout.write("ready\n")
-    sys.stdout.flush()
-    sys.stdin.buffer.read()
-
-
-if __name__ == "__main__":
-    _helper_main(sys.argv[1:])
+    unshare = [proc.require("unshare", "util-linux"), "--user", "--"]
+    wait = ["/bin/sh", "-c", "echo ready; read -r _ || :"]
+    if owner is None:
+        return [*unshare, *wait]
+    ids = [f"--reuid={owner}", f"--regid={owner}", "--clear-groups"]
+    return [proc.require("setpriv", "util-linux"), *ids, "--", *unshare, *wait]

@@ -6,8 +6,10 @@ time to first docker per tenant (median, p95), `hostctl status` latency during t
 after (and hostd's side of it, sent in-process), used memory per idle tenant (the host's
 MemTotal - MemAvailable, the tenant's memory cgroup, the PSS of its processes) with dockerd up
 and with it stopped, hostd's own RSS and threads, the inotify instances of the busiest tenant
-against fs.inotify.max_user_instances, the time to remove one tenant and then all the others,
-and what was left behind (state dir, mounts, loops, links, nft, cgroups, subuid files).
+against fs.inotify.max_user_instances, the reconcile after hostd is killed (-9) and started
+again with them all running (from its start to the end of its reconcile), the time to remove
+one tenant and then all the others, and what was left behind (state dir, mounts, loops, links,
+nft, cgroups, subuid files).
 
     sudo .venv/bin/python -m tests.benchmarks.bench_density [N] [--state-dir DIR] [--markdown]
 
@@ -40,7 +42,7 @@ from runtime import fsutil, mountinfo, sysctl
 from runtime.netplan import veth_name
 from tests.benchmarks.bench_ssh import REPO, Bench
 from tests.benchmarks.images import state_with_default_image
-from tests.hostd_harness import UnixUsers
+from tests.hostd_harness import Hostd, UnixUsers, wait_for
 
 PARENT = "hostd-density"  # cgroup parent of this bench's tenants
 NFT_TABLE = "hostd_density"
@@ -196,6 +198,20 @@ def leftovers(b: DensityBench, subuid_before: str) -> list[str]:
     return found
 
 
+def reconcile(h: Hostd) -> float:
+    """Seconds from hostd's start, after a kill -9 (its tenants keep running), until it
+    logged the end of its reconcile."""
+    assert h.proc is not None
+    h.proc.kill()
+    h.proc.wait()
+    h.proc = None
+    offset = h.log.stat().st_size
+    t0 = time.perf_counter()
+    h.start(reconciled=False)
+    wait_for(lambda: h.reconciled(offset), 300, "reconcile's end", interval=0.01)
+    return time.perf_counter() - t0
+
+
 class StatusPoller:
     """`hostctl status` over and over in a thread until stopped: its latencies."""
 
@@ -257,6 +273,7 @@ def measure(b: DensityBench) -> list[Row]:
     up_pss = statistics.median(pss(tenant_pids(u)) for u in running) if running else 0
     busiest = max((inotify_instances(tenant_pids(u)) for u in running), default=0)
     limit = int(sysctl.read("fs/inotify/max_user_instances"))
+    t_reconcile = reconcile(h)
     stop_docker = ("exec", "--", "systemctl", "stop", "docker.service", "containerd.service")
     parallel(lambda u: b.ctl(stop_docker[0], u, *stop_docker[1:], check=False), running, 8)
     down_used = (used_memory() - idle_before) / max(1, len(running))
@@ -298,6 +315,11 @@ def measure(b: DensityBench) -> list[Row]:
         ("memory cgroup per tenant, dockerd stopped (median)", f"{down_cg / mib:.1f} MiB", ""),
         ("PSS per tenant, dockerd stopped (median)", f"{down_pss / mib:.1f} MiB", "<= 20 MiB"),
         ("hostd RSS / threads", f"{rss / mib:.0f} MiB / {threads}", ""),
+        (
+            f"reconcile after kill -9 with {len(running)} running (start to its end)",
+            f"{t_reconcile:.2f} s",
+            "<= 2 s (100)",
+        ),
         (
             "inotify instances of the busiest tenant / max_user_instances",
             f"{busiest} / {limit}",

@@ -23,7 +23,7 @@ import pytest
 from runtime import network
 from runtime.errors import RuntimeFailure
 from runtime.netplan import Forward, NetworkConfig, container_mac, veth_name
-from runtime.network import attach, detach
+from runtime.network import attach, detach, unattached
 from tests.hostd_harness import free_subnet, wait_for
 
 PID = os.getpid()
@@ -401,7 +401,9 @@ def test_attach_is_idempotent_and_undone_when_it_fails(net: Net, spaces: Namespa
         assert ports.count(veth_name(d.container)) == 1
         assert d.run("ip", "-4", "-o", "addr", "show", "dev", "eth0").stdout.count("inet ") == 1
         run("busybox", "ping", "-c", "1", "-W", "3", str(d.address))  # the host reaches it
+        assert unattached(CFG, [d.container, "hostd-absent"]) == ["hostd-absent"]
         detach(d.container)
+        assert unattached(CFG, [d.container]) == [d.container]
 
         # A namespace that already has a default route fails at the last step.
         d.run("ip", "link", "add", "other0", "type", "veth", "peer", "name", "other1")

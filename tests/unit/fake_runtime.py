@@ -9,7 +9,7 @@ useradd edits them, and `read_file` (the seam for runtime.inside.read_file) read
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
@@ -254,6 +254,10 @@ class FakeRuntime:
         self.forwards = list(forwards)
         created, self.bridge_up = not self.bridge_up, True
         return created
+
+    def unattached(self, names: Iterable[str]) -> list[str]:
+        self._step("unattached")
+        return [n for n in names if n in self.boxes and n in self.detached]
 
     def ensure_attached(self, name: str) -> bool:
         if self._box(name).status != "running" or name not in self.detached:

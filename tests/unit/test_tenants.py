@@ -325,10 +325,32 @@ def test_remove_keep_data_stops_and_keeps(host: Host, tenants: Tenants) -> None:
     assert ("prune_images", "") not in host.rt.calls
 
 
-@pytest.mark.parametrize("step", ["stop", "delete"])
-def test_a_failed_remove_is_left_removing_and_can_be_retried(
-    host: Host, tenants: Tenants, step: str
-) -> None:
+def test_remove_kills_at_once_and_keep_data_halts(host: Host, tenants: Tenants) -> None:
+    """The data goes: no clean shutdown to wait for, one delete that kills and releases."""
+    for user in ("alice", "bob"):
+        tenants.add(host.user(user))
+        tenants.start(user)
+    host.rt.calls.clear()
+    tenants.remove("alice")
+    assert [c for c in host.rt.calls if c[0] in ("stop", "delete")] == [("delete", "alice")]
+    tenants.remove("bob", keep_data=True)
+    assert ("stop", "bob") in host.rt.calls and ("delete", "bob") not in host.rt.calls
+
+
+def test_remove_applies_the_network_only_when_grants_went(host: Host, tenants: Tenants) -> None:
+    for user in ("alice", "bob"):
+        tenants.add(host.user(user))
+    tenants.grant_ports("bob", 30000, 30001)
+    applied = host.rt.calls.count(("setup_network", ""))
+    tenants.remove("alice")
+    assert host.rt.calls.count(("setup_network", "")) == applied
+    tenants.remove("bob")
+    assert host.rt.calls.count(("setup_network", "")) == applied + 1
+    assert host.rt.forwards == []
+
+
+def test_a_failed_remove_is_left_removing_and_can_be_retried(host: Host, tenants: Tenants) -> None:
+    step = "delete"
     tenants.add(host.user("alice"))
     tenants.start("alice")
     host.rt.fail(step)

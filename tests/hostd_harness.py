@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import ipaddress
 import json
 import os
@@ -18,10 +19,13 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+from runtime import mountinfo
+from runtime.netplan import veth_name
 
 T = TypeVar("T")
 POLL_INTERVAL = 0.05  # seconds between two looks at a condition; the timeout bounds the wait
@@ -330,6 +334,72 @@ def free_subnet(prefixlen: int) -> ipaddress.IPv4Network:
             _handed_out.append(net)
             return net
     raise RuntimeError(f"no free /{prefixlen} left in {_SUBNET_POOL}")
+
+
+@dataclass(frozen=True)
+class HostView:
+    """What the host holds of containers, as the kernel and the files show it rather than as
+    hostd says: the one look behind the benchmarks' "nothing left behind" and the chaos
+    test's cross-checks. Each field is the set of container names with such a trace."""
+
+    dirs: frozenset[str]  # directories under <state>/containers
+    mounts: frozenset[str]  # a mount at or below its directory
+    loops: frozenset[str]  # a loop device backed by a file in its directory
+    links: frozenset[str]  # its host veth
+    nft: frozenset[str]  # its veth named in the nft ruleset
+    cgroups: frozenset[str]  # a cgroup directory (any v1 controller, or v2)
+    dnat: frozenset[str]  # addresses the nft table forwards host ports to (any container)
+
+    def traces(self, name: str) -> list[str]:
+        """What is there of container `name`, one phrase each."""
+        return [f"{kind[:-1]} of {name}" for kind in _TRACES if name in getattr(self, kind)]
+
+    def left(self, names: Iterable[str]) -> list[str]:
+        """Every trace of any container, and of `names` (what a full removal must leave: [])."""
+        every = {n for kind in _TRACES for n in getattr(self, kind)} | set(names)
+        return [trace for name in sorted(every) for trace in self.traces(name)]
+
+
+_TRACES = ("dirs", "mounts", "loops", "links", "nft", "cgroups")
+
+
+def host_view(
+    state_dir: Path, names: Iterable[str], cgroup_parent: str, nft_table: str
+) -> HostView:
+    """Look at the host now. Traces found by path (dirs, mounts, loops) are of any container;
+    those found by name (links, nft, cgroups) of `names` only."""
+    names = list(names)
+    containers = state_dir / "containers"
+    prefix = f"{containers}/"
+
+    def owner(path: str) -> str | None:
+        return path[len(prefix) :].split("/")[0] if path.startswith(prefix) else None
+
+    dirs = {p.name for p in containers.iterdir()} if containers.is_dir() else set()
+    mounts = {owner(t) for t in mountinfo.mounts_under(str(containers))}
+    loops = set()
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        with contextlib.suppress(OSError), open(backing) as f:
+            loops.add(owner(f.read().strip()))
+    links = set(os.listdir("/sys/class/net"))
+    ruleset = subprocess.run(
+        ["nft", "list", "ruleset"], capture_output=True, text=True, check=True
+    ).stdout
+    table = subprocess.run(
+        ["nft", "list", "table", "inet", nft_table], capture_output=True, text=True
+    ).stdout  # no table (yet, or any more): no forwards
+    cgroups = glob.glob(f"/sys/fs/cgroup/*/{cgroup_parent}/*") + glob.glob(
+        f"/sys/fs/cgroup/{cgroup_parent}/*"
+    )
+    return HostView(
+        dirs=frozenset(dirs),
+        mounts=frozenset(m for m in mounts if m),
+        loops=frozenset(lo for lo in loops if lo),
+        links=frozenset(n for n in names if veth_name(n) in links),
+        nft=frozenset(n for n in names if veth_name(n) in ruleset),
+        cgroups=frozenset(n for n in names if any(Path(c).name == n for c in cgroups)),
+        dnat=frozenset(re.findall(r"dnat ip to ([0-9.]+)", table)),
+    )
 
 
 class UnixUsers:

@@ -22,7 +22,6 @@ Without --state-dir it builds the default image in a fresh directory first (abou
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import signal
 import statistics
@@ -38,11 +37,10 @@ from types import FrameType
 
 from hostd import hostlimits
 from hostd.client import call
-from runtime import fsutil, mountinfo, sysctl
-from runtime.netplan import veth_name
+from runtime import fsutil, sysctl
 from tests.benchmarks.bench_ssh import REPO, Bench
 from tests.benchmarks.images import state_with_default_image
-from tests.hostd_harness import Hostd, UnixUsers, wait_for
+from tests.hostd_harness import Hostd, UnixUsers, host_view, wait_for
 
 PARENT = "hostd-density"  # cgroup parent of this bench's tenants
 NFT_TABLE = "hostd_density"
@@ -171,25 +169,8 @@ def hostd_self(pid: int) -> tuple[int, int]:
 
 def leftovers(b: DensityBench, subuid_before: str) -> list[str]:
     """What of the tenants is still on the host after they were all removed."""
-    found = []
-    containers = b.state / "containers"
-    if containers.is_dir():
-        found += [f"state dir {p}" for p in containers.iterdir()]
-    found += [f"mount {t}" for t in mountinfo.mounts_under(str(containers))]
-    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
-        with open(backing) as f:
-            if f.read().startswith(str(containers)):
-                found.append(f"loop {backing.split('/')[3]}")
-    links = set(os.listdir("/sys/class/net"))
-    found += [f"link {veth_name(u)}" for u in b.tenants if veth_name(u) in links]
-    ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
-    found += [f"nft rule on {veth_name(u)}" for u in b.tenants if veth_name(u) in ruleset]
-    found += [
-        f"cgroup {d}"
-        for u in b.tenants
-        for d in glob.glob(f"/sys/fs/cgroup/*/{PARENT}/{u}")
-        + glob.glob(f"/sys/fs/cgroup/{PARENT}/{u}")
-    ]
+    view = host_view(b.state, b.tenants, PARENT, NFT_TABLE)
+    found = view.left(b.tenants)
     if Path("/etc/subuid").read_text() != subuid_before:
         found.append("/etc/subuid changed")
     for ids in (b.hostd.subuid, b.hostd.subgid):

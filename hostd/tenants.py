@@ -550,7 +550,8 @@ class Tenants:
         done = self._reattach()
         # Requests are served meanwhile: each repair happens under the user's lock, on what
         # the state says once it is held (a request may have finished the work).
-        for user in [t.user for t in self.state.tenants() if t.phase != "ready"]:
+        unfinished = [t.user for t in self.state.tenants() if t.phase != "ready"]
+        for user in unfinished:
             with self._lock(user):
                 t = self.state.tenant(user)
                 if t is not None and t.phase == "adding":
@@ -559,6 +560,8 @@ class Tenants:
                 elif t is not None and t.phase == "removing":
                     self._delete(t.user)
                     done.append(f"finished removing {t.user}")
+        if unfinished:  # port grants went with the tenants removed or rolled back
+            self.apply_network()
         for name in self.runtime.incomplete():
             with self._lock(name):  # an add holds it while it creates the container
                 if name in self.runtime.incomplete():

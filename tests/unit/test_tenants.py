@@ -688,6 +688,19 @@ def test_reconcile_finishes_an_interrupted_remove(host: Host, tenants: Tenants) 
     assert host.ranges() == {MIN: ("alice", "quarantined")}
 
 
+def test_reconcile_drops_the_forwards_of_a_tenant_it_removes(host: Host, tenants: Tenants) -> None:
+    """Found by the chaos test: reconcile applied the network before it finished a removal,
+    so the nft forwards of the removed tenant's port grants stayed."""
+    tenants.add(host.user("alice"))
+    tenants.grant_ports("alice", 8080, 8080)
+    host.rt.fail("delete")
+    with pytest.raises(RuntimeFailure):
+        tenants.remove("alice")
+    assert host.rt.forwards  # the crash: the grant is still in the state and applied
+    host.tenants().reconcile()
+    assert host.state.port_grants() == [] and host.rt.forwards == []
+
+
 def test_reconcile_removes_half_made_containers_and_restarts_tenants(
     host: Host, tenants: Tenants
 ) -> None:

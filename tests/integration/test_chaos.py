@@ -75,14 +75,15 @@ def read_state(h: Hostd) -> StateRows:
 
 
 class Clients:
-    """Threads sending random operations until stopped; what came back that must not."""
+    """Threads sending random operations until stopped; they note what they sent and each
+    answer no crash explains."""
 
     def __init__(self, h: Hostd, users: list[str], rng: random.Random) -> None:
         self.h = h
         self.users = users
         self.stopping = threading.Event()
         self.bad: list[str] = []  # tracebacks and internal errors: never right, kill or not
-        self.done = 0
+        self.sent: list[tuple[str, ...]] = []
         seeds = [rng.randrange(2**32) for _ in range(CLIENTS)]
         self.threads = [
             threading.Thread(target=self._run, args=(random.Random(s),), daemon=True) for s in seeds
@@ -110,10 +111,11 @@ class Clients:
 
     def _run(self, rng: random.Random) -> None:
         while not self.stopping.is_set():
-            res = self.h.hostctl(*self._op(rng), check=False)
-            self.done += 1
+            op = self._op(rng)
+            self.sent.append(op)
+            res = self.h.hostctl(*op, check=False)
             if "Traceback" in res.stderr + res.stdout or "internal error" in res.stderr:
-                self.bad.append(f"hostctl {' '.join(res.args[4:])}: {res.stderr[-1500:]}")
+                self.bad.append(f"hostctl {' '.join(op)}: {res.stderr[-1500:]}")
 
     def stop(self) -> None:
         self.stopping.set()
@@ -168,7 +170,7 @@ def _host_problems(
     view: HostView, rows: StateRows, rt: Runtime, users: set[str], running: set[str]
 ) -> list[str]:
     """Directories, mounts and loops only of existing containers; links, nft and cgroups only
-    of running ones (and a link for each); forwards exactly to the tenants with grants."""
+    of running ones (and a link and a pin for each); forwards exactly to the tenants with grants."""
     containers = {c.name for c in rt.containers()}
     problems = [
         f"{kind[:-1]} of {n}, which has no container"
@@ -179,6 +181,7 @@ def _host_problems(
         stray = getattr(view, kind) - running
         problems += [f"{kind[:-1]} of {n}, which is not running" for n in stray]
     problems += [f"no link of running {n}" for n in running - view.links]
+    problems += [f"no nft pin of running {n}" for n in running - view.nft]
     net = rt.network_config()
     granted = {str(net.address_for(rows.addresses[u])) for _, _, u in rows.grants}
     if view.dnat != granted:
@@ -230,7 +233,7 @@ def test_kill_9_at_random_moments(hostd: Hostd, pool: list[str]) -> None:
     for n in range(ROUNDS):
         clients = Clients(hostd, pool, rng)
         _kill_and_restart(hostd, clients, rng)
-        ops += clients.done
+        ops += len(clients.sent)
         assert not clients.bad, f"round {n} (seed {seed}): {clients.bad}"
         try:
             check_agreement(hostd, rt, pool)

@@ -1,6 +1,6 @@
-"""Chaos: hostd killed -9 at random moments of adds, starts, stops, removes and port grants
-from several clients at once, started again, and what it then says checked against what the
-host holds (issue 11: "kill -9 at any moment").
+"""Chaos: hostd killed -9 at random moments of adds, starts, stops, removes, port grants and
+range releases from several clients at once, started again, and what it then says checked
+against what the host holds (issue 11: "kill -9 at any moment").
 
 Each round: client threads run random `hostctl` operations on a small pool of users; after a
 random delay hostd gets SIGKILL (the clients' errors are expected then); hostd starts again on
@@ -95,9 +95,15 @@ class Clients:
         i = rng.randrange(len(self.users))
         user = self.users[i]
         port = str(PORT_BASE + 10 * i + rng.randrange(4))
+        quarantined = [
+            str(start)
+            for start, (owner, status) in read_state(self.h).ranges.items()
+            if owner in self.users and status == "quarantined"
+        ]
         return rng.choices(
             [
                 ("user", "add", user, *rng.choice(QUOTAS)),
+                ("ranges", "release", rng.choice(quarantined or ["0"])),
                 ("start", user),
                 ("stop", user),
                 ("restart", user),
@@ -106,7 +112,7 @@ class Clients:
                 ("ports", "revoke", user, port),
                 ("status",),
             ],
-            weights=[3, 4, 2, 1, 2, 2, 1, 1],
+            weights=[3, 1, 4, 2, 1, 2, 2, 1, 1],
         )[0]
 
     def _run(self, rng: random.Random) -> None:

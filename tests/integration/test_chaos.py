@@ -22,6 +22,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ from tests.hostd_harness import Hostd, HostView, UnixUsers, host_view
 POOL = 5  # test users
 CLIENTS = 3  # threads sending operations at once
 ROUNDS = int(os.environ.get("HOSTD_CHAOS_ROUNDS", "15"))
+GROUPS = ("user", "ports", "ranges")  # commands with a subcommand
 PORT_BASE = 47000  # each user's grants: PORT_BASE + 10 * its index + 0..3
 QUOTAS = (
     (),
@@ -235,17 +237,18 @@ def test_kill_9_at_random_moments(hostd: Hostd, pool: list[str]) -> None:
     print(f"HOSTD_CHAOS_SEED={seed} HOSTD_CHAOS_ROUNDS={ROUNDS}")
     rng = random.Random(seed)
     rt = Runtime(config_mod.load(hostd.config).runtime_settings())
-    ops, t0 = 0, time.monotonic()
+    ops: Counter[str] = Counter()
+    t0 = time.monotonic()
     for n in range(ROUNDS):
         clients = Clients(hostd, pool, rng)
         _kill_and_restart(hostd, clients, rng)
-        ops += len(clients.sent)
+        ops.update(" ".join(op[:2] if op[0] in GROUPS else op[:1]) for op in clients.sent)
         assert not clients.bad, f"round {n} (seed {seed}): {clients.bad}"
         try:
             check_agreement(hostd, rt, pool)
         except AssertionError as exc:
             raise AssertionError(f"round {n} (seed {seed}): {exc}") from None
-    print(f"{ROUNDS} rounds, {ops} operations, {time.monotonic() - t0:.0f} s")
+    print(f"{ROUNDS} rounds in {time.monotonic() - t0:.0f} s, operations sent: {dict(ops)}")
     for u in set(pool) & set(read_state(hostd).tenants):
         hostd.hostctl("user", "remove", u)
     view = host_view(hostd.state_dir, pool, CGROUP_PARENT, TEST_TABLE)

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from hostd.errors import HostdError
-from runtime.errors import Conflict, NotFound
+from runtime.errors import Busy, Conflict, NotFound
 from runtime.limits import Limits
 
 PHASES = ("adding", "ready", "removing")
@@ -462,10 +462,14 @@ class State:
             return {str(u): int(i) for u, i in self._db.execute("SELECT user, idx FROM addresses")}
 
     def grant_ports(self, user: str, first: int, last: int) -> None:
-        """Give `user` the host ports first..last; refused if any belongs to someone."""
+        """Give `user` the host ports first..last; refused if any belongs to someone, or while
+        the tenant is being added or removed (a rolled-back add would leave its forwards)."""
         with self._write() as db:
-            if not db.execute("SELECT 1 FROM tenants WHERE user = ?", (user,)).fetchone():
+            row = db.execute("SELECT phase FROM tenants WHERE user = ?", (user,)).fetchone()
+            if not row:
                 raise _not_a_tenant(user)
+            if row[0] != "ready":
+                raise Busy(f"{user} is being set up or removed ({row[0]})", "try again in a minute")
             clash = db.execute(
                 "SELECT first, last, user FROM port_grants WHERE first <= ? AND ? <= last",
                 (last, first),

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hostd import state
 from hostd.errors import HostdError
 from hostd.state import MIGRATIONS, State, Tenant
-from runtime.errors import Conflict, NotFound, RuntimeFailure
+from runtime.errors import Busy, Conflict, NotFound, RuntimeFailure
 from runtime.limits import MAX_LIMIT, Limits
 
 
@@ -449,6 +449,10 @@ def test_address_slots_are_stable_lowest_free_and_freed_with_the_tenant(db: Stat
 def test_port_grants_never_overlap_and_go_with_the_tenant(db: State) -> None:
     db.begin_add(make_tenant("a", 100000), Limits())
     db.begin_add(make_tenant("b", 165536), Limits())
+    with pytest.raises(Busy, match="a is being set up or removed"):
+        db.grant_ports("a", 20000, 20009)  # a rolled-back add would leave its forwards
+    db.set_phase("a", "ready")
+    db.set_phase("b", "ready")
     db.grant_ports("a", 20000, 20009)
     with pytest.raises(Conflict, match="overlap 20000-20009 granted to a"):
         db.grant_ports("b", 20005, 20020)

@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 from hostd import protocol as p
 from hostd.client import call
 from hostd.errors import HostdError
+from hostd.startqueue import ordinal
 from hostd.units import format_size, human_size
 from runtime.output import print_json, print_recipes, print_table
 
@@ -252,6 +253,11 @@ def _duration(seconds: float | None) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(s))
 
 
+def _state(s: p.Status) -> str:
+    """`queued` with the place in the start queue: an admin sees a storm move."""
+    return s.state if s.place is None else f"{s.state} ({ordinal(s.place)} in line)"
+
+
 def _status_table(args: argparse.Namespace, data: Any) -> None:
     rows: list[p.Status] = p.decode_reply("status", data)
     print_table(
@@ -261,7 +267,7 @@ def _status_table(args: argparse.Namespace, data: Any) -> None:
         [
             (
                 r.user,
-                r.state,
+                _state(r),
                 _duration(r.uptime),
                 _used(r.memory, r.quota.memory, human_size),
                 _used(
@@ -286,7 +292,7 @@ def _show(d: p.UserDetails) -> None:
         ("ports", ports),
         ("image", f"{t.image} ({d.image_version})"),
         ("ids", f"{t.range_start}-{t.range_end}"),
-        ("state", s.state),
+        ("state", _state(s)),
         *([("reason", s.reason)] if s.reason else []),
         ("uptime", _duration(s.uptime)),
         ("quota", _quota_text(s.quota)),

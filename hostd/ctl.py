@@ -253,9 +253,11 @@ def _duration(seconds: float | None) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(s))
 
 
-def _state(s: p.Status) -> str:
+def _state(s: p.Status, short: bool = False) -> str:
     """`queued` with the place in the start queue: an admin sees a storm move."""
-    return s.state if s.place is None else f"{s.state} ({ordinal(s.place)} in line)"
+    if s.place is None:
+        return s.state
+    return f"{s.state} #{s.place}" if short else f"{s.state} ({ordinal(s.place)} in line)"
 
 
 def _status_table(args: argparse.Namespace, data: Any) -> None:
@@ -267,7 +269,7 @@ def _status_table(args: argparse.Namespace, data: Any) -> None:
         [
             (
                 r.user,
-                _state(r),
+                _state(r, short=True),
                 _duration(r.uptime),
                 _used(r.memory, r.quota.memory, human_size),
                 _used(

@@ -28,8 +28,11 @@ def auto_slots(cpus: int | None = None) -> int:
     return max(2, 2 * cpus)
 
 
+_SUFFIXES = {1: "st", 2: "nd", 3: "rd"}  # codespell:ignore nd
+
+
 def ordinal(n: int) -> str:
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    suffix = "th" if 10 <= n % 100 <= 20 else _SUFFIXES.get(n % 10, "th")
     return f"{n}{suffix}"
 
 

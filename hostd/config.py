@@ -19,6 +19,7 @@ from typing import Any
 from hostd import configfiles
 from hostd.configfiles import Setting, check_path, read_text, toml_setting
 from hostd.errors import HostdError
+from hostd.startqueue import auto_slots
 from hostd.units import parse_count, parse_cpus, parse_size
 from runtime.ids import MAX_ID, MIN_START, RANGE_SIZE
 from runtime.limits import Limits
@@ -56,6 +57,7 @@ class RuntimeConfig:
     cache_dir: Path
     stop_timeout: float  # seconds
     docker_idle_stop: int  # seconds an idle inner Docker runs before it stops; 0: never
+    parallel_starts: int  # containers booting at once; the other starts wait in line
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,15 @@ def format_duration(seconds: int) -> str:
     return f"{seconds // _UNIT_SECONDS[unit]}{unit}"
 
 
+def _parallel_starts(value: Any) -> int:
+    """ "auto" (sized to the host's CPUs) or a whole number of containers booting at once."""
+    if value == "auto":
+        return auto_slots()
+    if type(value) is not int or not 1 <= value <= 1024:
+        raise ValueError('use "auto" or a whole number from 1 to 1024, like 4')
+    return value
+
+
 def _id(lowest: int) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         if type(value) is not int or not lowest <= value <= MAX_ID:
@@ -325,6 +336,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "cache_dir": _Key("/var/cache/hostd/debootstrap", check_path),
         "stop_timeout": _Key(30.0, _seconds),
         "docker_idle_stop": _Key("15m", parse_duration),
+        "parallel_starts": _Key("auto", _parallel_starts),
     },
     "subids": {
         "min": _Key(100000, _id(MIN_START), "SUB_UID_MIN"),

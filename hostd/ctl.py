@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 from hostd import protocol as p
 from hostd.client import call
 from hostd.errors import HostdError
+from hostd.startqueue import ordinal
 from hostd.units import format_size, human_size
 from runtime.output import print_json, print_recipes, print_table
 
@@ -255,6 +256,13 @@ def _duration(seconds: float | None) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(s))
 
 
+def _state(s: p.Status, short: bool = False) -> str:
+    """`queued` with the place in the start queue: an admin sees a storm move."""
+    if s.place is None:
+        return s.state
+    return f"{s.state} #{s.place}" if short else f"{s.state} ({ordinal(s.place)} in line)"
+
+
 def _status_table(args: argparse.Namespace, data: Any) -> None:
     rows: list[p.Status] = p.decode_reply("status", data)
     print_table(
@@ -264,7 +272,7 @@ def _status_table(args: argparse.Namespace, data: Any) -> None:
         [
             (
                 r.user,
-                r.state,
+                _state(r, short=True),
                 _duration(r.uptime),
                 _used(r.memory, r.quota.memory, human_size),
                 _used(
@@ -289,7 +297,7 @@ def _show(d: p.UserDetails) -> None:
         ("ports", ports),
         ("image", f"{t.image} ({d.image_version})"),
         ("ids", f"{t.range_start}-{t.range_end}"),
-        ("state", s.state),
+        ("state", _state(s)),
         *([("reason", s.reason)] if s.reason else []),
         ("uptime", _duration(s.uptime)),
         ("quota", _quota_text(s.quota)),

@@ -170,6 +170,7 @@ class Status(NamedTuple):
     range_end: int
     image: str
     reason: str | None = None  # why its last start failed (state "failed")
+    place: int | None = None  # in the start queue (state "queued"), from 1
 
 
 class PortRange(NamedTuple):

@@ -358,6 +358,7 @@ def _status(s: TenantStatus) -> p.Status:
         range_end=s.range_start + RANGE_SIZE - 1,
         image=s.image,
         reason=s.reason,
+        place=s.place,
     )
 
 

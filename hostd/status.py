@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from hostd.backend import ContainerRuntime
+from hostd.startqueue import STARTING
 from hostd.state import Tenant
 from runtime.limits import Limits
 
@@ -23,6 +24,7 @@ class TenantStatus:
     range_start: int
     image: str
     reason: str | None = None  # why it failed (state "failed") or is stopped (auto-stopped)
+    place: int | None = None  # in the start queue (state "queued"), from 1
 
 
 def tenant_status(
@@ -31,25 +33,31 @@ def tenant_status(
     quota: Limits,
     failure: str | None = None,
     dormant: str | None = None,
+    place: int | None = None,
 ) -> TenantStatus:
     """A tenant being added or removed has no container to ask: its phase stands for it.
-    One whose last start failed is `failed`, with the reason, until a start succeeds or an
-    admin stops it (a container that booted degraded may still be running). One stopped for
-    idleness (`dormant`: idle since when) is `stopped`, saying so."""
+    One in the start queue (`place`: hostd.startqueue's) is `queued` there, then `starting`
+    until ready. One whose last start failed is `failed`, with the reason, until a start
+    succeeds or an admin stops it (a container that booted degraded may still be running).
+    One stopped for idleness (`dormant`: idle since when) is `stopped`, saying so."""
     if t.phase != "ready":
         return TenantStatus(
             t.user, t.phase, None, None, None, None, 0, quota, t.range_start, t.image
         )
     st = runtime.state(t.user)
     used = runtime.usage(t.user) if st.status == "running" else None
-    failed = failure is not None
-    reason = failure
-    if not failed and dormant is not None and st.status == "stopped":
+    failed = failure is not None and place is None
+    state = "failed" if failed else st.status
+    reason = failure if failed else None
+    if place is not None:
+        state = "starting" if place == STARTING else "queued"
+    elif not failed and dormant is not None and st.status == "stopped":
         reason = f"idle since {dormant}; starts at the next login"
     return TenantStatus(
         user=t.user,
-        state="failed" if failed else st.status,
+        state=state,
         reason=reason,
+        place=place or None,
         uptime=uptime(st.pid) if st.pid else None,
         memory=used.memory if used else None,
         cpu_seconds=used.cpu_seconds if used else None,

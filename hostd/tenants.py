@@ -24,6 +24,7 @@ import pwd
 import re
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 from ipaddress import IPv4Address
@@ -37,6 +38,7 @@ from hostd.config import Config, format_duration
 from hostd.errors import HostdError
 from hostd.inneraccounts import Account, InnerAccounts, ReadFile, inner_id
 from hostd.ranges import GetPwNam, Ranges
+from hostd.startqueue import StartQueue
 from hostd.state import IdRangeRecord, State, Tenant, utc_now
 from hostd.status import TenantStatus, tenant_status
 from hostd.subids import SubIdFiles
@@ -95,6 +97,7 @@ class Tenants:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self.stopping: set[str] = set()  # containers being stopped right now
+        self.starts = StartQueue(config.runtime.parallel_starts)
 
     def _lock(self, user: str) -> threading.Lock:
         with self._locks_guard:
@@ -304,21 +307,26 @@ class Tenants:
         self.state.set_desired(t.user, "running")
         try:
             st = self.runtime.state(t.user)
-            if st.status != "running":
-                progress("starting the container")
-                if self.apply_network():  # the bridge was gone: deleted by hand, say
-                    for line in self._reattach():
-                        log.warning("%s", line)
-                st = self.runtime.start(t.user)
-            progress("waiting for systemd (Docker starts at its first use)")
-            self.runtime.wait_ready(t.user)
-            self.inner.ensure(t, st.pid)
+            if st.status == "running":  # never queues
+                self._ready(t, st.pid, progress)
+            else:
+                with self.starts.slot(t.user, progress):  # a boot burns CPU: K at once
+                    progress("starting the container")
+                    if self.apply_network():  # the bridge was gone: deleted by hand, say
+                        for line in self._reattach():
+                            log.warning("%s", line)
+                    self._ready(t, self.runtime.start(t.user).pid, progress)
         except RuntimeFailure as exc:
             failure = self._explained(t.user, exc)
             self.state.set_failure(t.user, failure.cause)
             log.warning("%s: start failed: %s", t.user, failure)
             raise failure from exc
         self.state.set_failure(t.user, None)
+
+    def _ready(self, t: Tenant, pid: int, progress: Progress) -> None:
+        progress("waiting for systemd (Docker starts at its first use)")
+        self.runtime.wait_ready(t.user)
+        self.inner.ensure(t, pid)
 
     def _explained(self, user: str, exc: RuntimeFailure) -> RuntimeFailure:
         """The failure with what the container said about it (journal or console), on the
@@ -520,12 +528,14 @@ class Tenants:
 
     def status(self, user: str) -> TenantStatus:
         t = self.get(user)
+        place = self.starts.view.get(user)  # the queue's snapshot: status takes no lock
         return tenant_status(
             self.runtime,
             t,
             self.state.quota(user),
             self.state.failure(user),
             self.state.dormant(user),
+            place,
         )
 
     def release_range(self, start: int) -> IdRangeRecord:
@@ -567,14 +577,25 @@ class Tenants:
                 if name in self.runtime.incomplete():
                     self.runtime.delete(name, force=True)
                     done.append(f"removed the remains of the interrupted creation of {name}")
-        for t in self.state.tenants():
-            if t.phase == "ready" and t.desired == "running" and not self._running(t.user):
-                try:
-                    self.start(t.user)
-                    done.append(f"restarted {t.user}")
-                except RuntimeFailure as exc:
-                    done.append(f"cannot restart {t.user}: {exc}")
+        restart = [
+            t.user
+            for t in self.state.tenants()
+            if t.phase == "ready" and t.desired == "running" and not self._running(t.user)
+        ]
+        # Together, through the start queue: after a reboot all come back in about the time
+        # of a start storm. As many threads as slots, so logins meanwhile queue behind only
+        # the starts under way, not behind every tenant of the host.
+        with ThreadPoolExecutor(self.starts.slots, thread_name_prefix="hostd-restart") as pool:
+            done.extend(pool.map(self._restart, restart))
         return done
+
+    def _restart(self, user: str) -> str:
+        """Reconcile's start of a tenant that should run: what happened, one line."""
+        try:
+            self.start(user)
+            return f"restarted {user}"
+        except RuntimeFailure as exc:
+            return f"cannot restart {user}: {exc}"
 
 
 def _home_share(pw: pwd.struct_passwd) -> Share:

@@ -25,6 +25,7 @@ from hostd.config import (
     read_login_defs,
 )
 from hostd.errors import HostdError
+from hostd.startqueue import auto_slots
 from runtime.limits import Limits
 from runtime.netplan import NetworkConfig, host_nameservers
 from runtime.settings import DEFAULT_RECIPES, RootfsMode, Settings
@@ -52,6 +53,7 @@ def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
             cache_dir=Path("/var/cache/hostd/debootstrap"),
             stop_timeout=30.0,
             docker_idle_stop=900,
+            parallel_starts=auto_slots(),
         ),
         subids=SubIdConfig(min=100000, max=600100000, count=65536),
         users=UserConfig(admin_group="hostd-admin", min_uid=1000),
@@ -165,6 +167,12 @@ def test_docker_idle_stop_reaches_the_runtime_in_seconds(
     assert config.runtime_settings().docker_idle_stop == seconds
 
 
+@pytest.mark.parametrize(("value", "slots"), [('"auto"', auto_slots()), ("1", 1), ("16", 16)])
+def test_parallel_starts_is_auto_or_a_count(files: Files, value: str, slots: int) -> None:
+    files.write_main(f"[runtime]\nparallel_starts = {value}\n")
+    assert files.load().runtime.parallel_starts == slots
+
+
 def test_drop_ins_override_key_by_key_in_name_order(files: Files) -> None:
     files.write_main(
         '[runtime]\nrunc = "/usr/sbin/runc"\nstop_timeout = 10\ncgroup_parent = "main"\n'
@@ -270,6 +278,11 @@ def test_bad_value_names_file_key_value_and_fix(files: Files) -> None:
         ("runtime", "docker_idle_stop = -1", 'like "15m"'),
         ("runtime", "docker_idle_stop = 1.5", 'like "15m"'),
         ("runtime", "docker_idle_stop = true", 'like "15m"'),
+        ("runtime", "parallel_starts = 0", '"auto" or a whole number from 1'),
+        ("runtime", 'parallel_starts = "8"', '"auto" or a whole number from 1'),
+        ("runtime", "parallel_starts = 2.5", '"auto" or a whole number from 1'),
+        ("runtime", "parallel_starts = true", '"auto" or a whole number from 1'),
+        ("runtime", "parallel_starts = 1025", '"auto" or a whole number from 1'),
         ("subids", "count = 1000", "exactly 65536 IDs"),
         ("subids", "count = 65536.0", "exactly 65536 IDs"),
         ("subids", "min = 1000", "from 65536 to"),

@@ -28,6 +28,7 @@ STATUS = [
     p.Status(
         "bo", "stopped", None, None, None, None, 0, p.Quota(None, None, None, None), 0, 1, "d"
     ),
+    p.Status("cy", "queued", None, None, None, None, 0, QUOTA, 2, 3, "d", place=3),
 ]
 TENANT = p.TenantInfo(
     "alice", 1001, 1001, "/home/alice", 300000, 365535, "default", "ready", "running", "then"
@@ -152,7 +153,7 @@ def test_json_numbers_are_hostds(capfd: pytest.CaptureFixture[str], config: str)
 @pytest.mark.parametrize(
     ("words", "head"),
     [
-        (["status"], "USER   STATE    UPTIME    MEMORY"),
+        (["status"], "USER   STATE      UPTIME    MEMORY"),
         (["user", "list"], "USER   STATE"),
         (["ports", "list"], "PORTS        USER   ADDRESS"),
         (["ranges"], "START   END     USER   STATUS  SINCE"),
@@ -170,7 +171,7 @@ def test_tables_are_aligned(
 
 def test_status_row(capfd: pytest.CaptureFixture[str], config: str) -> None:
     _, out, _ = run(capfd, "--config", config, "status")
-    alice, bo = out.splitlines()[1:]
+    alice, bo, cy = out.splitlines()[1:]
     assert alice.split() == [
         "alice",
         "running",
@@ -182,6 +183,7 @@ def test_status_row(capfd: pytest.CaptureFixture[str], config: str) -> None:
         "1G",
     ]
     assert bo.split() == ["bo", "stopped", "-", "-", "-", "-", "0"]
+    assert cy.split()[:3] == ["cy", "queued", "#3"]  # its place in the start queue
 
 
 def test_user_set_auto_stop(
@@ -210,6 +212,16 @@ def test_user_show(capfd: pytest.CaptureFixture[str], config: str, hostd: FakeHo
         "created:  then",
         "event:    2026-11-30T10:00:00Z added",
     ]
+
+
+def test_user_show_of_a_queued_tenant_says_its_place(
+    capfd: pytest.CaptureFixture[str], config: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    details = REPLIES["user.show"]
+    assert isinstance(details, p.UserDetails)
+    monkeypatch.setitem(REPLIES, "user.show", details._replace(status=STATUS[2]))
+    _, out, _ = run(capfd, "--config", config, "user", "show", "alice")
+    assert "state:    queued (3rd in line)" in out.splitlines()
 
 
 def test_user_add_sends_the_limits_given(

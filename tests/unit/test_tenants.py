@@ -6,6 +6,7 @@ from __future__ import annotations
 import pwd
 import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from hostd import config
 from hostd.errors import HostdError
+from hostd.startqueue import STARTING
 from hostd.state import State, Tenant
 from hostd.subids import SubIdEntry, parse
 from hostd.tenants import Tenants
@@ -24,6 +26,7 @@ from runtime.errors import Busy, Conflict, NotFound, RuntimeFailure
 from runtime.ids import RANGE_SIZE, IdRange
 from runtime.limits import Limits
 from runtime.netplan import Forward
+from tests.hostd_harness import wait_for
 from tests.unit.fake_runtime import FakeRuntime
 
 MIN, SLOTS = 100000, 4  # the test host has room for 4 ranges
@@ -839,3 +842,102 @@ def _check_invariants(host: Host) -> None:
     assert len(set(addresses)) == len(addresses)
     for c in containers:  # a container is a tenant's, or kept for its user with its range
         assert host.ranges()[c.ids.start][0] == c.name
+
+
+# -- the start queue -----------------------------------------------------------------------------
+
+
+class HeldBoots:
+    """Boots (wait_ready) of the fake runtime that last until released, counted."""
+
+    def __init__(self, rt: FakeRuntime) -> None:
+        self.rt = rt
+        self.booting: set[str] = set()
+        self.most = 0
+        self.release = threading.Event()
+        self._guard = threading.Lock()
+        rt.wait_ready = self.wait_ready  # type: ignore[method-assign]
+
+    def wait_ready(self, name: str) -> None:
+        with self._guard:
+            self.booting.add(name)
+            self.most = max(self.most, len(self.booting))
+        try:
+            assert self.release.wait(10), f"{name}'s boot was never released"
+        finally:
+            with self._guard:
+                self.booting.discard(name)
+
+
+def with_slots(host: Host, slots: int) -> Tenants:
+    host.cfg = replace(host.cfg, runtime=replace(host.cfg.runtime, parallel_starts=slots))
+    return host.tenants()
+
+
+def test_queued_and_starting_tenants_show_so_and_a_running_one_never_queues(
+    host: Host,
+) -> None:
+    tenants = with_slots(host, 1)
+    for i, name in enumerate(("alice", "bob", "carol")):
+        tenants.add(host.user(name, uid=2000 + i))
+    tenants.start("carol")  # running before the storm
+    boots = HeldBoots(host.rt)
+    heard: dict[str, list[str]] = {"alice": [], "bob": []}
+    threads = [
+        threading.Thread(target=tenants.start, args=(n, heard[n].append), daemon=True)
+        for n in ("alice", "bob")
+    ]
+    try:
+        threads[0].start()
+        wait_for(lambda: "alice" in boots.booting, 10, "alice booting")
+        threads[1].start()
+        wait_for(lambda: heard["bob"], 10, "bob told his place")
+        assert heard["bob"] == ["waiting to start: 1st in line, 1 starting"]
+        assert (tenants.status("alice").state, tenants.status("alice").place) == ("starting", None)
+        assert (tenants.status("bob").state, tenants.status("bob").place) == ("queued", 1)
+        host.rt.wait_ready = lambda name: None  # type: ignore[method-assign]
+        tenants.start("carol")  # running: not behind the queue
+    finally:
+        boots.release.set()
+        for t in threads:
+            t.join(10)
+    assert boots.most == 1
+    assert heard["alice"][0] == "starting the container"
+    assert heard["bob"][1] == "starting the container"
+    assert {tenants.status(n).state for n in ("alice", "bob", "carol")} == {"running"}
+
+
+def test_a_failed_start_in_the_queue_frees_its_slot(host: Host) -> None:
+    tenants = with_slots(host, 1)
+    tenants.add(host.user("alice"))
+    tenants.add(host.user("bob", uid=2001))
+    host.rt.fail("wait_ready", RuntimeFailure("container 'alice' booted degraded", "see"))
+    with pytest.raises(RuntimeFailure, match="booted degraded"):
+        tenants.start("alice")
+    assert dict(tenants.starts.view) == {}
+    tenants.start("bob")
+    assert tenants.status("bob").state == "running"
+
+
+def test_reconcile_restarts_tenants_together_through_the_queue(host: Host) -> None:
+    tenants = with_slots(host, 2)
+    names = [host.user(n, uid=2000 + i) for i, n in enumerate(("alice", "bob", "carol"))]
+    for name in names:
+        tenants.add(name)
+        tenants.start(name)
+        host.rt.boxes[name].status = "stopped"  # the host rebooted
+    boots = HeldBoots(host.rt)
+    done: list[str] = []
+    again = host.tenants()
+    thread = threading.Thread(target=lambda: done.extend(again.reconcile()), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(boots.booting) == 2, 10, "two tenants booting at once")
+        assert list(again.starts.view.values()).count(STARTING) == 2
+    finally:
+        boots.release.set()
+        thread.join(10)
+    assert boots.most == 2
+    assert [line for line in done if line.startswith("restarted")] == [
+        f"restarted {n}" for n in names
+    ]

@@ -118,11 +118,17 @@ class Workers:
     def threads(self) -> int:
         return self._threads
 
-    def try_submit(self, job: Callable[[], None]) -> bool:
+    def try_submit(
+        self, job: Callable[[], None], on_queued: Callable[[int], None] = lambda _: None
+    ) -> bool:
+        """Run `job`, or queue it (`on_queued` hears its place in line first, before any
+        worker can take it), or refuse it."""
         with self._lock:
             if self._jobs_in >= self.size and not self.queue_when_busy:
                 return False
             self._jobs_in += 1
+            if self._jobs_in > self.size:
+                on_queued(self._jobs_in - self.size)
             spawn = self._threads < min(self._jobs_in, self.size)
             if spawn:
                 self._threads += 1

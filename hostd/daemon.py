@@ -29,6 +29,7 @@ from hostd.idle import AutoStopper
 from hostd.notify import notify, watchdog_interval
 from hostd.service import QUICK_OPS, Service
 from hostd.sessions import Sessions
+from hostd.startqueue import ordinal
 from hostd.state import State
 from hostd.tenants import Tenants
 from runtime.containers import Runtime
@@ -256,7 +257,8 @@ class Daemon:
             raise
         if request is not None:
             pool = self._quick if door.admin and _op_name(request.line) in QUICK_OPS else door.pool
-            if pool.try_submit(functools.partial(self._serve, conn, peer, door, request)):
+            serve = functools.partial(self._serve, conn, peer, door, request)
+            if pool.try_submit(serve, functools.partial(_say_queued, conn, pool)):
                 return
             close_fds(request.fds)
             refusal = door.busy()
@@ -287,6 +289,14 @@ class Daemon:
         while True:
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)  # the ping period systemd asked for
+
+
+def _say_queued(conn: socket.socket, pool: Workers, place: int) -> None:
+    """Tell an admin whose request waits for a worker (a start storm, say) that it waits, and
+    why. Non-blocking: a fresh connection's buffer takes one line."""
+    text = f"waiting for hostd: {ordinal(place)} in line ([api] {pool.name} = {pool.size} at once)"
+    with contextlib.suppress(OSError):
+        conn.send(protocol.progress_line(text))
 
 
 def _op_name(line: bytes) -> str | None:

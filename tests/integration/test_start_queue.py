@@ -5,13 +5,18 @@ started at once by `hostctl start` boot one at a time; the waiting clients hear 
 from __future__ import annotations
 
 import re
+import select
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from hostd.client import call
 from tests.hostd_harness import Hostd, UnixUsers
+from tests.integration.test_status import busy_admin_workers
 
 PLACE = re.compile(r"waiting to start: (\d+)[a-z]{2} in line, (\d+) starting")
+WAITING = re.compile(r"waiting for hostd: 1st in line \(\[api\] admin_workers = 1 at once\)")
 
 
 def test_three_starts_with_one_slot_queue_and_all_run(hostd: Hostd, unix_users: UnixUsers) -> None:
@@ -53,4 +58,35 @@ def test_three_starts_with_one_slot_queue_and_all_run(hostd: Hostd, unix_users: 
         finally:
             done.set()
             for user in users:
+                hostd.hostctl("user", "remove", user, check=False)
+
+
+def test_admin_requests_waiting_for_a_worker_hear_so(hostd: Hostd, unix_users: UnixUsers) -> None:
+    """A storm larger than the admin pool: a request that waits for a worker says so at once
+    (then its place in the start queue, as above), and runs once a worker is free."""
+    busy, waiting = unix_users.make(), unix_users.make()
+    started: list[subprocess.Popen[str]] = []
+    with hostd.configured("one-worker", "[api]\nadmin_workers = 1\n"):
+        try:
+            for user in (busy, waiting):
+                hostd.hostctl("user", "add", user)
+            hostd.hostctl("start", busy)
+            with busy_admin_workers(hostd, busy, 1):
+                argv = [sys.executable, "-m", "hostd.hostctl", "--config", str(hostd.config)]
+                start = subprocess.Popen(
+                    [*argv, "start", waiting], stderr=subprocess.PIPE, text=True
+                )
+                started.append(start)
+                assert start.stderr is not None
+                ready, _, _ = select.select([start.stderr], [], [], 60)
+                first = start.stderr.readline() if ready else "(nothing within 60 s)"
+                assert WAITING.search(first), first
+            assert start.wait(timeout=300) == 0, start.stderr.read()
+            (row,) = [r for r in call(hostd.admin_socket, "status", {}) if r["user"] == waiting]
+            assert row["state"] == "running"
+        finally:
+            for client in started:
+                client.kill()
+                client.wait()
+            for user in (busy, waiting):
                 hostd.hostctl("user", "remove", user, check=False)

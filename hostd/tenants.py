@@ -324,9 +324,13 @@ class Tenants:
         self.state.set_failure(t.user, None)
 
     def _ready(self, t: Tenant, pid: int, progress: Progress) -> None:
+        """Wait for systemd inside; meanwhile make the user's account there (a first start
+        runs groupadd and useradd: runc exec needs a running init, not a booted system)."""
         progress("waiting for systemd (Docker starts at its first use)")
-        self.runtime.wait_ready(t.user)
-        self.inner.ensure(t, pid)
+        with ThreadPoolExecutor(1, thread_name_prefix="hostd-account") as pool:
+            account = pool.submit(self.inner.ensure, t, pid)
+            self.runtime.wait_ready(t.user)  # its failure, if any, is the one to tell
+            account.result()
 
     def _explained(self, user: str, exc: RuntimeFailure) -> RuntimeFailure:
         """The failure with what the container said about it (journal or console), on the

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,12 +32,12 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import FrameType
 
 from hostd import hostlimits
 from hostd.client import call
 from runtime import fsutil, sysctl
-from tests.benchmarks.bench_ssh import REPO, Bench
+from tests.benchmarks.bench_ssh import Bench
+from tests.benchmarks.cli import add_common_args, publish, unwind_on_sigterm
 from tests.benchmarks.images import state_with_default_image
 from tests.hostd_harness import Hostd, UnixUsers, host_view, wait_for
 
@@ -334,25 +333,14 @@ def table(rows: list[Row], n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds through the cleanups like Ctrl-C
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("n", nargs="?", type=int, default=100, help="tenants (default 100)")
     ap.add_argument("--n", dest="n_opt", type=int, help="the same as N")
-    ap.add_argument(
-        "--state-dir",
-        type=Path,
-        help="reuse a state dir holding a default image (not one a running hostd uses)",
-    )
-    ap.add_argument(
-        "--markdown", action="store_true", help="append the table to docs/benchmarks.md"
-    )
+    add_common_args(ap)
     args = ap.parse_args()
     n = args.n_opt or args.n
-    signal.signal(signal.SIGTERM, _terminate)
+    unwind_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="hostd-bench-density-"))
     try:
         with state_with_default_image(args.state_dir) as state:
@@ -362,10 +350,7 @@ def main() -> None:
     finally:
         fsutil.remove_tree(work)
     text = table(rows, n)
-    print(text)
-    if args.markdown:
-        with open(REPO / "docs/benchmarks.md", "a") as f:
-            f.write("\n" + text)
+    publish(text, args.markdown)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,8 @@ from pathlib import Path
 
 from runtime import fsutil
 from tests.benchmarks.bench_density import reconcile, timed
-from tests.benchmarks.bench_ssh import REPO, Bench
+from tests.benchmarks.bench_ssh import Bench
+from tests.benchmarks.cli import add_common_args, publish, unwind_on_sigterm
 from tests.benchmarks.images import state_with_default_image
 from tests.hostd_harness import UnixUsers, authorize
 
@@ -154,24 +154,13 @@ def table(rows: list[Row], runs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # unwinds through the cleanups like Ctrl-C
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tenants", type=int, default=3, help="running during the reconcile")
-    ap.add_argument(
-        "--state-dir",
-        type=Path,
-        help="reuse a state dir holding a default image (not one a running hostd uses)",
-    )
-    ap.add_argument(
-        "--markdown", action="store_true", help="append the table to docs/benchmarks.md"
-    )
+    add_common_args(ap)
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, _terminate)
+    unwind_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="hostd-bench-fast-"))
     try:
         with (
@@ -182,10 +171,7 @@ def main() -> None:
     finally:
         fsutil.remove_tree(work)
     text = table(rows, args.runs)
-    print(text)
-    if args.markdown:
-        with open(REPO / "docs/benchmarks.md", "a") as f:
-            f.write("\n" + text)
+    publish(text, args.markdown)
 
 
 if __name__ == "__main__":

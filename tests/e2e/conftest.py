@@ -4,6 +4,7 @@ developer meets hostd. Every user-visible feature gets a test here."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,25 @@ def add_developer(
         hostd.hostctl("user", "remove", user, check=False)
         raise
     return login
+
+
+@contextlib.contextmanager
+def new_tenants(
+    hostd: Hostd, unix_users: UnixUsers, directory: Path, count: int
+) -> Iterator[list[Login]]:
+    """`count` new Unix users made tenants with quotas, each with an SSH login (not used
+    yet), removed afterwards."""
+    made: list[Login] = []
+    try:
+        for i in range(count):
+            user = unix_users.make()
+            hostd.hostctl("user", "add", user, *QUOTAS)
+            (directory / str(i)).mkdir()
+            made.append(login_as(user, hostd.ssh_port, directory / str(i)))
+        yield made
+    finally:
+        for login in made:
+            hostd.hostctl("user", "remove", login.user, check=False)
 
 
 def context(login: Login, name: str, dockerfile: str) -> str:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import QUOTAS
-from tests.hostd_harness import Hostd, Login, UnixUsers, login_as, wait_for
+from tests.e2e.conftest import new_tenants
+from tests.hostd_harness import Hostd, Login, UnixUsers, wait_for
 
 AUTO_STOP = 5  # seconds, in the drop-in below
 
@@ -28,17 +28,8 @@ def auto_hostd(hostd: Hostd) -> Iterator[Hostd]:
 @pytest.fixture
 def logins(auto_hostd: Hostd, unix_users: UnixUsers, tmp_path: Path) -> Iterator[list[Login]]:
     """Three new tenants (not logged in yet); removed afterwards."""
-    made: list[Login] = []
-    try:
-        for i in range(3):
-            user = unix_users.make()
-            auto_hostd.hostctl("user", "add", user, *QUOTAS)
-            (tmp_path / str(i)).mkdir()
-            made.append(login_as(user, auto_hostd.ssh_port, tmp_path / str(i)))
+    with new_tenants(auto_hostd, unix_users, tmp_path, 3) as made:
         yield made
-    finally:
-        for login in made:
-            auto_hostd.hostctl("user", "remove", login.user, check=False)
 
 
 def status(hostd: Hostd, user: str) -> dict[str, object]:

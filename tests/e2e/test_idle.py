@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import QUOTAS, wait_inside
-from tests.hostd_harness import Hostd, Login, UnixUsers, login_as
+from tests.e2e.conftest import new_tenants, wait_inside
+from tests.hostd_harness import Hostd, Login, UnixUsers
 
 IDLE_STOP = 5  # seconds, in the drop-in below
 DOCKER_DOWN = "! pgrep -x dockerd >/dev/null && ! pgrep -x containerd >/dev/null"
@@ -38,18 +38,10 @@ def tenants(
 ) -> Iterator[list[Login]]:
     """Two new tenants, logged in over SSH (their containers started by the login) and
     nothing else: their Docker has not been used yet."""
-    logins: list[Login] = []
-    try:
-        for i in range(2):
-            user = unix_users.make()
-            idle_hostd.hostctl("user", "add", user, *QUOTAS)
-            (tmp_path / str(i)).mkdir()
-            logins.append(login_as(user, idle_hostd.ssh_port, tmp_path / str(i)))
-            logins[-1].sh("true")
-        yield logins
-    finally:
+    with new_tenants(idle_hostd, unix_users, tmp_path, 2) as logins:
         for login in logins:
-            idle_hostd.hostctl("user", "remove", login.user, check=False)
+            login.sh("true")
+        yield logins
 
 
 def load_busybox(login: Login, busybox_tar: Path) -> None:

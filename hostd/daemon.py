@@ -313,7 +313,16 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
 
 
+def restore_default_signals() -> None:
+    """Signals the launcher ignored (nohup: SIGHUP; `hostd &` in a script: SIGQUIT) stay
+    ignored in everything hostd runs, tenants' sessions too: a program whose client vanished
+    would not hang up. Back to the defaults before anything starts."""
+    for sig in (signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    restore_default_signals()
     p = argparse.ArgumentParser(prog="hostd", description=__doc__)
     p.add_argument("--config", type=Path, default=configfiles.MAIN)
     p.add_argument("--debug", action="store_true")

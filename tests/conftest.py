@@ -18,6 +18,7 @@ import pytest
 from hypothesis import settings
 
 from hostd import config as config_mod
+from hostd.daemon import restore_default_signals
 from runtime import fsutil, lxcfs, network
 from runtime.containers import Runtime
 from runtime.execs import ExecSpec
@@ -38,6 +39,10 @@ ROOT_DIRS = ("tests/integration", "tests/security", "tests/e2e")
 # The default image's inner storage driver: native overlay mounts on the tenant's volume (never
 # vfs, which copies every layer).
 INNER_DRIVER = "overlay2"
+
+# The unit tests run hostd's sessions and gateway in this process: from the signals hostd
+# itself starts with, whatever ignored the runner inherited (nohup).
+restore_default_signals()
 
 # Timings never decide a test: a loaded machine must not fail a property test.
 settings.register_profile("hostd", deadline=None)

@@ -77,7 +77,9 @@ class Hostd:
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "hostd.daemon", "--config", str(self.config)],
+                # as the quickstart starts it (`nohup hostd &`): SIGHUP and SIGQUIT ignored
+                ["sh", "-c", 'trap "" HUP QUIT; exec "$@"', "hostd"]
+                + [sys.executable, "-m", "hostd.daemon", "--config", str(self.config)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -422,3 +422,23 @@ def test_a_failed_start_says_why_in_status_and_show(
     status = json.loads(hostd.hostctl("status", user, "--json").stdout)[0]
     assert status["state"] == "running" and status["reason"] is None
     hostd.hostctl("user", "remove", user)
+
+
+def test_signals_its_launcher_ignored_reach_no_tenant(hostd: Hostd, unix_users: UnixUsers) -> None:
+    """The harness starts hostd as the quickstart does (`nohup hostd &`: SIGHUP and SIGQUIT
+    ignored); a program in a tenant must still hang up when its client goes."""
+    user = unix_users.make()
+    hostd.hostctl("user", "add", user)
+    try:
+        assert hostd.proc is not None
+        inside = hostd.hostctl("exec", user, "--", "cat", "/proc/self/status").stdout
+        for who, status in (
+            ("hostd", Path(f"/proc/{hostd.proc.pid}/status").read_text()),
+            ("a program in the tenant", inside),
+        ):
+            line = next(ln for ln in status.splitlines() if ln.startswith("SigIgn:"))
+            ignored = int(line.split()[1], 16)
+            for sig in (signal.SIGHUP, signal.SIGQUIT):
+                assert not ignored & (1 << (sig - 1)), f"{sig.name} is ignored in {who}"
+    finally:
+        hostd.hostctl("user", "remove", user)

@@ -56,7 +56,7 @@ def test_limits_at_start_and_live(rt: Runtime) -> None:
         assert sh(rt, name, "cat /sys/fs/cgroup/pids/pids.max").strip() == "800"
         assert sh(rt, name, "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us").strip() == "-1"
         used = rt.usage(name)
-        assert used is not None and used.memory > 0 and used.pids > 3 and used.cpu_seconds > 0
+        assert used is not None and used.memory > 0 and used.pids >= 2 and used.cpu_seconds > 0
         assert rt.disk_used(name) > 0
         rt.stop(name)
         assert rt.usage(name) is None

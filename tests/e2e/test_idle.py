@@ -18,6 +18,7 @@ DOCKER_DOWN = "! pgrep -x dockerd >/dev/null && ! pgrep -x containerd >/dev/null
 SOCKET_LISTENS = "systemctl is-active -q docker.socket && test -S /run/docker.sock"
 DOCKERD_PID = "pgrep -x dockerd"
 KEEPER = "sleep 86399"  # what the --restart always container runs: found by pgrep -f
+USER_RULE = "-s 192.0.2.7/32 -j DROP"  # in DOCKER-USER, where Docker's docs put one's own
 # What to show when Docker did not stop: the setting, the watcher, what it watches, what runs.
 WHY = (
     "cat /etc/default/hostd-docker-idle; systemctl status --no-pager hostd-docker-idle;"
@@ -56,11 +57,20 @@ def test_docker_starts_on_first_use_and_stops_when_idle(
     dev.sh(f"{DOCKER_DOWN} && {SOCKET_LISTENS}")
     load_busybox(dev, busybox_tar)  # the first call starts it
     assert dev.sh("docker run --rm busybox:local echo activated").strip() == "activated"
+    dev.sh(f"sudo iptables -I DOCKER-USER {USER_RULE}")  # the user's own firewall rule
     wait_inside(dev, DOCKER_DOWN, "dockerd and containerd idle-stopped", WHY, timeout=60)
     dev.sh(SOCKET_LISTENS)
-    # ...and the next call starts them again, images kept
+    # Docker's own chains and bridge went with it (its next start is quicker), the user's
+    # rule stayed
+    stopped = dev.sh("sudo iptables-save")
+    assert ":DOCKER " not in stopped and ":DOCKER-ISOLATION" not in stopped, stopped
+    assert USER_RULE in stopped and "docker0" not in dev.sh("ip -br link"), stopped
+    # ...and the next call starts them again, images kept, its rules made again once each
     assert dev.sh("docker run --rm busybox:local echo again").strip() == "again"
     dev.sh(DOCKERD_PID)
+    rules = dev.sh("sudo iptables-save")
+    assert rules.count(USER_RULE) == 1 and rules.count("-j MASQUERADE") == 1, rules
+    assert ":DOCKER-ISOLATION-STAGE-1" in rules and "docker0" in dev.sh("ip -br link")
 
 
 def test_a_running_container_keeps_docker_up(

@@ -100,10 +100,24 @@ watch() {
     done
 }
 
+# After dockerd stopped: its own firewall chains and docker0, which its next start deletes and
+# makes again one iptables call at a time (0.1-0.2 s of that start), removed in one batch now.
+# DOCKER-USER, the chain for the user's own rules, stays.
+clean() {
+    local table ours='DOCKER(-ISOLATION-STAGE-[12])?'
+    for table in nat filter; do
+        iptables-save -t "$table" \
+            | grep -v -E -e "^(:|-A )$ours( |$)" -e "-j $ours( |$)" -e 'docker0' \
+            | iptables-restore -w -T "$table"
+    done
+    ip link del docker0 2>/dev/null || true
+}
+
 case ${1:-} in
     boot) boot ;;
     watch) watch ;;
-    *) echo "usage: hostd-docker-idle boot|watch" >&2; exit 2 ;;
+    clean) clean ;;
+    *) echo "usage: hostd-docker-idle boot|watch|clean" >&2; exit 2 ;;
 esac
 SCRIPT
 chmod 0755 /usr/local/sbin/hostd-docker-idle
@@ -139,9 +153,13 @@ echo 'DOCKER_IDLE_STOP=900' > /etc/default/hostd-docker-idle
 mkdir -p /etc/systemd/system/docker.service.d
 printf '[Unit]\nStartLimitIntervalSec=60\nStartLimitBurst=12\n' \
     > /etc/systemd/system/docker.service.d/hostd-idle.conf
+printf '[Service]\nExecStopPost=-/usr/local/sbin/hostd-docker-idle clean\n' \
+    >> /etc/systemd/system/docker.service.d/hostd-idle.conf
 # containerd runs while docker.service wants it, and stops with it.
 mkdir -p /etc/systemd/system/containerd.service.d
-printf '[Unit]\nStopWhenUnneeded=yes\n' > /etc/systemd/system/containerd.service.d/hostd-idle.conf
+# containerd starts as often as Docker does (systemd's default allows only 5 starts in 10 s).
+printf '[Unit]\nStopWhenUnneeded=yes\nStartLimitIntervalSec=60\nStartLimitBurst=12\n' \
+    > /etc/systemd/system/containerd.service.d/hostd-idle.conf
 systemctl enable hostd-docker-idle.service hostd-docker-boot.service >/dev/null
 test -e /etc/systemd/system/sockets.target.wants/docker.socket
 test ! -e /etc/systemd/system/multi-user.target.wants/docker.service

@@ -20,10 +20,12 @@ import sys
 import termios
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from hostd.client import call
 from runtime import mountinfo
 from runtime.netplan import veth_name
 
@@ -471,3 +473,41 @@ def stop_sshd(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=30)
+
+
+BUSY_SECONDS = 120  # how long each request holding a worker would last
+
+
+def sleepers(arg: str) -> list[int]:
+    """PIDs of `sleep <arg>` processes on the host (the tenant's, seen from outside)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if (
+                entry.name.isdigit()
+                and (entry / "cmdline").read_bytes() == f"sleep\0{arg}\0".encode()
+            ):
+                found.append(int(entry.name))
+    return found
+
+
+@contextlib.contextmanager
+def busy_admin_workers(hostd: Hostd, user: str, count: int) -> Iterator[None]:
+    """`count` admin requests in progress (each an exec of a long sleep in `user`'s
+    container), ended by killing those sleeps afterwards, on failure too."""
+    arg = f"{BUSY_SECONDS}.{os.getpid()}"
+    stdio = [os.open(os.devnull, os.O_RDWR) for _ in range(3)]
+    pool = ThreadPoolExecutor(max_workers=count)
+    try:
+        args = {"user": user, "argv": ["sleep", arg]}
+        for _ in range(count):
+            pool.submit(call, hostd.admin_socket, "exec", args, stdio)
+        wait_for(lambda: len(sleepers(arg)) == count, 60, f"{count} sleeps holding workers")
+        yield
+    finally:
+        for pid in sleepers(arg):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pool.shutdown(wait=True)
+        for fd in stdio:
+            os.close(fd)

@@ -48,7 +48,7 @@ DROPIN = (
     f'[network]\nbridge = "hostdd0"\nnft_table = "{NFT_TABLE}"\n'
     'subnet = "10.233.0.0/24"\ndns = ["10.233.0.1"]\n'
 )
-DOCKER_INFO = ("exec", "--", "docker", "info", "--format", "{{.ServerVersion}}")
+DOCKER_INFO = ("--", "docker", "info", "--format", "{{.ServerVersion}}")  # after `exec U`
 ADDERS = 4  # adds in parallel (they serialise on the ranges lock anyway)
 
 
@@ -230,7 +230,7 @@ def measure(b: DensityBench) -> list[Row]:
     def start_and_docker(u: str) -> None:
         res = b.ctl("start", u, check=False)
         if res.returncode == 0:
-            res = b.ctl(DOCKER_INFO[0], u, *DOCKER_INFO[1:], check=False)
+            res = b.ctl("exec", u, *DOCKER_INFO, check=False)
         if res.returncode != 0 or not res.stdout.strip():
             failures.append(f"{u}: {res.stderr.strip() or res.stdout.strip()}")
         else:
@@ -257,8 +257,8 @@ def measure(b: DensityBench) -> list[Row]:
     busiest = max((inotify_instances(tenant_pids(u)) for u in running), default=0)
     limit = int(sysctl.read("fs/inotify/max_user_instances"))
     t_reconcile = reconcile(h)
-    stop_docker = ("exec", "--", "systemctl", "stop", "docker.service", "containerd.service")
-    parallel(lambda u: b.ctl(stop_docker[0], u, *stop_docker[1:], check=False), running, 8)
+    stop_docker = ("--", "systemctl", "stop", "docker.service", "containerd.service")
+    parallel(lambda u: b.ctl("exec", u, *stop_docker, check=False), running, 8)
     down_used = (used_memory() - idle_before) / max(1, len(running))
     down_cg = statistics.median(cgroup_memory(u) for u in running) if running else 0
     down_pss = statistics.median(pss(tenant_pids(u)) for u in running) if running else 0

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from runtime import fsutil
-from tests.benchmarks.bench_density import reconcile, timed
+from tests.benchmarks.bench_density import DOCKER_INFO, reconcile, timed
 from tests.benchmarks.bench_ssh import Bench
 from tests.benchmarks.cli import add_common_args, publish, unwind_on_sigterm
 from tests.benchmarks.images import state_with_default_image
@@ -44,7 +44,6 @@ DROPIN = (
     '[network]\nbridge = "hostdf0"\nnft_table = "hostd_fast"\n'
     'subnet = "10.234.0.0/24"\ndns = ["10.234.0.1"]\n'
 )
-DOCKER_INFO = ("--", "docker", "info", "--format", "{{.ServerVersion}}")
 GOALS = {"cold": 1.0, "login": 0.8, "remove": 0.3, "reconcile": 2.0}
 
 

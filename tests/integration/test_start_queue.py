@@ -12,8 +12,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from hostd.client import call
-from tests.hostd_harness import Hostd, UnixUsers
-from tests.integration.test_status import busy_admin_workers
+from tests.hostd_harness import Hostd, UnixUsers, busy_admin_workers
 
 PLACE = re.compile(r"waiting to start: (\d+)[a-z]{2} in line, (\d+) starting")
 WAITING = re.compile(r"waiting for hostd: 1st in line \(\[api\] admin_workers = 1 at once\)")

@@ -173,7 +173,7 @@ def attach(cfg: NetworkConfig, container: str, address: IPv4Address, netns_pid: 
             raise RuntimeFailure(
                 f"bridge {cfg.bridge} does not exist", "set up the host network first"
             )
-        detach(container)
+        _unlink(container)  # the earlier port's pin is replaced by the new one below
         with _as_failure(
             f"cannot attach {container} (pid {netns_pid}) to {cfg.bridge}",
             "check that the container is running and has no eth0 of its own",
@@ -284,6 +284,14 @@ def detach(container: str) -> None:
     """Delete the container's host veth (its peer goes with it), the neighbour entry
     pinning its address and its port's pin in every bridge table of the project. Safe to
     call when any of them is already gone."""
+    _unlink(container)
+    tables = _bridge_tables()
+    if tables:
+        _nft(unpin_script(tables, container), "check `nft list tables bridge`")
+
+
+def _unlink(container: str) -> None:
+    """Delete the container's host veth and the neighbour entries pinning its address."""
     mac = container_mac(container)
     with IPRoute() as ipr, _as_failure(f"cannot detach {container}", "check `ip link`"):
         index = _index(ipr, veth_name(container))
@@ -300,6 +308,3 @@ def detach(container: str) -> None:
             for entry in ipr.get_neighbours(family=socket.AF_INET, ifindex=bridge):
                 if str(entry.get_attr("NDA_LLADDR")).lower() == mac:
                     ipr.neigh("del", ifindex=bridge, dst=entry.get_attr("NDA_DST"))
-    tables = _bridge_tables()
-    if tables:
-        _nft(unpin_script(tables, container), "check `nft list tables bridge`")

@@ -298,6 +298,56 @@ def test_migration_3_records_every_tenants_range_as_active(db_path: Path) -> Non
         assert [r.status for r in s.ranges()] == ["active", "quarantined"]
 
 
+# What an installation at each schema version holds, by the migration that made the table:
+# a ready tenant with a quota, an address and a port grant, its range, an audit line, a failed
+# start, an auto-stop setting. Rows of later tables only exist from their version on.
+OLD_ROWS = {
+    "tenants": "INSERT INTO tenants VALUES ('alice', 1000, 1000, '/home/alice', 100000,"
+    " 'default', 'ready', 'running', '2024-01-01T00:00:00+00:00')",
+    "quotas": "INSERT INTO quotas VALUES ('alice', 1.5, 1073741824, 512, NULL)",
+    "events": "INSERT INTO events (at, user, what) VALUES ('2024-01-01T00:00:00+00:00',"
+    " 'alice', 'user add')",
+    "addresses": "INSERT INTO addresses VALUES ('alice', 7)",
+    "port_grants": "INSERT INTO port_grants VALUES (8000, 8009, 'alice')",
+    "ranges": "INSERT INTO ranges VALUES (100000, 'alice', 'active', '2024-01-01T00:00:00+00:00')",
+    "failures": "INSERT INTO failures VALUES ('alice', '2024-01-02T00:00:00+00:00', 'no pids')",
+    "auto_stop": "INSERT INTO auto_stop VALUES ('alice', 86400)",
+}
+
+
+@pytest.mark.parametrize("version", range(len(MIGRATIONS)))
+def test_every_released_schema_upgrades_keeping_its_data(db_path: Path, version: int) -> None:
+    """An upgrade from each schema hostd ever shipped: the database reaches the latest version
+    and keeps everything it held; the tables it did not have start empty."""
+    with raw(db_path) as conn:
+        for statements in MIGRATIONS[:version]:
+            for sql in statements:
+                conn.execute(sql)
+        conn.execute(f"PRAGMA user_version = {version}")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        for table, sql in OLD_ROWS.items():
+            if table in tables:
+                conn.execute(sql)
+    with State(db_path) as s:
+        assert s.schema_version == len(MIGRATIONS)
+        if version == 0:  # nothing was there
+            assert s.tenants() == [] and s.ranges() == []
+            return
+        (alice,) = s.tenants()
+        assert (alice.user, alice.phase, alice.range_start) == ("alice", "ready", 100000)
+        assert s.quota("alice") == Limits(cpus=1.5, memory=2**30, pids=512)
+        assert [what for _, _, what in s.events("alice")] == ["user add"]
+        assert [(r.start, r.user, r.status) for r in s.ranges()] == [(100000, "alice", "active")]
+        assert s.address_slots() == ({"alice": 7} if "addresses" in tables else {})
+        had_grants = "port_grants" in tables
+        assert s.port_grants() == ([(8000, 8009, "alice")] if had_grants else [])
+        assert s.failure("alice") == ("no pids" if "failures" in tables else None)
+        assert s.auto_stops() == ({"alice": 86400} if "auto_stop" in tables else {})
+        assert s.dormant("alice") is None
+        s.set_dormant("alice", "2024-01-03T00:00:00+00:00")  # the newest tables work too
+        assert s.dormant("alice") == "2024-01-03T00:00:00+00:00"
+
+
 def test_tenants_and_ranges_cover_every_phase_in_order(db: State) -> None:
     for user, start in [("carol", 300000), ("alice", 500000), ("bob", 100000)]:
         db.begin_add(make_tenant(user, start), Limits())

@@ -21,6 +21,7 @@ from hostd.configfiles import Setting, check_path, read_text, toml_setting
 from hostd.errors import HostdError
 from hostd.startqueue import auto_slots
 from hostd.units import parse_count, parse_cpus, parse_size
+from runtime import cgroups, mountinfo
 from runtime.ids import MAX_ID, MIN_START, RANGE_SIZE
 from runtime.limits import Limits
 from runtime.names import check_name
@@ -130,6 +131,12 @@ class Config:
     sessions: SessionSettings
     api: ApiSettings
 
+    def cgroup_parent(self) -> str:
+        """The containers' parent cgroup; "auto": hostd-tenants.service's under systemd."""
+        if self.runtime.cgroup_parent != "auto":
+            return self.runtime.cgroup_parent
+        return cgroups.default_parent(cgroups.detect(mountinfo.current()))
+
     def runtime_settings(self) -> Settings:
         """The runtime's view: it knows nothing of users, only where and how to run containers."""
         net = self.network
@@ -142,7 +149,7 @@ class Config:
         settings = Settings(
             state_dir=self.paths.state_dir,
             runc=self.runtime.runc,
-            cgroup_parent=self.runtime.cgroup_parent,
+            cgroup_parent=self.cgroup_parent(),
             rootfs_mode=self.runtime.rootfs_mode,
             cache_dir=self.runtime.cache_dir,
             lxcfs=self.paths.state_dir / "lxcfs",
@@ -329,7 +336,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "runtime": {
         "runc": _Key("runc", _program),
-        "cgroup_parent": _Key("hostd", _cgroup_name),
+        "cgroup_parent": _Key("auto", _cgroup_name),
         "rootfs_mode": _Key("auto", RootfsMode.parse),
         "default_image": _Key("default", _image),
         "recipes_dir": _Key(None, check_path),

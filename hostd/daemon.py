@@ -18,6 +18,7 @@ import struct
 import sys
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hostd import accounts, configfiles, hostlimits, protocol
@@ -321,16 +322,50 @@ def restore_default_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
+HALT_WORKERS = 32  # containers halted at once at shutdown (each mostly waits for its init)
+
+
+def halt_tenants(cfg: config_mod.Config) -> int:
+    """Halt every running container cleanly (their systemd gets SIGRTMIN+3 and `stop_timeout`
+    to stop dockerd), all at once; hostd-tenants.service's ExecStop at host shutdown, when
+    hostd itself has stopped. Desired states stay as they are: hostd's next start brings the
+    tenants back. Exit status 1 if any could not be halted."""
+    runtime = Runtime(cfg.runtime_settings())
+    names = [s.container.name for s in runtime.states() if s.status != "stopped"]
+
+    def halt(name: str) -> bool:
+        try:
+            runtime.stop(name, cfg.runtime.stop_timeout)
+        except RuntimeFailure as exc:
+            log.error("%s: cannot halt it: %s", name, exc)
+            return False
+        log.info("%s: halted", name)
+        return True
+
+    log.info("halting %d container(s)", len(names))
+    if not names:
+        return 0
+    with ThreadPoolExecutor(min(len(names), HALT_WORKERS), "hostd-halt") as pool:
+        return 0 if all(pool.map(halt, names)) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     restore_default_signals()
     p = argparse.ArgumentParser(prog="hostd", description=__doc__)
     p.add_argument("--config", type=Path, default=configfiles.MAIN)
     p.add_argument("--debug", action="store_true")
+    p.add_argument(
+        "--halt-tenants",
+        action="store_true",
+        help="halt every running tenant cleanly and exit (for host shutdown; hostd not running)",
+    )
     args = p.parse_args(argv)
     setup_logging(args.debug)
     try:
         if os.geteuid() != 0:
             raise RuntimeFailure("hostd must run as root", "start it with systemctl or sudo")
+        if args.halt_tenants:
+            return halt_tenants(config_mod.load(args.config))
         daemon = Daemon(config_mod.load(args.config))
         asyncio.run(daemon.run())
     except RuntimeFailure as exc:

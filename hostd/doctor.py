@@ -246,7 +246,7 @@ def _state_rows(cfg: Config, sql: str) -> list[tuple[Any, ...]] | None:
 def _usage(layout: cgroups.Layout, cfg: Config, user: str) -> cgroups.Usage | None:
     """What a tenant's cgroup holds now; None when it is not running."""
     try:
-        return cgroups.usage(layout, cfg.runtime.cgroup_parent, user)
+        return cgroups.usage(layout, cfg.cgroup_parent(), user)
     except (OSError, KeyError):  # no cgroup: not running
         return None
 

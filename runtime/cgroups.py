@@ -8,6 +8,9 @@ ID (runc removes them when the container exits).
 - cgroup v2: one node, its parent enabling the controllers; the node, cgroup.procs,
   cgroup.subtree_control and cgroup.threads are chowned. systemd inside moves itself into the
   leaf init.scope, so the node holds no process once controllers are enabled below it.
+Containers' nodes sit below a parent: a top-level `hostd` of our own, or, under systemd, the
+cgroup that hostd-tenants.service delegates (SYSTEMD_PARENT): a slice of their own, outside
+hostd.service, so restarting hostd leaves them be. A parent systemd made is never removed.
 Session helpers (`runc exec`, the pty helper) that hostd keeps on the host for a container are
 charged to it: they join a root-owned child of its cgroup, `hostd-sessions`, in the memory, pids
 and cpu hierarchies, so the container's limits cover them too.
@@ -30,6 +33,9 @@ V2_CONTROLLERS = ("cpuset", "cpu", "io", "memory", "pids")
 CPUSET_FILES = ("cpuset.cpus", "cpuset.mems")
 UNIFIED = "unified"  # marks the cgroup2 tree of a hybrid host
 SESSIONS = "hostd-sessions"  # child of a container's cgroup holding its helpers on the host
+OWN_PARENT = "hostd"  # the containers' parent cgroup without systemd
+SYSTEMD_PARENT = "hostd.slice/hostd-tenants.service"  # packaging/systemd/hostd-tenants.service
+SYSTEMD_UNITS = (".slice", ".service", ".scope")  # suffixes of the cgroups systemd makes
 SESSION_CONTROLLERS = ("memory", "pids", "cpu")  # v1 hierarchies the helpers are charged in
 # Joins the cgroups whose cgroup.procs files are its arguments, then runs the rest: the program
 # is charged from its first page on (v1 leaves pages charged where they were allocated).
@@ -82,18 +88,35 @@ def detect(mounts: list[Mount]) -> Layout:
     return Layout(1, tuple(sorted(v1, key=lambda h: h.root)))
 
 
+def default_parent(layout: Layout, systemd_dir: str = "/run/systemd/system") -> str:
+    """The parent when the admin has not chosen one: under systemd, hostd-tenants.service's
+    cgroup if that unit is active (its cgroup exists), else a top-level one of our own."""
+    first = layout.hierarchies[0].root  # v2: the root; v1: in sorted order, one of them
+    systemd = next((h.root for h in layout.hierarchies if "name=systemd" in h.controllers), first)
+    if os.path.isdir(systemd_dir) and os.path.isdir(f"{systemd}/{SYSTEMD_PARENT}"):
+        return SYSTEMD_PARENT
+    return OWN_PARENT
+
+
 def plan(layout: Layout, parent: str, name: str, owner: int) -> CgroupPlan:
+    """`parent` may have a parent of its own (systemd's "hostd.slice/..."): every ancestor is
+    listed, so a v1 cpuset is filled in from the top down."""
+    parts = parent.split("/")
+    ancestors = ["/".join(parts[:i]) for i in range(1, len(parts))]
     dirs: list[CgroupDir] = []
     for h in layout.hierarchies:
         root = h.root
         if layout.version == 1 and UNIFIED in h.controllers:
+            dirs += [CgroupDir(f"{root}/{a}", ()) for a in ancestors]
             dirs.append(CgroupDir(f"{root}/{parent}", ()))
             dirs.append(CgroupDir(f"{root}/{parent}/{name}", V2_DELEGATED_FILES))
         elif layout.version == 1:
             inherit = CPUSET_FILES if "cpuset" in h.controllers else ()
+            dirs += [CgroupDir(f"{root}/{a}", (), inherit) for a in ancestors]
             dirs.append(CgroupDir(f"{root}/{parent}", (), inherit))
             dirs.append(CgroupDir(f"{root}/{parent}/{name}", V1_DELEGATED_FILES, inherit))
-        else:
+        else:  # systemd enabled the controllers above a unit it delegates
+            dirs += [CgroupDir(f"{root}/{a}", ()) for a in ancestors]
             dirs.append(CgroupDir(f"{root}/{parent}", (), (), V2_CONTROLLERS))
             dirs.append(CgroupDir(f"{root}/{parent}/{name}", V2_DELEGATED_FILES))
     return CgroupPlan(f"/{parent}/{name}", owner, tuple(dirs))
@@ -194,7 +217,9 @@ def _rmdir_tree(path: str) -> None:
 
 
 def _rmdir_if_unused(path: str) -> None:
-    """The shared parent goes once no container is below it."""
+    """The shared parent goes once no container is below it, unless systemd made it."""
+    if path.endswith(SYSTEMD_UNITS):
+        return
     try:
         os.rmdir(path)
     except OSError as exc:

@@ -90,6 +90,30 @@ def test_add_start_docker_restart_hostd_remove(
     assert Path(home, "from-inside").exists()  # the host home is the user's, not the tenant's
 
 
+def test_a_host_shutdown_halts_tenants_cleanly_and_the_next_hostd_brings_them_back(
+    hostd: Hostd, rt: Runtime, unix_users: UnixUsers
+) -> None:
+    """`hostd --halt-tenants` (hostd-tenants.service's ExecStop, after hostd.service stopped)
+    lets each tenant's systemd stop Docker and halt; their desired state stays running."""
+    user = unix_users.make()
+    hostd.hostctl("user", "add", user)
+    hostd.hostctl("start", user)
+    hostd.hostctl("exec", user, "--", "docker", "info", "--format", "{{.ID}}")  # dockerd up
+    hostd.stop()
+    halt = [sys.executable, "-m", "hostd.daemon", "--config", str(hostd.config), "--halt-tenants"]
+    res = subprocess.run(halt, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"{user}: halted" in res.stderr
+    assert rt.state(user).status == "stopped"
+    assert mountinfo.mounts_under(str(hostd.state_dir / "containers" / user)) == []
+    hostd.start()  # its reconcile starts it again
+    assert rt.state(user).status == "running"
+    journal = ["journalctl", "--no-pager", "-o", "cat", "-u", "docker.service"]
+    log = hostd.hostctl("exec", user, "--", *journal).stdout
+    assert "Stopped docker.service" in log, log  # a clean stop, not a kill
+    hostd.hostctl("user", "remove", user)
+
+
 def _half_done_or_over(hostd: Hostd, add: subprocess.Popen[bytes], user: str) -> str | None:
     if add.poll() is not None:
         return "over"

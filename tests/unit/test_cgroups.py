@@ -280,3 +280,66 @@ def test_a_session_cgroup_made_by_someone_else_is_refused(tmp_path: Path) -> Non
         os.chown(d, 231072, 231072)  # as if the container's root had made it
     with pytest.raises(RuntimeFailure, match="is not root's: the container made it"):
         cgroups.apply_session(plan)
+
+
+# -- the parent under systemd ------------------------------------------------------------------
+
+
+def test_the_default_parent_is_hostd_tenants_service_while_systemd_runs_it(tmp_path: Path) -> None:
+    systemd = tmp_path / "run-systemd-system"
+    layout = Layout(2, (Hierarchy(str(tmp_path / "cg"), ()),))
+    assert cgroups.default_parent(layout, str(systemd)) == "hostd"  # no systemd
+    systemd.mkdir()
+    assert cgroups.default_parent(layout, str(systemd)) == "hostd"  # the unit is not active
+    (tmp_path / "cg" / cgroups.SYSTEMD_PARENT).mkdir(parents=True)
+    assert cgroups.default_parent(layout, str(systemd)) == "hostd.slice/hostd-tenants.service"
+
+
+def test_the_default_parent_on_v1_is_read_in_the_name_systemd_hierarchy(tmp_path: Path) -> None:
+    systemd = tmp_path / "run-systemd-system"
+    systemd.mkdir()
+    layout = Layout(
+        1,
+        (
+            Hierarchy(str(tmp_path / "cpu"), ("cpu",)),
+            Hierarchy(str(tmp_path / "sd"), ("name=systemd",)),
+        ),
+    )
+    (tmp_path / "cpu" / cgroups.SYSTEMD_PARENT).mkdir(parents=True)  # not where systemd says
+    assert cgroups.default_parent(layout, str(systemd)) == "hostd"
+    (tmp_path / "sd" / cgroups.SYSTEMD_PARENT).mkdir(parents=True)
+    assert cgroups.default_parent(layout, str(systemd)) == cgroups.SYSTEMD_PARENT
+
+
+def test_under_systemd_containers_go_below_its_unit_which_is_never_removed(
+    tmp_path: Path,
+) -> None:
+    """v1 cpuset filled in from the top down through hostd.slice; removing the last container
+    leaves the cgroups systemd made."""
+    layout = v1_tree(tmp_path, "cpuset")
+    plan = cgroups.plan(layout, cgroups.SYSTEMD_PARENT, "alice", os.getuid())
+    assert [d.path for d in plan.dirs] == [
+        f"{tmp_path}/cpuset/hostd.slice",
+        f"{tmp_path}/cpuset/hostd.slice/hostd-tenants.service",
+        f"{tmp_path}/cpuset/hostd.slice/hostd-tenants.service/alice",
+    ]
+    assert plan.runc_path == "/hostd.slice/hostd-tenants.service/alice"
+    cgroups.apply(plan)
+    assert (tmp_path / "cpuset" / cgroups.SYSTEMD_PARENT / "alice/cpuset.cpus").read_text() == "0-3"
+    plan = cgroups.plan(v1_tree(tmp_path, "pids"), cgroups.SYSTEMD_PARENT, "alice", os.getuid())
+    cgroups.apply(plan)
+    cgroups.remove(plan)
+    assert cgroups.exists(plan) == []
+    assert (tmp_path / "pids" / cgroups.SYSTEMD_PARENT).is_dir()
+
+
+def test_v2_enables_controllers_in_the_delegated_unit_only(tmp_path: Path) -> None:
+    unit = tmp_path / cgroups.SYSTEMD_PARENT
+    unit.mkdir(parents=True)
+    (unit / "cgroup.controllers").write_text("cpu memory pids\n")
+    plan = cgroups.plan(
+        Layout(2, (Hierarchy(str(tmp_path), ()),)), cgroups.SYSTEMD_PARENT, "a", os.getuid()
+    )
+    cgroups.apply(plan)
+    assert (unit / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+    assert not (tmp_path / "hostd.slice/cgroup.subtree_control").exists()  # systemd's slice

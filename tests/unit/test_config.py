@@ -46,7 +46,7 @@ def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
         ),
         runtime=RuntimeConfig(
             runc="runc",
-            cgroup_parent="hostd",
+            cgroup_parent="auto",
             rootfs_mode=RootfsMode.AUTO,
             default_image="default",
             recipes_dir=None,

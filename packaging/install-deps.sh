@@ -1,6 +1,7 @@
 #!/bin/bash
-# Install what hostd needs on a Debian 12 host: system packages, then a virtualenv at .venv
-# with hostd installed editable (this builds the cffi syscall module). Idempotent; run as root.
+# Install what hostd's tests need on a Debian 12 host: system packages (also those that build
+# the Debian package), then a virtualenv at .venv with hostd installed editable (this builds
+# the cffi syscall module). Idempotent; run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +9,9 @@ packages=(
   runc uidmap debootstrap busybox-static iptables nftables lxcfs fuse3 e2fsprogs iproute2 quota
   libsystemd-dev openssh-client openssh-server
   python3 python3-venv python3-dev gcc libc6-dev libffi-dev pkg-config
+  # the Debian package (packaging/build-deb.sh, tests/integration/test_deb.py)
+  dpkg-dev debhelper fakeroot lintian go-md2man python3-pip python3-setuptools python3-wheel
+  python3-cffi python3-pyroute2 python3-systemd
 )
 missing=()
 for p in "${packages[@]}"; do

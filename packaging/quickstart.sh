@@ -1,24 +1,27 @@
 #!/bin/bash
-# End to end on a fresh Debian 12 host, as root: install hostd, build the default image, start
-# hostd with its SSH gateway (port 2222), make the invoking user (the one who ran sudo) a
-# tenant, and run `docker run` in their container over SSH, as them. Run as root directly, it
+# End to end on a fresh Debian 12 host, as root: build the Debian package from this checkout
+# and install it with apt (dependencies from Debian), start hostd (under systemd where systemd
+# is PID 1: the package enables and starts hostd.service; directly otherwise), build the
+# default image, make the invoking user (the one who ran sudo) a tenant, and run `docker run`
+# in their container over SSH (hostd's gateway, port 2222), as them. Run as root directly, it
 # uses a demo account, `hostddemo`. For the SSH step the user gets a key of their own,
-# ~/.ssh/hostd_quickstart, added to their authorized_keys.
+# ~/.ssh/hostd_quickstart, added to their authorized_keys. Undo: `hostctl user remove USER`,
+# then `apt-get purge hostd`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash packaging/install-deps.sh
+export DEBIAN_FRONTEND=noninteractive
 
-for tool in hostd hostctl hostd-runtime; do ln -sfn "$PWD/.venv/bin/$tool" "/usr/local/bin/$tool"; done
-export PATH="$PWD/.venv/bin:$PATH"  # these tools, whatever else PATH holds (a pyenv, say)
-install -d /etc/hostd
-[ -e /etc/hostd/hostd.toml ] || install -m 0644 etc/hostd.toml /etc/hostd/hostd.toml
-install -m 0644 etc/pam.d/hostd /etc/pam.d/hostd  # hostd's own service: kept current
-bash packaging/install-login-hook.sh  # hostd-login, for OpenSSH (see etc/sshd_config.d)
+bash packaging/build-deb.sh dist
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml)
+apt-get update -qq
+# --reinstall: a rebuilt package of the same version replaces the installed one
+apt-get install -y -qq --reinstall "./dist/hostd_${version}_$(dpkg --print-architecture).deb"
+# busybox-static: the quickstart's 1 MB image for the inner Docker (there is no registry here)
+dpkg-query -W -f '${Status}' busybox-static 2>/dev/null | grep -q "install ok installed" ||
+  apt-get install -y -qq --no-install-recommends busybox-static
 
-if [ -d /run/systemd/system ]; then  # systemd is PID 1
-  install -m 0644 packaging/systemd/hostd.service /etc/systemd/system/hostd.service
-  systemctl daemon-reload
-  systemctl enable --now hostd
+if [ -d /run/systemd/system ]; then  # systemd is PID 1: the package started hostd.service
+  systemctl is-active --quiet hostd || systemctl start hostd
 elif ! hostctl status >/dev/null 2>&1; then
   echo "no systemd here: starting hostd in the background (log: /var/log/hostd.log)"
   nohup hostd >>/var/log/hostd.log 2>&1 &

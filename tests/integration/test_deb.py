@@ -93,9 +93,14 @@ def test_files_and_conffiles(deb: Path, tree: Path, control: Path) -> None:
     assert (tree / "etc/pam.d/hostd").read_text() == (ROOT / "etc/pam.d/hostd").read_text()
     sysctl = tree / "usr/lib/sysctl.d/60-hostd.conf"
     assert sysctl.read_text() == (ROOT / "packaging/sysctl.d/60-hostd.conf").read_text()
-    # one unit, the one in packaging/systemd, running the package's hostd
+    # the units of packaging/systemd, running the package's hostd
+    units = {u.name for u in (ROOT / "packaging/systemd").glob("*.service")}
+    assert units == {"hostd.service", "hostd-tenants.service", "hostd-lxcfs.service"}
+    assert {u.name for u in (tree / "lib/systemd/system").iterdir()} == units
+    for name in units:
+        unit = (tree / "lib/systemd/system" / name).read_text()
+        assert unit == (ROOT / "packaging/systemd" / name).read_text()
     unit = (tree / "lib/systemd/system/hostd.service").read_text()
-    assert unit == (ROOT / "packaging/systemd/hostd.service").read_text()
     assert "\nExecStart=/usr/sbin/hostd " in unit
     # the sshd snippet is shipped, not enabled
     assert not (tree / "etc/ssh").exists()
@@ -168,6 +173,14 @@ def test_maintainer_scripts(control: Path) -> None:
     assert "addgroup --quiet --system" in postinst
     # debhelper's: enabled always, started only where systemd runs
     assert "deb-systemd-helper" in postinst and "-d /run/systemd/system" in postinst
+    # an upgrade restarts hostd; it never restarts (so halts) the tenants' unit nor lxcfs
+    assert "deb-systemd-invoke $_dh_action 'hostd.service'" in postinst
+    assert "deb-systemd-invoke start 'hostd-lxcfs.service' 'hostd-tenants.service'" in postinst
+    prerm = (control / "prerm").read_text()
+    stops = [line for line in prerm.splitlines() if "deb-systemd-invoke stop" in line]
+    assert len(stops) == 2 and all(
+        '[ "$1" = remove ]' in prerm.split(line)[0].splitlines()[-1] for line in stops
+    )
     assert "compileall" in postinst
     for script in ("postinst", "prerm", "postrm"):
         assert run("sh", "-n", control / script, check=False).returncode == 0

@@ -387,15 +387,17 @@ def test_ready_notification_and_unit_file(hostd: Hostd, tmp_path: Path) -> None:
     hostd.stop()
     assert "hostd stopping" in hostd.log.read_text().splitlines()[-1]
     hostd.start()
-    unit = Path(__file__).parents[2] / "packaging/systemd/hostd.service"
     exe = Path(sys.executable).with_name("hostd")  # installed with this environment's hostd
     if not exe.exists():
         pytest.skip(f"no hostd entry point next to {sys.executable}: pip install -e .")
-    local = tmp_path / "hostd.service"
-    local.write_text(unit.read_text().replace("/usr/sbin/hostd", str(exe)))
+    units = []  # hostd.service needs hostd-tenants.service: checked together
+    for unit in sorted((Path(__file__).parents[2] / "packaging/systemd").glob("*.service")):
+        units.append(tmp_path / unit.name)
+        units[-1].write_text(unit.read_text().replace("/usr/sbin/hostd", str(exe)))
+    assert {u.name for u in units} >= {"hostd.service", "hostd-tenants.service"}
     # --man=no: its man pages come with the package (tests/integration/test_deb.py checks them)
     res = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(local)], capture_output=True, text=True
+        ["systemd-analyze", "verify", "--man=no", *map(str, units)], capture_output=True, text=True
     )
     assert res.returncode == 0, res.stderr
 

@@ -170,6 +170,13 @@ class State:
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
+            # Reads have a connection of their own: in WAL they never wait for a write, whose
+            # COMMIT waits for the disk (fsync), which may take seconds on a busy host.
+            self._read_lock = threading.Lock()
+            self._reader = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+            self._reader.execute("PRAGMA query_only = ON")
         except BaseException:
             self._db.close()
             raise
@@ -186,13 +193,14 @@ class State:
         self.close()
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
+            self._reader.close()
             self._db.close()
 
     @property
     def schema_version(self) -> int:
-        with self._lock:
-            return _user_version(self._db)
+        with self._reading() as db:
+            return _user_version(db)
 
     def _check_version(self) -> None:
         """Refuse a database written by a newer hostd before changing anything in it."""
@@ -212,6 +220,13 @@ class State:
                 for sql in statements:
                     db.execute(sql)
                 db.execute(f"PRAGMA user_version = {version}")
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The reading connection, for one statement whose rows are all fetched inside (an
+        unfinished statement would hold its read snapshot)."""
+        with self._read_lock:
+            yield self._reader
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -289,9 +304,9 @@ class State:
 
     def auto_stops(self) -> dict[str, int]:
         """Every tenant's own auto-stop setting, by user (the others take the default)."""
-        with self._lock:
+        with self._reading() as db:
             return {
-                str(u): int(a) for u, a in self._db.execute("SELECT user, after FROM auto_stop")
+                str(u): int(a) for u, a in db.execute("SELECT user, after FROM auto_stop")
             }
 
     def set_dormant(self, user: str, idle_since: str) -> None:
@@ -308,8 +323,8 @@ class State:
 
     def dormant(self, user: str) -> str | None:
         """Since when the tenant was idle, if it was stopped for it and not started since."""
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 "SELECT idle_since FROM dormant WHERE user = ?", (user,)
             ).fetchone()
         return None if row is None else str(row[0])
@@ -325,8 +340,8 @@ class State:
                 )
 
     def failure(self, user: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT reason FROM failures WHERE user = ?", (user,)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT reason FROM failures WHERE user = ?", (user,)).fetchone()
         return None if row is None else str(row[0])
 
     def set_image(self, user: str, image: str) -> None:
@@ -351,23 +366,23 @@ class State:
                 )
 
     def tenant(self, user: str) -> Tenant | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE user = ?", (user,)
             ).fetchone()
         return None if row is None else Tenant(*row)
 
     def tenants(self) -> list[Tenant]:
         """Every tenant, in any phase, ordered by user name."""
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_TENANT_COLUMNS} FROM tenants ORDER BY user")
+        with self._reading() as db:
+            rows = db.execute(f"SELECT {_TENANT_COLUMNS} FROM tenants ORDER BY user")
             return [Tenant(*row) for row in rows]
 
     def range_starts(self) -> list[int]:
         """Every ID range handed out, whatever the tenant's phase, and every kept or
         quarantined one: allocation must avoid them."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 "SELECT range_start FROM tenants UNION SELECT start FROM ranges ORDER BY 1"
             )
             return [start for (start,) in rows]
@@ -376,14 +391,14 @@ class State:
 
     def ranges(self) -> list[IdRangeRecord]:
         """Every recorded ID range, by start."""
-        with self._lock:
-            rows = self._db.execute("SELECT start, user, status, since FROM ranges ORDER BY start")
+        with self._reading() as db:
+            rows = db.execute("SELECT start, user, status, since FROM ranges ORDER BY start")
             return [IdRangeRecord(*row) for row in rows]
 
     def kept_range(self, user: str) -> int | None:
         """Start of the range kept for `user` by `user remove --keep-data`, if any."""
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 "SELECT start FROM ranges WHERE user = ? AND status = 'kept'", (user,)
             ).fetchone()
         return None if row is None else int(row[0])
@@ -415,8 +430,8 @@ class State:
             return record
 
     def quota(self, user: str) -> Limits:
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 "SELECT q.cpus, q.memory, q.pids, q.disk"
                 " FROM tenants t LEFT JOIN quotas q ON q.user = t.user WHERE t.user = ?",
                 (user,),
@@ -458,8 +473,8 @@ class State:
 
     def address_slots(self) -> dict[str, int]:
         """Every tenant's address slot, by user."""
-        with self._lock:
-            return {str(u): int(i) for u, i in self._db.execute("SELECT user, idx FROM addresses")}
+        with self._reading() as db:
+            return {str(u): int(i) for u, i in db.execute("SELECT user, idx FROM addresses")}
 
     def grant_ports(self, user: str, first: int, last: int) -> None:
         """Give `user` the host ports first..last; refused if any belongs to someone, or while
@@ -497,8 +512,8 @@ class State:
 
     def port_grants(self) -> list[tuple[int, int, str]]:
         """(first, last, user) of every grant, by port."""
-        with self._lock:
-            rows = self._db.execute("SELECT first, last, user FROM port_grants ORDER BY first")
+        with self._reading() as db:
+            rows = db.execute("SELECT first, last, user FROM port_grants ORDER BY first")
             return [(int(a), int(b), str(u)) for a, b, u in rows]
 
     def log_event(self, user: str | None, what: str) -> None:
@@ -515,8 +530,8 @@ class State:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, not {limit}")
         where, params = ("", ()) if user is None else ("WHERE user = ?", (user,))
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 "SELECT at, user, what FROM"
                 f" (SELECT id, at, user, what FROM events {where} ORDER BY id DESC LIMIT ?)"
                 " ORDER BY id",

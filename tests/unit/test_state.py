@@ -454,6 +454,35 @@ CHILD = textwrap.dedent(
 )
 
 
+def test_reads_do_not_wait_for_a_write_in_progress(db: State) -> None:
+    """A write's COMMIT waits for the disk (seconds on a busy host): `status` reads meanwhile
+    answer from the last committed state instead of queueing behind it."""
+    db.begin_add(make_tenant("alice", 100000), Limits())
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_write() -> None:
+        with db._write() as conn:
+            conn.execute("UPDATE tenants SET phase = 'ready' WHERE user = 'alice'")
+            inside.set()
+            release.wait(30)
+
+    writer = threading.Thread(target=slow_write)
+    writer.start()
+    try:
+        assert inside.wait(10)
+        read: list[list[Tenant]] = []
+        reader = threading.Thread(target=lambda: read.append(db.tenants()))
+        reader.start()
+        reader.join(10)
+        assert not reader.is_alive(), "a read waited for the write"
+        assert [t.phase for t in read[0]] == ["adding"]  # not committed yet
+    finally:
+        release.set()
+        writer.join()
+    after = db.tenant("alice")
+    assert after is not None and after.phase == "ready"
+
+
 @pytest.mark.parametrize("kill_after", [1, 37, 150])
 def test_sigkill_while_adding_leaves_a_consistent_database(db_path: Path, kill_after: int) -> None:
     committed: list[str] = []

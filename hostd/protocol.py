@@ -217,7 +217,7 @@ class Rebased(NamedTuple):
 
 class QuotaSet(NamedTuple):
     quota: Quota
-    applied: dict[str, str]  # limit -> "now" or "at next start"
+    applied: dict[str, str]  # limit -> "now", "at next start" (or the runtime's words)
 
 
 class PortsChanged(NamedTuple):

@@ -190,7 +190,7 @@ class Tenants:
         if image is not None and image != kept.image:
             raise Conflict(
                 f"the container kept for {user} is on image {kept.image}, not {image}",
-                f"add {user} without --image, then `hostctl user rebase {user} --image {image}`",
+                f"add {user} without --image, then `hostctl user rebase {user} {image}`",
             )
         return kept.image
 

@@ -55,7 +55,7 @@ REPLIES: dict[str, object] = {
         p.PortGrant(20000, 20009, "bo", "10.231.64.3"),
     ],
     "ranges.list": [p.RangeInfo(300000, 365535, "alice", "active", "then")],
-    "image.list": [p.ImageInfo("default", "default@1", "then", "recipe", 300 << 20, ["a 1"])],
+    "image.list": [p.ImageInfo("default", "default@1", "then", "recipe", 748100 << 10, ["a 1"])],
     "start": p.Done("alice", "start"),
     "exec": p.Exited(5),
 }
@@ -187,6 +187,11 @@ def test_status_row(capfd: pytest.CaptureFixture[str], config: str) -> None:
     ]
     assert bo.split() == ["bo", "stopped", "-", "-", "-", "-", "0"]
     assert cy.split()[:3] == ["cy", "queued", "#3"]  # its place in the start queue
+
+
+def test_image_sizes_are_readable(capfd: pytest.CaptureFixture[str], config: str) -> None:
+    code, out, _ = run(capfd, "--config", config, "image", "list")
+    assert code == 0 and out.splitlines()[1].split()[2] == "730.6M"  # not 748100K
 
 
 def test_user_set_auto_stop(

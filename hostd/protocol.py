@@ -164,7 +164,7 @@ class Status(NamedTuple):
     memory: int | None
     cpu_seconds: float | None  # to 0.01
     pids: int | None
-    disk: int
+    disk: int | None  # None: not known (a stopped volume that does not record it)
     quota: Quota
     range_start: int
     range_end: int

@@ -395,14 +395,14 @@ class Runtime:
             self._layout = cgroups.detect(mountinfo.current())
         return cgroups.usage(self._layout, self.settings.cgroup_parent, name)
 
-    def disk_used(self, name: str) -> int:
-        """Bytes of the container's own storage (upper layer, Docker data, shifted copy): of a
-        mounted volume at once (statvfs); else a walk of its directories, kept for
-        DISK_WALK_TTL seconds (`hostctl status` asks this of every tenant)."""
+    def disk_used(self, name: str) -> int | None:
+        """Bytes of the container's own storage (upper layer, Docker data, shifted copy): of
+        its volume at once, None if that is not known; without one, a walk of its
+        directories, kept for DISK_WALK_TTL seconds (`hostctl status` asks this of every
+        tenant)."""
         c, cdir = self.get(name), self.records.dir(name)
-        used = storage.volume_used(cdir, c)
-        if used is not None:
-            return used
+        if c.limits.disk is not None:
+            return storage.volume_used(cdir)
         now = time.monotonic()
         walked = self._walked.get(name)
         if walked is None or walked[0] != c.created or now - walked[1] >= DISK_WALK_TTL:

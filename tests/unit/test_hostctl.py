@@ -29,7 +29,7 @@ QUOTA = p.Quota(1.5, 2 << 30, 100, None)
 STATUS = [
     p.Status("alice", "running", 3725.3, 50 << 20, 12.25, 31, 1 << 30, QUOTA, 300000, 365535, "d"),
     p.Status(
-        "bo", "stopped", None, None, None, None, 0, p.Quota(None, None, None, None), 0, 1, "d"
+        "bo", "stopped", None, None, None, None, None, p.Quota(None, None, None, 4 << 30), 0, 1, "d"
     ),
     p.Status("cy", "queued", None, None, None, None, 0, QUOTA, 2, 3, "d", place=3),
 ]
@@ -185,7 +185,7 @@ def test_status_row(capfd: pytest.CaptureFixture[str], config: str) -> None:
         "31/100",
         "1G",
     ]
-    assert bo.split() == ["bo", "stopped", "-", "-", "-", "-", "0"]
+    assert bo.split() == ["bo", "stopped", "-", "-", "-", "-", "-/4G"]  # disk usage not known
     assert cy.split()[:3] == ["cy", "queued", "#3"]  # its place in the start queue
 
 

@@ -2,7 +2,8 @@
 
 The container's whole writable state (overlay upper, /var/lib/docker, ...) lives in one file
 system whose size is the cap: writing past it fails with ENOSPC inside, and nothing outside is
-affected. The image is sparse, so the host only spends blocks on what was written.
+affected. The image is sparse, so the host only spends blocks on what was written, and gets
+back what is deleted inside (the `discard` mount option, see MOUNT_OPTIONS).
 `mount -o loop` gives the loop device the autoclear flag: unmounting releases it.
 """
 
@@ -40,7 +41,12 @@ MKFS_OPTIONS = (
 # BuildKit's `rbind ro` remounts of /var/lib/docker without them fail (EPERM). The volume lies
 # in the container's 0710 directory, out of host users' reach; root inside cannot make device
 # nodes, and the container's device cgroup refuses any it finds.
-MOUNT_OPTIONS = "loop"
+# discard: ext4 discards the blocks it frees at each journal commit (every 5 s), and the loop
+# device turns that into holes punched in the image, so space deleted inside goes back to the
+# host. Measured on a 2 GiB volume: no cost above the noise (1 GiB written and deleted, 20000
+# small files, a 10-layer docker build); without it the image kept 1.8 GiB after everything
+# was deleted, until an fstrim (0.55 s), which hostd would have to run on every volume.
+MOUNT_OPTIONS = "loop,discard"
 RELEASE_TIMEOUT = 5.0  # seconds for the kernel to detach an autoclear loop device
 CAP_SYS_RESOURCE = 24
 LOOP_MAJOR = 7  # the block major of every loop device (linux/major.h)

@@ -401,12 +401,12 @@ def load(main: Path = configfiles.MAIN, dropin_dir: Path | None = None) -> Confi
         if section not in _SCHEMA:
             raise HostdError(
                 f"{given[section, key].origin}: unknown section [{section}]",
-                "see etc/hostd.toml for the sections",
+                f"use one of {', '.join(f'[{name}]' for name in _SCHEMA)}",
             )
         if key not in _SCHEMA[section]:
             raise HostdError(
                 f"{given[section, key].origin}: unknown key [{section}] {key}",
-                "see etc/hostd.toml for the keys",
+                f"use one of {', '.join(_SCHEMA[section])}",
             )
     defaults = {
         (section, key): toml_setting(section, key, spec.default, "default")

@@ -77,7 +77,7 @@ def _read_toml(file: Path) -> dict[tuple[str, str], Setting]:
     for section, table in data.items():
         if not isinstance(table, dict):
             raise HostdError(
-                f"{file}: {section} is outside any section", "see etc/hostd.toml for the sections"
+                f"{file}: {section} is outside any section", "put it under its [section] header"
             )
         for key, value in table.items():
             found[section, key] = toml_setting(section, key, value, str(file))

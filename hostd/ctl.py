@@ -93,17 +93,16 @@ def _image(c: Client, args: argparse.Namespace) -> None:
         print_recipes(args.json, c.raw("image.recipes"))
     elif args.sub == "build":
         m = c("image.build", p.ImageBuildArgs(args.name, args.recipe))
-        c.say(f"built {m.name}@{m.version} ({format_size(m.size)})")
+        c.say(f"built {m.name}@{m.version} ({human_size(m.size)})")
     elif args.sub == "import":
         with _open(Path(args.tarball)) as f:
             request = p.ImageImportArgs(args.name, str(Path(args.tarball).resolve()))
             m = c("image.import", request, [f.fileno()])
-        c.say(f"imported {m.name}@{m.version} ({format_size(m.size)})")
+        c.say(f"imported {m.name}@{m.version} ({human_size(m.size)})")
     elif args.sub == "list":
         images: list[p.ImageInfo] = p.decode_reply("image.list", data := c.raw("image.list"))
         rows = [
-            (m.name, m.version, format_size(m.size), str(len(m.packages)), m.created)
-            for m in images
+            (m.name, m.version, human_size(m.size), str(len(m.packages)), m.created) for m in images
         ]
         print_table(args.json, data, ("NAME", "VERSION", "SIZE", "PACKAGES", "CREATED"), rows)
     else:

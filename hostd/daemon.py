@@ -219,7 +219,7 @@ class Daemon:
                 conn,
                 NotFound(
                     f"uid {peer.uid} is not a tenant",
-                    "ask an admin to make you one (hostctl user add YOUR-NAME)",
+                    "ask an admin to make you one (`hostctl user add YOUR-NAME`)",
                 ),
             )
             return

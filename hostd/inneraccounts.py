@@ -80,7 +80,7 @@ class InnerAccounts:
         if res.returncode != 0:
             raise HostdError(
                 f"cannot create the account {user} inside: {res.last_error_line()}",
-                "see `hostctl logs`",
+                f"see `hostctl logs {user}`",
             )
 
     def account(self, container: str, account: str) -> Account:

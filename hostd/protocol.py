@@ -164,7 +164,7 @@ class Status(NamedTuple):
     memory: int | None
     cpu_seconds: float | None  # to 0.01
     pids: int | None
-    disk: int
+    disk: int | None  # None: not known (a stopped volume that does not record it)
     quota: Quota
     range_start: int
     range_end: int
@@ -217,7 +217,7 @@ class Rebased(NamedTuple):
 
 class QuotaSet(NamedTuple):
     quota: Quota
-    applied: dict[str, str]  # limit -> "now" or "at next start"
+    applied: dict[str, str]  # limit -> "now", "at next start" (or the runtime's words)
 
 
 class PortsChanged(NamedTuple):

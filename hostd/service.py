@@ -292,7 +292,9 @@ class Service:
         if not req.argv:
             raise HostdError("no command given", "add one after `--`")
         if not req.tty and len(call.fds) != 3:
-            raise HostdError("exec needs stdin, stdout and stderr", "use hostctl exec")
+            raise HostdError(
+                "exec needs stdin, stdout and stderr", "use `hostctl exec USER -- COMMAND`"
+            )
         if req.tty and not (0 < req.rows <= MAX_TTY_SIZE and 0 < req.cols <= MAX_TTY_SIZE):
             raise HostdError(
                 f"terminal size {req.rows}x{req.cols} is out of range",

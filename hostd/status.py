@@ -19,7 +19,7 @@ class TenantStatus:
     memory: int | None  # bytes in use
     cpu_seconds: float | None
     pids: int | None
-    disk: int  # bytes of its storage
+    disk: int | None  # bytes of its storage, None if not known
     quota: Limits
     range_start: int
     image: str
@@ -42,7 +42,7 @@ def tenant_status(
     One stopped for idleness (`dormant`: idle since when) is `stopped`, saying so."""
     if t.phase != "ready":
         return TenantStatus(
-            t.user, t.phase, None, None, None, None, 0, quota, t.range_start, t.image
+            t.user, t.phase, None, None, None, None, None, quota, t.range_start, t.image
         )
     st = runtime.state(t.user)
     used = runtime.usage(t.user) if st.status == "running" else None

@@ -190,7 +190,7 @@ class Tenants:
         if image is not None and image != kept.image:
             raise Conflict(
                 f"the container kept for {user} is on image {kept.image}, not {image}",
-                f"add {user} without --image, then `hostctl user rebase {user} --image {image}`",
+                f"add {user} without --image, then `hostctl user rebase {user} {image}`",
             )
         return kept.image
 
@@ -423,8 +423,9 @@ class Tenants:
         self.start(user, progress)
 
     def set_quota(self, user: str, changes: dict[str, Any]) -> dict[str, str]:
-        """Change some limits. Says for each whether it applies "now" (to the running
-        container) or "at next start"."""
+        """Change some limits. Says for each when it applies: "now" (to the running
+        container), "at next start", or as the runtime puts it. A change the container
+        refuses is recorded nowhere."""
         with self._lock(user):
             t = self.get(user)
             self._home_quota(user, t.home, _quiet)  # [limits] home may have changed
@@ -432,8 +433,8 @@ class Tenants:
             disk = self.runtime.get(user).limits.disk
             if "disk" in changes:  # no disk quota: a volume as big as the host's file system
                 disk = quota.disk or self._whole_disk()
-            live = self.runtime.set_limits(user, replace(quota, disk=disk))
-            when = {key: "now" if live.get(key, True) else "at next start" for key in changes}
+            applied = self.runtime.set_limits(user, replace(quota, disk=disk))
+            when = {key: applied.get(key, "now") for key in changes}  # unchanged: in force
             self.state.set_quota(user, quota)
             self.state.log_event(user, "quota " + " ".join(f"{k}={v}" for k, v in changes.items()))
             return when

@@ -46,7 +46,7 @@ from runtime.limits import Limits
 from runtime.names import check_name, hostname_for
 from runtime.netplan import Forward, NetworkConfig
 from runtime.records import Container, ContainerState, Rebased, Records
-from runtime.runc import Runc
+from runtime.runc import CpusetBusy, Runc
 from runtime.settings import RootfsMode, Settings
 from runtime.shares import Share
 from runtime.spec import ContainerSpec, build_config
@@ -55,6 +55,9 @@ from runtime.undo import Undo
 from runtime.userns import user_namespace
 
 log = logging.getLogger(__name__)
+# When a changed limit takes effect (set_limits): on the running container, or at its next start.
+NOW, NEXT_START = "now", "at next start"
+CPUS_NOW_SET_LATER = "now (its CPU set at next start)"  # the cap now; cgroup v1 refused the set
 DISK_WALK_TTL = 30.0  # seconds a disk walk of a container without a mounted volume is kept
 _LXCFS_LOCK = threading.Lock()  # one lxcfs per host, started by whichever start comes first
 
@@ -318,27 +321,62 @@ class Runtime:
 
     # -- limits and usage ----------------------------------------------------------------------
 
-    def set_limits(self, name: str, limits: Limits) -> dict[str, bool]:
-        """Record new limits and apply them to the running container where possible: for
-        each limit that changed, whether it took effect now (else at the next start)."""
+    def set_limits(self, name: str, limits: Limits) -> dict[str, str]:
+        """Apply new limits to the running container where possible, then record them: for
+        each limit that changed, when it takes effect (NOW, NEXT_START, CPUS_NOW_SET_LATER).
+        A change the container refuses leaves its cgroups, volume and record as they were."""
         c = self.get(name)
         changed = [
             f.name for f in fields(Limits) if getattr(limits, f.name) != getattr(c.limits, f.name)
         ]
-        live = {}
+        cgroup = [key for key in changed if key != "disk"]
+        live = bool(cgroup) and self.state(name).status == "running"
+        applied = dict.fromkeys(cgroup, NOW if live else NEXT_START)
+        cpus_before = self.runc.cpu_set(name) if live else ""
+        set_later = live and not self._update_cgroups(name, c.limits, limits, cpus_before)
+        if set_later and "cpus" in applied:  # else still an earlier change's set, now kept
+            applied["cpus"] = CPUS_NOW_SET_LATER
         if "disk" in changed:
             running = self.state(name).status != "stopped"
-            live["disk"] = storage.resize(self.records.dir(name), c, limits.disk, running)
+            try:
+                grown = storage.resize(self.records.dir(name), c, limits.disk, running)
+            except BaseException:
+                if live:
+                    self._restore_cgroups(name, c.limits, cpus_before)
+                raise
+            applied["disk"] = NOW if grown else NEXT_START
         with self._locked():
             self.records.write(replace(self.get(name), limits=limits))
-        cgroup = [key for key in changed if key != "disk"]
-        if cgroup:
-            running = self.state(name).status == "running"
-            if running:
-                update = [*limits.runc_update_args(), "--cpuset-cpus", self._cpu_set(name, limits)]
-                self.runc.update(name, update)
-            live.update(dict.fromkeys(cgroup, running))
-        return live
+        return applied
+
+    def _update_cgroups(self, name: str, old: Limits, new: Limits, cpus_before: str) -> bool:
+        """Give the running container's cgroups `new` limits, or restore `old` and raise.
+        False when the CPU set is left for the next start: on cgroup v1 the kernel refuses to
+        shrink it below what cgroups made inside (the tenant's, e.g. its Docker's) hold, and
+        those are not ours to change; the CPU cap applies at once all the same."""
+        args = new.runc_update_args()
+        try:
+            self.runc.update(name, [*args, "--cpuset-cpus", self._cpu_set(name, new)])
+            return True
+        except CpusetBusy:
+            pass  # nothing written: runc sets the cpuset before the other controllers
+        except RuntimeFailure:
+            self._restore_cgroups(name, old, cpus_before)
+            raise
+        try:
+            self.runc.update(name, [*args, "--cpuset-cpus", cpus_before])
+        except RuntimeFailure:
+            self._restore_cgroups(name, old, cpus_before)
+            raise
+        return False
+
+    def _restore_cgroups(self, name: str, old: Limits, cpus_before: str) -> None:
+        """Put back the limits a refused `runc update` may have half written (runc's own undo
+        writes the new values again). The refusal is what the caller reports."""
+        try:
+            self.runc.update(name, [*old.runc_update_args(), "--cpuset-cpus", cpus_before])
+        except RuntimeFailure as exc:
+            log.error("cannot restore the limits of %s: %s", name, exc)
 
     @staticmethod
     def _cpu_set(name: str, limits: Limits) -> str:
@@ -357,14 +395,14 @@ class Runtime:
             self._layout = cgroups.detect(mountinfo.current())
         return cgroups.usage(self._layout, self.settings.cgroup_parent, name)
 
-    def disk_used(self, name: str) -> int:
-        """Bytes of the container's own storage (upper layer, Docker data, shifted copy): of a
-        mounted volume at once (statvfs); else a walk of its directories, kept for
-        DISK_WALK_TTL seconds (`hostctl status` asks this of every tenant)."""
+    def disk_used(self, name: str) -> int | None:
+        """Bytes of the container's own storage (upper layer, Docker data, shifted copy): of
+        its volume at once, None if that is not known; without one, a walk of its
+        directories, kept for DISK_WALK_TTL seconds (`hostctl status` asks this of every
+        tenant)."""
         c, cdir = self.get(name), self.records.dir(name)
-        used = storage.volume_used(cdir, c)
-        if used is not None:
-            return used
+        if c.limits.disk is not None:
+            return storage.volume_used(cdir)
         now = time.monotonic()
         walked = self._walked.get(name)
         if walked is None or walked[0] != c.created or now - walked[1] >= DISK_WALK_TTL:

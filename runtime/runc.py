@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runtime import proc
-from runtime.errors import RuntimeFailure
+from runtime.errors import Conflict, RuntimeFailure
 
 if TYPE_CHECKING:  # execs imports this module
     from runtime.execs import ExecSpec
@@ -86,7 +86,18 @@ class Runc:
         proc.run(argv, check=False)
 
     def update(self, cid: str, args: Sequence[str]) -> None:
-        proc.run([*self._base(), "update", *args, cid], fix="see runc's message")
+        """`runc update`: give every flag (runc sets an omitted one to 0 or empty in its saved
+        config). runc writes one controller after another, and its own undo of a refusal
+        midway rewrites the new values: a caller restores the old ones itself."""
+        res = proc.run([*self._base(), "update", *args, cid], check=False)
+        if res.returncode != 0:
+            raise _update_failure(cid, _runc_error(res.stderr))
+
+    def cpu_set(self, cid: str) -> str:
+        """The CPUs the running container's cgroup allows now (its cpuset.cpus), "" if unset."""
+        data = json.loads((self.root / cid / "state.json").read_bytes())
+        paths = data.get("cgroup_paths") or {}
+        return _read(Path(paths.get("cpuset") or paths[""], "cpuset.cpus"))
 
     def delete(self, cid: str) -> None:
         proc.run([*self._base(), "delete", "--force", cid], check=False)
@@ -101,6 +112,34 @@ class Runc:
         for e in spec.env:
             cmd += ["--env", e]
         return [*cmd, cid, *spec.argv]
+
+
+class CpusetBusy(Conflict):
+    """cgroup v1 refused a smaller CPU set: cgroups below the container's (made inside, by its
+    Docker) hold CPUs outside it, and a parent's set must cover its children's."""
+
+
+_MEMORY_BUSY = re.compile(r"unable to set memory limit to \d+ \(current usage: (\d+)")
+
+
+def _update_failure(cid: str, error: str) -> RuntimeFailure:
+    """runc's refusal of new limits as what happened and what to do about it."""
+    memory = _MEMORY_BUSY.search(error)
+    if memory:
+        used = int(memory[1]) / 2**20
+        return Conflict(
+            f"{cid} already uses {used:.0f} MiB of memory, more than the new limit",
+            "choose a larger memory limit (the old one stays in place)",
+        )
+    if "cpuset.cpus" in error and "device or resource busy" in error:
+        return CpusetBusy(
+            f"cgroups made inside {cid} hold CPUs outside its new CPU set",
+            "set the CPUs while it is stopped",
+        )
+    return RuntimeFailure(
+        f"runc could not change the limits of {cid}: {error}",
+        "check the limits asked for (the old ones stay in place)",
+    )
 
 
 # logrus quotes msg Go-style (\" and \\ inside), and may put more fields after it.

@@ -203,10 +203,13 @@ def resize(cdir: Path, c: Container, size: int | None, running: bool) -> bool:
     return live
 
 
-def volume_used(cdir: Path, c: Container) -> int | None:
-    """Bytes used on the container's mounted volume (statvfs: no walk), None if none is."""
+def volume_used(cdir: Path) -> int | None:
+    """Bytes used on the container's volume: of a mounted one by statvfs, else as its
+    superblock recorded them at unmount (None if it does not say). No walk, no mount."""
     data = cdir / "data"
-    return volume.usage(data)[0] if c.limits.disk is not None and volume.mounted(data) else None
+    if volume.mounted(data):
+        return volume.usage(data)[0]
+    return volume.recorded_usage(cdir / "data.img")
 
 
 def walked_used(cdir: Path) -> int:

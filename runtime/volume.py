@@ -2,13 +2,15 @@
 
 The container's whole writable state (overlay upper, /var/lib/docker, ...) lives in one file
 system whose size is the cap: writing past it fails with ENOSPC inside, and nothing outside is
-affected. The image is sparse, so the host only spends blocks on what was written.
+affected. The image is sparse, so the host only spends blocks on what was written, and gets
+back what is deleted inside (the `discard` mount option, see MOUNT_OPTIONS).
 `mount -o loop` gives the loop device the autoclear flag: unmounting releases it.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -39,11 +41,20 @@ MKFS_OPTIONS = (
 # BuildKit's `rbind ro` remounts of /var/lib/docker without them fail (EPERM). The volume lies
 # in the container's 0710 directory, out of host users' reach; root inside cannot make device
 # nodes, and the container's device cgroup refuses any it finds.
-MOUNT_OPTIONS = "loop"
+# discard: ext4 discards the blocks it frees at each journal commit (every 5 s), and the loop
+# device turns that into holes punched in the image, so space deleted inside goes back to the
+# host. Measured on a 2 GiB volume: no cost above the noise (1 GiB written and deleted, 20000
+# small files, a 10-layer docker build); without it the image kept 1.8 GiB after everything
+# was deleted, until an fstrim (0.55 s), which hostd would have to run on every volume.
+MOUNT_OPTIONS = "loop,discard"
 RELEASE_TIMEOUT = 5.0  # seconds for the kernel to detach an autoclear loop device
 CAP_SYS_RESOURCE = 24
 LOOP_MAJOR = 7  # the block major of every loop device (linux/major.h)
 E2FSCK_FIXED = 1  # e2fsck exit status: errors found and corrected; above is a failure
+# The ext4 superblock: 1 KiB at offset 1024; the fields recorded_usage reads (linux/ext4.h).
+SUPERBLOCK = 1024
+EXT4_MAGIC = 0xEF53
+INCOMPAT_64BIT = 0x80
 
 
 def _mib(n: int) -> str:
@@ -183,6 +194,30 @@ def usage(target: Path) -> tuple[int, int]:
         raise RuntimeFailure(f"no volume is mounted at {target}", "mount it first")
     st = os.statvfs(target)
     return (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def recorded_usage(image: Path) -> int | None:
+    """Bytes used on an unmounted volume, as `usage` showed them, from the counts its ext4
+    superblock holds (written at unmount): no mount, no program, 1 KiB read. None when the
+    image is not ext4 or does not record its metadata overhead (an old mke2fs)."""
+    try:
+        with open(image, "rb") as f:
+            f.seek(SUPERBLOCK)
+            sb = f.read(SUPERBLOCK)
+    except FileNotFoundError:
+        return None
+    if len(sb) < SUPERBLOCK or struct.unpack_from("<H", sb, 0x38)[0] != EXT4_MAGIC:
+        return None
+
+    def u32(offset: int) -> int:
+        return int(struct.unpack_from("<I", sb, offset)[0])
+
+    blocks, free, log_block, overhead = u32(0x04), u32(0x0C), u32(0x18), u32(0x248)
+    if u32(0x60) & INCOMPAT_64BIT:  # s_feature_incompat: counts have high halves
+        blocks, free = blocks | u32(0x150) << 32, free | u32(0x158) << 32
+    if not overhead or log_block > 6 or not free + overhead <= blocks:
+        return None
+    return (blocks - free - overhead) * (1024 << log_block)
 
 
 def _fsck(image: Path) -> None:

@@ -111,3 +111,11 @@ def test_stop_start_keeps_images_and_containers(rt: Runtime, dind: str) -> None:
     rt.wait_ready(dind)
     assert "busybox:local" in sh(rt, dind, "docker images --format '{{.Repository}}:{{.Tag}}'")
     assert "keepme" in sh(rt, dind, "docker ps -a --format '{{.Names}}'")
+
+
+def test_docker_service_starts_without_warnings(rt: Runtime, dind: str) -> None:
+    """Failed-start reasons quote the journal: docker.service must not fill it with noise."""
+    sh(rt, dind, "docker info >/dev/null")
+    journal = sh(rt, dind, "journalctl -b -u docker.service --no-pager -o cat")
+    assert "Started docker.service" in journal
+    assert "Referenced but unset environment variable" not in journal

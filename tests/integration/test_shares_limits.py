@@ -51,7 +51,7 @@ def test_limits_at_start_and_live(rt: Runtime) -> None:
         assert sh(rt, name, "cat /sys/fs/cgroup/pids/pids.max").strip() == "700"
         assert sh(rt, name, "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us").strip() == "150000"
         live = rt.set_limits(name, Limits(memory=1024 * 2**20, pids=800))
-        assert live == {"cpus": True, "memory": True, "pids": True}
+        assert live == {"cpus": "now", "memory": "now", "pids": "now"}
         assert int(sh(rt, name, f"cat {mem}")) == 1024 * 2**20
         assert sh(rt, name, "cat /sys/fs/cgroup/pids/pids.max").strip() == "800"
         assert sh(rt, name, "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us").strip() == "-1"
@@ -60,7 +60,10 @@ def test_limits_at_start_and_live(rt: Runtime) -> None:
         assert rt.disk_used(name) > 0
         rt.stop(name)
         assert rt.usage(name) is None
-        assert rt.set_limits(name, Limits(pids=900)) == {"memory": False, "pids": False}
+        assert rt.set_limits(name, Limits(pids=900)) == {
+            "memory": "at next start",
+            "pids": "at next start",
+        }
         rt.start(name)
         assert sh(rt, name, "cat /sys/fs/cgroup/pids/pids.max").strip() == "900"
     finally:

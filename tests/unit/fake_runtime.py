@@ -228,7 +228,7 @@ class FakeRuntime:
                 box.files["/etc/group"] = _join(box.files["/etc/group"], group, user)
         return Result(tuple(argv), 0, "", "")
 
-    def set_limits(self, name: str, limits: Limits) -> dict[str, bool]:
+    def set_limits(self, name: str, limits: Limits) -> dict[str, str]:
         box = self._box(name)
         self._step("set_limits", name)
         changed = [
@@ -237,7 +237,8 @@ class FakeRuntime:
             if getattr(limits, f.name) != getattr(box.record.limits, f.name)
         ]
         box.record = replace(box.record, limits=limits)
-        return {key: key == "disk" or box.status == "running" for key in changed}
+        live = {key: key == "disk" or box.status == "running" for key in changed}
+        return {key: "now" if now else "at next start" for key, now in live.items()}
 
     def usage(self, name: str) -> Usage | None:
         return Usage(64 << 20, 1.5, 12) if self._box(name).status == "running" else None

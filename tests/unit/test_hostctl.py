@@ -4,8 +4,10 @@ completion, errors as one line with exit 1, and what it loads."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from hostd import hostctl
 from hostd import protocol as p
 from hostd.hostctl import main
 from runtime.errors import NotFound, RuntimeFailure
@@ -26,7 +29,7 @@ QUOTA = p.Quota(1.5, 2 << 30, 100, None)
 STATUS = [
     p.Status("alice", "running", 3725.3, 50 << 20, 12.25, 31, 1 << 30, QUOTA, 300000, 365535, "d"),
     p.Status(
-        "bo", "stopped", None, None, None, None, 0, p.Quota(None, None, None, None), 0, 1, "d"
+        "bo", "stopped", None, None, None, None, None, p.Quota(None, None, None, 4 << 30), 0, 1, "d"
     ),
     p.Status("cy", "queued", None, None, None, None, 0, QUOTA, 2, 3, "d", place=3),
 ]
@@ -52,7 +55,7 @@ REPLIES: dict[str, object] = {
         p.PortGrant(20000, 20009, "bo", "10.231.64.3"),
     ],
     "ranges.list": [p.RangeInfo(300000, 365535, "alice", "active", "then")],
-    "image.list": [p.ImageInfo("default", "default@1", "then", "recipe", 300 << 20, ["a 1"])],
+    "image.list": [p.ImageInfo("default", "default@1", "then", "recipe", 748100 << 10, ["a 1"])],
     "start": p.Done("alice", "start"),
     "exec": p.Exited(5),
 }
@@ -182,8 +185,13 @@ def test_status_row(capfd: pytest.CaptureFixture[str], config: str) -> None:
         "31/100",
         "1G",
     ]
-    assert bo.split() == ["bo", "stopped", "-", "-", "-", "-", "0"]
+    assert bo.split() == ["bo", "stopped", "-", "-", "-", "-", "-/4G"]  # disk usage not known
     assert cy.split()[:3] == ["cy", "queued", "#3"]  # its place in the start queue
+
+
+def test_image_sizes_are_readable(capfd: pytest.CaptureFixture[str], config: str) -> None:
+    code, out, _ = run(capfd, "--config", config, "image", "list")
+    assert code == 0 and out.splitlines()[1].split()[2] == "730.6M"  # not 748100K
 
 
 def test_user_set_auto_stop(
@@ -359,3 +367,46 @@ def test_a_request_loads_no_runtime_and_not_the_whole_configuration() -> None:
     # all that `hostctl exec` and every other request (but doctor) import
     loaded = _loaded("hostd.hostctl", "hostd.ctl", "hostd.configfiles")
     assert not loaded & {*HEAVY, "hostd.config", "runtime.netplan", "dataclasses"}
+
+
+def _suggested_commands() -> list[tuple[str, str]]:
+    """Every `hostctl ...` in backquotes in a string of hostd/ (docstrings aside: what a user
+    is told to run), with each f-string field and each upper-case placeholder (USER, SIZE) as
+    "1", which fits every argument type of the parser."""
+    found = set()  # a literal part of an f-string is walked on its own too
+    for path in sorted(Path(hostctl.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if id(node) in docstrings or isinstance(node, ast.FormattedValue):
+                continue
+            if isinstance(node, ast.JoinedStr):
+                text = "".join(v.value if isinstance(v, ast.Constant) else "1" for v in node.values)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                text = node.value
+            else:
+                continue
+            for command in re.findall(r"`hostctl ([^`]*)`", str(text)):
+                found.add((f"{path.name}:{node.lineno}", command))
+    return sorted(found)
+
+
+def test_every_suggested_command_parses(capfd: pytest.CaptureFixture[str]) -> None:
+    suggested = _suggested_commands()
+    assert len(suggested) > 10  # the walk found the fix texts
+    refused = []
+    for where, command in suggested:
+        words = [re.sub(r"^[A-Z][A-Z-]*$", "1", w) for w in command.split()]
+        try:
+            hostctl._parser().parse_args(words)
+        except SystemExit as exc:  # --help exits 0; a usage error 2
+            if exc.code != 0:
+                refused.append(f"{where}: `hostctl {command}`")
+    capfd.readouterr()
+    assert refused == []

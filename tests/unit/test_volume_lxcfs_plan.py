@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,23 @@ def test_volume_size_is_whole_blocks_never_above_the_request(size: int) -> None:
     checked = volume.check_size(size)
     assert checked % 4096 == 0
     assert size - 4096 < checked <= size
+
+
+def test_recorded_usage_reads_an_unmounted_volume(tmp_path: Path) -> None:
+    """What `hostctl status` shows of a stopped tenant's disk: the superblock's counts."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "blob").write_bytes(os.urandom(8 * MiB))
+    image = tmp_path / "data.img"
+    image.write_bytes(b"")
+    os.truncate(image, 128 * MiB)
+    subprocess.run(["mkfs.ext4", *volume.MKFS_OPTIONS, "-d", str(tree), str(image)], check=True)
+    used = volume.recorded_usage(image)
+    assert used is not None and 8 * MiB <= used <= 9 * MiB  # metadata overhead not counted
+    with open(image, "r+b") as f:  # a superblock that does not record its overhead
+        f.seek(volume.SUPERBLOCK + 0x248)
+        f.write(bytes(4))
+    assert volume.recorded_usage(image) is None
+    (tmp_path / "junk.img").write_bytes(os.urandom(4096))
+    assert volume.recorded_usage(tmp_path / "junk.img") is None
+    assert volume.recorded_usage(tmp_path / "missing.img") is None

@@ -155,6 +155,10 @@ printf '[Unit]\nStartLimitIntervalSec=60\nStartLimitBurst=12\n' \
     > /etc/systemd/system/docker.service.d/hostd-idle.conf
 printf '[Service]\nExecStopPost=-/usr/local/sbin/hostd-docker-idle clean\n' \
     >> /etc/systemd/system/docker.service.d/hostd-idle.conf
+# docker.service runs `dockerd ... $DOCKER_OPTS`, set only where /etc/default/docker sets it:
+# an empty default keeps systemd's "Referenced but unset environment variable" warning out of
+# the journal (and out of failed-start reasons). The file, read after it, still wins.
+printf '[Service]\nEnvironment=DOCKER_OPTS=\n' > /etc/systemd/system/docker.service.d/hostd-env.conf
 # containerd runs while docker.service wants it, and stops with it.
 mkdir -p /etc/systemd/system/containerd.service.d
 # containerd starts as often as Docker does (systemd's default allows only 5 starts in 10 s).

@@ -305,9 +305,7 @@ class State:
     def auto_stops(self) -> dict[str, int]:
         """Every tenant's own auto-stop setting, by user (the others take the default)."""
         with self._reading() as db:
-            return {
-                str(u): int(a) for u, a in db.execute("SELECT user, after FROM auto_stop")
-            }
+            return {str(u): int(a) for u, a in db.execute("SELECT user, after FROM auto_stop")}
 
     def set_dormant(self, user: str, idle_since: str) -> None:
         """Record a tenant stopped for idleness: desired 'stopped' (reconcile leaves it so; the
@@ -324,9 +322,7 @@ class State:
     def dormant(self, user: str) -> str | None:
         """Since when the tenant was idle, if it was stopped for it and not started since."""
         with self._reading() as db:
-            row = db.execute(
-                "SELECT idle_since FROM dormant WHERE user = ?", (user,)
-            ).fetchone()
+            row = db.execute("SELECT idle_since FROM dormant WHERE user = ?", (user,)).fetchone()
         return None if row is None else str(row[0])
 
     def set_failure(self, user: str, reason: str | None) -> None:

@@ -8,6 +8,7 @@ packages=(
   runc uidmap debootstrap busybox-static iptables nftables lxcfs fuse3 e2fsprogs iproute2 quota
   libsystemd-dev openssh-client openssh-server
   python3 python3-venv python3-dev gcc libc6-dev libffi-dev pkg-config
+  qemu-system-x86 qemu-utils  # the VM tests (tests/vm): systemd as PID 1, cgroup v2
 )
 missing=()
 for p in "${packages[@]}"; do

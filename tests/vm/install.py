@@ -83,8 +83,11 @@ INSTALL = f"""set -eu
 mkdir -p {MOUNT}
 mountpoint -q {MOUNT} || mount -o ro LABEL={LABEL} {MOUNT}
 cd {MOUNT}
-python3 -m venv --system-site-packages {PREFIX}/venv
-{PREFIX}/venv/bin/pip install -q --no-index --find-links wheels -r requirements.txt
+# pip run from Debian's wheel of it (python3-pip-whl): a venv with its own pip (ensurepip)
+# costs a minute more under emulation.
+python3 -m venv --system-site-packages --without-pip {PREFIX}/venv
+set -- /usr/share/python-wheels/pip-*.whl
+{PREFIX}/venv/bin/python "$1/pip" install -q --no-index --find-links wheels -r requirements.txt
 cp -a src {PREFIX}/src
 site=$({PREFIX}/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo {PREFIX}/src >"$site/hostd-src.pth"

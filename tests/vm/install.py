@@ -13,7 +13,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from tests.vm.machine import CACHE, Machine
+from tests.vm.machine import CACHE, Machine, cache_locked
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 LABEL = "hostd-install"  # the staging disk's label
@@ -42,7 +42,9 @@ def wheels() -> Path:
     reqs = requirements()
     key = hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:16]
     final = CACHE / f"wheels-{key}"
-    if not final.is_dir():
+    with cache_locked():
+        if final.is_dir():
+            return final
         work = CACHE / f".wheels-{key}.tmp"
         shutil.rmtree(work, ignore_errors=True)
         subprocess.run(
@@ -51,7 +53,7 @@ def wheels() -> Path:
             check=True, timeout=600,
         )  # fmt: skip
         work.rename(final)
-    return final
+        return final
 
 
 def stage(dest: Path) -> None:

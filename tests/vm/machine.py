@@ -102,10 +102,8 @@ class Image:
 def image(log: Path) -> tuple[Image, float]:
     """The cached image, built first if the recipe changed; and the seconds the build took
     (0 when cached). One build at a time: a second session waits for the first."""
-    CACHE.mkdir(parents=True, exist_ok=True)
     final = CACHE / recipe_hash()
-    with open(CACHE / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with cache_locked():
         if final.is_dir():
             return Image(final), 0.0
         began = time.monotonic()
@@ -116,6 +114,15 @@ def image(log: Path) -> tuple[Image, float]:
         finally:
             fsutil.remove_tree(work)
         return Image(final), time.monotonic() - began
+
+
+@contextlib.contextmanager
+def cache_locked() -> Iterator[None]:
+    """One writer of the cache at a time, across test sessions."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _build(work: Path, log: Path) -> None:

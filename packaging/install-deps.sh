@@ -12,6 +12,7 @@ packages=(
   # the Debian package (packaging/build-deb.sh, tests/integration/test_deb.py)
   dpkg-dev debhelper fakeroot lintian go-md2man python3-pip python3-setuptools python3-wheel
   python3-cffi python3-pyroute2 python3-systemd
+  qemu-system-x86 qemu-utils  # the VM tests (tests/vm): systemd as PID 1, cgroup v2
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -13,7 +13,10 @@ cgroup that hostd-tenants.service delegates (SYSTEMD_PARENT): a slice of their o
 hostd.service, so restarting hostd leaves them be. A parent systemd made is never removed.
 Session helpers (`runc exec`, the pty helper) that hostd keeps on the host for a container are
 charged to it: they join a root-owned child of its cgroup, `hostd-sessions`, in the memory, pids
-and cpu hierarchies, so the container's limits cover them too.
+and cpu hierarchies, so the container's limits cover them too. On v2 the programs they start
+inside go there as well (`runc exec --cgroup`): the node itself holds no process, and runc's
+fallback, init's own leaf, is the inner systemd's init.scope, which it caps at 15 % of the
+tenant's tasks (DefaultTasksMax). On v1 they join the container's cgroup, as runc does.
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ class SessionCgroup:
     """Where a container's session helpers go: one directory per hierarchy charged."""
 
     dirs: tuple[str, ...]
+    exec_options: tuple[str, ...] = ()  # `runc exec` flags putting the program there too
 
     @property
     def procs(self) -> tuple[str, ...]:
@@ -135,7 +139,9 @@ class SessionCgroup:
 
 def session_plan(layout: Layout, parent: str, name: str) -> SessionCgroup:
     if layout.version == 2:
-        return SessionCgroup((f"{layout.hierarchies[0].root}/{parent}/{name}/{SESSIONS}",))
+        return SessionCgroup(
+            (f"{layout.hierarchies[0].root}/{parent}/{name}/{SESSIONS}",), ("--cgroup", SESSIONS)
+        )
     return SessionCgroup(
         tuple(
             f"{h.root}/{parent}/{name}/{SESSIONS}"

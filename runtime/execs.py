@@ -47,8 +47,10 @@ class Execs:
     ) -> proc.Result:
         """Run and collect the output; the exit status is in the result. Bounded in time and
         output, or the program could hold a thread of ours forever or fill our memory."""
+        session = self._session(name)
         return proc.run(
-            self.charged(name, self.runc.exec_argv(name, spec)),  # runc, while it waits
+            # runc, while it waits, and the program: in the session cgroup
+            cgroups.join_argv(session, self.runc.exec_argv(name, spec, session.exec_options)),
             input=input,
             timeout=timeout,
             max_output=max_output,
@@ -63,8 +65,9 @@ class Execs:
         `charged`: the helper that waits for the program (and its runc) first joins the
         container's session cgroup, so the container's limits cover it."""
         process = self._process(config, spec, size)
-        prefix = self.charged(name, []) if charged else []
-        return ttyexec.start(self.runc.base_argv(), name, process, prefix)
+        session = self._session(name)
+        prefix = cgroups.join_argv(session, []) if charged else []
+        return ttyexec.start(self.runc.base_argv(), name, process, prefix, session.exec_options)
 
     def spawn(
         self, name: str, config: Path, spec: ExecSpec, stdio: Sequence[int]
@@ -76,9 +79,11 @@ class Execs:
         fd = os.memfd_create("hostd-process", 0)  # not CLOEXEC: runc reads it as its fd
         try:
             os.write(fd, json.dumps(process).encode())
-            cmd = [*self.runc.base_argv(), "exec", "--process", f"/proc/self/fd/{fd}", name]
+            session = self._session(name)
+            cmd = [*self.runc.base_argv(), "exec", *session.exec_options]
+            cmd += ["--process", f"/proc/self/fd/{fd}", name]
             return subprocess.Popen(
-                self.charged(name, cmd),
+                cgroups.join_argv(session, cmd),
                 stdin=stdio[0],
                 stdout=stdio[1],
                 stderr=stdio[2],
@@ -88,12 +93,12 @@ class Execs:
         finally:
             os.close(fd)
 
-    def charged(self, name: str, argv: Sequence[str]) -> list[str]:
-        """`argv` run from within the container's session cgroup (made if missing)."""
+    def _session(self, name: str) -> cgroups.SessionCgroup:
+        """The container's session cgroup (made if missing)."""
         layout = cgroups.detect(mountinfo.current())
         plan = cgroups.session_plan(layout, self.cgroup_parent, check_name(name))
         cgroups.apply_session(plan)
-        return cgroups.join_argv(plan, argv)
+        return plan
 
     @staticmethod
     def _process(config: Path, spec: ExecSpec, size: tuple[int, int] | None) -> dict[str, Any]:

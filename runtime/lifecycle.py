@@ -31,9 +31,18 @@ def check_host(runc: str) -> None:
             raise RuntimeFailure(
                 "user namespaces are disabled", "run `sysctl -w user.max_user_namespaces=15000`"
             )
-    with open("/proc/filesystems") as f:
-        if "overlay" not in f.read().split():
+    if not has_filesystem("overlay"):
+        # A module on most kernels (Debian's), not loaded at boot: load it as `mount -t` would.
+        with contextlib.suppress(RuntimeFailure):
+            proc.run(["modprobe", "overlay"], timeout=60)
+        if not has_filesystem("overlay"):
             raise RuntimeFailure("the kernel has no overlay file system", "run `modprobe overlay`")
+
+
+def has_filesystem(fstype: str) -> bool:
+    """Whether the running kernel knows `fstype` now (built in or its module loaded)."""
+    with open("/proc/filesystems") as f:
+        return fstype in (line.split()[-1] for line in f if line.strip())
 
 
 def halt(runc: Runc, name: str, pid: int, timeout: float) -> None:

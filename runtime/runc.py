@@ -102,9 +102,10 @@ class Runc:
     def delete(self, cid: str) -> None:
         proc.run([*self._base(), "delete", "--force", cid], check=False)
 
-    def exec_argv(self, cid: str, spec: ExecSpec) -> list[str]:
-        """argv of `runc exec` without a terminal: stdio and exit status pass straight through."""
-        cmd = [*self._base(), "exec", "--user", spec.user]
+    def exec_argv(self, cid: str, spec: ExecSpec, options: Sequence[str] = ()) -> list[str]:
+        """argv of `runc exec` without a terminal: stdio and exit status pass straight through.
+        `options`: more `runc exec` flags (where the program goes: `--cgroup`)."""
+        cmd = [*self._base(), "exec", *options, "--user", spec.user]
         for gid in spec.groups:
             cmd += ["--additional-gids", str(gid)]
         if spec.cwd:

@@ -136,13 +136,20 @@ def relay(master: int) -> None:
 
 
 def start(
-    runc_base: Sequence[str], cid: str, process: dict[str, Any], prefix: Sequence[str] = ()
+    runc_base: Sequence[str],
+    cid: str,
+    process: dict[str, Any],
+    prefix: Sequence[str] = (),
+    exec_options: Sequence[str] = (),
 ) -> TtyProcess:
     """Run `process` (a runc process.json) in container `cid` on a new pty. `prefix` wraps the
-    helper (e.g. to charge it to the container's cgroup). The request goes over a socket, not
-    the helper's argv, which every user can read in `ps`."""
+    helper (e.g. to charge it to the container's cgroup); `exec_options` are more `runc exec`
+    flags. The request goes over a socket, not the helper's argv, which every user can read
+    in `ps`."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    request = json.dumps({"runc": list(runc_base), "cid": cid, "process": process})
+    request = json.dumps(
+        {"runc": list(runc_base), "options": list(exec_options), "cid": cid, "process": process}
+    )
     with child:
         helper = subprocess.Popen(
             [*prefix, sys.executable, "-m", "runtime.ttyexec", str(child.fileno())],
@@ -193,6 +200,7 @@ def _run_runc(request: dict[str, Any]) -> tuple[int, int]:
                 [
                     *request["runc"],
                     "exec",
+                    *request["options"],
                     "--process",
                     str(process_file),
                     "--detach",

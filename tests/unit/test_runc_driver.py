@@ -149,6 +149,11 @@ def test_exec_argv_without_terminal() -> None:
     ]
 
 
+def test_exec_argv_puts_the_program_where_the_options_say() -> None:
+    argv = RUNC.exec_argv("alice", ExecSpec(["id"]), ("--cgroup", "hostd-sessions"))
+    assert argv == [*BASE, "--cgroup", "hostd-sessions", "--user", "0:0", "alice", "id"]
+
+
 def test_exec_argv_with_user_cwd_and_env() -> None:
     spec = ExecSpec(["id"], user="1000:1000", cwd="/home/u", env=["HOME=/home/u", "TERM=xterm"])
     argv = RUNC.exec_argv("alice", spec)

@@ -1,0 +1,324 @@
+"""A Debian 12 virtual machine for the tests that need systemd as PID 1 and cgroup v2 (the test
+machines have neither): an image built once with debootstrap and cached, booted by qemu in
+software emulation on a throwaway copy-on-write overlay, reached by SSH on a loopback port.
+
+The image is cached under /var/cache/hostd/vm/<hash of the recipe>: a changed recipe builds a
+new one (into a temporary name, then renamed: a half-built image is never used).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime import fsutil
+from tests.hostd_harness import free_port, wait_for
+
+CACHE = Path("/var/cache/hostd/vm")
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+# The least a server running hostd has: systemd, a kernel, sshd for the test to come in, and
+# what hostd needs at run time (the Python packages Debian has; the rest come as wheels).
+# python3-ply: python3-pycparser's dependency is a virtual package, which debootstrap does not
+# resolve.
+PACKAGES = (
+    "systemd", "systemd-sysv", "linux-image-amd64", "initramfs-tools", "udev", "openssh-server",
+    "runc", "uidmap", "lxcfs", "nftables", "iproute2", "e2fsprogs", "fuse3", "procps",
+    "python3", "python3-venv", "python3-cffi", "python3-ply", "python3-systemd", "python3-pyroute2",
+)  # fmt: skip
+# Run in the new tree (chroot): the network of qemu's user mode (static: no DHCP wait), no
+# timers or units a test VM does not need, sshd for root by key only.
+SETUP = """set -eu
+echo hostd-vm >/etc/hostname
+printf '127.0.0.1 localhost\\n127.0.1.1 hostd-vm\\n' >/etc/hosts
+echo '/dev/vda / ext4 rw,errors=remount-ro 0 1' >/etc/fstab
+cat >/etc/systemd/network/10-qemu.network <<EOF
+[Match]
+Name=en* eth*
+[Network]
+Address=10.0.2.15/24
+Gateway=10.0.2.2
+EOF
+systemctl enable systemd-networkd
+systemctl mask systemd-networkd-wait-online.service apt-daily.timer apt-daily-upgrade.timer \
+  e2scrub_all.timer e2scrub_reap.service fstrim.timer
+printf 'PasswordAuthentication no\\nUseDNS no\\n' >/etc/ssh/sshd_config.d/hostd-vm.conf
+install -d -m 0700 /root/.ssh
+"""
+IMAGE_SIZE = "4G"
+MEMORY = "4096"
+CPUS = "2"
+BOOT_TIMEOUT = 600.0  # seconds from qemu's start to sshd answering: generous, emulation is slow
+HOST_ALIAS = "hostd-vm"  # the name the image's host key is known under, whatever the port
+
+
+def recipe_hash() -> str:
+    """What decides the image's content: change any of it and a new image is built."""
+    recipe = {"suite": SUITE, "mirror": MIRROR, "packages": PACKAGES, "setup": SETUP,
+              "size": IMAGE_SIZE, "format": 1}  # fmt: skip
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built image: the root file system, the kernel and initrd to boot it, the SSH key that
+    root inside accepts and the known_hosts line of the image's host key."""
+
+    directory: Path
+
+    @property
+    def root(self) -> Path:
+        return self.directory / "root.img"
+
+    @property
+    def kernel(self) -> Path:
+        return self.directory / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.directory / "initrd.img"
+
+    @property
+    def key(self) -> Path:
+        return self.directory / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.directory / "known_hosts"
+
+
+def image(log: Path) -> tuple[Image, float]:
+    """The cached image, built first if the recipe changed; and the seconds the build took
+    (0 when cached). One build at a time: a second session waits for the first."""
+    final = CACHE / recipe_hash()
+    with cache_locked():
+        if final.is_dir():
+            return Image(final), 0.0
+        began = time.monotonic()
+        work = Path(tempfile.mkdtemp(prefix=".build-", dir=CACHE))
+        try:
+            _build(work, log)
+            os.rename(work, final)
+        finally:
+            fsutil.remove_tree(work)
+        return Image(final), time.monotonic() - began
+
+
+@contextlib.contextmanager
+def cache_locked() -> Iterator[None]:
+    """One writer of the cache at a time, across test sessions."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _build(work: Path, log: Path) -> None:
+    tree = work / "tree"
+    with open(log, "ab") as out:
+        subprocess.run(
+            ["debootstrap", "--variant=minbase", f"--cache-dir={_debs()}",
+             "--include=" + ",".join(PACKAGES), SUITE, str(tree), MIRROR],
+            stdout=out, stderr=subprocess.STDOUT, check=True, timeout=1800,
+        )  # fmt: skip
+        subprocess.run(
+            ["chroot", str(tree), "/bin/sh", "-c", SETUP],
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
+            stdout=out, stderr=subprocess.STDOUT, check=True, timeout=300,
+        )  # fmt: skip
+    img = Image(work)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", HOST_ALIAS,
+                    "-f", str(img.key)], check=True)  # fmt: skip
+    authorized = tree / "root/.ssh/authorized_keys"
+    shutil.copy(f"{img.key}.pub", authorized)
+    os.chmod(authorized, 0o600)
+    host_key = (tree / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[:2]
+    img.known_hosts.write_text(f"{HOST_ALIAS} {' '.join(host_key)}\n")
+    shutil.copy(_one(tree, "boot/vmlinuz-*"), img.kernel)
+    shutil.copy(_one(tree, "boot/initrd.img-*"), img.initrd)
+    make_disk(img.root, tree, IMAGE_SIZE, "hostd-vm-root")
+    fsutil.remove_tree(tree)
+
+
+def _debs() -> Path:
+    """debootstrap's package cache, the VM's own (builds of tenant images use another)."""
+    path = CACHE / "debs"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def _one(tree: Path, pattern: str) -> str:
+    found = glob.glob(str(tree / pattern))
+    assert len(found) == 1, f"expected one {pattern} in the VM tree, found {found}"
+    return found[0]
+
+
+def make_disk(path: Path, tree: Path, size: str, label: str) -> None:
+    """An ext4 image of `size` (sparse) holding `tree` (owners, modes, xattrs, links kept)."""
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-L", label, "-d", str(tree), str(path), size],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+@dataclass(frozen=True)
+class Disk:
+    """An extra disk for the VM: its label names it inside (`mount LABEL=...`)."""
+
+    path: Path
+    read_only: bool = False
+
+
+class Machine:
+    """A running VM: root over SSH on 127.0.0.1:`port`; the guest reaches nothing but that."""
+
+    def __init__(self, img: Image, workdir: Path, port: int) -> None:
+        self.image = img
+        self.workdir = workdir
+        self.port = port
+        self.console = workdir / "console.log"
+        self._control = workdir / "ssh.control"
+
+    def ssh_argv(self, *command: str, master: str = "no") -> list[str]:
+        """ssh as root into the VM; through the shared connection once `open_master` ran
+        (one key exchange under emulation instead of one per command)."""
+        return [
+            "ssh", "-p", str(self.port), "-i", str(self.image.key), "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes", "-o", f"HostKeyAlias={HOST_ALIAS}",
+            "-o", f"UserKnownHostsFile={self.image.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "ConnectTimeout=30", "-o", "ServerAliveInterval=30", "-o", "LogLevel=ERROR",
+            "-o", f"ControlMaster={master}", "-o", f"ControlPath={self._control}",
+            "root@127.0.0.1", *command,
+        ]  # fmt: skip
+
+    def run(
+        self, script: str, input: bytes | None = None, timeout: float = 600, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a bash script as root in the VM; with `check`, fail the test showing its output
+        if it exits non-zero."""
+        res = subprocess.run(
+            self.ssh_argv("bash", "-c", _quote(script)),
+            input=input,
+            capture_output=True,
+            timeout=timeout,
+        )
+        out = subprocess.CompletedProcess(
+            res.args, res.returncode, res.stdout.decode(errors="replace"),
+            res.stderr.decode(errors="replace"),
+        )  # fmt: skip
+        if check:
+            assert out.returncode == 0, (
+                f"in the VM, {script!r} exited {out.returncode}:\n{out.stdout}\n{out.stderr}"
+            )
+        return out
+
+    def sh(self, script: str, input: bytes | None = None, timeout: float = 600) -> str:
+        """The output of a script that must succeed."""
+        return self.run(script, input=input, timeout=timeout).stdout
+
+    def answers(self) -> bool:
+        try:
+            return self.run("true", timeout=60, check=False).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    def open_master(self) -> None:
+        """The shared connection, in the background (ssh -f: its stdio on /dev/null)."""
+        subprocess.run(
+            ["ssh", "-f", "-N", *self.ssh_argv(master="yes")[1:]], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=120,
+        )  # fmt: skip
+
+    def close_ssh(self) -> None:
+        subprocess.run(self.ssh_argv("-O", "exit"), capture_output=True, timeout=30)
+
+
+def _quote(script: str) -> str:
+    """ssh joins its arguments into one line for the remote shell: quote the script once."""
+    return "'" + script.replace("'", "'\\''") + "'"
+
+
+@contextlib.contextmanager
+def boot(img: Image, disks: Sequence[Disk] = ()) -> Iterator[tuple[Machine, float]]:
+    """Boot `img` on a fresh overlay with `disks` attached (vdb, vdc, ... in order); yield the
+    machine once sshd answers and systemd has finished starting, with the seconds that took.
+    qemu is killed and the overlay deleted on the way out, whatever happened."""
+    workdir = Path(tempfile.mkdtemp(prefix="hostd-vm-", dir="/var/tmp"))
+    try:
+        overlay = workdir / "overlay.qcow2"
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(img.root),
+             str(overlay)], check=True,
+        )  # fmt: skip
+        machine = Machine(img, workdir, free_port())
+        argv = [
+            "qemu-system-x86_64", "-accel", "tcg", "-m", MEMORY, "-smp", CPUS, "-nographic",
+            "-no-reboot", "-kernel", str(img.kernel), "-initrd", str(img.initrd),
+            "-append", "root=/dev/vda rw console=ttyS0 panic=-1",
+            "-drive", f"file={overlay},format=qcow2,if=virtio",
+            "-nic", f"user,model=virtio-net-pci,restrict=on,"
+            f"hostfwd=tcp:127.0.0.1:{machine.port}-:22",
+        ]  # fmt: skip
+        for d in disks:
+            ro = ",readonly=on" if d.read_only else ""
+            argv += ["-drive", f"file={d.path},format=raw,if=virtio{ro}"]
+        began = time.monotonic()
+        with open(machine.console, "wb") as console:
+            qemu = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT
+            )
+        try:
+            _wait_booted(machine, qemu)
+            yield machine, time.monotonic() - began
+        finally:
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                machine.close_ssh()
+            _kill(qemu)
+    finally:
+        shutil.rmtree(workdir)
+
+
+def _wait_booted(machine: Machine, qemu: subprocess.Popen[bytes]) -> None:
+    def up() -> bool:
+        if qemu.poll() is not None:
+            raise AssertionError(f"qemu exited {qemu.returncode}:\n{console_tail(machine)}")
+        return machine.answers()
+
+    wait_for(up, BOOT_TIMEOUT, lambda: f"the VM's sshd:\n{console_tail(machine)}", interval=1)
+    machine.open_master()
+    state = machine.run("systemctl is-system-running --wait", check=False, timeout=BOOT_TIMEOUT)
+    assert state.stdout.strip() == "running", (
+        f"the VM's systemd is {state.stdout.strip()}:\n"
+        + machine.run("systemctl --failed --no-legend", check=False).stdout
+    )
+
+
+def console_tail(machine: Machine, lines: int = 40) -> str:
+    with contextlib.suppress(OSError):
+        text = machine.console.read_bytes().decode(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+    return "(no console output)"
+
+
+def _kill(qemu: subprocess.Popen[bytes]) -> None:
+    """qemu by its PID: SIGTERM, then SIGKILL if it lingers."""
+    if qemu.poll() is None:
+        qemu.send_signal(signal.SIGTERM)
+        try:
+            qemu.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            qemu.kill()
+            qemu.wait()

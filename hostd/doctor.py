@@ -112,6 +112,20 @@ def _cgroups(_: Config) -> tuple[bool, str]:
     return True, f"v1{' hybrid' if hybrid else ''} ({names})"
 
 
+def _tenant_cgroups(cfg: Config) -> tuple[bool, str]:
+    """Where the tenants' cgroups go; under systemd, below hostd-tenants.service, which halts
+    them at a shutdown (elsewhere systemd would kill them)."""
+    parent = cfg.cgroup_parent()
+    if parent == cgroups.SYSTEMD_PARENT:
+        return True, f"{parent} (systemd: halted cleanly at shutdown)"
+    if cfg.runtime.cgroup_parent == "auto" and cgroups.systemd_runs():
+        return False, (
+            f"{parent}, outside systemd's units: a shutdown kills the tenants: systemctl enable"
+            " --now hostd-tenants.service, then restart hostd and the tenants"
+        )
+    return True, parent
+
+
 def _runc(cfg: Config) -> tuple[bool, str]:
     path = shutil.which(cfg.runtime.runc)
     if path is None:
@@ -340,6 +354,7 @@ CHECKS: tuple[tuple[str, Callable[[Config], tuple[bool, str]]], ...] = (
     ("ID-mapped mounts", _idmap),
     ("overlay", _overlay),
     ("cgroups", _cgroups),
+    ("tenant cgroups", _tenant_cgroups),
     ("runc", _runc),
     ("subuid files", _subids),
     ("ID range owner", _owner),

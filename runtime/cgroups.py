@@ -39,6 +39,7 @@ SESSIONS = "hostd-sessions"  # child of a container's cgroup holding its helpers
 OWN_PARENT = "hostd"  # the containers' parent cgroup without systemd
 SYSTEMD_PARENT = "hostd.slice/hostd-tenants.service"  # packaging/systemd/hostd-tenants.service
 SYSTEMD_UNITS = (".slice", ".service", ".scope")  # suffixes of the cgroups systemd makes
+SYSTEMD_DIR = "/run/systemd/system"  # exists when systemd is PID 1
 SESSION_CONTROLLERS = ("memory", "pids", "cpu")  # v1 hierarchies the helpers are charged in
 # Joins the cgroups whose cgroup.procs files are its arguments, then runs the rest: the program
 # is charged from its first page on (v1 leaves pages charged where they were allocated).
@@ -91,12 +92,17 @@ def detect(mounts: list[Mount]) -> Layout:
     return Layout(1, tuple(sorted(v1, key=lambda h: h.root)))
 
 
-def default_parent(layout: Layout, systemd_dir: str = "/run/systemd/system") -> str:
+def systemd_runs() -> bool:
+    """Whether systemd is PID 1 (sd_booted(3))."""
+    return os.path.isdir(SYSTEMD_DIR)
+
+
+def default_parent(layout: Layout) -> str:
     """The parent when the admin has not chosen one: under systemd, hostd-tenants.service's
     cgroup if that unit is active (its cgroup exists), else a top-level one of our own."""
     first = layout.hierarchies[0].root  # v2: the root; v1: in sorted order, one of them
     systemd = next((h.root for h in layout.hierarchies if "name=systemd" in h.controllers), first)
-    if os.path.isdir(systemd_dir) and os.path.isdir(f"{systemd}/{SYSTEMD_PARENT}"):
+    if systemd_runs() and os.path.isdir(f"{systemd}/{SYSTEMD_PARENT}"):
         return SYSTEMD_PARENT
     return OWN_PARENT
 

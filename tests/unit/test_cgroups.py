@@ -288,18 +288,28 @@ def test_a_session_cgroup_made_by_someone_else_is_refused(tmp_path: Path) -> Non
 # -- the parent under systemd ------------------------------------------------------------------
 
 
-def test_the_default_parent_is_hostd_tenants_service_while_systemd_runs_it(tmp_path: Path) -> None:
-    systemd = tmp_path / "run-systemd-system"
+@pytest.fixture
+def systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where systemd, when it is PID 1, says so (not there yet)."""
+    path = tmp_path / "run-systemd-system"
+    monkeypatch.setattr(cgroups, "SYSTEMD_DIR", str(path))
+    return path
+
+
+def test_the_default_parent_is_hostd_tenants_service_while_systemd_runs_it(
+    tmp_path: Path, systemd: Path
+) -> None:
     layout = Layout(2, (Hierarchy(str(tmp_path / "cg"), ()),))
-    assert cgroups.default_parent(layout, str(systemd)) == "hostd"  # no systemd
+    assert cgroups.default_parent(layout) == "hostd"  # no systemd
     systemd.mkdir()
-    assert cgroups.default_parent(layout, str(systemd)) == "hostd"  # the unit is not active
+    assert cgroups.default_parent(layout) == "hostd"  # the unit is not active
     (tmp_path / "cg" / cgroups.SYSTEMD_PARENT).mkdir(parents=True)
-    assert cgroups.default_parent(layout, str(systemd)) == "hostd.slice/hostd-tenants.service"
+    assert cgroups.default_parent(layout) == "hostd.slice/hostd-tenants.service"
 
 
-def test_the_default_parent_on_v1_is_read_in_the_name_systemd_hierarchy(tmp_path: Path) -> None:
-    systemd = tmp_path / "run-systemd-system"
+def test_the_default_parent_on_v1_is_read_in_the_name_systemd_hierarchy(
+    tmp_path: Path, systemd: Path
+) -> None:
     systemd.mkdir()
     layout = Layout(
         1,
@@ -309,9 +319,9 @@ def test_the_default_parent_on_v1_is_read_in_the_name_systemd_hierarchy(tmp_path
         ),
     )
     (tmp_path / "cpu" / cgroups.SYSTEMD_PARENT).mkdir(parents=True)  # not where systemd says
-    assert cgroups.default_parent(layout, str(systemd)) == "hostd"
+    assert cgroups.default_parent(layout) == "hostd"
     (tmp_path / "sd" / cgroups.SYSTEMD_PARENT).mkdir(parents=True)
-    assert cgroups.default_parent(layout, str(systemd)) == cgroups.SYSTEMD_PARENT
+    assert cgroups.default_parent(layout) == cgroups.SYSTEMD_PARENT
 
 
 def test_under_systemd_containers_go_below_its_unit_which_is_never_removed(

@@ -205,6 +205,31 @@ def test_cgroup_layouts(
     assert one(cfg, "cgroups", monkeypatch)[1:] == (ok, detail)
 
 
+def test_tenant_cgroups_under_systemd_belong_to_hostd_tenants_service(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With systemd as PID 1 and hostd-tenants.service not active, the tenants would land
+    outside systemd's units (a shutdown kills them): doctor says so and how to fix it."""
+    root, systemd = tmp_path / "cg", tmp_path / "run-systemd-system"
+    monkeypatch.setattr(mountinfo, "current", lambda: mountinfo.parse(CGROUP_V2))
+    monkeypatch.setattr(cgroups, "SYSTEMD_DIR", str(systemd))
+    monkeypatch.setattr(
+        cgroups, "detect", lambda _: cgroups.Layout(2, (cgroups.Hierarchy(str(root), ()),))
+    )
+    cfg = load(base)
+    assert one(cfg, "tenant cgroups", monkeypatch)[1:] == (True, "hostd")  # no systemd
+    systemd.mkdir()
+    ok, detail = one(cfg, "tenant cgroups", monkeypatch)[1:]
+    assert not ok and "systemctl enable --now hostd-tenants.service" in detail
+    (root / cgroups.SYSTEMD_PARENT).mkdir(parents=True)  # the unit is active
+    assert one(cfg, "tenant cgroups", monkeypatch)[1:] == (
+        True,
+        "hostd.slice/hostd-tenants.service (systemd: halted cleanly at shutdown)",
+    )
+    chosen = load(base, '[runtime]\ncgroup_parent = "mine"\n')  # the admin's choice stands
+    assert one(chosen, "tenant cgroups", monkeypatch)[1:] == (True, "mine")
+
+
 def test_a_state_dir_is_made_or_opened_for_the_containers(
     base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -99,7 +99,8 @@ install -m 0644 etc/hostd.toml /etc/hostd/hostd.toml
 install -m 0644 etc/pam.d/hostd /etc/pam.d/hostd
 install -m 0644 packaging/sysctl.d/*.conf /etc/sysctl.d/
 sysctl -q --system
-install -m 0644 packaging/systemd/hostd.service /etc/systemd/system/hostd.service
+ln -sf /usr/local/bin/hostd /usr/sbin/hostd  # where the units run it, as the package does
+install -m 0644 packaging/systemd/*.service /etc/systemd/system/
 systemctl daemon-reload
 """
 

@@ -20,7 +20,8 @@ from tests.vm.install import MOUNT
 from tests.vm.machine import Machine
 
 USER = "alice"  # an account of the throwaway VM
-CGROUP = f"/sys/fs/cgroup/hostd/{USER}"  # [runtime] cgroup_parent / the container's name
+PARENT = "hostd.slice/hostd-tenants.service"  # [runtime] cgroup_parent "auto" under systemd
+CGROUP = f"/sys/fs/cgroup/{PARENT}/{USER}"  # the parent / the container's name
 Tenant = dict[str, Any]  # as `hostctl user show --json` prints it
 MEMORY = 512 * 2**20
 PIDS = 256
@@ -121,7 +122,7 @@ def test_oom_is_contained(vm: Machine, tenant: Tenant) -> None:
     assert res.returncode == 137, res  # SIGKILL: its buffer is larger than the tenant's memory
     assert keyed(vm, f"{CGROUP}/memory.events")["oom_kill"] > before
     kills = re.findall(r"oom-kill:.*", vm.sh("dmesg"))
-    assert kills and all(f"oom_memcg=/hostd/{USER}" in k for k in kills), kills
+    assert kills and all(f"oom_memcg=/{PARENT}/{USER}" in k for k in kills), kills
     assert vm.sh("systemctl show -p MainPID --value hostd").strip() == hostd_pid
     assert inside(vm, "systemctl is-system-running || true").strip() in ("running", "degraded")
 
@@ -150,7 +151,7 @@ def test_stop_and_remove_leave_nothing(vm: Machine, tenant: Tenant, subuid_befor
         f"cd {MOUNT} && /opt/hostd/venv/bin/python -c "
         + shlex.quote(
             "import json; from pathlib import Path; from tests.hostd_harness import host_view;"
-            f" v = host_view(Path('/var/lib/hostd'), ['{USER}'], 'hostd', 'hostd');"
+            f" v = host_view(Path('/var/lib/hostd'), ['{USER}'], '{PARENT}', 'hostd');"
             " print(json.dumps({'left': v.left(['" + USER + "']), 'dnat': sorted(v.dnat)}))"
         )
     )

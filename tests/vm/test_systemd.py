@@ -226,7 +226,7 @@ def test_a_host_shutdown_halts_tenants_and_boot_starts_them(
     measured(f"shutdown: tenants halted in {took:.0f} s")
     assert took < 300  # TimeoutStopSec of hostd-tenants.service
     # Its systemd stopped its Docker before it went down.
-    inner = inside(vm, "journalctl -b -1 -u docker -o cat")
+    inner = hostctl(vm, f"exec {USER} -- journalctl -b -1 -u docker -o cat")  # root inside
     assert "Stopped docker.service" in inner or "Stopped Docker" in inner, inner
     wait_for(
         lambda: inside(vm, "docker ps -q --no-trunc").strip() == tenant.container,

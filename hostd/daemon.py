@@ -33,6 +33,7 @@ from hostd.sessions import Sessions
 from hostd.startqueue import ordinal
 from hostd.state import State
 from hostd.tenants import Tenants
+from runtime import cgroups, mountinfo
 from runtime.containers import Runtime
 from runtime.errors import NotFound, RuntimeFailure
 
@@ -349,6 +350,22 @@ def halt_tenants(cfg: config_mod.Config) -> int:
         return 0 if all(pool.map(halt, names)) else 1
 
 
+def hold_tenants() -> int:
+    """hostd-tenants.service's process: its cgroup, the tenants' parent, lives as long as the
+    unit has a process (systemd removes an exited unit's cgroup). It moves to a leaf of its own
+    (v2), tells systemd it is ready, then waits for the unit's stop."""
+    layout = cgroups.detect(mountinfo.current())
+    with open("/proc/self/cgroup") as f:
+        own = cgroups.unified_path(f.read())
+    leaf = cgroups.hold(layout, own, os.getpid())
+    log.info("holding the tenants' cgroup %s%s", own, f" from {leaf}" if leaf else "")
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    notify("READY=1")
+    signal.sigwait(stops)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     restore_default_signals()
     p = argparse.ArgumentParser(prog="hostd", description=__doc__)
@@ -359,6 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="halt every running tenant cleanly and exit (for host shutdown; hostd not running)",
     )
+    p.add_argument(
+        "--hold-tenants",
+        action="store_true",
+        help="hold the cgroup of the tenants until SIGTERM (hostd-tenants.service's process)",
+    )
     args = p.parse_args(argv)
     setup_logging(args.debug)
     try:
@@ -366,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise RuntimeFailure("hostd must run as root", "start it with systemctl or sudo")
         if args.halt_tenants:
             return halt_tenants(config_mod.load(args.config))
+        if args.hold_tenants:
+            return hold_tenants()
         daemon = Daemon(config_mod.load(args.config))
         asyncio.run(daemon.run())
     except RuntimeFailure as exc:

@@ -5,8 +5,10 @@
 # temporary directory with packaging/debian as debian/. Missing build dependencies are
 # installed with apt-get when run as root. The build fetches the pinned Python modules of
 # packaging/debian/requirements.txt from PyPI (see packaging/debian/build-venv.sh).
+# HOSTD_DEB_VERSION=V builds the same tree as version V (a changelog entry added in the
+# temporary copy): the tests' upgrade from this checkout to a newer package.
 #
-#   bash packaging/build-deb.sh [OUTDIR]
+#   [HOSTD_DEB_VERSION=V] bash packaging/build-deb.sh [OUTDIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-dist}")
@@ -27,6 +29,13 @@ src=$tmp/hostd-$version
 mkdir "$src"
 git ls-files -z | tar --null -T - -c --ignore-failed-read 2>/dev/null | tar -x -C "$src"
 cp -r packaging/debian "$src/debian"
+if [ -n "${HOSTD_DEB_VERSION:-}" ]; then
+  maintainer=$(dpkg-parsechangelog -l packaging/debian/changelog -S Maintainer)
+  { printf 'hostd (%s) unstable; urgency=medium\n\n  * Test build of %s.\n\n -- %s  %s\n\n' \
+      "$HOSTD_DEB_VERSION" "$version" "$maintainer" "$(date -R)"
+    cat packaging/debian/changelog; } >"$src/debian/changelog"
+  packaged=$HOSTD_DEB_VERSION
+fi
 
 if ! (cd "$src" && dpkg-checkbuilddeps 2>/dev/null); then
   if [ "$(id -u)" -ne 0 ]; then
@@ -41,5 +50,5 @@ fi
 
 (cd "$src" && dpkg-buildpackage -us -uc -b)
 mkdir -p "$out"
-mv "$tmp"/hostd_"$version"_*.deb "$out/"
-ls "$out"/hostd_"$version"_*.deb
+mv "$tmp"/hostd_"$packaged"_*.deb "$out/"
+ls "$out"/hostd_"$packaged"_*.deb

@@ -11,6 +11,9 @@ ID (runc removes them when the container exits).
 Containers' nodes sit below a parent: a top-level `hostd` of our own, or, under systemd, the
 cgroup that hostd-tenants.service delegates (SYSTEMD_PARENT): a slice of their own, outside
 hostd.service, so restarting hostd leaves them be. A parent systemd made is never removed.
+systemd removes the cgroup of a unit whose processes have all exited, so that unit's one
+process only holds it (`hostd --hold-tenants`); on v2 in a leaf of its own, HOLDER, since a
+node enabling controllers for its children may hold no process.
 Session helpers (`runc exec`, the pty helper) that hostd keeps on the host for a container are
 charged to it: they join a root-owned child of its cgroup, `hostd-sessions`, in the memory, pids
 and cpu hierarchies, so the container's limits cover them too. On v2 the programs they start
@@ -38,6 +41,7 @@ UNIFIED = "unified"  # marks the cgroup2 tree of a hybrid host
 SESSIONS = "hostd-sessions"  # child of a container's cgroup holding its helpers on the host
 OWN_PARENT = "hostd"  # the containers' parent cgroup without systemd
 SYSTEMD_PARENT = "hostd.slice/hostd-tenants.service"  # packaging/systemd/hostd-tenants.service
+HOLDER = ".holder"  # v2: the leaf of hostd-tenants.service's process (no user name has a dot)
 SYSTEMD_UNITS = (".slice", ".service", ".scope")  # suffixes of the cgroups systemd makes
 SYSTEMD_DIR = "/run/systemd/system"  # exists when systemd is PID 1
 SESSION_CONTROLLERS = ("memory", "pids", "cpu")  # v1 hierarchies the helpers are charged in
@@ -105,6 +109,28 @@ def default_parent(layout: Layout) -> str:
     if systemd_runs() and os.path.isdir(f"{systemd}/{SYSTEMD_PARENT}"):
         return SYSTEMD_PARENT
     return OWN_PARENT
+
+
+def unified_path(proc_cgroup: str) -> str:
+    """The cgroup v2 path in the text of /proc/PID/cgroup (its "0::/path" line)."""
+    for line in proc_cgroup.splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    raise RuntimeFailure("no cgroup v2 line in /proc/self/cgroup", "mount cgroup2 (systemd does)")
+
+
+def hold(layout: Layout, own: str, pid: int) -> str | None:
+    """Move process `pid`, alone in the cgroup `own` (its v2 path), to the leaf HOLDER below
+    it, so that `own` may enable controllers for the tenants beside it; the leaf's path. v1
+    (hybrid too: its v2 tree enables no controller) lets a process stay where it is: None."""
+    if layout.version != 2:
+        return None
+    leaf = f"{layout.hierarchies[0].root}{own.rstrip('/')}/{HOLDER}"
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(leaf)
+    with open(f"{leaf}/cgroup.procs", "w") as f:
+        f.write(str(pid))
+    return leaf
 
 
 def plan(layout: Layout, parent: str, name: str, owner: int) -> CgroupPlan:

@@ -356,3 +356,25 @@ def test_v2_enables_controllers_in_the_delegated_unit_only(tmp_path: Path) -> No
     cgroups.apply(plan)
     assert (unit / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
     assert not (tmp_path / "hostd.slice/cgroup.subtree_control").exists()  # systemd's slice
+
+
+def test_the_holder_of_hostd_tenants_service_finds_its_v2_cgroup() -> None:
+    hybrid = "12:pids:/hostd.slice/x\n1:name=systemd:/hostd.slice/x\n0::/hostd.slice/x\n"
+    assert cgroups.unified_path(hybrid) == "/hostd.slice/x"
+    assert cgroups.unified_path("0::/\n") == "/"
+    with pytest.raises(RuntimeFailure, match="no cgroup v2 line"):
+        cgroups.unified_path("1:name=systemd:/x\n")
+
+
+def test_the_holder_moves_to_a_leaf_on_v2_only(tmp_path: Path) -> None:
+    """On v2 the unit's cgroup must hold no process to enable controllers for the tenants."""
+    own = tmp_path / cgroups.SYSTEMD_PARENT
+    own.mkdir(parents=True)
+    v2 = Layout(2, (Hierarchy(str(tmp_path), ()),))
+    leaf = cgroups.hold(v2, f"/{cgroups.SYSTEMD_PARENT}", 4242)
+    assert leaf == f"{own}/.holder"
+    assert (own / ".holder" / "cgroup.procs").read_text() == "4242"
+    assert cgroups.hold(v2, f"/{cgroups.SYSTEMD_PARENT}", 4243) == leaf  # the leaf exists
+    v1 = Layout(1, (Hierarchy(str(tmp_path / "v1"), ("name=systemd",)),))
+    assert cgroups.hold(v1, f"/{cgroups.SYSTEMD_PARENT}", 4242) is None
+    assert not (tmp_path / "v1").exists()

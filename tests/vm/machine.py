@@ -30,13 +30,13 @@ CACHE = Path("/var/cache/hostd/vm")
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 # The least a server running hostd has: systemd, a kernel, sshd for the test to come in, and
-# what hostd needs at run time (the Python packages Debian has; the rest come as wheels).
-# python3-ply: python3-pycparser's dependency is a virtual package, which debootstrap does not
-# resolve.
+# the Depends and Recommends of hostd's package (packaging/debian/control): the VM has no
+# network, the .deb is installed offline as apt-get installs it by default.
 PACKAGES = (
     "systemd", "systemd-sysv", "linux-image-amd64", "initramfs-tools", "udev", "openssh-server",
-    "runc", "uidmap", "lxcfs", "nftables", "iproute2", "e2fsprogs", "fuse3", "procps",
-    "python3", "python3-venv", "python3-cffi", "python3-ply", "python3-systemd", "python3-pyroute2",
+    "adduser", "debootstrap", "e2fsprogs", "fuse3", "iproute2", "lxcfs", "nftables",
+    "openssh-client", "procps", "runc", "uidmap", "python3", "python3-pyroute2", "python3-systemd",
+    "quota",
 )  # fmt: skip
 # Run in the new tree (chroot): the network of qemu's user mode (static: no DHCP wait), no
 # timers or units a test VM does not need, sshd for root by key only.
@@ -183,14 +183,50 @@ class Disk:
 
 
 class Machine:
-    """A running VM: root over SSH on 127.0.0.1:`port`; the guest reaches nothing but that."""
+    """A running VM: root over SSH on 127.0.0.1:`port`; the guest reaches nothing but that.
+    `argv` boots it (qemu with -no-reboot: a reboot inside ends qemu, `reboot` starts it again
+    on the same disks)."""
 
-    def __init__(self, img: Image, workdir: Path, port: int) -> None:
+    def __init__(self, img: Image, workdir: Path, port: int, argv: Sequence[str]) -> None:
         self.image = img
         self.workdir = workdir
         self.port = port
+        self.argv = list(argv)
         self.console = workdir / "console.log"
         self._control = workdir / "ssh.control"
+        self.qemu: subprocess.Popen[bytes] | None = None
+
+    def power_on(self) -> float:
+        """Start qemu; return once sshd answers and systemd has finished starting, with the
+        seconds that took."""
+        began = time.monotonic()
+        with open(self.console, "ab") as console:
+            self.qemu = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT
+            )
+        _wait_booted(self, self.qemu)
+        return time.monotonic() - began
+
+    def reboot(self, timeout: float = BOOT_TIMEOUT) -> tuple[float, float]:
+        """`systemctl reboot` inside, then boot the same disks again: the seconds the shutdown
+        took (until qemu exited) and the boot."""
+        assert self.qemu is not None
+        began = time.monotonic()
+        self.run("systemctl reboot", check=False, timeout=60)
+        try:
+            self.qemu.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the VM did not shut down:\n{console_tail(self)}") from None
+        down = time.monotonic() - began
+        self.close_ssh()
+        return down, self.power_on()
+
+    def power_off(self) -> None:
+        """qemu killed (the overlay is thrown away: no clean shutdown needed)."""
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            self.close_ssh()
+        if self.qemu is not None:
+            _kill(self.qemu)
 
     def ssh_argv(self, *command: str, master: str = "no") -> list[str]:
         """ssh as root into the VM; through the shared connection once `open_master` ran
@@ -263,30 +299,22 @@ def boot(img: Image, disks: Sequence[Disk] = ()) -> Iterator[tuple[Machine, floa
             ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(img.root),
              str(overlay)], check=True,
         )  # fmt: skip
-        machine = Machine(img, workdir, free_port())
+        port = free_port()
         argv = [
             "qemu-system-x86_64", "-accel", "tcg", "-m", MEMORY, "-smp", CPUS, "-nographic",
             "-no-reboot", "-kernel", str(img.kernel), "-initrd", str(img.initrd),
             "-append", "root=/dev/vda rw console=ttyS0 panic=-1",
             "-drive", f"file={overlay},format=qcow2,if=virtio",
-            "-nic", f"user,model=virtio-net-pci,restrict=on,"
-            f"hostfwd=tcp:127.0.0.1:{machine.port}-:22",
+            "-nic", f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22",
         ]  # fmt: skip
         for d in disks:
             ro = ",readonly=on" if d.read_only else ""
             argv += ["-drive", f"file={d.path},format=raw,if=virtio{ro}"]
-        began = time.monotonic()
-        with open(machine.console, "wb") as console:
-            qemu = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT
-            )
+        machine = Machine(img, workdir, port, argv)
         try:
-            _wait_booted(machine, qemu)
-            yield machine, time.monotonic() - began
+            yield machine, machine.power_on()
         finally:
-            with contextlib.suppress(subprocess.SubprocessError, OSError):
-                machine.close_ssh()
-            _kill(qemu)
+            machine.power_off()
     finally:
         shutil.rmtree(workdir)
 

@@ -16,12 +16,10 @@ from typing import Any
 import pytest
 
 from tests.hostd_harness import wait_for
-from tests.vm.install import MOUNT
+from tests.vm.install import MOUNT, VENV_PYTHON, tenants_cgroup
 from tests.vm.machine import Machine
 
 USER = "alice"  # an account of the throwaway VM
-PARENT = "hostd.slice/hostd-tenants.service"  # [runtime] cgroup_parent "auto" under systemd
-CGROUP = f"/sys/fs/cgroup/{PARENT}/{USER}"  # the parent / the container's name
 Tenant = dict[str, Any]  # as `hostctl user show --json` prints it
 MEMORY = 512 * 2**20
 PIDS = 256
@@ -52,6 +50,12 @@ def keyed(vm: Machine, path: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
+def cgroup(vm: Machine) -> str:
+    """The tenant's cgroup: below hostd-tenants.service's ([runtime] cgroup_parent "auto")."""
+    return f"/sys/fs/cgroup{tenants_cgroup(vm)}/{USER}"
+
+
+@pytest.fixture(scope="module")
 def subuid_before(vm: Machine) -> str:
     vm.sh(f"id {USER} >/dev/null 2>&1 || useradd -m -s /bin/bash {USER}")
     return vm.sh("cat /etc/subuid /etc/subgid")
@@ -71,7 +75,8 @@ def test_hostd_runs_under_systemd_on_cgroup2(vm: Machine) -> None:
     assert read(vm, "/proc/1/comm") == "systemd"
     assert vm.sh("stat -fc %T /sys/fs/cgroup").strip() == "cgroup2fs"
     assert {"cpu", "memory", "pids"} <= set(read(vm, "/sys/fs/cgroup/cgroup.controllers").split())
-    assert vm.sh("systemctl is-active hostd lxcfs").split() == ["active", "active"]
+    units = ["hostd", "hostd-tenants", "hostd-lxcfs"]
+    assert vm.sh(f"systemctl is-active {' '.join(units)}").split() == ["active"] * 3
     # sd_notify: READY=1 (systemctl start returned), then STATUS= once reconciled.
     wait_for(
         lambda: vm.sh("systemctl show -p StatusText --value hostd").startswith("serving"),
@@ -82,31 +87,33 @@ def test_hostd_runs_under_systemd_on_cgroup2(vm: Machine) -> None:
     hostctl(vm, "status")
 
 
-def test_limits_are_the_kernels(vm: Machine, tenant: Tenant) -> None:
-    assert read(vm, f"{CGROUP}/memory.max") == str(MEMORY)
-    assert read(vm, f"{CGROUP}/memory.swap.max") == "0"  # memory + swap = memory
-    assert read(vm, f"{CGROUP}/pids.max") == str(PIDS)
-    assert read(vm, f"{CGROUP}/cpu.max") == f"{round(CPUS * 100_000)} 100000"
+def test_limits_are_the_kernels(vm: Machine, tenant: Tenant, cgroup: str) -> None:
+    assert read(vm, f"{cgroup}/memory.max") == str(MEMORY)
+    assert read(vm, f"{cgroup}/memory.swap.max") == "0"  # memory + swap = memory
+    assert read(vm, f"{cgroup}/pids.max") == str(PIDS)
+    assert read(vm, f"{cgroup}/cpu.max") == f"{round(CPUS * 100_000)} 100000"
     # What a session runs is charged to the tenant as a whole, beside its systemd: not in the
     # inner init.scope, which that systemd caps at 15 % of the tenant's tasks.
     assert inside(vm, "cat /proc/self/cgroup").strip() == "0::/hostd-sessions"
-    throttled = keyed(vm, f"{CGROUP}/cpu.stat")["nr_throttled"]
+    throttled = keyed(vm, f"{cgroup}/cpu.stat")["nr_throttled"]
     inside(vm, "timeout 5 sh -c 'while :; do :; done' || true")  # a CPU hog: cpu.max holds it
-    assert keyed(vm, f"{CGROUP}/cpu.stat")["nr_throttled"] > throttled
+    assert keyed(vm, f"{cgroup}/cpu.stat")["nr_throttled"] > throttled
 
 
-def test_inner_docker_makes_its_own_cgroups(vm: Machine, tenant: Tenant, busybox_tar: Path) -> None:
+def test_inner_docker_makes_its_own_cgroups(
+    vm: Machine, tenant: Tenant, cgroup: str, busybox_tar: Path
+) -> None:
     # The tenant's init sits in a leaf: its node may then enable controllers for its children.
     assert inside(vm, "cat /proc/1/cgroup").strip() == "0::/init.scope"
-    assert read(vm, f"{CGROUP}/cgroup.procs") == ""
-    assert {"memory", "pids"} <= set(read(vm, f"{CGROUP}/cgroup.subtree_control").split())
+    assert read(vm, f"{cgroup}/cgroup.procs") == ""
+    assert {"memory", "pids"} <= set(read(vm, f"{cgroup}/cgroup.subtree_control").split())
     inside(vm, "docker import - busybox:local >/dev/null", True, busybox_tar.read_bytes())
     run = "docker run --rm --memory 64m busybox:local cat /sys/fs/cgroup/memory.max"
     out = inside(vm, run, True)
     assert out.strip() == str(64 * 2**20)
     cid = inside(vm, "docker run -d --memory 96m --pids-limit 50 busybox:local sleep 600", True)
     try:
-        found = vm.sh(f"find {CGROUP} -type d -name '*{cid.strip()}*'").split()
+        found = vm.sh(f"find {cgroup} -type d -name '*{cid.strip()}*'").split()
         assert len(found) == 1, found  # the inner container's cgroup, below the tenant's node
         assert read(vm, f"{found[0]}/memory.max") == str(96 * 2**20)
         assert read(vm, f"{found[0]}/pids.max") == "50"
@@ -114,25 +121,27 @@ def test_inner_docker_makes_its_own_cgroups(vm: Machine, tenant: Tenant, busybox
         inside(vm, f"docker rm -f {cid.strip()} >/dev/null", True)
 
 
-def test_oom_is_contained(vm: Machine, tenant: Tenant) -> None:
+def test_oom_is_contained(vm: Machine, tenant: Tenant, cgroup: str) -> None:
     hostd_pid = vm.sh("systemctl show -p MainPID --value hostd").strip()
-    before = keyed(vm, f"{CGROUP}/memory.events")["oom_kill"]
+    before = keyed(vm, f"{cgroup}/memory.events")["oom_kill"]
     hog = f"hostctl exec {USER} -- dd if=/dev/zero of=/dev/null bs={MEMORY * 3 // 2} count=1"
     res = vm.run(hog, check=False, timeout=SLOW)
     assert res.returncode == 137, res  # SIGKILL: its buffer is larger than the tenant's memory
-    assert keyed(vm, f"{CGROUP}/memory.events")["oom_kill"] > before
+    assert keyed(vm, f"{cgroup}/memory.events")["oom_kill"] > before
     kills = re.findall(r"oom-kill:.*", vm.sh("dmesg"))
-    assert kills and all(f"oom_memcg=/{PARENT}/{USER}" in k for k in kills), kills
+    assert kills and all(f"oom_memcg={tenants_cgroup(vm)}/{USER}" in k for k in kills), kills
     assert vm.sh("systemctl show -p MainPID --value hostd").strip() == hostd_pid
     assert inside(vm, "systemctl is-system-running || true").strip() in ("running", "degraded")
 
 
-def test_fork_bomb_hits_pids_max_and_the_host_answers(vm: Machine, tenant: Tenant) -> None:
+def test_fork_bomb_hits_pids_max_and_the_host_answers(
+    vm: Machine, tenant: Tenant, cgroup: str
+) -> None:
     inside(vm, BOMB)
     # pids.peak, not pids.events: before Linux 6.2 a refused fork counts in the forking
     # task's own cgroup (a leaf below the tenant's), not where the limit is.
     wait_for(
-        lambda: int(read(vm, f"{CGROUP}/pids.peak")) == PIDS,
+        lambda: int(read(vm, f"{cgroup}/pids.peak")) == PIDS,
         SLOW,
         "the fork bomb to fill pids.max",
         interval=1,
@@ -143,15 +152,17 @@ def test_fork_bomb_hits_pids_max_and_the_host_answers(vm: Machine, tenant: Tenan
     hostctl(vm, "status")  # hostd answers admins while the tenant is full
 
 
-def test_stop_and_remove_leave_nothing(vm: Machine, tenant: Tenant, subuid_before: str) -> None:
+def test_stop_and_remove_leave_nothing(
+    vm: Machine, tenant: Tenant, cgroup: str, subuid_before: str
+) -> None:
     hostctl(vm, f"stop {USER}")  # the fork bomb is still running: stop ends it all
-    assert vm.run(f"test -e {CGROUP}", check=False).returncode == 1
+    assert vm.run(f"test -e {cgroup}", check=False).returncode == 1
     hostctl(vm, f"user remove {USER}")
     left = vm.sh(
-        f"cd {MOUNT} && /opt/hostd/venv/bin/python -c "
+        f"cd {MOUNT} && {VENV_PYTHON} -c "
         + shlex.quote(
             "import json; from pathlib import Path; from tests.hostd_harness import host_view;"
-            f" v = host_view(Path('/var/lib/hostd'), ['{USER}'], '{PARENT}', 'hostd');"
+            f" v = host_view(Path('/var/lib/hostd'), ['{USER}'], 'hostd', 'hostd');"
             " print(json.dumps({'left': v.left(['" + USER + "']), 'dnat': sorted(v.dnat)}))"
         )
     )
@@ -161,4 +172,4 @@ def test_stop_and_remove_leave_nothing(vm: Machine, tenant: Tenant, subuid_befor
     quarantined = f"hostd-ids:{tenant['tenant']['range_start']}:65536"
     after = vm.sh("cat /etc/subuid /etc/subgid").splitlines()
     assert sorted(after) == sorted([*subuid_before.splitlines(), quarantined, quarantined])
-    assert vm.run(f"test -e {CGROUP}", check=False).returncode == 1
+    assert vm.run(f"test -e {cgroup}", check=False).returncode == 1

@@ -158,11 +158,12 @@ def test_stop_and_remove_leave_nothing(
     hostctl(vm, f"stop {USER}")  # the fork bomb is still running: stop ends it all
     assert vm.run(f"test -e {cgroup}", check=False).returncode == 1
     hostctl(vm, f"user remove {USER}")
+    parent = tenants_cgroup(vm).lstrip("/")  # where hostd put its cgroups
     left = vm.sh(
         f"cd {MOUNT} && {VENV_PYTHON} -c "
         + shlex.quote(
             "import json; from pathlib import Path; from tests.hostd_harness import host_view;"
-            f" v = host_view(Path('/var/lib/hostd'), ['{USER}'], 'hostd', 'hostd');"
+            f" v = host_view(Path('/var/lib/hostd'), ['{USER}'], '{parent}', 'hostd');"
             " print(json.dumps({'left': v.left(['" + USER + "']), 'dnat': sorted(v.dnat)}))"
         )
     )

@@ -345,6 +345,7 @@ def test_doctor(hostd: Hostd) -> None:
         "ID-mapped mounts",
         "overlay",
         "cgroups",
+        "tenant cgroups",
         "runc",
         "subuid files",
         "ID range owner",
@@ -363,6 +364,8 @@ def test_doctor(hostd: Hostd) -> None:
         "subuid space",
     ]
     assert f"tenants use {TEST_GATEWAY} (configured)" in res.stdout
+    (where,) = [line for line in lines if line.startswith("tenant cgroups")]
+    assert where.split()[-1] == CGROUP_PARENT  # the harness's, set in its hostd.toml
     assert "syscalls denied)" in res.stdout
     assert res.returncode == 0, res.stdout
 

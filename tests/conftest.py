@@ -23,6 +23,7 @@ from runtime import fsutil, lxcfs, network
 from runtime.containers import Runtime
 from runtime.execs import ExecSpec
 from runtime.ids import IdRange
+from runtime.limits import Limits
 from runtime.settings import Settings
 from tests.hostd_harness import Hostd, UnixUsers, free_port, free_subnet, make_busybox_tar
 
@@ -110,9 +111,11 @@ def make_container(rt: Runtime) -> Iterator[ContainerFactory]:
     made: list[str] = []
     counter = itertools.count()
 
-    def make(prefix: str = "t", image: str = "default", start: bool = True) -> str:
+    def make(
+        prefix: str = "t", image: str = "default", start: bool = True, limits: Limits | None = None
+    ) -> str:
         name = f"{prefix}{os.getpid()}-{next(counter)}"
-        rt.create(name, image, next_range())
+        rt.create(name, image, next_range(), limits=limits)
         made.append(name)
         if start:
             rt.start(name)

@@ -5,7 +5,6 @@ applies its cap now and its set at the next start."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from runtime import cgroups, mountinfo
 from runtime.containers import CPUS_NOW_SET_LATER, Runtime
 from runtime.errors import Conflict
 from runtime.limits import Limits
-from tests.conftest import load_busybox, next_range, sh
+from tests.conftest import ContainerFactory, load_busybox, sh
 
 MiB = 2**20
 CGROUP = "/sys/fs/cgroup"
@@ -37,15 +36,8 @@ def _cgroups(rt: Runtime, name: str) -> tuple[str, ...]:
 
 
 @pytest.fixture
-def limited(rt: Runtime) -> Iterator[str]:
-    name = f"quota{os.getpid()}"
-    rt.create(name, "default", next_range(), limits=Limits(cpus=1, memory=512 * MiB, pids=700))
-    try:
-        rt.start(name)
-        rt.wait_ready(name)
-        yield name
-    finally:
-        rt.delete(name, force=True)
+def limited(make_container: ContainerFactory) -> str:
+    return make_container("quota", limits=Limits(cpus=1, memory=512 * MiB, pids=700))
 
 
 @pytest.mark.skipif(cgroups.detect(mountinfo.current()).version != 1, reason="cgroup v1 only")

@@ -105,10 +105,17 @@ class Workers:
     only for admins). A user's job is never queued: those ahead may be hours-long sessions.
     Daemon threads: a session in progress does not hold up hostd's exit."""
 
-    def __init__(self, size: int, name: str, queue_when_busy: bool = False) -> None:
+    def __init__(
+        self,
+        size: int,
+        name: str,
+        queue_when_busy: bool = False,
+        on_thread: Callable[[], None] | None = None,
+    ) -> None:
         self.size = size
         self.name = name  # the [api] setting of its size
         self.queue_when_busy = queue_when_busy
+        self.on_thread = on_thread  # run first in each new thread
         self._lock = threading.Lock()
         self._jobs_in = 0  # running or queued
         self._threads = 0
@@ -140,6 +147,8 @@ class Workers:
         return True
 
     def _work(self) -> None:
+        if self.on_thread is not None:
+            self.on_thread()
         while True:
             job = self._jobs.get()
             try:

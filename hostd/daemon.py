@@ -28,6 +28,7 @@ from hostd.apiserver import Door, Refused, Request, Workers, read_request, refus
 from hostd.gateway import Gateway
 from hostd.idle import AutoStopper
 from hostd.notify import notify, watchdog_interval
+from hostd.priority import favour_this_thread
 from hostd.service import QUICK_OPS, Service
 from hostd.sessions import Sessions
 from hostd.startqueue import ordinal
@@ -99,8 +100,11 @@ class Daemon:
         api = cfg.api
         users = Workers(api.workers, "workers")
         admins = Workers(api.admin_workers, "admin_workers", queue_when_busy=True)
-        # Admins' reads (`status`) in a pool of their own: never queued behind a start storm.
-        self._quick = Workers(api.admin_workers, "admin_workers", queue_when_busy=True)
+        # Admins' reads (`status`) in a pool of their own: never queued behind a start storm,
+        # and ahead of the tenants' programs for the CPU.
+        self._quick = Workers(
+            api.admin_workers, "admin_workers", queue_when_busy=True, on_thread=favour_this_thread
+        )
         self._user = Door("user", False, api.max_connections, api.max_connections_per_user, users)
         self._admin = Door("admin", True, api.max_connections, None, admins)
         self._receiving: set[asyncio.Task[None]] = set()
@@ -391,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.hold_tenants:
             return hold_tenants()
         daemon = Daemon(config_mod.load(args.config))
+        favour_this_thread()  # the event loop's: it reads every request
         asyncio.run(daemon.run())
     except RuntimeFailure as exc:
         log.error("%s", exc)

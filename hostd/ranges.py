@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import pwd
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 from hostd import rangesource
 from hostd.rangesource import Runner
@@ -26,6 +27,28 @@ from runtime.ids import RANGE_SIZE, IdRange
 from runtime.records import Container
 
 GetPwNam = Callable[[str], pwd.struct_passwd]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """IDs start..end (inclusive) someone holds: `holder` says whose (claims of one holder
+    never collide), `label` names it for an admin."""
+
+    start: int
+    end: int
+    holder: str
+    label: str
+
+
+def first_overlap(claims: Iterable[Claim]) -> tuple[Claim, Claim] | None:
+    """Two claims of different holders that share an ID, if any (the earliest found)."""
+    widest: Claim | None = None  # of the claims so far, the one reaching highest
+    for c in sorted(claims, key=lambda c: (c.start, c.end)):
+        if widest is not None and c.start <= widest.end and c.holder != widest.holder:
+            return widest, c
+        if widest is None or c.end > widest.end:
+            widest = c
+    return None
 
 
 class Ranges:

@@ -129,10 +129,10 @@ def _spans(ranges: list[tuple[int, int]]) -> str:
     return ", ".join(f"{start}-{start + count - 1}" for start, count in ranges)
 
 
-def provider(nsswitch: Path = NSSWITCH) -> str:
+def provider(nsswitch: Path | None = None) -> str:
     """The libsubid provider named in nsswitch.conf: `files` (/etc/subuid) when none is."""
     try:
-        text = nsswitch.read_text(errors="replace")
+        text = (nsswitch or NSSWITCH).read_text(errors="replace")
     except FileNotFoundError:
         text = ""
     for line in text.splitlines():

@@ -96,14 +96,14 @@ class Ranges:
             lo, hi = self.bounds
             start = rangesource.deterministic_start(pw.pw_uid, self.min_uid, lo, hi)
             what = f"{pw.pw_name}'s deterministic ID range {IdRange(start)} (uid {pw.pw_uid})"
-            fix = "remove that entry, or move [subids] min and max clear of it"
+            fix = "remove that entry (a tenant keeps its range), or move [subids] min and max"
         else:
             start = rangesource.directory_start(pw.pw_name, self.getsubids)
             what = f"{pw.pw_name}'s ID range {IdRange(start)} from the subid provider"
             fix = "give the user a range in the directory that nothing on this host uses"
         clash = self._collision(start, pw.pw_name)
         if clash is not None:
-            raise Conflict(f"{what} collides with {clash}", fix)
+            raise Conflict(f"{what} collides with {clash[0]}", clash[1] or fix)
         return start
 
     def check_free(self, start: int, user: str) -> None:
@@ -112,24 +112,31 @@ class Ranges:
         clash = self._collision(start, user)
         if clash is not None:
             raise Conflict(
-                f"IDs {IdRange(start)} for {user} collide with {clash}",
-                "import with --range auto, or free those IDs first",
+                f"IDs {IdRange(start)} for {user} collide with {clash[0]}",
+                clash[1] or "import with --range auto, or free those IDs first",
             )
 
-    def _collision(self, start: int, user: str) -> str | None:
-        """What the range from `start` overlaps: a range the state records (any status), else
-        an entry of either file. Entries of every owner count (the user's own would let them
-        newuidmap into it), but for source = subid the user's own entry of exactly this
-        range: that is the directory's grant (the `files` provider reads it from there)."""
+    def _collision(self, start: int, user: str) -> tuple[str, str | None] | None:
+        """What the range from `start` overlaps (and its own fix, if it has one): a range the
+        state records (any status), else an entry of either file. Entries of every owner
+        count (the user's own would let them newuidmap into it), but for source = subid the
+        user's own entry of exactly this range: that is the directory's grant (the `files`
+        provider reads it from there)."""
         new = SubIdEntry(user, start, RANGE_SIZE)
         records = {r.start: r for r in self.state.ranges()}
         for s in self.state.range_starts():
             if new.overlaps(SubIdEntry("", s, RANGE_SIZE)):
                 r = records.get(s)
                 if r is None:
-                    return f"the range {IdRange(s)} of a tenant in hostd's state"
-                return (
+                    return f"the range {IdRange(s)} of a tenant in hostd's state", None
+                what = (
                     f"{r.user}'s range {IdRange(s)} in hostd's state ({r.status} since {r.since})"
+                )
+                if r.status != "quarantined":
+                    return what, None
+                return (
+                    what,
+                    f"release it (`hostctl ranges release {s}`) once nothing of its is left",
                 )
         own = self._legacy_owners(user) | {user} if self.source == "subid" else set[str]()
         uids, gids = self.files.read()
@@ -139,7 +146,7 @@ class Ranges:
                     continue
                 if e.owner in own and (e.start, e.count) == (start, RANGE_SIZE):
                     continue
-                return f"{e.owner}'s entry {e.owner}:{e.start}:{e.count} in {path}"
+                return f"{e.owner}'s entry {e.owner}:{e.start}:{e.count} in {path}", None
         return None
 
     def register(self, start: int) -> None:

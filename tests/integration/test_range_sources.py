@@ -132,7 +132,8 @@ def test_a_foreign_entry_in_the_way_is_one_line_and_nothing_is_left(
         assert res.stderr.splitlines() == [
             f"hostctl: {user}'s deterministic ID range {start}-{start + RANGE_SIZE - 1} "
             f"(uid {pwd.getpwnam(user).pw_uid}) collides with podman-ci's entry {foreign} in "
-            f"{deterministic.subuid}: remove that entry, or move [subids] min and max clear of it"
+            f"{deterministic.subuid}: remove that entry (a tenant keeps its range), or move "
+            "[subids] min and max"
         ]
         assert deterministic.hostctl("user", "show", user, check=False).returncode != 0
         assert user not in deterministic.hostctl("ranges").stdout

@@ -115,8 +115,8 @@ def test_a_foreign_entry_in_the_way_is_a_conflict_and_nothing_is_left(
         tenants.add(host.user("alice", uid=ALICE))
     assert str(info.value) == (
         f"alice's deterministic ID range {at(2)}-{at(3) - 1} (uid {ALICE}) collides with "
-        f"mallory's entry mallory:{at(2) + 100}:10 in {host.root / file}: remove that entry, "
-        "or move [subids] min and max clear of it"
+        f"mallory's entry mallory:{at(2) + 100}:10 in {host.root / file}: remove that entry "
+        "(a tenant keeps its range), or move [subids] min and max"
     )
     assert host.state.tenants() == [] and host.ranges() == {} and host.rt.boxes == {}
     assert files(host) == before
@@ -169,8 +169,13 @@ def test_a_removed_users_quarantined_formula_range_needs_a_release(host: Host) -
     tenants = switch(host, "deterministic")
     tenants.add(host.user("alice", uid=ALICE))
     tenants.remove("alice")
-    with pytest.raises(Conflict, match=f"alice's range {at(2)}-{at(3) - 1} in hostd's state "):
+    with pytest.raises(
+        Conflict, match=f"alice's range {at(2)}-{at(3) - 1} in hostd's state "
+    ) as info:
         tenants.add("alice")
+    assert info.value.fix == (
+        f"release it (`hostctl ranges release {at(2)}`) once nothing of its is left"
+    )
     tenants.release_range(at(2))
     assert tenants.add("alice").range_start == at(2)
 

@@ -19,6 +19,7 @@ from typing import Any
 from hostd import configfiles
 from hostd.configfiles import Setting, check_path, read_text, toml_setting
 from hostd.errors import HostdError
+from hostd.rangesource import SOURCES
 from hostd.startqueue import auto_slots
 from hostd.units import parse_count, parse_cpus, parse_size
 from runtime import cgroups, mountinfo
@@ -65,12 +66,14 @@ class RuntimeConfig:
 class SubIdConfig:
     """Where users' ID ranges may be allocated: [min, max], `count` IDs each, registered in
     the subuid/subgid files under `owner`, an account no human acts as (never the tenant: then
-    newuidmap would let them become their container's root on the host)."""
+    newuidmap would let them become their container's root on the host). `source` says how a
+    new tenant's range is chosen (hostd.rangesource)."""
 
     min: int
     max: int
     count: int
     owner: str = ID_OWNER
+    source: str = "local"
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,12 @@ def _count(value: Any) -> int:
     return RANGE_SIZE
 
 
+def _source(value: Any) -> str:
+    if value not in SOURCES:
+        raise ValueError(f"use one of {', '.join(map(repr, SOURCES))}")
+    return str(value)
+
+
 def _text(value: Any) -> str:
     """A number or string limit as text for the unit parsers (which reject "True" and "1e3")."""
     if not isinstance(value, str | int | float):
@@ -350,6 +359,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "max": _Key(600100000, _id(MIN_START), "SUB_UID_MAX"),
         "count": _Key(RANGE_SIZE, _count),
         "owner": _Key(ID_OWNER, _account),
+        "source": _Key("local", _source),
     },
     "users": {
         "admin_group": _Key("hostd-admin", _group),

@@ -83,7 +83,7 @@ def _doctor(args: argparse.Namespace) -> int:
         args.json,
         [c._asdict() for c in checks],
         ("CHECK", "STATUS", "DETAIL"),
-        [(c.name, "ok" if c.ok else "FIX", c.detail) for c in checks],
+        [(c.name, "WARN" if c.warning else "ok" if c.ok else "FIX", c.detail) for c in checks],
     )
     return 0 if all(c.ok for c in checks) else 1
 

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hostd import hostlimits
+from hostd import hostlimits, rangesource
 from hostd.config import Config
 from hostd.hostlimits import TenantLoad
+from hostd.ranges import Claim, first_overlap
 from hostd.subids import SubIdFiles, owner_problem
 from runtime import cgroups, mountinfo, proc, seccomp, syscalls, sysctl, volume
 from runtime.ids import RANGE_SIZE, IdRange
@@ -30,10 +31,18 @@ LOADAVG = Path("/proc/loadavg")
 KEY_USERS = Path("/proc/key-users")
 
 
+WARNING = "warning: "  # a passing check's detail that wants a look starts so (WARN)
+
+
 class Check(NamedTuple):
     name: str
     ok: bool
     detail: str
+
+    @property
+    def warning(self) -> bool:
+        """It works, but an admin should know (shown as WARN; doctor still passes)."""
+        return self.ok and self.detail.startswith(WARNING)
 
 
 def _kernel(_: Config) -> tuple[bool, str]:
@@ -170,6 +179,82 @@ def _owner(cfg: Config) -> tuple[bool, str]:
         f"{name} (locked, no login) owns {sum(e.owner == name for e in uids)} ranges: "
         "tenants cannot newuidmap into their container's IDs"
     )
+
+
+def _id_ranges(cfg: Config) -> tuple[bool, str]:
+    """Where new ranges come from, and that no two ranges overlap across the files and the
+    state; for deterministic, which tenants' ranges are not the formula's."""
+    lo, hi, min_uid = cfg.subids.min, cfg.subids.max, cfg.users.min_uid
+    source = {
+        "local": f"local: the first free range in {lo}-{hi}",
+        "deterministic": f"deterministic: {rangesource.formula(min_uid, lo)}, "
+        f"uids {min_uid}-{rangesource.last_uid(min_uid, lo, hi)} fit below {hi}",
+        "subid": f"subid: from libsubid's {rangesource.provider()!r} provider (getsubids)",
+    }[cfg.subids.source]
+    if cfg.subids.source == "subid" and shutil.which("getsubids") is None:
+        return False, f"{source}, but getsubids is missing: apt-get install uidmap"
+    clash = first_overlap(_range_claims(cfg))
+    if clash is not None:
+        return False, (
+            f"{clash[0].label} overlaps {clash[1].label}: remove or move one (a tenant's "
+            "range is hers: change the other)"
+        )
+    off = _off_formula(cfg) if cfg.subids.source == "deterministic" else []
+    if off:
+        return True, (
+            f"{WARNING}{source}; {'; '.join(off)}: allocated before source = deterministic, "
+            "they keep them (moving them keeps them too)"
+        )
+    return True, f"{source}; no two ranges overlap"
+
+
+def _range_claims(cfg: Config) -> list[Claim]:
+    """Every range the state records and every entry of subuid and subgid, each with whose
+    it is: a tenant's range and hostd's entry for it (or, for source = subid, the user's own
+    entry the directory grants) are one claim, not an overlap."""
+    records = _state_rows(cfg, "SELECT start, user, status FROM ranges") or []
+    user_at = {start: user for start, user, _ in records}
+    claims = [
+        Claim(start, start + RANGE_SIZE - 1, user, f"{user}'s range {IdRange(start)} ({status})")
+        for start, user, status in records
+    ]
+    uids, gids = SubIdFiles(cfg.paths.subuid, cfg.paths.subgid).read()
+    for path, entries in ((cfg.paths.subuid, uids), (cfg.paths.subgid, gids)):
+        for e in entries:
+            if e.count <= 0:
+                continue
+            holder = f"entry of {_account_name(e.owner)}"
+            exact = e.count == RANGE_SIZE and e.start in user_at
+            if exact and e.owner == cfg.subids.owner:
+                holder = user_at[e.start]
+            elif exact and cfg.subids.source == "subid":
+                holder = _account_name(e.owner)
+            label = f"{e.owner}'s entry {e.owner}:{e.start}:{e.count} in {path}"
+            claims.append(Claim(e.start, e.end, holder, label))
+    return claims
+
+
+def _account_name(owner: str) -> str:
+    """A subuid owner as a user name (an entry may name the uid)."""
+    if owner.isdigit():
+        try:
+            return pwd.getpwuid(int(owner)).pw_name
+        except KeyError:
+            pass
+    return owner
+
+
+def _off_formula(cfg: Config) -> list[str]:
+    """Tenants whose range is not the deterministic formula's, one phrase each."""
+    rows = _state_rows(cfg, "SELECT user, uid, range_start FROM tenants ORDER BY user") or []
+    off = []
+    for user, uid, start in rows:
+        want = cfg.subids.min + (uid - cfg.users.min_uid) * RANGE_SIZE
+        if start != want:
+            off.append(
+                f"{user}'s range is {IdRange(start)}, the formula's {want}-{want + RANGE_SIZE - 1}"
+            )
+    return off
 
 
 def _nft(_: Config) -> tuple[bool, str]:
@@ -358,6 +443,7 @@ CHECKS: tuple[tuple[str, Callable[[Config], tuple[bool, str]]], ...] = (
     ("runc", _runc),
     ("subuid files", _subids),
     ("ID range owner", _owner),
+    ("ID ranges", _id_ranges),
     ("nftables", _nft),
     ("tenant DNS", _dns),
     ("disk quota", _disk),

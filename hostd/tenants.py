@@ -91,7 +91,15 @@ class Tenants:
         self.getpwnam = getpwnam  # the host's accounts (a seam for tests)
         subids = SubIdFiles(config.paths.subuid, config.paths.subgid)
         bounds = (config.subids.min, config.subids.max)
-        self.ranges = Ranges(state, subids, config.subids.owner, bounds, getpwnam)
+        self.ranges = Ranges(
+            state,
+            subids,
+            config.subids.owner,
+            bounds,
+            getpwnam,
+            source=config.subids.source,
+            min_uid=config.users.min_uid,
+        )
         self.addresses = Addresses(state, runtime, config.network.privileged_ports)
         self.inner = InnerAccounts(runtime, read_file)
         self._locks: dict[str, threading.Lock] = {}
@@ -199,7 +207,7 @@ class Tenants:
         the range's subuid/subgid entries: both or neither."""
         with self.ranges.locked():
             kept = self.state.kept_range(pw.pw_name)
-            start = kept if kept is not None else self.ranges.allocate()
+            start = kept if kept is not None else self.ranges.range_for(pw)
             t = Tenant(
                 pw.pw_name,
                 pw.pw_uid,

@@ -349,6 +349,7 @@ def test_doctor(hostd: Hostd) -> None:
         "runc",
         "subuid files",
         "ID range owner",
+        "ID ranges",
         "nftables",
         "tenant DNS",
         "disk quota",

@@ -808,3 +808,103 @@ def test_every_check_has_tests_here() -> None:
     source = Path(__file__).read_text()
     untested = [name for name, _ in doctor.CHECKS if f'"{name}", monkeypatch' not in source]
     assert untested == []
+
+
+# -- ID ranges: the source in use, overlaps across subuid, subgid and the state ---------------
+
+
+def entries(base: Path, *lines: str) -> None:
+    for name in ("subuid", "subgid"):
+        (base / name).write_text("".join(f"{line}\n" for line in lines))
+
+
+def test_id_ranges_say_the_source_and_find_no_overlap(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load(base, "[subids]\nmin = 100000\nmax = 600100000\n")
+    tenants(cfg, Limits(), Limits())  # t0 at 100000, t1 at 165536
+    entries(base, f"{OWNER}:100000:65536", f"{OWNER}:165536:65536", "podman:900000:65536")
+    assert one(cfg, "ID ranges", monkeypatch)[1:] == (
+        True,
+        "local: the first free range in 100000-600100000; no two ranges overlap",
+    )
+
+
+@pytest.mark.parametrize("file", ["subuid", "subgid"])
+def test_an_entry_over_a_tenants_range_fails_naming_both(
+    base: Path, file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load(base, "[subids]\nmin = 100000\n")
+    tenants(cfg, Limits(), Limits())
+    entries(base, f"{OWNER}:100000:65536", f"{OWNER}:165536:65536")
+    with (base / file).open("a") as f:
+        f.write("mallory:170000:10\n")
+    check = one(cfg, "ID ranges", monkeypatch)
+    assert check[1:] == (
+        False,
+        f"t1's range 165536-231071 (active) overlaps mallory's entry mallory:170000:10 in "
+        f"{base / file}: remove or move one (a tenant's range is hers: change the other)",
+    )
+
+
+@pytest.mark.parametrize(("source", "ok"), [("local", False), ("subid", True)])
+def test_a_users_own_entry_of_her_range_is_a_grant_only_from_the_directory(
+    base: Path, source: str, ok: bool, path_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under her own name she can newuidmap it: right for subid (the directory's grant),
+    an overlap for hostd's own ranges."""
+    program(path_dir, "getsubids")
+    cfg = load(base, f'[subids]\nmin = 100000\nsource = "{source}"\n')
+    tenants(cfg, Limits())
+    entries(base, "t0:100000:65536")
+    check = one(cfg, "ID ranges", monkeypatch)
+    assert check.ok is ok
+    assert ok or "t0's range 100000-165535 (active) overlaps t0's entry t0:100000:65536" in (
+        check.detail
+    )
+
+
+def test_deterministic_shows_the_formula_and_warns_of_tenants_off_it(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on = load(
+        base,
+        '[subids]\nmin = 100000\nmax = 362143\nsource = "deterministic"\n[users]\nmin_uid = 2000\n',
+    )
+    tenants(on, Limits(), Limits())  # uids 2000 and 2001 at 100000 and 165536: the formula's
+    formula = "deterministic: start = 100000 + (uid - 2000) * 65536, uids 2000-2003 fit below"
+    assert one(on, "ID ranges", monkeypatch)[1:] == (
+        True,
+        f"{formula} 362143; no two ranges overlap",
+    )
+    off = load(
+        base,
+        '[subids]\nmin = 100000\nmax = 362143\nsource = "deterministic"\n[users]\nmin_uid = 1999\n',
+    )
+    check = one(off, "ID ranges", monkeypatch)
+    assert check.warning
+    assert check.detail == (
+        "warning: deterministic: start = 100000 + (uid - 1999) * 65536, uids 1999-2002 fit "
+        "below 362143; t0's range is 100000-165535, the formula's 165536-231071; t1's range is "
+        "165536-231071, the formula's 231072-296607: allocated before source = deterministic, "
+        "they keep them (moving them keeps them too)"
+    )
+
+
+def test_subid_names_the_provider_and_needs_getsubids(
+    base: Path, path_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load(base, '[subids]\nsource = "subid"\n')
+    nsswitch = tmp_path / "nsswitch.conf"
+    nsswitch.write_text("subid: sss\n")
+    monkeypatch.setattr(doctor.rangesource, "NSSWITCH", nsswitch)
+    assert one(cfg, "ID ranges", monkeypatch)[1:] == (
+        False,
+        "subid: from libsubid's 'sss' provider (getsubids), but getsubids is missing: "
+        "apt-get install uidmap",
+    )
+    program(path_dir, "getsubids")
+    assert one(cfg, "ID ranges", monkeypatch)[1:] == (
+        True,
+        "subid: from libsubid's 'sss' provider (getsubids); no two ranges overlap",
+    )

@@ -119,7 +119,8 @@ class Ranges:
     def _collision(self, start: int, user: str) -> tuple[str, str | None] | None:
         """What the range from `start` overlaps (and its own fix, if it has one): a range the
         state records (any status), else an entry of either file. Entries of every owner
-        count (the user's own would let them newuidmap into it), but for source = subid the
+        count (the user's own would let them newuidmap into it), but the user's own range
+        (kept or quarantined for them) with hostd's entries of it, and for source = subid the
         user's own entry of exactly this range: that is the directory's grant (the `files`
         provider reads it from there)."""
         new = SubIdEntry(user, start, RANGE_SIZE)
@@ -129,6 +130,8 @@ class Ranges:
                 r = records.get(s)
                 if r is None:
                     return f"the range {IdRange(s)} of a tenant in hostd's state", None
+                if (r.start, r.user) == (start, user) and r.status != "active":
+                    continue  # their own, kept or quarantined: theirs again (state._take_range)
                 what = (
                     f"{r.user}'s range {IdRange(s)} in hostd's state ({r.status} since {r.since})"
                 )
@@ -139,6 +142,8 @@ class Ranges:
                     f"release it (`hostctl ranges release {s}`) once nothing of its is left",
                 )
         own = self._legacy_owners(user) | {user} if self.source == "subid" else set[str]()
+        if start in records and records[start].user == user:  # their own range, entries too
+            own.add(self.owner)
         uids, gids = self.files.read()
         for path, entries in ((self.files.subuid, uids), (self.files.subgid, gids)):
             for e in entries:

@@ -549,14 +549,16 @@ def _range(db: sqlite3.Connection, start: int) -> IdRangeRecord | None:
 
 
 def _take_range(db: sqlite3.Connection, start: int, user: str) -> None:
-    """Make the range at `start` active for `user`: a new one, or the one kept for them."""
+    """Make the range at `start` active for `user`: a new one, or their own again (kept, or
+    quarantined since their removal: the quarantine keeps a range from other users; the
+    same user re-added or imported under a fixed range gets their own back)."""
     record = _range(db, start)
     if record is None:
         db.execute(
             "INSERT INTO ranges (start, user, status, since) VALUES (?, ?, 'active', ?)",
             (start, user, utc_now()),
         )
-    elif (record.user, record.status) == (user, "kept"):
+    elif record.user == user and record.status in ("kept", "quarantined"):
         db.execute(
             "UPDATE ranges SET status = 'active', since = ? WHERE start = ?", (utc_now(), start)
         )

@@ -165,19 +165,18 @@ def test_a_kept_range_still_wins_over_the_source(host: Host) -> None:
     assert switch(host, "deterministic").add("alice").range_start == at(0)
 
 
-def test_a_removed_users_quarantined_formula_range_needs_a_release(host: Host) -> None:
+def test_a_removed_user_gets_their_quarantined_formula_range_back_and_nobody_else(
+    host: Host,
+) -> None:
     tenants = switch(host, "deterministic")
     tenants.add(host.user("alice", uid=ALICE))
     tenants.remove("alice")
-    with pytest.raises(
-        Conflict, match=f"alice's range {at(2)}-{at(3) - 1} in hostd's state "
-    ) as info:
-        tenants.add("alice")
-    assert info.value.fix == (
-        f"release it (`hostctl ranges release {at(2)}`) once nothing of its is left"
-    )
-    tenants.release_range(at(2))
+    assert host.ranges() == {at(2): ("alice", "quarantined")}
     assert tenants.add("alice").range_start == at(2)
+    assert host.ranges() == {at(2): ("alice", "active")}
+    tenants.remove("alice")
+    with pytest.raises(Conflict, match=f"alice's range {at(2)}-{at(3) - 1} in hostd's state "):
+        tenants.ranges.check_free(at(2), "bob")
 
 
 # -- subid ------------------------------------------------------------------------------------

@@ -228,14 +228,15 @@ def test_a_kept_range_is_adopted_only_by_its_user(db: State) -> None:
     assert db.kept_range("alice") is None
 
 
-def test_a_quarantined_range_is_never_taken_even_by_its_old_user(db: State) -> None:
+def test_a_quarantined_range_is_taken_only_by_its_old_user(db: State) -> None:
     db.begin_add(make_tenant("alice", 100000), Limits())
     db.delete_tenant("alice", "quarantined")
     fix = r"release it first \(`hostctl ranges release 100000`\)"
-    for user in ("alice", "bob"):
-        with pytest.raises(Conflict, match=f"is quarantined for alice since .*: {fix}"):
-            db.begin_add(make_tenant(user, 100000), Limits())
+    with pytest.raises(Conflict, match=f"is quarantined for alice since .*: {fix}"):
+        db.begin_add(make_tenant("bob", 100000), Limits())
     assert db.tenants() == []
+    db.begin_add(make_tenant("alice", 100000), Limits())
+    assert _statuses(db) == [(100000, "alice", "active")]
 
 
 def test_release_refuses_ranges_in_use_and_runs_first_before_forgetting(db: State) -> None:

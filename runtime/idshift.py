@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from collections.abc import Iterator
 
 from runtime.ids import RANGE_SIZE, IdRange
 
@@ -49,8 +50,14 @@ def shift_tree(root: str | os.PathLike[str], old: IdRange | None, new: IdRange) 
     """Shift every owner below `root` (itself included) from `old` to `new` (None: host IDs
     0..65535, as an image template has them); the number of inodes changed."""
     shift = Shift(old, new)
+    return sum(shift_inode(path, st, shift) for path, st in inodes(root))
+
+
+def inodes(root: str | os.PathLike[str]) -> Iterator[tuple[str, os.stat_result]]:
+    """(path, lstat) of `root` and every inode below it, each once (a hardlinked file under
+    its first name), without following a symlink."""
     seen: set[tuple[int, int]] = set()
-    changed = int(_shift(os.fspath(root), os.lstat(root), shift))
+    yield os.fspath(root), os.lstat(root)
     stack = [os.fspath(root)]
     while stack:
         with os.scandir(stack.pop()) as entries:
@@ -62,11 +69,10 @@ def shift_tree(root: str | os.PathLike[str], old: IdRange | None, new: IdRange) 
                     if (st.st_dev, st.st_ino) in seen:
                         continue
                     seen.add((st.st_dev, st.st_ino))
-                changed += _shift(entry.path, st, shift)
-    return changed
+                yield entry.path, st
 
 
-def _shift(path: str, st: os.stat_result, shift: Shift) -> bool:
+def shift_inode(path: str, st: os.stat_result, shift: Shift) -> bool:
     """Shift one inode; True if anything of it changed."""
     uid, gid = shift(st.st_uid), shift(st.st_gid)
     link = stat.S_ISLNK(st.st_mode)

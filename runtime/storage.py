@@ -39,6 +39,7 @@ VOLUME_DIRS = (
     ("docker", 0o710, True),
     ("containerd", 0o710, True),
 )
+WHITEOUT = os.makedev(0, 0)  # the character device overlayfs marks a deleted file with
 # Character devices the container's root may open, besides runc's defaults (null, zero, full,
 # random, urandom, tty). Our own nodes, owned by the container's root: the host's are 0600.
 DEVICES = {"fuse": (10, 229, "/dev/fuse"), "net-tun": (10, 200, "/dev/net/tun")}
@@ -123,16 +124,22 @@ def adopt_volume(
     cdir: Path, imported: ImportedVolume, ids: IdRange, disk: int, scratch: Path
 ) -> None:
     """The imported volume becomes the container's data.img (checked and grown: volume.adopt),
-    its owners shifted from the range it was exported under to `ids` on a mount at `scratch`
-    (an empty directory only root reaches) that is nosuid, nodev, noexec: while owners move,
-    nothing in it may run or open a device."""
+    walked once on a mount at `scratch` (an empty directory only root reaches; nosuid, nodev,
+    noexec: nothing in it may run or open a device meanwhile): owners shifted from the range it
+    was exported under to `ids`, and refused if it holds a device node. No container can make
+    one (overlay whiteouts, char 0:0, aside), and the devices cgroup lets the inner Docker use
+    any: only a forged archive brings one."""
     image = cdir / "data.img"
     volume.adopt(imported.path, image, disk)
-    if imported.ids == ids:
-        return
+    shift = None if imported.ids == ids else idshift.Shift(imported.ids, ids)
+    changed = 0
     volume.mount(image, scratch, f"{volume.MOUNT_OPTIONS},nosuid,nodev,noexec")
     try:
-        changed = idshift.shift_tree(scratch, imported.ids, ids)
+        for path, st in idshift.inodes(scratch):
+            if stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode) and st.st_rdev != WHITEOUT:
+                raise volume.damaged(f"it holds a device node, {os.path.relpath(path, scratch)}")
+            if shift is not None:
+                changed += idshift.shift_inode(path, st, shift)
     finally:
         volume.unmount(scratch)
     log.info("%s: %d files shifted from %s to %s", cdir.name, changed, imported.ids, ids)

@@ -42,7 +42,8 @@ MKFS_OPTIONS = (
 # No nosuid/nodev: flags of a host mount are locked in the container's user namespace, and
 # BuildKit's `rbind ro` remounts of /var/lib/docker without them fail (EPERM). The volume lies
 # in the container's 0710 directory, out of host users' reach; root inside cannot make device
-# nodes, and the container's device cgroup refuses any it finds.
+# nodes (its devices cgroup allows every one, for the inner Docker), and an imported volume
+# holding one is refused (storage.adopt_volume).
 # discard: ext4 discards the blocks it frees at each journal commit (every 5 s), and the loop
 # device turns that into holes punched in the image, so space deleted inside goes back to the
 # host. Measured on a 2 GiB volume: no cost above the noise (1 GiB written and deleted, 20000

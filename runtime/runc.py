@@ -39,7 +39,8 @@ class Runc:
         """`runc create`: namespaces made, init waiting for `start`; returns init's host PID.
         init inherits our stdio, so it gets a log file (never a shared file like /dev/null)."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(console_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(console_log, flags, 0o600)  # never through a link planted there
         os.fchmod(fd, 0o600)  # a log from an older hostd was world-readable
         with open(fd, "wb") as log:
             done = subprocess.run(

@@ -218,8 +218,8 @@ def _resources(spec: ContainerSpec) -> dict[str, Any]:
 def exec_process(
     config: dict[str, Any], spec: ExecSpec, size: tuple[int, int] | None
 ) -> dict[str, Any]:
-    """process.json for `runc exec --process`: the container's own process settings
-    (capabilities included), with a terminal of `size` (rows, columns) set before the program
+    """process.json for `runc exec --process`: the container's own process settings (its
+    capabilities for root, none but the bounding set for others), with a terminal of `size` (rows, columns) set before the program
     runs, or none."""
     uid, gid = spec.ids()
     process = dict(config["process"])
@@ -230,6 +230,8 @@ def exec_process(
         env=[*process.get("env", []), *spec.env],
         cwd=spec.cwd or "/",
     )
+    if uid != 0:  # as after a login: no capabilities until sudo; the bounding set allows it
+        process["capabilities"] = {"bounding": process["capabilities"]["bounding"]}
     if size is not None:
         process["consoleSize"] = {"height": size[0], "width": size[1]}
     return process

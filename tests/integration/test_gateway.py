@@ -54,6 +54,14 @@ def test_exec_status_streams_and_account(login: Login) -> None:
     assert login.ssh("cat | wc -c", input=b"x" * 100000).stdout.strip() == b"100000"
 
 
+def test_the_users_programs_have_no_capabilities_until_sudo(login: Login) -> None:
+    """As after any login: a file only root may read stays closed to the user's shell."""
+    caps = login.ssh("grep -E '^Cap(Inh|Prm|Eff|Amb):' /proc/self/status").stdout.decode()
+    assert {line.split()[1] for line in caps.splitlines()} == {"0000000000000000"}, caps
+    assert login.ssh("cat /etc/shadow").returncode != 0
+    assert login.ssh("sudo -n cat /etc/shadow").stdout.startswith(b"root:")
+
+
 def test_host_key_is_kept_across_restarts(hostd: Hostd) -> None:
     def fingerprint() -> str:
         out = subprocess.run(

@@ -219,8 +219,8 @@ def exec_process(
     config: dict[str, Any], spec: ExecSpec, size: tuple[int, int] | None
 ) -> dict[str, Any]:
     """process.json for `runc exec --process`: the container's own process settings (its
-    capabilities for root, none but the bounding set for others), with a terminal of `size` (rows, columns) set before the program
-    runs, or none."""
+    capabilities for root, none but the bounding set for others), with a terminal of `size`
+    (rows, columns) set before the program runs, or none."""
     uid, gid = spec.ids()
     process = dict(config["process"])
     process.update(

@@ -174,7 +174,7 @@ def test_config_survives_json(config: dict[str, Any]) -> None:
     assert json.loads(json.dumps(config)) == config
 
 
-def test_tty_process_keeps_capabilities_and_sets_the_terminal_before_start() -> None:
+def test_tty_process_of_a_user_sets_the_terminal_before_start_and_drops_capabilities() -> None:
     config = build_config(make_spec())
     spec = ExecSpec(["bash", "-l"], user="1000", env=["TERM=xterm"], cwd="/home/a")
     process = exec_process(config, spec, (40, 100))
@@ -183,7 +183,8 @@ def test_tty_process_keeps_capabilities_and_sets_the_terminal_before_start() -> 
     assert process["args"] == ["bash", "-l"]
     assert process["user"] == {"uid": 1000, "gid": 1000, "additionalGids": []}
     assert process["cwd"] == "/home/a"
-    assert process["capabilities"] == config["process"]["capabilities"]
+    bounding = config["process"]["capabilities"]["bounding"]
+    assert process["capabilities"] == {"bounding": bounding}  # sudo still works
     assert process["env"][-1] == "TERM=xterm" and process["env"][0].startswith("PATH=")
     assert config["process"]["terminal"] is False  # the container's own config is untouched
 
@@ -194,6 +195,7 @@ def test_a_process_without_terminal_has_no_console_size() -> None:
     assert process["terminal"] is False and "consoleSize" not in process
     assert process["cwd"] == "/"
     assert process["user"] == {"uid": 0, "gid": 0, "additionalGids": [27]}
+    assert process["capabilities"] == config["process"]["capabilities"]  # root keeps them
 
 
 def test_limits_give_memory_without_extra_swap_a_cpu_cap_and_share_and_pids() -> None:

@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         "stop": _lifecycle,
         "restart": _lifecycle,
         "status": _status,
+        "transfer": _transfer,
     }
     commands[args.cmd](c, args)
     return 0
@@ -133,6 +134,10 @@ def _user(c: Client, args: argparse.Namespace) -> None:
     elif args.sub == "rebase":
         r = c("user.rebase", p.UserRebaseArgs(args.user, args.image, args.restart))
         _rebased(c, r)
+    elif args.sub == "move":
+        from hostd import move
+
+        move.run(c, args)
     else:
         c("user.remove", p.UserRemoveArgs(args.user, args.keep_data))
         c.say(f"removed {args.user}" + (" (data kept)" if args.keep_data else ""))
@@ -166,6 +171,24 @@ def _ranges(c: Client, args: argparse.Namespace) -> None:
     ranges: list[p.RangeInfo] = p.decode_reply("ranges.list", data := c.raw("ranges.list"))
     rows = [(str(r.start), str(r.end), r.user, r.status, r.since) for r in ranges]
     print_table(args.json, data, ("START", "END", "USER", "STATUS", "SINCE"), rows)
+
+
+def _transfer(c: Client, args: argparse.Namespace) -> None:
+    """The target's side of `user move` (which runs these over ssh, with --json)."""
+    if args.sub == "receive":
+        if os.isatty(sys.stdin.fileno()):
+            raise HostdError("stdin is a terminal", "send the archive's bytes on stdin")
+        request = p.ReceiveArgs(args.id, args.offset, args.size)
+        staged = c("transfer.receive", request, [sys.stdin.fileno()])
+        c.say(f"{staged.size} of {args.size} bytes of {staged.id} staged")
+    elif args.sub == "offset":
+        c.say(str(c("transfer.offset", p.TransferArgs(args.id)).size))
+    elif args.sub == "verify":
+        v = c("transfer.verify", p.TransferArgs(args.id))
+        c.say(f"{v.id}: a {v.kind} archive of {v.user}, every checksum right")
+    else:
+        c("transfer.discard", p.TransferArgs(args.id))
+        c.say(f"discarded {args.id}")
 
 
 def _lifecycle(c: Client, args: argparse.Namespace) -> None:

@@ -184,6 +184,8 @@ class Daemon:
         try:
             for line in self.tenants.reconcile():
                 log.info("reconcile: %s", line)
+            for archive_id in self.service.staging.remove_stale():
+                log.info("reconcile: removed the incoming archive %s (a day old)", archive_id)
             self._refresh_tenants()
             notify(f"STATUS=serving {len(self.state.tenants())} tenants")
         except RuntimeFailure as exc:  # hostd keeps serving; the log says what to fix

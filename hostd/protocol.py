@@ -99,6 +99,18 @@ class RangeArgs(NamedTuple):
     start: int
 
 
+class TransferArgs(NamedTuple):
+    id: str  # an archive id (32 hex digits), staged on this host by `hostctl user move`
+
+
+class ReceiveArgs(NamedTuple):
+    """More of a staged archive: the bytes from `offset` come as the one file descriptor."""
+
+    id: str
+    offset: int  # bytes already staged (`transfer.offset`)
+    size: int  # the whole archive's
+
+
 class ExecArgs(NamedTuple):
     """A command inside: on the caller's stdio (3 fds), or on a pty sent back (`tty`)."""
 
@@ -242,6 +254,20 @@ class RangeInfo(NamedTuple):
     since: str
 
 
+class Staged(NamedTuple):
+    id: str
+    size: int  # bytes of it staged on this host
+
+
+class Verified(NamedTuple):
+    """A staged archive read through, every checksum right."""
+
+    id: str
+    user: str
+    kind: str  # full | incremental
+    parent: str | None
+
+
 class Exited(NamedTuple):
     exit: int
 
@@ -283,6 +309,10 @@ OPS: dict[str, Op] = {
         Op("ports.list", NoArgs, list[PortGrant]),
         Op("ranges.list", NoArgs, list[RangeInfo]),
         Op("ranges.release", RangeArgs, RangeInfo),
+        Op("transfer.offset", TransferArgs, Staged),
+        Op("transfer.receive", ReceiveArgs, Staged, fds=1),
+        Op("transfer.verify", TransferArgs, Verified),
+        Op("transfer.discard", TransferArgs, Done),
         Op("exec", ExecArgs, Exited, _BOTH, fds=3),  # the caller's stdio; none for a pty
     )
 }

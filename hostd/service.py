@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from hostd import protocol as p
+from hostd import state as state_mod
 from hostd.api import Channel, ClientGone, Peer, close_fds
 from hostd.config import parse_duration
 from hostd.errors import HostdError
 from hostd.sessions import Program, Sessions
+from hostd.staging import Staging
 from hostd.state import IdRangeRecord, Tenant
 from hostd.tenants import Tenants, TenantStatus
 from hostd.units import parse_count, parse_cpus, parse_ports, parse_size
@@ -69,6 +71,7 @@ class Service:
         self.runtime = runtime
         self.admin_group = admin_group
         self.sessions = sessions
+        self.staging = Staging(tenants.config.paths.state_dir / "incoming")
         # Runs after each admin request, before its reply: the daemon reloads who is a tenant.
         self.after_admin_request = after_admin_request
         self.handlers: dict[str, Handler] = {
@@ -94,6 +97,10 @@ class Service:
             "ports.list": self.ports_list,
             "ranges.list": self.ranges_list,
             "ranges.release": self.ranges_release,
+            "transfer.offset": self.transfer_offset,
+            "transfer.receive": self.transfer_receive,
+            "transfer.verify": self.transfer_verify,
+            "transfer.discard": self.transfer_discard,
             "exec": self.exec,
         }
 
@@ -284,6 +291,27 @@ class Service:
 
     def ranges_release(self, req: p.RangeArgs, call: Call) -> p.RangeInfo:
         return _range(self.tenants.release_range(req.start))
+
+    # -- archives arriving for `hostctl user move` ------------------------------------------
+
+    def transfer_offset(self, req: p.TransferArgs, call: Call) -> p.Staged:
+        return p.Staged(req.id, self.staging.offset(req.id))
+
+    def transfer_receive(self, req: p.ReceiveArgs, call: Call) -> p.Staged:
+        if len(call.fds) != 1:
+            raise HostdError(
+                "transfer.receive needs the archive's bytes as a file descriptor",
+                "use `hostctl transfer receive ID --offset N --size N < FILE`",
+            )
+        return p.Staged(req.id, self.staging.receive(req.id, req.offset, req.size, call.fds[0]))
+
+    def transfer_verify(self, req: p.TransferArgs, call: Call) -> p.Verified:
+        h = self.staging.verify(req.id, len(state_mod.MIGRATIONS), call.progress)
+        return p.Verified(h.id, h.user, h.kind, h.parent)
+
+    def transfer_discard(self, req: p.TransferArgs, call: Call) -> p.Done:
+        self.staging.discard(req.id)
+        return p.Done(req.id, "discarded")
 
     # -- sessions --------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Archives arriving on this host for `hostctl user move`: staged under `<state>/incoming/` as
 `<id>.hostd` (root's, 0600), received in pieces so a broken transfer resumes where it
-stopped. Nothing here reads what an archive says: verifying and importing one is
-hostd.archive's work, on the file this module hands it.
+stopped. What an archive says is hostd.archive's to read: `verify` runs its reader over a
+staged file (every checksum, nothing written), and import takes the files `open` gives.
 
 Bounded: ids are archive ids (32 hex digits, so never a path), at most `max_staged` archives
 at once, none larger than the free space (less a reserve), a sender that goes quiet is cut
@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from hostd import archive
 from hostd.errors import HostdError
 from hostd.units import human_size
 from runtime.errors import Busy, Conflict, NotFound
@@ -182,6 +183,27 @@ class Staging:
                 f"no archive {archive_id} is staged on this host",
                 "send it first: run `hostctl user move` again",
             ) from None
+
+    def verify(self, archive_id: str, schema: int, progress: archive.Progress) -> archive.Header:
+        """Read a staged archive through as an import would, writing nothing: every member,
+        bound and checksum; its header. Refused if it is not the archive `archive_id`."""
+        name = f"the archive {archive_id} staged on this host"
+        fd = self.open(archive_id)
+        try:
+            reader = archive.Reader(fd, name, schema)
+            try:
+                head = reader.header()
+                if head.id != archive_id:
+                    raise HostdError(
+                        f"{name} is archive {head.id}", "discard it and run the move again"
+                    )
+                reader.tenant()
+                reader.restore(None, None, None, archive.Meter(progress, "verified"))
+            finally:
+                reader.close()
+        finally:
+            os.close(fd)
+        return head
 
     def discard(self, archive_id: str) -> bool:
         """Remove a staged archive; whether there was one."""

@@ -318,8 +318,7 @@ class Move:
         self.spool.prepare()
         full = self._full()
         self._send(full)
-        self.say(f"{self.host} checks the archive")
-        self.remote.call("transfer", "verify", full.head.id)
+        self._verify(full)
         if running:
             self.say(f"stopping {self.user} here")
             self.c("stop", p.UserArgs(self.user))
@@ -333,6 +332,23 @@ class Move:
             self.c("user.remove", p.UserRemoveArgs(self.user))
             self.c.say(f"moved {self.user} to {self.host} as {self.there}; removed here")
         full.path.unlink(missing_ok=True)
+
+    def _verify(self, full: Spooled) -> None:
+        """The target reads the staged archive through. A damaged one is discarded there and
+        here: the next run exports and sends it anew."""
+        self.say(f"{self.host} checks the archive")
+        try:
+            self.remote.call("transfer", "verify", full.head.id)
+        except Broken:
+            raise
+        except RuntimeFailure as exc:
+            with contextlib.suppress(RuntimeFailure):
+                self.remote.call("transfer", "discard", full.head.id)
+            full.path.unlink(missing_ok=True)
+            raise HostdError(
+                f"{exc.cause} ({self.user} is untouched here)",
+                "run the same `hostctl user move` again: it exports and sends it anew",
+            ) from None
 
     def _finish(self, full: Spooled, running: bool) -> None:
         """After the stop: the changes since the full, then the import there. A failure

@@ -55,7 +55,7 @@ _PIECE = re.compile(r"(volume|home)/([0-9]{8})")
 _SHA = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[0-9a-f]{32}")
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,254}")
-FIX = "give an archive written by `hostctl user export`, copied whole"
+FIX = "give an archive written by `hostctl user export USER`, copied whole"
 Progress = Callable[[str], None]
 
 

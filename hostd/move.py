@@ -216,7 +216,7 @@ def transfer(
         if failures > retries:
             raise Broken(
                 f"the transfer to {remote.target.host} broke: {why}",
-                "run the same `hostctl user move` again: it resumes where this one stopped",
+                "run the same `hostctl user move USER TARGET` again: it resumes from there",
             )
         delay = BACKOFF * 2 ** (failures - 1)
         say(f"{why}; trying again in {delay:g} s ({failures} of {retries})")
@@ -347,7 +347,7 @@ class Move:
             full.path.unlink(missing_ok=True)
             raise HostdError(
                 f"{exc.cause} ({self.user} is untouched here)",
-                "run the same `hostctl user move` again: it exports and sends it anew",
+                "run the same `hostctl user move USER TARGET` again: it exports it anew",
             ) from None
 
     def _finish(self, full: Spooled, running: bool) -> None:

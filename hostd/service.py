@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import grp
 import logging
 import os
@@ -71,7 +72,6 @@ class Service:
         self.runtime = runtime
         self.admin_group = admin_group
         self.sessions = sessions
-        self.staging = Staging(tenants.config.paths.state_dir / "incoming")
         # Runs after each admin request, before its reply: the daemon reloads who is a tenant.
         self.after_admin_request = after_admin_request
         self.handlers: dict[str, Handler] = {
@@ -103,6 +103,11 @@ class Service:
             "transfer.discard": self.transfer_discard,
             "exec": self.exec,
         }
+
+    @functools.cached_property
+    def staging(self) -> Staging:
+        """Archives arriving for `hostctl user move`, in the state dir."""
+        return Staging(self.tenants.config.paths.state_dir / "incoming")
 
     def is_admin(self, peer: Peer) -> bool:
         if peer.uid == 0:
@@ -301,7 +306,7 @@ class Service:
         if len(call.fds) != 1:
             raise HostdError(
                 "transfer.receive needs the archive's bytes as a file descriptor",
-                "use `hostctl transfer receive ID --offset N --size N < FILE`",
+                "pipe the bytes to `hostctl transfer receive ID --offset N --size N`",
             )
         return p.Staged(req.id, self.staging.receive(req.id, req.offset, req.size, call.fds[0]))
 

@@ -44,7 +44,7 @@ def check_id(archive_id: str) -> str:
     if not ID_PATTERN.fullmatch(archive_id):
         raise HostdError(
             f"{archive_id[:64]!r} is not an archive id",
-            "give the 32 hex digits `hostctl user move` sends",
+            "give the 32 hex digits of an archive id",
         )
     return archive_id
 
@@ -99,7 +99,7 @@ class Staging:
         if not 0 <= offset <= size:
             raise HostdError(
                 f"offset {offset} is outside the archive's {size} bytes",
-                "send an offset from `hostctl transfer offset`",
+                "send an offset from `hostctl transfer offset ID`",
             )
         self.remove_stale()
         self._make_dir()
@@ -111,7 +111,7 @@ class Staging:
                     if have != offset:
                         raise Conflict(
                             f"{have} bytes of archive {archive_id} are staged here, not {offset}",
-                            "run `hostctl user move` again: it resumes from what is staged",
+                            "run `hostctl user move USER TARGET` again: it resumes",
                         )
                     self._check_room(archive_id, size - have)
                     os.lseek(fd, have, os.SEEK_SET)
@@ -181,7 +181,7 @@ class Staging:
         except FileNotFoundError:
             raise NotFound(
                 f"no archive {archive_id} is staged on this host",
-                "send it first: run `hostctl user move` again",
+                "send it first: run `hostctl user move USER TARGET` again",
             ) from None
 
     def verify(self, archive_id: str, schema: int, progress: archive.Progress) -> archive.Header:
@@ -243,7 +243,7 @@ def _locked(fd: int, archive_id: str, kind: int) -> Iterator[None]:
             if time.monotonic() >= deadline:
                 raise Busy(
                     f"archive {archive_id} is being received right now",
-                    "wait for that transfer to end, then run `hostctl user move` again",
+                    "wait for that transfer to end, then run the move again",
                 ) from None
             time.sleep(0.1)
     try:

@@ -219,7 +219,7 @@ def test_move_cut_resumed_and_done(
     assert res.returncode == 1, res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("hostctl: the transfer to 127.0.0.1 broke: ") and last.endswith(
-        "run the same `hostctl user move` again: it resumes where this one stopped"
+        "run the same `hostctl user move USER TARGET` again: it resumes from there"
     )
     assert link.receives() == [CUT_AT]
     (full,) = spool.glob(f"{tenant}.*.hostd")
@@ -265,8 +265,8 @@ def test_a_damaged_archive_is_refused_before_the_stop(
     lines = res.stderr.strip().splitlines()
     assert lines[-1].startswith("hostctl: on 127.0.0.1: ") and "damaged" in lines[-1], lines
     assert lines[-1].endswith(
-        f"({tenant} is untouched here): run the same `hostctl user move` again: it exports "
-        "and sends it anew"
+        f"({tenant} is untouched here): run the same `hostctl user move USER TARGET` "
+        "again: it exports it anew"
     )
     assert not any("stopping" in line for line in lines)
     assert json.loads(hostd.hostctl("status", tenant, "--json").stdout)[0]["state"] == "running"

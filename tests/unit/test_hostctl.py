@@ -343,6 +343,7 @@ def test_bash_completion(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> N
         "export",
         "import",
         "remove",
+        "move",
         "-h",
         "--help",
         "--json",

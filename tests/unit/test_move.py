@@ -120,7 +120,7 @@ def test_broken_ssh_is_retried_with_backoff_then_given_up(data: int) -> None:
     assert slept == [2.0, 4.0]
     assert str(err.value) == (
         "the transfer to t broke: ssh to t failed (Connection reset): run the same "
-        "`hostctl user move` again: it resumes where this one stopped"
+        "`hostctl user move USER TARGET` again: it resumes from there"
     )
     assert said[-1].endswith("trying again in 4 s (2 of 2)")
 

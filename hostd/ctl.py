@@ -260,6 +260,12 @@ def _transfer(c: Client, args: argparse.Namespace) -> None:
     elif args.sub == "verify":
         v = c("transfer.verify", p.TransferArgs(args.id))
         c.say(f"{v.id}: a {v.kind} archive of {v.user}, every checksum right")
+    elif args.sub == "import":
+        request = p.TransferImportArgs(args.ids, args.as_user, args.range, args.start)
+        d = c("transfer.import", request)
+        c.say(f"imported {d.user}: IDs {d.range_start}-{d.range_end}")
+        if not c.json and d.warning:
+            print(f"hostctl: warning: {d.warning}", file=sys.stderr)
     else:
         c("transfer.discard", p.TransferArgs(args.id))
         c.say(f"discarded {args.id}")

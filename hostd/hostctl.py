@@ -159,6 +159,11 @@ def _parser() -> Parser:
     transfer.add_parser("verify", help="check a staged archive, importing nothing").add_argument(
         "id"
     )
+    ti = transfer.add_parser("import", help="make a tenant from staged archives (full first)")
+    ti.add_argument("ids", nargs="+", metavar="id")
+    ti.add_argument("--as", dest="as_user", metavar="USER", help="its user here")
+    ti.add_argument("--range", choices=("auto", "keep"), default="auto")
+    ti.add_argument("--start", action="store_true", help="start it once imported")
     transfer.add_parser("discard", help="remove a staged archive").add_argument("id")
 
     for verb in ("start", "stop", "restart"):

@@ -440,6 +440,8 @@ class Move:
         args = ["transfer", "import", *(s.head.id for s in chain), "--range", self.args.range]
         if self.args.as_user:
             args += ["--as", self.args.as_user]
-        if not start:
-            args.append("--no-start")
-        self.remote.call(*args)
+        if start:
+            args.append("--start")
+        done = self.remote.call(*args)
+        if done.get("warning"):
+            self.say(f"warning from {self.host}: {done['warning']}")

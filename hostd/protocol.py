@@ -130,6 +130,15 @@ class ReceiveArgs(NamedTuple):
     size: int  # the whole archive's
 
 
+class TransferImportArgs(NamedTuple):
+    """A chain staged on this host by `hostctl user move`: a full archive, its incrementals."""
+
+    ids: list[str]
+    as_user: str | None = None  # None: the user named in the archives
+    range: str = "auto"
+    start: bool = False  # start it once imported (it ran on the source until the move)
+
+
 class ExecArgs(NamedTuple):
     """A command inside: on the caller's stdio (3 fds), or on a pty sent back (`tty`)."""
 
@@ -364,6 +373,7 @@ OPS: dict[str, Op] = {
         Op("transfer.offset", TransferArgs, Staged),
         Op("transfer.receive", ReceiveArgs, Staged, fds=1),
         Op("transfer.verify", TransferArgs, Verified),
+        Op("transfer.import", TransferImportArgs, Imported),
         Op("transfer.discard", TransferArgs, Done),
         Op("exec", ExecArgs, Exited, _BOTH, fds=3),  # the caller's stdio; none for a pty
     )

@@ -100,6 +100,7 @@ class Service:
             "transfer.offset": self.transfer_offset,
             "transfer.receive": self.transfer_receive,
             "transfer.verify": self.transfer_verify,
+            "transfer.import": self.transfer_import,
             "transfer.discard": self.transfer_discard,
             "exec": self.exec,
         }
@@ -313,6 +314,33 @@ class Service:
     def transfer_verify(self, req: p.TransferArgs, call: Call) -> p.Verified:
         h = self.staging.verify(req.id, len(state_mod.MIGRATIONS), call.progress)
         return p.Verified(h.id, h.user, h.kind, h.parent)
+
+    def transfer_import(self, req: p.TransferImportArgs, call: Call) -> p.Imported:
+        """A chain staged here, opened by hostd (root's files in its state dir), imported as
+        `user.import` does; the staged files go once it is in."""
+        if not 0 < len(req.ids) <= p.IMPORT_FDS:
+            raise HostdError(
+                f"{len(req.ids)} archives given", f"give 1 to {p.IMPORT_FDS}: the full one first"
+            )
+        fds: list[int] = []
+        try:
+            for archive_id in req.ids:
+                fds.append(self.staging.open(archive_id))
+            names = [f"the archive {i} staged on this host" for i in req.ids]
+            done: p.Imported = self.transfers.import_(
+                fds, names, req.as_user, req.range, False, False, call.progress
+            )
+        finally:
+            close_fds(fds)
+        for archive_id in req.ids:
+            self.staging.discard(archive_id)
+        if req.start:  # the archives say stopped: the move stopped it for the last copy
+            try:
+                self.tenants.start(done.user, call.progress)
+                done = done._replace(started=True)
+            except RuntimeFailure as exc:
+                done = done._replace(warning=f"{done.user} is imported but did not start: {exc}")
+        return done
 
     def transfer_discard(self, req: p.TransferArgs, call: Call) -> p.Done:
         self.staging.discard(req.id)

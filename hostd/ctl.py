@@ -261,8 +261,8 @@ def _transfer(c: Client, args: argparse.Namespace) -> None:
         v = c("transfer.verify", p.TransferArgs(args.id))
         c.say(f"{v.id}: a {v.kind} archive of {v.user}, every checksum right")
     elif args.sub == "import":
-        request = p.TransferImportArgs(args.ids, args.as_user, args.range, args.start)
-        d = c("transfer.import", request)
+        chain = p.TransferImportArgs(args.ids, args.as_user, args.range, args.start)
+        d = c("transfer.import", chain)
         c.say(f"imported {d.user}: IDs {d.range_start}-{d.range_end}")
         if not c.json and d.warning:
             print(f"hostctl: warning: {d.warning}", file=sys.stderr)

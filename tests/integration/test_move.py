@@ -36,28 +36,29 @@ from tests.hostd_harness import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-CUT_AT = 100_000  # bytes a cut transfer gets through
 
 # Stands between ssh and the target's hostctl: while the control file names a fault, each
-# `transfer receive` gets its stdin cut after N bytes (then ends as a broken ssh does, 255)
-# or with byte N flipped. It logs the bytes it passed on, one line per receive.
+# `transfer receive` gets its stdin cut half-way through the archive (then ends as a broken
+# ssh does, 255) or with the byte there flipped. It logs the bytes it passed on, one line per
+# receive.
 WRAPPER = """\
 import os, subprocess, sys
 control, log, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 if "receive" not in args:
     os.execvp(args[0], args)
-fault, at = open(control).read().split() if os.path.exists(control) else ("none", "0")
+fault = open(control).read() if os.path.exists(control) else "none"
+at = int(args[args.index("--size") + 1]) // 2
 child = subprocess.Popen(args, stdin=subprocess.PIPE)
 done = 0
 while data := sys.stdin.buffer.read1(65536):
     if fault == "cut":
-        data = data[: int(at) - done]
-    elif fault == "flip" and done <= int(at) < done + len(data):
-        i = int(at) - done
+        data = data[: at - done]
+    elif fault == "flip" and done <= at < done + len(data):
+        i = at - done
         data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
     child.stdin.write(data)
     done += len(data)
-    if fault == "cut" and done >= int(at):
+    if fault == "cut" and done >= at:
         break
 child.stdin.close()
 code = child.wait()
@@ -214,17 +215,16 @@ def test_move_cut_resumed_and_done(
         hostd, tenant, "docker import - busybox:moved >/dev/null", input=busybox_tar.read_bytes()
     )
     spool = tmp_path / "spool"
-    link.control.write_text(f"cut {CUT_AT}")
+    link.control.write_text("cut")
     res = move(hostd, target, link, tenant, "--retries", "0", spool=spool)
     assert res.returncode == 1, res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("hostctl: the transfer to 127.0.0.1 broke: ") and last.endswith(
         "run the same `hostctl user move USER TARGET` again: it resumes from there"
     )
-    assert link.receives() == [CUT_AT]
     (full,) = spool.glob(f"{tenant}.*.hostd")
     size = full.stat().st_size
-    assert size > CUT_AT
+    assert link.receives() == [size // 2]
     assert json.loads(hostd.hostctl("status", tenant, "--json").stdout)[0]["state"] == "running"
     assert tenant not in tenants(target)
 
@@ -233,7 +233,7 @@ def test_move_cut_resumed_and_done(
     assert res.returncode == 0, res.stderr
     assert f"reusing {full}" in res.stderr and "resuming at" in res.stderr
     sent = link.receives()[1:]
-    assert sent[0] == size - CUT_AT  # only the rest of the full archive, then the incremental
+    assert sent[0] == size - size // 2  # only the rest of the full archive, then the incremental
     assert len(sent) == 2
     assert res.stdout == f"moved {tenant} to 127.0.0.1 as {tenant}; removed here\n"
 
@@ -259,9 +259,9 @@ def test_move_cut_resumed_and_done(
 def test_a_damaged_archive_is_refused_before_the_stop(
     hostd: Hostd, target: Hostd, link: Link, tenant: str, tmp_path: Path
 ) -> None:
-    link.control.write_text(f"flip {CUT_AT}")
+    link.control.write_text("flip")
     res = move(hostd, target, link, tenant, spool=tmp_path / "spool")
-    assert res.returncode == 1
+    assert res.returncode == 1, (res.stderr, link.receives())
     lines = res.stderr.strip().splitlines()
     assert lines[-1].startswith("hostctl: on 127.0.0.1: ") and "damaged" in lines[-1], lines
     assert lines[-1].endswith(

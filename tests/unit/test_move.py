@@ -11,6 +11,7 @@ import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -275,3 +276,177 @@ def test_verify_refuses_an_archive_staged_under_another_id(
     receive(staging, ID, 0, len(body), body)
     with pytest.raises(HostdError, match=f"staged on this host is archive {'a' * 32}"):
         staging.verify(ID, len(MIGRATIONS), lambda _: None)
+
+
+# -- the whole move, against a fake source hostd and a fake target -------------------------
+
+
+class FakeSource:
+    """The source hostd as hostctl's Client sees it: exports write real archives."""
+
+    json = False
+
+    def __init__(self, tmp: Path) -> None:
+        self.ops: list[str] = []
+        self.lines: list[str] = []
+        self.ids = iter(f"{n:x}" * 32 for n in range(1, 15))
+
+    def progress(self, text: str) -> None:
+        self.lines.append(text)
+
+    say = progress
+
+    def raw(self, op: str, request: object = None) -> Any:
+        assert op == "user.show"
+        return {"tenant": {"desired": "running"}}
+
+    def __call__(self, op: str, request: Any = None, fds: list[int] | None = None) -> Any:
+        self.ops.append(op)
+        if op != "user.export":
+            return None
+        assert fds is not None and len(fds) == (1 if request.since is None else 2)
+        archive_id = next(self.ids)
+        kind = {"kind": "incremental", "parent": "1" * 32} if request.since else {}
+        h = header(id=archive_id, user="alice", schema=len(MIGRATIONS), **kind)
+        write(Path(f"/proc/self/fd/{fds[0]}"), h)
+        return SimpleNamespace(id=archive_id)
+
+
+class FakeRemote(move.Remote):
+    """The target: stages what is sent; `imports` says how the import ends."""
+
+    def __init__(self, imports: str = "ok", verify: str = "ok") -> None:
+        super().__init__(move.Target("t"), "ssh", "hostctl")
+        self.staged: dict[str, bytes] = {}
+        self.imports = imports
+        self.verifies = verify
+        self.tenants: list[str] = []
+        self.commands: list[tuple[str, ...]] = []
+        self.events: list[str] = []  # the source's, to see the order across both
+
+    def call(self, *args: str) -> Any:
+        self.commands.append(args)
+        if args[0] == "transfer" and args[1] in ("verify", "import"):
+            self.events.append(f"there: {args[1]}")
+        if args == ("user", "list"):
+            if self.imports == "lost" and self.commands.count(args) > 1:
+                raise move.Broken("ssh to t failed (no route)", "")
+            return [{"user": u} for u in self.tenants]
+        verb, archive_id = args[1], args[2]
+        if verb == "offset":
+            return {"size": len(self.staged.get(archive_id, b""))}
+        if verb == "discard":
+            self.staged.pop(archive_id, None)
+        if verb == "verify" and self.verifies != "ok":
+            raise HostdError(f"chunk 0 of the archive {archive_id} is damaged", "copy it")
+        if verb == "import":
+            if self.imports in ("answer lost", "lost"):
+                self.tenants.append("alice") if self.imports == "answer lost" else None
+                raise move.Broken("ssh to t failed (Connection reset)", "")
+            if self.imports == "refused":
+                raise HostdError("on t: range 200000 is taken", "use --range auto")
+            self.tenants.append("alice")
+            return {"warning": None}
+        return {}
+
+    def send(self, archive_id: str, fd: int, offset: int, size: int, meter: move.Meter) -> int:
+        self.staged[archive_id] = os.pread(fd, size, 0)
+        return size
+
+
+def moving(tmp_path: Path, remote: FakeRemote, **options: Any) -> tuple[FakeSource, move.Move]:
+    args = SimpleNamespace(
+        user="alice",
+        target="ssh://t",
+        as_user=None,
+        range="auto",
+        keep_source=False,
+        remote_hostctl="hostctl",
+        ssh="ssh",
+        spool=str(tmp_path / "spool"),
+        retries=0,
+    )
+    for key, value in options.items():
+        setattr(args, key, value)
+    source = FakeSource(tmp_path)
+    m = move.Move(source, args)  # type: ignore[arg-type]
+    m.remote = remote
+    remote.events = source.ops
+    return source, m
+
+
+FULL, INCREMENTAL = "1" * 32, "2" * 32
+
+
+def test_a_move_stops_only_after_the_check_and_removes_at_the_end(tmp_path: Path) -> None:
+    remote = FakeRemote()
+    source, m = moving(tmp_path, remote)
+    m.run()
+    assert source.ops == [
+        "user.export",
+        "there: verify",
+        "stop",
+        "user.export",
+        "there: import",
+        "user.remove",
+    ]
+    assert remote.commands[-1] == (
+        "transfer",
+        "import",
+        FULL,
+        INCREMENTAL,
+        "--range",
+        "auto",
+        "--start",
+    )
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_keep_source_leaves_it_stopped(tmp_path: Path) -> None:
+    source, m = moving(tmp_path, FakeRemote(), keep_source=True, as_user="bob")
+    m.run()
+    assert [op for op in source.ops if "there" not in op] == ["user.export", "stop", "user.export"]
+    assert source.lines[-1] == "moved alice to t as bob; kept here, stopped"
+
+
+def test_a_refused_import_starts_the_tenant_here_again(tmp_path: Path) -> None:
+    remote = FakeRemote(imports="refused")
+    source, m = moving(tmp_path, remote)
+    with pytest.raises(HostdError) as err:
+        m.run()
+    assert str(err.value) == "on t: range 200000 is taken (alice runs here again): use --range auto"
+    assert source.ops[-3:] == ["user.export", "there: import", "start"]
+    assert ("transfer", "discard", INCREMENTAL) in remote.commands
+    kept = [p.name for p in (tmp_path / "spool").iterdir()]
+    assert kept == [f"alice.{FULL}.hostd"]  # the next run reuses it: only changes go again
+
+
+def test_an_import_whose_answer_was_lost_counts_if_the_target_has_it(tmp_path: Path) -> None:
+    source, m = moving(tmp_path, FakeRemote(imports="answer lost"))
+    m.run()
+    assert source.ops[-2:] == ["there: import", "user.remove"]
+
+
+def test_an_import_lost_with_the_target_leaves_the_decision_to_the_admin(tmp_path: Path) -> None:
+    source, m = moving(tmp_path, FakeRemote(imports="lost"))
+    with pytest.raises(HostdError, match="lost t while it imported alice: it may have it now"):
+        m.run()
+    assert source.ops[-2:] == ["user.export", "there: import"]  # neither started nor removed
+
+
+def test_a_damaged_archive_is_discarded_before_the_stop(tmp_path: Path) -> None:
+    remote = FakeRemote(verify="damaged")
+    source, m = moving(tmp_path, remote)
+    with pytest.raises(HostdError, match=r"damaged \(alice is untouched here\)"):
+        m.run()
+    assert source.ops == ["user.export", "there: verify"]
+    assert remote.staged == {} and list((tmp_path / "spool").iterdir()) == []
+
+
+def test_the_target_name_must_be_free(tmp_path: Path) -> None:
+    remote = FakeRemote()
+    remote.tenants = ["alice"]
+    source, m = moving(tmp_path, remote)
+    with pytest.raises(HostdError, match="alice is a tenant on t already"):
+        m.run()
+    assert source.ops == []

@@ -45,7 +45,9 @@ MAX_TTY_SIZE = 65535  # rows or columns of a pty (struct winsize holds 16 bits)
 QUICK_OPS = frozenset({"status", "user.list"})
 # Exports and imports run for minutes: the daemon serves them in a small pool of their own, so
 # they never hold the admins' workers (starts, status) and only this many copy at once.
-TRANSFER_OPS = frozenset({"user.export", "user.import"})
+TRANSFER_OPS = frozenset(
+    {"user.export", "user.import", "transfer.receive", "transfer.verify", "transfer.import"}
+)
 PARALLEL_TRANSFERS = 2
 
 

@@ -130,7 +130,11 @@ class Remote:
     def _result(self, code: int, out: bytes, err: bytes) -> Any:
         said = _last_line(err)
         if code == SSH_FAILED:
-            raise Broken(f"ssh to {self.target.host} failed ({said or 'no reason given'})", "")
+            raise Broken(
+                f"ssh to {self.target.host} failed ({said or 'no reason given'})",
+                "check that ssh reaches it (keys, --ssh), then run the same "
+                "`hostctl user move USER TARGET` again",
+            )
         if code != 0:
             cause, sep, fix = said.removeprefix("hostctl: ").rpartition(": ")
             if not sep:
@@ -252,8 +256,10 @@ class Spool:
         found = []
         for path in sorted(self.directory.glob(f"{self.user}.*.hostd")):
             match = pattern.fullmatch(path.name)
-            head = self._header(path) if match else None
-            if head is not None and head.id == match[1] and head.user == self.user:  # type: ignore[index]
+            if match is None:
+                continue
+            head = self._header(path)
+            if head is not None and head.id == match[1] and head.user == self.user:
                 found.append(Spooled(path, head))
         return sorted(found, key=lambda s: s.head.created)
 

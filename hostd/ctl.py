@@ -207,7 +207,11 @@ def _import(c: Client, args: argparse.Namespace) -> None:
         )
         r = c("user.import", request, fds)
     moved = " (files shifted from the archive's range)" if r.shifted else ""
-    home = "" if r.home_skipped is None else f"; home restored, {r.home_skipped} files kept"
+    home = (
+        ""
+        if r.home_skipped is None
+        else f"; home restored, {r.home_skipped} existing entries left as they were"
+    )
     c.say(
         f"imported {r.user}: IDs {r.range_start}-{r.range_end}{moved}, image {r.image}"
         f" ({r.image_version}), {r.archives} archives, {r.chunks} chunks{home}"

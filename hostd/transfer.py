@@ -457,7 +457,7 @@ class _Tail:
     def _drain(self, stream: IO[bytes]) -> None:
         for line in stream:
             if SKIPPED in line:
-                self.skipped += 1
+                self.skipped += not line.startswith(b"tar: .: ")  # the home itself
             else:
                 self.last = line[:300].decode(errors="replace").strip()
 
@@ -500,16 +500,15 @@ def _as_user(
 
 def _import_home(tarball: Path, pw: pwd.struct_passwd) -> int:
     """Extract the home's tar into the home as the user, never over a file that is there;
-    how many were left as they were."""
+    how many files and directories (the home itself aside) were left as they were."""
     argv = [
         "tar",
         "-C",
         pw.pw_dir,
         "-xf",
         "-",
-        "--skip-old-files",
+        "--skip-old-files",  # also leaves existing directories' owner and mode alone
         "--warning=existing-file",
-        "--no-overwrite-dir",
     ]
     with open(tarball, "rb") as f, _as_user(argv, pw, stdin=f) as (tar, errors):
         assert tar.stdout is not None

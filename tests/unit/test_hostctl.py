@@ -484,6 +484,6 @@ def test_import_sends_the_archives_in_order(
         "start": False,
     }
     assert "imported alice: IDs 400000-465535 (files shifted from the archive's range)" in out
-    assert "3 files kept" in out and "hostctl: warning: set aside" in err
+    assert "3 existing entries left as they were" in out and "hostctl: warning: set aside" in err
     code, _, err = run(capfd, "--config", config, "user", "import", str(tmp_path / "nope"))
     assert code == 1 and "cannot read" in err

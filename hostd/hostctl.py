@@ -89,9 +89,44 @@ def _parser() -> Parser:
     rb.add_argument("user")
     rb.add_argument("image", nargs="?", help="default: the tenant's own image")
     rb.add_argument("--restart", action="store_true", help="stop and start it if running")
+    ex = user.add_parser("export", help="write a tenant (volume, record; home) to an archive")
+    ex.add_argument("user")
+    ex.add_argument("-o", "--output", default="-", help="the archive (default: stdout)")
+    ex.add_argument(
+        "--since",
+        metavar="PARENT",
+        help="incremental: only what changed since archive PARENT (or its .manifest.json)",
+    )
+    ex.add_argument("--with-home", action="store_true", help="the home directory too")
+    ex.add_argument("--force", action="store_true", help="overwrite an existing file")
+    im = user.add_parser("import", help="make a tenant from archives of `user export`")
+    im.add_argument("files", nargs="+", metavar="FILE", help="a full archive, then incrementals")
+    im.add_argument("--as", dest="as_user", metavar="USER", help="another user of this host")
+    im.add_argument(
+        "--range",
+        choices=("auto", "keep"),
+        default="auto",
+        help="auto: a new ID range here, files shifted (default); keep: the archive's",
+    )
+    im.add_argument("--with-home", action="store_true", help="restore the home's files too")
+    im.add_argument("--no-start", action="store_true", help="leave it stopped")
     rm = user.add_parser("remove", help="remove a tenant and its container")
     rm.add_argument("user")
     rm.add_argument("--keep-data", action="store_true", help="keep the container and its IDs")
+    mv = user.add_parser("move", help="move a tenant to another server, over ssh")
+    mv.add_argument("user")
+    mv.add_argument("target", metavar="ssh://[LOGIN@]HOST[:PORT]")
+    mv.add_argument("--as", dest="as_user", metavar="USER", help="its user there (the same)")
+    mv.add_argument(
+        "--range", choices=("auto", "keep"), default="auto", help="its IDs there (auto: new)"
+    )
+    mv.add_argument("--keep-source", action="store_true", help="leave it here, stopped")
+    mv.add_argument(
+        "--remote-hostctl", default="hostctl", metavar="CMD", help='there, e.g. "sudo hostctl"'
+    )
+    mv.add_argument("--ssh", default="ssh", metavar="CMD", help="the ssh client and its options")
+    mv.add_argument("--spool", default="/var/tmp", metavar="DIR", help="archives wait here")
+    mv.add_argument("--retries", type=int, default=3, help="of a broken transfer (3)")
 
     quota = sub.add_parser("quota", help="limits").add_subparsers(dest="sub", required=True)
     q = quota.add_parser("set", help="change a tenant's limits")
@@ -112,6 +147,24 @@ def _parser() -> Parser:
     ranges_sub.add_parser("list", help="every recorded range (the default)")
     rel = ranges_sub.add_parser("release", help="let a quarantined range be handed out again")
     rel.add_argument("start", type=int, help="first ID of the range (see `hostctl ranges`)")
+
+    transfer = sub.add_parser(
+        "transfer", help="archives arriving from `user move` (it runs these over ssh)"
+    ).add_subparsers(dest="sub", required=True)
+    transfer.add_parser("offset", help="bytes of an archive staged here").add_argument("id")
+    tr = transfer.add_parser("receive", help="stage more of an archive, read from stdin")
+    tr.add_argument("id")
+    tr.add_argument("--offset", type=int, required=True, help="bytes staged already")
+    tr.add_argument("--size", type=int, required=True, help="the whole archive's")
+    transfer.add_parser("verify", help="check a staged archive, importing nothing").add_argument(
+        "id"
+    )
+    ti = transfer.add_parser("import", help="make a tenant from staged archives (full first)")
+    ti.add_argument("ids", nargs="+", metavar="id")
+    ti.add_argument("--as", dest="as_user", metavar="USER", help="its user here")
+    ti.add_argument("--range", choices=("auto", "keep"), default="auto")
+    ti.add_argument("--start", action="store_true", help="start it once imported")
+    transfer.add_parser("discard", help="remove a staged archive").add_argument("id")
 
     for verb in ("start", "stop", "restart"):
         sub.add_parser(verb, help=f"{verb} a tenant's container").add_argument("user")

@@ -90,6 +90,25 @@ class UserRebaseArgs(NamedTuple):
     restart: bool = False
 
 
+class UserExportArgs(NamedTuple):
+    """The archive goes to the first file descriptor; a parent archive (or its manifest copy)
+    for an incremental comes as the second."""
+
+    user: str
+    with_home: bool = False
+    since: str | None = None  # the parent's file name, for messages
+
+
+class UserImportArgs(NamedTuple):
+    """The archives come as file descriptors, in order: a full one, then its incrementals."""
+
+    files: list[str]  # their names, for messages
+    as_user: str | None = None  # None: the user named in the archive
+    range: str = "auto"  # auto: a new ID range here (files shifted); keep: the archive's
+    with_home: bool = False
+    start: bool = True  # start it if it was running when exported
+
+
 class PortsArgs(NamedTuple):
     user: str
     ports: str  # PORT or FIRST-LAST
@@ -97,6 +116,27 @@ class PortsArgs(NamedTuple):
 
 class RangeArgs(NamedTuple):
     start: int
+
+
+class TransferArgs(NamedTuple):
+    id: str  # an archive id (32 hex digits), staged on this host by `hostctl user move`
+
+
+class ReceiveArgs(NamedTuple):
+    """More of a staged archive: the bytes from `offset` come as the one file descriptor."""
+
+    id: str
+    offset: int  # bytes already staged (`transfer.offset`)
+    size: int  # the whole archive's
+
+
+class TransferImportArgs(NamedTuple):
+    """A chain staged on this host by `hostctl user move`: a full archive, its incrementals."""
+
+    ids: list[str]
+    as_user: str | None = None  # None: the user named in the archives
+    range: str = "auto"
+    start: bool = False  # start it once imported (it ran on the source until the move)
 
 
 class ExecArgs(NamedTuple):
@@ -215,6 +255,36 @@ class Rebased(NamedTuple):
     pruned: list[str]
 
 
+class Exported(NamedTuple):
+    user: str
+    id: str
+    kind: str  # full | incremental
+    parent: str | None
+    size: int | None  # bytes written; None: not a regular file (a pipe)
+    chunks: int  # volume chunks in this archive
+    volume_chunks: int  # data chunks of the volume
+    home_pieces: int
+    consistency: str  # frozen | stopped
+    frozen: float | None  # seconds the container was frozen
+    seconds: float
+    warning: str | None = None  # files of the home tar could not read
+
+
+class Imported(NamedTuple):
+    user: str
+    range_start: int
+    range_end: int
+    shifted: bool  # its files moved from the archive's ID range to this one
+    image: str
+    image_version: str
+    archives: int
+    chunks: int
+    home_skipped: int | None  # files of the home archive already there, left as they were
+    started: bool
+    warning: str | None  # what the user should know (their old system files set aside...)
+    seconds: float
+
+
 class QuotaSet(NamedTuple):
     quota: Quota
     applied: dict[str, str]  # limit -> "now", "at next start" (or the runtime's words)
@@ -242,6 +312,20 @@ class RangeInfo(NamedTuple):
     since: str
 
 
+class Staged(NamedTuple):
+    id: str
+    size: int  # bytes of it staged on this host
+
+
+class Verified(NamedTuple):
+    """A staged archive read through, every checksum right."""
+
+    id: str
+    user: str
+    kind: str  # full | incremental
+    parent: str | None
+
+
 class Exited(NamedTuple):
     exit: int
 
@@ -258,6 +342,7 @@ class Op(NamedTuple):
 
 
 _BOTH = frozenset({ADMIN, TENANT})
+IMPORT_FDS = 16  # archives of one chain: a full one and up to 15 incrementals
 OPS: dict[str, Op] = {
     op.name: op
     for op in (
@@ -273,6 +358,8 @@ OPS: dict[str, Op] = {
         Op("user.set", UserSetArgs, UserSettings),
         Op("user.remove", UserRemoveArgs, Done),
         Op("user.rebase", UserRebaseArgs, Rebased),
+        Op("user.export", UserExportArgs, Exported, fds=2),
+        Op("user.import", UserImportArgs, Imported, fds=IMPORT_FDS),
         Op("quota.set", QuotaSetArgs, QuotaSet),
         Op("start", UserArgs, Done, _BOTH),
         Op("stop", UserArgs, Done),
@@ -283,6 +370,11 @@ OPS: dict[str, Op] = {
         Op("ports.list", NoArgs, list[PortGrant]),
         Op("ranges.list", NoArgs, list[RangeInfo]),
         Op("ranges.release", RangeArgs, RangeInfo),
+        Op("transfer.offset", TransferArgs, Staged),
+        Op("transfer.receive", ReceiveArgs, Staged, fds=1),
+        Op("transfer.verify", TransferArgs, Verified),
+        Op("transfer.import", TransferImportArgs, Imported),
+        Op("transfer.discard", TransferArgs, Done),
         Op("exec", ExecArgs, Exited, _BOTH, fds=3),  # the caller's stdio; none for a pty
     )
 }

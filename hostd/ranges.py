@@ -174,7 +174,11 @@ class Ranges:
             return False
 
     def free(self, t: Tenant) -> None:
-        """Forget a tenant whose range nothing ran on (an undone add): entries, then record."""
+        """Forget a tenant whose range nothing ran on (an undone add): entries, then record;
+        a quarantined range it took back stays quarantined, entries and all."""
+        if self.state.reclaimed(t):
+            self.state.delete_tenant(t.user, "quarantined")
+            return
         with self.locked():
             self.files.remove(self.owner, t.range_start, RANGE_SIZE)
         self.state.delete_tenant(t.user, "free")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import grp
 import logging
 import os
@@ -20,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from hostd import protocol as p
+from hostd import state as state_mod
 from hostd.api import Channel, ClientGone, Peer, close_fds
 from hostd.config import parse_duration
 from hostd.errors import HostdError
 from hostd.sessions import Program, Sessions
+from hostd.staging import Staging
 from hostd.state import IdRangeRecord, Tenant
 from hostd.tenants import Tenants, TenantStatus
+from hostd.transfer import Transfers
 from hostd.units import parse_count, parse_cpus, parse_ports, parse_size
 from runtime.containers import Runtime
 from runtime.errors import Internal, RuntimeFailure
@@ -39,6 +43,12 @@ MAX_TTY_SIZE = 65535  # rows or columns of a pty (struct winsize holds 16 bits)
 # Reads that take no tenant's lock and run no program: the daemon serves admins' ones in a
 # pool of their own, so they answer during a start storm.
 QUICK_OPS = frozenset({"status", "user.list"})
+# Exports and imports run for minutes: the daemon serves them in a small pool of their own, so
+# they never hold the admins' workers (starts, status) and only this many copy at once.
+TRANSFER_OPS = frozenset(
+    {"user.export", "user.import", "transfer.receive", "transfer.verify", "transfer.import"}
+)
+PARALLEL_TRANSFERS = 2
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,7 @@ class Service:
         self.runtime = runtime
         self.admin_group = admin_group
         self.sessions = sessions
+        self.transfers = Transfers(tenants)
         # Runs after each admin request, before its reply: the daemon reloads who is a tenant.
         self.after_admin_request = after_admin_request
         self.handlers: dict[str, Handler] = {
@@ -84,6 +95,8 @@ class Service:
             "user.set": self.user_set,
             "user.remove": self.user_remove,
             "user.rebase": self.user_rebase,
+            "user.export": self.user_export,
+            "user.import": self.user_import,
             "quota.set": self.quota_set,
             "start": self.start,
             "stop": self.stop,
@@ -94,8 +107,18 @@ class Service:
             "ports.list": self.ports_list,
             "ranges.list": self.ranges_list,
             "ranges.release": self.ranges_release,
+            "transfer.offset": self.transfer_offset,
+            "transfer.receive": self.transfer_receive,
+            "transfer.verify": self.transfer_verify,
+            "transfer.import": self.transfer_import,
+            "transfer.discard": self.transfer_discard,
             "exec": self.exec,
         }
+
+    @functools.cached_property
+    def staging(self) -> Staging:
+        """Archives arriving for `hostctl user move`, in the state dir."""
+        return Staging(self.tenants.config.paths.state_dir / "incoming")
 
     def is_admin(self, peer: Peer) -> bool:
         if peer.uid == 0:
@@ -239,6 +262,21 @@ class Service:
         r = self.tenants.rebase(req.user, req.image, req.restart, call.progress)
         return p.Rebased(r.user, r.image, r.old, r.new, r.restarted, r.warning, list(r.pruned))
 
+    def user_export(self, req: p.UserExportArgs, call: Call) -> p.Exported:
+        """To the fd hostctl opened as the admin (hostd opens no admin's path as root)."""
+        if len(call.fds) != (1 if req.since is None else 2):
+            raise HostdError(
+                "user.export needs the output (and with since, the parent) as file descriptors",
+                "use `hostctl user export USER -o FILE`",
+            )
+        since = None if req.since is None else (call.fds[1], req.since)
+        return self.transfers.export(req.user, call.fds[0], since, req.with_home, call.progress)
+
+    def user_import(self, req: p.UserImportArgs, call: Call) -> p.Imported:
+        return self.transfers.import_(
+            call.fds, req.files, req.as_user, req.range, req.with_home, req.start, call.progress
+        )
+
     def quota_set(self, req: p.QuotaSetArgs, call: Call) -> p.QuotaSet:
         changes = _limit_changes(req)
         if not changes:
@@ -284,6 +322,54 @@ class Service:
 
     def ranges_release(self, req: p.RangeArgs, call: Call) -> p.RangeInfo:
         return _range(self.tenants.release_range(req.start))
+
+    # -- archives arriving for `hostctl user move` ------------------------------------------
+
+    def transfer_offset(self, req: p.TransferArgs, call: Call) -> p.Staged:
+        return p.Staged(req.id, self.staging.offset(req.id))
+
+    def transfer_receive(self, req: p.ReceiveArgs, call: Call) -> p.Staged:
+        if len(call.fds) != 1:
+            raise HostdError(
+                "transfer.receive needs the archive's bytes as a file descriptor",
+                "pipe the bytes to `hostctl transfer receive ID --offset N --size N`",
+            )
+        return p.Staged(req.id, self.staging.receive(req.id, req.offset, req.size, call.fds[0]))
+
+    def transfer_verify(self, req: p.TransferArgs, call: Call) -> p.Verified:
+        h = self.staging.verify(req.id, len(state_mod.MIGRATIONS), call.progress)
+        return p.Verified(h.id, h.user, h.kind, h.parent)
+
+    def transfer_import(self, req: p.TransferImportArgs, call: Call) -> p.Imported:
+        """A chain staged here, opened by hostd (root's files in its state dir), imported as
+        `user.import` does; the staged files go once it is in."""
+        if not 0 < len(req.ids) <= p.IMPORT_FDS:
+            raise HostdError(
+                f"{len(req.ids)} archives given", f"give 1 to {p.IMPORT_FDS}: the full one first"
+            )
+        fds: list[int] = []
+        try:
+            for archive_id in req.ids:
+                fds.append(self.staging.open(archive_id))
+            names = [f"the archive {i} staged on this host" for i in req.ids]
+            done: p.Imported = self.transfers.import_(
+                fds, names, req.as_user, req.range, False, False, call.progress
+            )
+        finally:
+            close_fds(fds)
+        for archive_id in req.ids:
+            self.staging.discard(archive_id)
+        if req.start:  # the archives say stopped: the move stopped it for the last copy
+            try:
+                self.tenants.start(done.user, call.progress)
+                done = done._replace(started=True)
+            except RuntimeFailure as exc:
+                done = done._replace(warning=f"{done.user} is imported but did not start: {exc}")
+        return done
+
+    def transfer_discard(self, req: p.TransferArgs, call: Call) -> p.Done:
+        self.staging.discard(req.id)
+        return p.Done(req.id, "discarded")
 
     # -- sessions --------------------------------------------------------------------------
 

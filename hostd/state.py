@@ -361,6 +361,16 @@ class State:
                     (range_to, utc_now(), row[0], user),
                 )
 
+    def reclaimed(self, t: Tenant) -> bool:
+        """Whether t's add took back its user's quarantined range: undone, it is quarantined
+        again, not freed (also after a crash: the audit log says so)."""
+        with self._reading() as db:
+            row = db.execute(
+                "SELECT 1 FROM events WHERE user = ? AND what = ? AND at >= ?",
+                (t.user, _reclaim(t.range_start), t.created),
+            ).fetchone()
+        return row is not None
+
     def tenant(self, user: str) -> Tenant | None:
         with self._reading() as db:
             row = db.execute(
@@ -562,8 +572,17 @@ def _take_range(db: sqlite3.Connection, start: int, user: str) -> None:
         db.execute(
             "UPDATE ranges SET status = 'active', since = ? WHERE start = ?", (utc_now(), start)
         )
+        if record.status == "quarantined":  # an undone add puts it back (State.reclaimed)
+            db.execute(
+                "INSERT INTO events (at, user, what) VALUES (?, ?, ?)",
+                (utc_now(), user, _reclaim(start)),
+            )
     else:
         raise _range_in_use(record)
+
+
+def _reclaim(start: int) -> str:
+    return f"reclaim quarantined range={start}"
 
 
 def _range_in_use(r: IdRangeRecord) -> Conflict:

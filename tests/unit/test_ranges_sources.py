@@ -15,6 +15,7 @@ from hostd.tenants import Tenants
 from runtime import proc
 from runtime.errors import Conflict
 from runtime.ids import RANGE_SIZE
+from runtime.limits import Limits
 from tests.unit.test_tenants import MIN, Host, make_host, nothing_recorded
 
 # make_host's [users] min_uid is 1000 (no login.defs) and its span holds 4 ranges from MIN
@@ -177,6 +178,17 @@ def test_a_removed_user_gets_their_quarantined_formula_range_back_and_nobody_els
     tenants.remove("alice")
     with pytest.raises(Conflict, match=f"alice's range {at(2)}-{at(3) - 1} in hostd's state "):
         tenants.ranges.check_free(at(2), "bob")
+
+
+def test_an_undone_add_puts_a_reclaimed_range_back_in_quarantine(host: Host) -> None:
+    tenants = switch(host, "deterministic")
+    tenants.add(host.user("alice", uid=ALICE))
+    tenants.remove("alice")
+    entries = files(host)
+    t = tenants._reserve(host.getpwnam("alice"), "default", Limits())
+    assert host.ranges() == {at(2): ("alice", "active")}
+    tenants._undo_add(t, None)  # what a failed add and reconcile after a crash do
+    assert host.ranges() == {at(2): ("alice", "quarantined")} and files(host) == entries
 
 
 # -- subid ------------------------------------------------------------------------------------

@@ -182,11 +182,13 @@ def test_maintainer_scripts(control: Path) -> None:
     # an upgrade restarts hostd; it never restarts (so halts) the tenants' unit nor lxcfs
     assert "deb-systemd-invoke $_dh_action 'hostd.service'" in postinst
     assert "deb-systemd-invoke start 'hostd-lxcfs.service' 'hostd-tenants.service'" in postinst
-    # the backup timer ships disabled and is not started
-    assert "hostd-backup" not in postinst.replace("deb-systemd-helper purge", "")
+    # the backup timer ships disabled (enabled again on upgrade only if an admin enabled it)
+    assert "if deb-systemd-helper debian-installed 'hostd-backup.timer'" in postinst
+    invoked = [line for line in postinst.splitlines() if "deb-systemd-invoke" in line]
+    assert not [line for line in invoked if "hostd-backup" in line]
     prerm = (control / "prerm").read_text()
     stops = [line for line in prerm.splitlines() if "deb-systemd-invoke stop" in line]
-    assert len(stops) == 3 and all(
+    assert len(stops) == 2 and all(
         '[ "$1" = remove ]' in prerm.split(line)[0].splitlines()[-1] for line in stops
     )
     assert "compileall" in postinst

@@ -78,6 +78,18 @@ class Addresses:
         return done
 
     def grant(self, user: str, first: int, last: int) -> None:
+        self.check_grant(first, last)
+        self.state.grant_ports(user, first, last)
+        try:
+            self.apply()
+        except BaseException:
+            self.state.revoke_ports(user, first, last)
+            raise
+        self.state.log_event(user, f"ports grant {first}-{last}")
+
+    def check_grant(self, first: int, last: int) -> None:
+        """What the host refuses of a grant (privileged ports, a host service listening);
+        the state refuses ports granted to someone else."""
         if first < 1024 and not self.privileged_ports:
             raise HostdError(
                 f"ports below 1024 ({first}) are privileged",
@@ -89,13 +101,6 @@ class Addresses:
                 f"port {busy[0]} is in use on the host: a service listens on it",
                 "grant other ports, or move that service first",
             )
-        self.state.grant_ports(user, first, last)
-        try:
-            self.apply()
-        except BaseException:
-            self.state.revoke_ports(user, first, last)
-            raise
-        self.state.log_event(user, f"ports grant {first}-{last}")
 
     def revoke(self, user: str, first: int, last: int) -> None:
         self.state.revoke_ports(user, first, last)

@@ -9,6 +9,7 @@ a container, which IDs and address it gets, and the checks on users stay in host
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +22,7 @@ from runtime.netplan import Forward, NetworkConfig
 from runtime.proc import Result
 from runtime.records import Container, ContainerState, Rebased
 from runtime.shares import Share
+from runtime.snapshot import ImportedVolume, VolumeSnapshot
 
 
 class ImageResolver(Protocol):
@@ -50,6 +52,7 @@ class ContainerRuntime(Protocol):
         shares: Sequence[Share],
         limits: Limits,
         address: IPv4Address | None,
+        volume: ImportedVolume | None = None,
     ) -> Container: ...
     def start(self, name: str) -> ContainerState: ...
     def wait_ready(self, name: str) -> None: ...
@@ -60,6 +63,11 @@ class ContainerRuntime(Protocol):
     def state(self, name: str) -> ContainerState: ...
     def exec(self, name: str, spec: ExecSpec) -> Result: ...
     def boot_messages(self, name: str) -> list[str]: ...
+
+    # -- export and import -----------------------------------------------------------------
+    def staging_file(self) -> Path: ...
+    def volume_snapshot(self, name: str) -> AbstractContextManager[VolumeSnapshot]: ...
+    def thaw_leftovers(self) -> list[str]: ...
 
     # -- limits and usage ------------------------------------------------------------------
     def set_limits(self, name: str, limits: Limits) -> dict[str, str]: ...

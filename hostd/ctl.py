@@ -4,6 +4,7 @@ JSON. (`hostd.hostctl` parses the command line without loading any of this.)"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -114,7 +115,7 @@ def _open(path: Path) -> BinaryIO:
     try:
         return open(path, "rb")
     except OSError as exc:
-        raise HostdError(f"cannot read {path}: {exc.strerror}", "give a readable tarball") from None
+        raise HostdError(f"cannot read {path}: {exc.strerror}", "give a readable file") from None
 
 
 def _user(c: Client, args: argparse.Namespace) -> None:
@@ -133,9 +134,82 @@ def _user(c: Client, args: argparse.Namespace) -> None:
     elif args.sub == "rebase":
         r = c("user.rebase", p.UserRebaseArgs(args.user, args.image, args.restart))
         _rebased(c, r)
+    elif args.sub == "export":
+        _export(c, args)
+    elif args.sub == "import":
+        _import(c, args)
     else:
         c("user.remove", p.UserRemoveArgs(args.user, args.keep_data))
         c.say(f"removed {args.user}" + (" (data kept)" if args.keep_data else ""))
+
+
+def _export(c: Client, args: argparse.Namespace) -> None:
+    """The archive goes to a file opened here, as the caller (hostd never opens an admin's
+    path as root): new, 0600, unless --force; or to stdout, never a terminal."""
+    to_stdout = args.output == "-"
+    if to_stdout and os.isatty(1):
+        raise HostdError("will not write an archive to a terminal", "give -o FILE or redirect")
+    if to_stdout and c.json:
+        raise HostdError("--json and an archive on stdout would mix", "give -o FILE")
+    with contextlib.ExitStack() as stack:
+        parent = [stack.enter_context(_open(Path(args.since))).fileno()] if args.since else []
+        out = 1 if to_stdout else _create(Path(args.output), args.force)
+        try:
+            r = c(
+                "user.export",
+                p.UserExportArgs(args.user, args.with_home, args.since),
+                [out, *parent],
+            )
+        except BaseException:
+            if not to_stdout:  # half an archive is no archive
+                os.unlink(args.output)
+            raise
+        finally:
+            if not to_stdout:
+                os.close(out)
+    how = f"frozen for {r.frozen:.1f} s" if r.frozen is not None else "stopped: as it was"
+    size = "" if r.size is None else f"{human_size(r.size)}, "
+    text = (
+        f"exported {r.user} ({r.kind} {r.id}): {size}{r.chunks} of {r.volume_chunks} chunks"
+        f"{f', home in {r.home_pieces} pieces' if r.home_pieces else ''}; {how};"
+        f" {r.seconds:.1f} s"
+    )
+    if to_stdout:
+        print(text, file=sys.stderr)
+    else:
+        c.say(text)
+
+
+def _create(path: Path, force: bool) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        return os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise HostdError(f"{path} exists", "give another file, or --force") from None
+    except OSError as exc:
+        raise HostdError(f"cannot write {path}: {exc.strerror}", "give a writable path") from None
+
+
+def _import(c: Client, args: argparse.Namespace) -> None:
+    with contextlib.ExitStack() as stack:
+        fds = [stack.enter_context(_open(Path(f))).fileno() for f in args.files]
+        request = p.UserImportArgs(
+            [str(f) for f in args.files],
+            args.as_user,
+            args.range,
+            args.with_home,
+            not args.no_start,
+        )
+        r = c("user.import", request, fds)
+    moved = " (files shifted from the archive's range)" if r.shifted else ""
+    home = "" if r.home_skipped is None else f"; home restored, {r.home_skipped} files kept"
+    c.say(
+        f"imported {r.user}: IDs {r.range_start}-{r.range_end}{moved}, image {r.image}"
+        f" ({r.image_version}), {r.archives} archives, {r.chunks} chunks{home}"
+        f"{', started' if r.started else ''}; {r.seconds:.1f} s"
+    )
+    if not c.json and r.warning:
+        print(f"hostctl: warning: {r.warning}", file=sys.stderr)
 
 
 def _quota_set(c: Client, args: argparse.Namespace) -> None:

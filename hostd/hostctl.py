@@ -89,6 +89,27 @@ def _parser() -> Parser:
     rb.add_argument("user")
     rb.add_argument("image", nargs="?", help="default: the tenant's own image")
     rb.add_argument("--restart", action="store_true", help="stop and start it if running")
+    ex = user.add_parser("export", help="write a tenant (volume, record; home) to an archive")
+    ex.add_argument("user")
+    ex.add_argument("-o", "--output", default="-", help="the archive (default: stdout)")
+    ex.add_argument(
+        "--since",
+        metavar="PARENT",
+        help="incremental: only what changed since archive PARENT (or its .manifest.json)",
+    )
+    ex.add_argument("--with-home", action="store_true", help="the home directory too")
+    ex.add_argument("--force", action="store_true", help="overwrite an existing file")
+    im = user.add_parser("import", help="make a tenant from archives of `user export`")
+    im.add_argument("files", nargs="+", metavar="FILE", help="a full archive, then incrementals")
+    im.add_argument("--as", dest="as_user", metavar="USER", help="another user of this host")
+    im.add_argument(
+        "--range",
+        choices=("auto", "keep"),
+        default="auto",
+        help="auto: a new ID range here, files shifted (default); keep: the archive's",
+    )
+    im.add_argument("--with-home", action="store_true", help="restore the home's files too")
+    im.add_argument("--no-start", action="store_true", help="leave it stopped")
     rm = user.add_parser("remove", help="remove a tenant and its container")
     rm.add_argument("user")
     rm.add_argument("--keep-data", action="store_true", help="keep the container and its IDs")

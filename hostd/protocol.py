@@ -90,6 +90,25 @@ class UserRebaseArgs(NamedTuple):
     restart: bool = False
 
 
+class UserExportArgs(NamedTuple):
+    """The archive goes to the first file descriptor; a parent archive (or its manifest copy)
+    for an incremental comes as the second."""
+
+    user: str
+    with_home: bool = False
+    since: str | None = None  # the parent's file name, for messages
+
+
+class UserImportArgs(NamedTuple):
+    """The archives come as file descriptors, in order: a full one, then its incrementals."""
+
+    files: list[str]  # their names, for messages
+    as_user: str | None = None  # None: the user named in the archive
+    range: str = "auto"  # auto: a new ID range here (files shifted); keep: the archive's
+    with_home: bool = False
+    start: bool = True  # start it if it was running when exported
+
+
 class PortsArgs(NamedTuple):
     user: str
     ports: str  # PORT or FIRST-LAST
@@ -215,6 +234,36 @@ class Rebased(NamedTuple):
     pruned: list[str]
 
 
+class Exported(NamedTuple):
+    user: str
+    id: str
+    kind: str  # full | incremental
+    parent: str | None
+    size: int | None  # bytes written; None: not a regular file (a pipe)
+    chunks: int  # volume chunks in this archive
+    volume_chunks: int  # data chunks of the volume
+    home_pieces: int
+    consistency: str  # frozen | stopped
+    frozen: float | None  # seconds the container was frozen
+    seconds: float
+    warning: str | None = None  # files of the home tar could not read
+
+
+class Imported(NamedTuple):
+    user: str
+    range_start: int
+    range_end: int
+    shifted: bool  # its files moved from the archive's ID range to this one
+    image: str
+    image_version: str
+    archives: int
+    chunks: int
+    home_skipped: int | None  # files of the home archive already there, left as they were
+    started: bool
+    warning: str | None  # what the user should know (their old system files set aside...)
+    seconds: float
+
+
 class QuotaSet(NamedTuple):
     quota: Quota
     applied: dict[str, str]  # limit -> "now", "at next start" (or the runtime's words)
@@ -258,6 +307,7 @@ class Op(NamedTuple):
 
 
 _BOTH = frozenset({ADMIN, TENANT})
+IMPORT_FDS = 16  # archives of one chain: a full one and up to 15 incrementals
 OPS: dict[str, Op] = {
     op.name: op
     for op in (
@@ -273,6 +323,8 @@ OPS: dict[str, Op] = {
         Op("user.set", UserSetArgs, UserSettings),
         Op("user.remove", UserRemoveArgs, Done),
         Op("user.rebase", UserRebaseArgs, Rebased),
+        Op("user.export", UserExportArgs, Exported, fds=2),
+        Op("user.import", UserImportArgs, Imported, fds=IMPORT_FDS),
         Op("quota.set", QuotaSetArgs, QuotaSet),
         Op("start", UserArgs, Done, _BOTH),
         Op("stop", UserArgs, Done),

@@ -164,7 +164,7 @@ class Tenants:
                         user,
                         image,
                         IdRange(tenant.range_start),
-                        shares=[_home_share(pw)],
+                        shares=[home_share(pw)],
                         limits=replace(quota, disk=quota.disk or self._whole_disk()),
                         address=self.addresses.address(user, containers),
                     )
@@ -194,12 +194,22 @@ class Tenants:
             )
         return kept.image
 
-    def _reserve(self, pw: pwd.struct_passwd, image: str, quota: Limits) -> Tenant:
-        """The state row (phase `adding`, with the range kept for the user or a fresh one) and
-        the range's subuid/subgid entries: both or neither."""
+    def _reserve(
+        self,
+        pw: pwd.struct_passwd,
+        image: str,
+        quota: Limits,
+        pick: Callable[[], int] | None = None,
+    ) -> Tenant:
+        """The state row (phase `adding`, with the range kept for the user or a fresh one, or
+        the one `pick` says under the allocation locks) and the range's subuid/subgid
+        entries: both or neither."""
         with self.ranges.locked():
             kept = self.state.kept_range(pw.pw_name)
-            start = kept if kept is not None else self.ranges.allocate()
+            if pick is not None:
+                start = pick()
+            else:
+                start = kept if kept is not None else self.ranges.allocate()
             t = Tenant(
                 pw.pw_name,
                 pw.pw_uid,
@@ -215,7 +225,7 @@ class Tenants:
             try:
                 self.ranges.register(start)
             except BaseException:
-                self.state.delete_tenant(t.user, "free" if kept is None else "kept")
+                self.state.delete_tenant(t.user, "kept" if start == kept else "free")
                 raise
         return t
 
@@ -603,7 +613,7 @@ class Tenants:
             return f"cannot restart {user}: {exc}"
 
 
-def _home_share(pw: pwd.struct_passwd) -> Share:
+def home_share(pw: pwd.struct_passwd) -> Share:
     """The user's home, at the same path inside, their files owned by their account there."""
     return Share(
         pw.pw_dir, pw.pw_dir, pw.pw_uid, pw.pw_gid, inner_id(pw.pw_uid), inner_id(pw.pw_gid)

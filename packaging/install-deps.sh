@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 packages=(
   runc uidmap debootstrap busybox-static iptables nftables lxcfs fuse3 e2fsprogs iproute2 quota
+  zstd tar util-linux  # hostctl user export/import (hostd.archive)
   libsystemd-dev openssh-client openssh-server
   python3 python3-venv python3-dev gcc libc6-dev libffi-dev pkg-config
   # the Debian package (packaging/build-deb.sh, tests/integration/test_deb.py)

@@ -299,3 +299,38 @@ def usage(layout: Layout, parent: str, name: str) -> Usage:
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read().strip()
+
+
+@dataclass(frozen=True)
+class Freezer:
+    """Where a container's cgroup is frozen and thawed (v1 freezer.state, v2 cgroup.freeze),
+    and how its state says it is: freezing waits for every task, so it is not at once."""
+
+    control: str  # the file written
+    freeze: str  # what is written to freeze
+    thaw: str  # ... and to thaw
+    status: str  # the file read
+    frozen: str  # a line of it once every task is frozen
+
+
+def freezer(layout: Layout, parent: str, name: str) -> Freezer:
+    if layout.version == 2:
+        node = f"{layout.hierarchies[0].root}/{parent}/{name}"
+        return Freezer(f"{node}/cgroup.freeze", "1", "0", f"{node}/cgroup.events", "frozen 1")
+    root = next((h.root for h in layout.hierarchies if "freezer" in h.controllers), None)
+    if root is None:
+        raise RuntimeFailure(
+            "no cgroup v1 freezer hierarchy is mounted",
+            "mount it (mount -t cgroup -o freezer cgroup /sys/fs/cgroup/freezer)",
+        )
+    state = f"{root}/{parent}/{name}/freezer.state"
+    return Freezer(state, "FROZEN", "THAWED", state, "FROZEN")
+
+
+def set_frozen(f: Freezer, frozen: bool) -> None:
+    with open(f.control, "w") as out:
+        out.write(f.freeze if frozen else f.thaw)
+
+
+def is_frozen(f: Freezer) -> bool:
+    return f.frozen in _read(f.status).splitlines()

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import subprocess
 import threading
@@ -36,9 +37,10 @@ from runtime import (
     network,
     proc,
     records,
+    snapshot,
     storage,
 )
-from runtime.errors import Conflict, RuntimeFailure
+from runtime.errors import Busy, Conflict, RuntimeFailure
 from runtime.execs import EXEC_MAX_OUTPUT, EXEC_TIMEOUT, Execs, ExecSpec
 from runtime.ids import IdRange
 from runtime.images import ImageStore
@@ -49,6 +51,7 @@ from runtime.records import Container, ContainerState, Rebased, Records
 from runtime.runc import CpusetBusy, Runc
 from runtime.settings import RootfsMode, Settings
 from runtime.shares import Share
+from runtime.snapshot import ImportedVolume, VolumeSnapshot
 from runtime.spec import ContainerSpec, build_config
 from runtime.ttyexec import TtyProcess
 from runtime.undo import Undo
@@ -58,6 +61,7 @@ log = logging.getLogger(__name__)
 # When a changed limit takes effect (set_limits): on the running container, or at its next start.
 NOW, NEXT_START = "now", "at next start"
 CPUS_NOW_SET_LATER = "now (its CPU set at next start)"  # the cap now; cgroup v1 refused the set
+STAGING = "staging"  # below the state dir: staging files (imported volumes, clones)
 DISK_WALK_TTL = 30.0  # seconds a disk walk of a container without a mounted volume is kept
 _LXCFS_LOCK = threading.Lock()  # one lxcfs per host, started by whichever start comes first
 
@@ -125,6 +129,35 @@ class Runtime:
         for c in self.containers():
             records.close(self.records.dir(c.name), c.ids)
 
+    def staging_file(self) -> Path:
+        """A new empty 0600 file in <state>/staging, on the containers' file system, so that
+        create() can rename an imported volume in. Named after this process: leftovers of dead
+        ones are removed by thaw_leftovers()."""
+        path = self._staging_name()
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        return path
+
+    def _staging_name(self) -> Path:
+        """A new name in the staging dir (made 0700 if missing), marked as this process's."""
+        staging = self.state_dir / STAGING
+        staging.mkdir(mode=0o700, exist_ok=True)
+        return staging / f"{os.getpid()}-{secrets.token_hex(8)}"
+
+    def _clear_staging(self) -> None:
+        """Remove what processes that are gone left in the staging dir (files, mount points)."""
+        staging = self.state_dir / STAGING
+        if not staging.is_dir():
+            return
+        for entry in staging.iterdir():
+            pid = entry.name.partition("-")[0]
+            if pid.isdigit() and os.path.exists(f"/proc/{pid}"):
+                continue
+            log.info("removing %s, left by a process that is gone", entry)
+            if entry.is_dir() and not entry.is_symlink():
+                fsutil.remove_tree(entry)
+            else:
+                entry.unlink()
+
     def console_log(self, c: Container) -> Path:
         return records.console_log(self.records.dir(c.name), c)
 
@@ -155,8 +188,32 @@ class Runtime:
         shares: Sequence[Share] = (),
         limits: Limits | None = None,
         address: IPv4Address | None = None,
+        volume: ImportedVolume | None = None,
     ) -> Container:
-        """Prepare a container (storage, root filesystem, bundle); transactional."""
+        """Prepare a container (storage, root filesystem, bundle); transactional.
+
+        With `volume` (an exported data volume in a staging file) the container is made on it:
+        checked, grown to limits.disk, its owners shifted from volume.ids to `ids`, and, when
+        it ran on another image version than the one it is created on (the caller compares
+        volume.image_version with the returned record's image_dir name), its upper layer set
+        aside as a rebase does. The staging file is gone afterwards, on failure too."""
+        try:
+            return self._create(name, image, ids, hostname, shares, limits, address, volume)
+        finally:
+            if volume is not None:  # renamed in, or not wanted any more
+                volume.path.unlink(missing_ok=True)
+
+    def _create(
+        self,
+        name: str,
+        image: str,
+        ids: IdRange,
+        hostname: str | None,
+        shares: Sequence[Share],
+        limits: Limits | None,
+        address: IPv4Address | None,
+        imported: ImportedVolume | None,
+    ) -> Container:
         check_name(name)
         lifecycle.check_host(self.settings.runc)
         with self._locked():
@@ -170,7 +227,22 @@ class Runtime:
                 undo.push(fsutil.remove_tree, cdir)
                 records.close(cdir, ids)
                 wanted = self.settings.rootfs_mode
-                mode = storage.make(cdir, image_dir / "rootfs", ids, limits.disk, wanted)
+                scratch = None
+                if imported is not None:  # where the volume is mounted while owners move
+                    scratch = self._staging_name()
+                    scratch.mkdir(mode=0o700)
+                    undo.push(fsutil.remove_tree, scratch)
+                mode = storage.make(
+                    cdir, image_dir / "rootfs", ids, limits.disk, wanted, imported, scratch
+                )
+                if scratch is not None:
+                    scratch.rmdir()
+                if imported is not None and imported.image_version != image_dir.name:
+                    fsutil.unmount_all(cdir / "rootfs")  # the overlay holds the upper layer
+                    aside = storage.set_aside(cdir, ids, undo)
+                    log.info(
+                        "%s ran on %s: upper set aside in %s", name, imported.image_version, aside
+                    )
                 c = Container(
                     name=name,
                     image=image,
@@ -227,6 +299,7 @@ class Runtime:
         c = self.get(name)
         lifecycle.check_host(self.settings.runc)
         with self._locked():
+            snapshot.check_not_held(self.records.dir(name))
             current = self.runc.state(name)
             if current is not None and current.status == "created":
                 # A start cut short: its caller died between `runc create` and `runc start`
@@ -275,6 +348,7 @@ class Runtime:
         """Ask systemd to halt; kill everything if it has not within `timeout` seconds
         (at once with timeout 0)."""
         c = self.get(name)
+        snapshot.check_not_held(self.records.dir(name))  # frozen: a halt would wait for nothing
         st = self.runc.state(name)
         if st is not None and st.status in ("running", "paused", "created") and st.pid:
             lifecycle.halt(self.runc, name, st.pid, timeout)
@@ -307,6 +381,7 @@ class Runtime:
                 fsutil.remove_tree(cdir)
             return
         c = self.get(name)
+        snapshot.check_not_held(cdir)
         st = self.state(name)
         if st.status != "stopped":
             if not force:
@@ -319,6 +394,71 @@ class Runtime:
         with self._locked():
             fsutil.remove_tree(cdir)
 
+    # -- export ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def volume_snapshot(self, name: str) -> Iterator[VolumeSnapshot]:
+        """The container's data volume, consistent and unchanging while inside: a stopped
+        container's unmounted (and not started meanwhile: Busy), a running one's frozen
+        (runtime.snapshot), or a clone of it where the file system clones files, thawed at
+        once. Stop, start, delete, rebase and a disk change are Busy while it is held."""
+        c, cdir = self.get(name), self.records.dir(name)
+        if c.limits.disk is None:
+            raise RuntimeFailure(
+                f"container {name!r} keeps its data in a plain directory, not a volume",
+                "give it a disk limit first (hostctl user set --disk)",
+            )
+        image = cdir / "data.img"
+        with contextlib.ExitStack() as stack:
+            with self._locked():
+                stack.enter_context(snapshot.held(cdir))
+                st = self.runc.state(name)
+                status = "stopped" if st is None else st.status
+                freeze = stack.enter_context(contextlib.ExitStack())
+                if status == "stopped":
+                    storage.unmount(cdir, c)  # what a stop cut short may have left
+                elif status == "running":
+                    t0 = time.monotonic()
+                    freeze.enter_context(snapshot.frozen(cdir, self._freezer(c), cdir / "data"))
+                    log.info("%s frozen in %.3f s", name, time.monotonic() - t0)
+                else:
+                    raise Busy(f"container {name!r} is {status}", "try again once it runs")
+            if status == "stopped":
+                yield VolumeSnapshot(image, image.stat().st_size, "stopped")
+                return
+            clone = self.staging_file()
+            stack.callback(clone.unlink, missing_ok=True)
+            if snapshot.reflink(image, clone):
+                freeze.close()  # thawed: the clone does not change
+                yield VolumeSnapshot(clone, clone.stat().st_size, "frozen")
+            else:
+                clone.unlink()
+                yield VolumeSnapshot(image, image.stat().st_size, "frozen")
+
+    def thaw_leftovers(self) -> list[str]:
+        """Thaw the containers a runtime killed while it held them frozen left frozen (their
+        marker is there, nobody holds their snapshot), and remove staging files left by dead
+        processes; the names of the containers thawed. For hostd's start."""
+        thawed = []
+        with self._locked():
+            self._clear_staging()
+            for c in self.containers():
+                cdir = self.records.dir(c.name)
+                if not (cdir / snapshot.MARKER).exists():
+                    continue
+                try:
+                    with snapshot.held(cdir):
+                        snapshot.thaw(cdir, self._freezer(c), cdir / "data")
+                except Busy:  # a live snapshot: not a leftover
+                    continue
+                log.warning("%s: thawed, left frozen by a runtime that died", c.name)
+                thawed.append(c.name)
+        return thawed
+
+    def _freezer(self, c: Container) -> cgroups.Freezer:
+        layout = cgroups.detect(mountinfo.current())
+        return cgroups.freezer(layout, self.settings.cgroup_parent, c.name)
+
     # -- limits and usage ----------------------------------------------------------------------
 
     def set_limits(self, name: str, limits: Limits) -> dict[str, str]:
@@ -329,6 +469,8 @@ class Runtime:
         changed = [
             f.name for f in fields(Limits) if getattr(limits, f.name) != getattr(c.limits, f.name)
         ]
+        if "disk" in changed:  # a volume being read must not change size
+            snapshot.check_not_held(self.records.dir(name))
         cgroup = [key for key in changed if key != "disk"]
         live = bool(cgroup) and self.state(name).status == "running"
         applied = dict.fromkeys(cgroup, NOW if live else NEXT_START)
@@ -428,6 +570,7 @@ class Runtime:
             if st is not None and st.status != "stopped":
                 raise Conflict(f"container {name!r} is {st.status}", "stop it first")
             cdir = self.records.dir(name)
+            snapshot.check_not_held(cdir)
             shipped = {p.split()[0] for p in self.images.manifest(target).packages}
             storage.unmount(cdir, c)  # nothing of the old root stays mounted over what moves
             try:

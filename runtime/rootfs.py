@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime import mountinfo, proc, syscalls
+from runtime import idshift, mountinfo, proc, syscalls
 from runtime.errors import RuntimeFailure
 from runtime.ids import IdRange
 from runtime.settings import RootfsMode
@@ -75,14 +73,4 @@ def idmap_unsupported(exc: BaseException) -> bool:
 def shifted_copy(template: Path, dest: Path, ids: IdRange) -> None:
     """Copy the template to `dest` with every owner shifted into `ids` (one time, fallback)."""
     proc.run(["cp", "-a", "--reflink=auto", f"{template}/.", str(dest)], fix="free disk space")
-    _shift(str(dest), ids)
-    for top, dirs, files in os.walk(dest):
-        for name in dirs + files:
-            _shift(os.path.join(top, name), ids)
-
-
-def _shift(path: str, ids: IdRange) -> None:
-    st = os.lstat(path)
-    os.lchown(path, ids.start + st.st_uid, ids.start + st.st_gid)
-    if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(st.st_mode):
-        os.chmod(path, stat.S_IMODE(st.st_mode))  # chown cleared setuid/setgid
+    idshift.shift_tree(dest, None, ids)

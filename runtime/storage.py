@@ -14,12 +14,13 @@ import stat
 import time
 from pathlib import Path
 
-from runtime import fsutil, inside, lxcfs, mountinfo, netplan, rootfs, shares, volume
+from runtime import fsutil, idshift, inside, lxcfs, mountinfo, netplan, rootfs, shares, volume
 from runtime.errors import Conflict, RuntimeFailure
 from runtime.ids import IdRange
 from runtime.netplan import NetworkConfig
 from runtime.records import Container, rootfs_paths, share_dir
 from runtime.settings import RootfsMode
+from runtime.snapshot import ImportedVolume
 from runtime.spec import Bind
 from runtime.undo import Undo
 
@@ -31,6 +32,13 @@ SET_ASIDE = "/var/backups/hostd-rebase"  # where a container sees the upper laye
 DPKG_STATUS_MAX = 32 << 20  # bytes of a set-aside dpkg status file read
 _PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]*")  # Debian policy 5.6.1
 
+# The directories at the top of the data volume: name, mode when made, owned by the range's root
+VOLUME_DIRS = (
+    ("work", 0o711, False),
+    ("upper", 0o755, True),
+    ("docker", 0o710, True),
+    ("containerd", 0o710, True),
+)
 # Character devices the container's root may open, besides runc's defaults (null, zero, full,
 # random, urandom, tty). Our own nodes, owned by the container's root: the host's are 0600.
 DEVICES = {"fuse": (10, 229, "/dev/fuse"), "net-tun": (10, 200, "/dev/net/tun")}
@@ -67,20 +75,31 @@ def prepare_state_dir(path: Path) -> None:
 
 
 def make(
-    cdir: Path, template: Path, ids: IdRange, disk: int | None, wanted: RootfsMode
+    cdir: Path,
+    template: Path,
+    ids: IdRange,
+    disk: int | None,
+    wanted: RootfsMode,
+    imported: ImportedVolume | None = None,
+    scratch: Path | None = None,
 ) -> RootfsMode:
-    """Directories, data volume, device nodes and the root filesystem of a new container; the
-    mode its root filesystem got (`auto`: ID-mapped where the file system allows it)."""
+    """Directories, data volume (new, or `imported`: see adopt_volume), device nodes and the
+    root filesystem of a new container; the mode its root filesystem got (`auto`: ID-mapped
+    where the file system allows it)."""
     (cdir / "data").mkdir(mode=0o711)
-    if disk is not None:  # everything writable of the container goes on the capped volume
+    if imported is not None:
+        if disk is None or scratch is None:
+            raise RuntimeFailure(
+                "an imported volume needs a disk limit", "give the container a disk limit"
+            )
+        adopt_volume(cdir, imported, ids, disk, scratch)
+        volume.mount(cdir / "data.img", cdir / "data")
+    elif disk is not None:  # everything writable of the container goes on the capped volume
         volume.create(cdir / "data.img", disk)
         volume.mount(cdir / "data.img", cdir / "data")
-        os.chmod(cdir / "data", 0o711)
-    for sub in ("rootfs", "lower", "data/work", "etc", "dev"):
+    _volume_dirs(cdir / "data", ids, imported is not None)
+    for sub in ("rootfs", "lower", "etc", "dev"):
         (cdir / sub).mkdir(mode=0o700 if sub == "lower" else 0o711)
-    for sub in ("data/upper", "data/docker", "data/containerd"):
-        (cdir / sub).mkdir(mode=0o755 if sub == "data/upper" else 0o710)
-        os.chown(cdir / sub, ids.root, ids.root)
     for node, (major, minor, _) in DEVICES.items():
         os.mknod(cdir / "dev" / node, stat.S_IFCHR | 0o666, os.makedev(major, minor))
         os.chown(cdir / "dev" / node, ids.root, ids.root)
@@ -98,6 +117,50 @@ def make(
     rootfs.shifted_copy(template, paths.lower, ids)
     rootfs.mount(template, ids, paths, RootfsMode.COPY)
     return RootfsMode.COPY
+
+
+def adopt_volume(
+    cdir: Path, imported: ImportedVolume, ids: IdRange, disk: int, scratch: Path
+) -> None:
+    """The imported volume becomes the container's data.img (checked and grown: volume.adopt),
+    its owners shifted from the range it was exported under to `ids` on a mount at `scratch`
+    (an empty directory only root reaches) that is nosuid, nodev, noexec: while owners move,
+    nothing in it may run or open a device."""
+    image = cdir / "data.img"
+    volume.adopt(imported.path, image, disk)
+    if imported.ids == ids:
+        return
+    volume.mount(image, scratch, f"{volume.MOUNT_OPTIONS},nosuid,nodev,noexec")
+    try:
+        changed = idshift.shift_tree(scratch, imported.ids, ids)
+    finally:
+        volume.unmount(scratch)
+    log.info("%s: %d files shifted from %s to %s", cdir.name, changed, imported.ids, ids)
+
+
+def _volume_dirs(data: Path, ids: IdRange, imported: bool) -> None:
+    """The top of the data directory (or volume) as a start needs it: its directories made, or
+    of an imported volume checked (what is bound into the container or mounted by the
+    runtime must be a directory, not a link to the host), a fresh overlay work directory, and
+    no old console log (the runtime opens it as root)."""
+    os.chown(data, 0, 0)
+    os.chmod(data, 0o711)
+    if imported:
+        for name in (*(d for d, _, _ in VOLUME_DIRS), "previous"):
+            st = os.lstat(data / name) if os.path.lexists(data / name) else None
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                raise volume.damaged(f"data/{name} is not a directory")
+        fsutil.remove_tree(data / "work")
+        if os.path.lexists(data / "console.log"):
+            if os.path.isdir(data / "console.log") and not os.path.islink(data / "console.log"):
+                fsutil.remove_tree(data / "console.log")
+            else:
+                os.unlink(data / "console.log")
+    for name, mode, theirs in VOLUME_DIRS:
+        if not os.path.lexists(data / name):
+            (data / name).mkdir(mode=mode)
+        owner = ids.root if theirs else 0
+        os.chown(data / name, owner, owner, follow_symlinks=False)
 
 
 def write_etc(
@@ -236,7 +299,7 @@ def rebase(cdir: Path, c: Container, target: Path, undo: Undo) -> Path:
         (cdir / "lower.new").mkdir(mode=0o700)
         undo.push(fsutil.remove_tree, cdir / "lower.new")
         rootfs.shifted_copy(target / "rootfs", cdir / "lower.new", c.ids)
-    aside = _set_aside(cdir, c.ids, undo)
+    aside = set_aside(cdir, c.ids, undo)
     if copy:
         _swap(cdir / "lower", cdir / "lower.old", undo)
         _swap(cdir / "lower.new", cdir / "lower", undo)
@@ -267,7 +330,7 @@ def dpkg_installed_in(upper: Path) -> set[str]:
     return dpkg_installed(status.decode(errors="replace"))
 
 
-def _set_aside(cdir: Path, ids: IdRange, undo: Undo) -> Path:
+def set_aside(cdir: Path, ids: IdRange, undo: Undo) -> Path:
     """Move the upper layer to data/previous/<UTC time> and start an empty one. The container
     is stopped: nothing of it can race us, but it may have planted entries in data/previous."""
     previous = cdir / "data/previous"  # ours: the container sees only what is below it

@@ -9,9 +9,11 @@ back what is deleted inside (the `discard` mount option, see MOUNT_OPTIONS).
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from runtime import mountinfo, proc, syscalls
@@ -51,6 +53,7 @@ RELEASE_TIMEOUT = 5.0  # seconds for the kernel to detach an autoclear loop devi
 CAP_SYS_RESOURCE = 24
 LOOP_MAJOR = 7  # the block major of every loop device (linux/major.h)
 E2FSCK_FIXED = 1  # e2fsck exit status: errors found and corrected; above is a failure
+FSCK_TIMEOUT = 3600.0  # seconds e2fsck or resize2fs may take on an imported volume
 # The ext4 superblock: 1 KiB at offset 1024; the fields recorded_usage reads (linux/ext4.h).
 SUPERBLOCK = 1024
 EXT4_MAGIC = 0xEF53
@@ -133,14 +136,14 @@ def _device(image: Path, target: Path) -> str | None:
     return device
 
 
-def mount(image: Path, target: Path) -> None:
+def mount(image: Path, target: Path, options: str = MOUNT_OPTIONS) -> None:
     """Mount the image at `target` (made if missing); a no-op when it already is."""
     if _device(image, target) is not None:
         return
     target.mkdir(exist_ok=True)
     mount_prog = proc.require("mount", "mount")
     proc.run(
-        [mount_prog, "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(target)],
+        [mount_prog, "-t", "ext4", "-o", options, str(image), str(target)],
         fix="check that loop devices are available (modprobe loop) and the image is intact",
     )
 
@@ -196,10 +199,9 @@ def usage(target: Path) -> tuple[int, int]:
     return (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_blocks * st.f_frsize
 
 
-def recorded_usage(image: Path) -> int | None:
-    """Bytes used on an unmounted volume, as `usage` showed them, from the counts its ext4
-    superblock holds (written at unmount): no mount, no program, 1 KiB read. None when the
-    image is not ext4 or does not record its metadata overhead (an old mke2fs)."""
+def _superblock(image: Path) -> tuple[int, int, int, int] | None:
+    """(blocks, free blocks, block size, overhead blocks) from an ext4 image's superblock:
+    1 KiB read, no program. None when the image is not ext4."""
     try:
         with open(image, "rb") as f:
             f.seek(SUPERBLOCK)
@@ -215,9 +217,53 @@ def recorded_usage(image: Path) -> int | None:
     blocks, free, log_block, overhead = u32(0x04), u32(0x0C), u32(0x18), u32(0x248)
     if u32(0x60) & INCOMPAT_64BIT:  # s_feature_incompat: counts have high halves
         blocks, free = blocks | u32(0x150) << 32, free | u32(0x158) << 32
-    if not overhead or log_block > 6 or not free + overhead <= blocks:
+    if log_block > 6:
         return None
-    return (blocks - free - overhead) * (1024 << log_block)
+    return blocks, free, 1024 << log_block, overhead
+
+
+def recorded_usage(image: Path) -> int | None:
+    """Bytes used on an unmounted volume, as `usage` showed them, from the counts its ext4
+    superblock holds (written at unmount). None when the image is not ext4 or does not record
+    its metadata overhead (an old mke2fs)."""
+    sb = _superblock(image)
+    if sb is None:
+        return None
+    blocks, free, block, overhead = sb
+    if not overhead or not free + overhead <= blocks:
+        return None
+    return (blocks - free - overhead) * block
+
+
+def adopt(src: Path, image: Path, size: int) -> None:
+    """Make the ext4 image `src` (an imported volume: untrusted) the volume `image` of `size`
+    bytes: its size checked, e2fsck'ed (refused when damaged beyond what -p fixes), renamed
+    in, grown to `size`. On failure `src` is left for the caller to delete."""
+    size = check_size(size)
+    sb = _superblock(src)
+    if sb is None:
+        raise damaged("no ext4 file system in it")
+    have = sb[0] * sb[2]
+    if have > size:
+        raise RuntimeFailure(
+            f"the imported volume is {_mib(have)}, more than the disk limit of {_mib(size)}",
+            f"give a disk limit of at least {_mib(have)}",
+        )
+    os.truncate(src, have)  # an export leaves out the holes at its end
+    e2fsck = proc.require("e2fsck", "e2fsprogs")
+    res = proc.run([e2fsck, "-f", "-p", str(src)], check=False, timeout=FSCK_TIMEOUT)
+    if res.returncode > E2FSCK_FIXED:
+        raise damaged(f"e2fsck: {res.last_error_line()}")
+    os.rename(src, image)
+    if size > have:
+        os.truncate(image, size)
+        proc.run([proc.require("resize2fs", "e2fsprogs"), str(image)], timeout=FSCK_TIMEOUT)
+
+
+def damaged(why: str) -> RuntimeFailure:
+    return RuntimeFailure(
+        f"the imported volume is damaged ({why})", "export it again from an intact source"
+    )
 
 
 def _fsck(image: Path) -> None:
@@ -289,3 +335,25 @@ def resize(image: Path, target: Path, size: int) -> bool:
     proc.run([proc.require("losetup", "mount"), "--set-capacity", device])
     proc.run([resize2fs, device], fix="check `dmesg` for ext4 online resize errors")
     return True
+
+
+def data_chunks(image: Path, chunk_size: int) -> Iterator[tuple[int, bytes]]:
+    """(index, bytes) of each chunk of `image` ([index * chunk_size, +chunk_size), the last one
+    shorter) that holds data: chunks wholly in holes are never read (SEEK_DATA/SEEK_HOLE), and
+    all-zero ones are left out as well, so a sparse volume costs what it holds."""
+    zeros = bytes(chunk_size)
+    with open(image, "rb", buffering=0) as f:
+        fd, size = f.fileno(), os.fstat(f.fileno()).st_size
+        index = 0
+        while index * chunk_size < size:
+            try:
+                data = os.lseek(fd, index * chunk_size, os.SEEK_DATA)
+            except OSError as exc:  # ENXIO: nothing but holes up to the end
+                if exc.errno == errno.ENXIO:
+                    return
+                raise
+            index = max(index, data // chunk_size)
+            chunk = os.pread(fd, chunk_size, index * chunk_size)
+            if chunk != zeros[: len(chunk)]:
+                yield index, chunk
+            index += 1

@@ -77,7 +77,7 @@ def test_fields_name_the_version_and_debian_dependencies(deb: Path) -> None:
     assert field(deb, "Version") == VERSION
     assert field(deb, "Architecture") == run("dpkg", "--print-architecture").stdout.strip()
     depends = {d.split()[0] for d in field(deb, "Depends").split(", ")}
-    for package in ("runc", "uidmap", "lxcfs", "debootstrap", "nftables", "iproute2"):
+    for package in ("runc", "uidmap", "lxcfs", "debootstrap", "nftables", "iproute2", "zstd"):
         assert package in depends
     # Debian's where it is recent enough; asyncssh (2.10 in Debian 12) is in the venv
     assert {"python3-pyroute2", "python3-systemd", "python3"} <= depends

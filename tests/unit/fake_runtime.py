@@ -9,14 +9,17 @@ useradd edits them, and `read_file` (the seam for runtime.inside.read_file) read
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
 from pathlib import Path
 
 from runtime.cgroups import Usage
-from runtime.errors import Conflict, NotFound, RuntimeFailure
+from runtime.errors import Busy, Conflict, NotFound, RuntimeFailure
 from runtime.execs import ExecSpec
 from runtime.ids import IdRange
 from runtime.limits import Limits
@@ -25,6 +28,7 @@ from runtime.proc import Result
 from runtime.records import Container, ContainerState, Rebased
 from runtime.settings import RootfsMode
 from runtime.shares import Share
+from runtime.snapshot import ImportedVolume, VolumeSnapshot
 
 FIRST_PID = 5_000_000  # above any pid_max: /proc/<pid> never exists for them
 BASE_PASSWD = "root:x:0:0:root:/root:/bin/bash\n"
@@ -52,6 +56,7 @@ class Box:
     files: dict[str, str] = field(
         default_factory=lambda: {"/etc/passwd": BASE_PASSWD, "/etc/group": BASE_GROUP}
     )
+    imported: ImportedVolume | None = None  # what it was created on, if it was imported
 
 
 class FakeRuntime:
@@ -69,6 +74,9 @@ class FakeRuntime:
         self.refused: dict[str, str] = {}  # program inside -> its error (exit status 1)
         self.network = NetworkConfig(subnet="10.213.0.0/24")
         self._next_pid = FIRST_PID
+        self.snapshots: set[str] = set()  # containers whose volume snapshot is held
+        self.frozen: list[str] = []  # leftovers thaw_leftovers() finds (test control)
+        self._files = tempfile.TemporaryDirectory(prefix="fake-runtime-")  # removed with self
 
     # -- test controls ---------------------------------------------------------------------
 
@@ -92,6 +100,14 @@ class FakeRuntime:
         if name not in self.boxes:
             raise NotFound(f"container {name!r} does not exist", "create it first")
         return self.boxes[name]
+
+    def volume_image(self, name: str) -> Path:
+        """The file standing for a container's data volume (made sparse at its disk size)."""
+        path = Path(self._files.name) / f"{name}.img"
+        if not path.exists():
+            with open(path, "wb") as f:
+                f.truncate(self._box(name).record.limits.disk or 0)
+        return path
 
     def read_file(self, pid: int, path: str, limit: int) -> bytes:
         """runtime.inside.read_file for these containers."""
@@ -131,6 +147,23 @@ class FakeRuntime:
         shares: Sequence[Share],
         limits: Limits,
         address: IPv4Address | None,
+        volume: ImportedVolume | None = None,
+    ) -> Container:
+        try:
+            return self._create(name, image, ids, shares, limits, address, volume)
+        finally:  # the real one renames it in, or deletes it on failure
+            if volume is not None:
+                volume.path.unlink(missing_ok=True)
+
+    def _create(
+        self,
+        name: str,
+        image: str,
+        ids: IdRange,
+        shares: Sequence[Share],
+        limits: Limits,
+        address: IPv4Address | None,
+        volume: ImportedVolume | None,
     ) -> Container:
         self._step("create", name)
         if self.exists(name):
@@ -155,12 +188,15 @@ class FakeRuntime:
             limits=limits,
             address=None if address is None else str(address),
         )
-        self.boxes[name] = Box(record)
+        self.boxes[name] = Box(record, imported=volume)
+        if volume is not None:
+            os.rename(volume.path, self.volume_image(name))
         return record
 
     def start(self, name: str) -> ContainerState:
         box = self._box(name)
         self._step("start", name)
+        self._not_held(name)
         if box.status == "running":
             raise Conflict(f"container {name!r} is already running", "stop it first")
         self._next_pid += 1
@@ -173,9 +209,14 @@ class FakeRuntime:
     def boot_messages(self, name: str) -> list[str]:
         return list(self._box(name).console)
 
+    def _not_held(self, name: str) -> None:
+        if name in self.snapshots:
+            raise Busy(f"a snapshot of container {name!r} is being taken", "try again")
+
     def stop(self, name: str, timeout: float) -> None:
         box = self._box(name)
         self._step("stop", name)
+        self._not_held(name)
         box.status, box.pid = "stopped", 0
 
     def delete(self, name: str, force: bool) -> None:
@@ -184,6 +225,7 @@ class FakeRuntime:
             self.half_made.discard(name)
             return
         box = self._box(name)
+        self._not_held(name)
         if box.status != "stopped" and not force:
             raise Conflict(f"container {name!r} is {box.status}", "stop it first")
         del self.boxes[name]
@@ -203,6 +245,31 @@ class FakeRuntime:
     def prune_images(self) -> list[str]:
         self._step("prune_images")
         return list(self.pruned)
+
+    def staging_file(self) -> Path:
+        fd, path = tempfile.mkstemp(dir=self._files.name, prefix="staging-")
+        os.close(fd)
+        return Path(path)
+
+    @contextlib.contextmanager
+    def volume_snapshot(self, name: str) -> Iterator[VolumeSnapshot]:
+        box = self._box(name)
+        self._step("volume_snapshot", name)
+        self._not_held(name)
+        if box.record.limits.disk is None:
+            raise RuntimeFailure(f"container {name!r} has no volume", "give it a disk limit")
+        image = self.volume_image(name)
+        self.snapshots.add(name)
+        try:
+            consistency = "frozen" if box.status == "running" else "stopped"
+            yield VolumeSnapshot(image, image.stat().st_size, consistency)
+        finally:
+            self.snapshots.discard(name)
+
+    def thaw_leftovers(self) -> list[str]:
+        self._step("thaw_leftovers")
+        thawed, self.frozen = self.frozen, []
+        return thawed
 
     def state(self, name: str) -> ContainerState:
         box = self._box(name)

@@ -58,6 +58,12 @@ REPLIES: dict[str, object] = {
     "image.list": [p.ImageInfo("default", "default@1", "then", "recipe", 748100 << 10, ["a 1"])],
     "start": p.Done("alice", "start"),
     "exec": p.Exited(5),
+    "user.export": p.Exported(
+        "alice", "a" * 32, "full", None, 7, 3, 40, 0, "frozen", 2.1, 12.3, None
+    ),
+    "user.import": p.Imported(
+        "alice", 400000, 465535, True, "default", "default@2", 2, 40, 3, True, "set aside", 9.9
+    ),
 }
 
 
@@ -68,6 +74,7 @@ class FakeHostd:
     path: Path
     requests: list[dict[str, Any]] = field(default_factory=list)
     errors: dict[str, RuntimeFailure] = field(default_factory=dict)
+    fd_counts: list[int] = field(default_factory=list)
 
     def serve(self, listener: socket.socket) -> None:
         while True:
@@ -88,6 +95,9 @@ class FakeHostd:
         op = request["op"]
         if op == "exec" and fds:
             os.write(fds[1], b"out of the container\n")
+        if op == "user.export" and op not in self.errors:
+            os.write(fds[0], b"ARCHIVE")
+        self.fd_counts.append(len(fds))
         for fd in fds:
             os.close(fd)
         conn.sendall(p.progress_line(f"doing {op}"))
@@ -330,12 +340,15 @@ def test_bash_completion(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> N
         "show",
         "set",
         "rebase",
+        "export",
+        "import",
         "remove",
         "-h",
         "--help",
         "--json",
     ]
     assert _complete(comp, "hostctl user add --m", path) == ["--memory"]
+    assert _complete(comp, "hostctl user import --r", path) == ["--range"]
     assert _complete(comp, "hostctl user show ", path)[-2:] == ["alice", "bob"]
     assert _complete(comp, "hostctl exec alice -- l", path) == []  # the command: not ours
     assert "--version" in _complete(comp, "hostctl --", path)
@@ -410,3 +423,66 @@ def test_every_suggested_command_parses(capfd: pytest.CaptureFixture[str]) -> No
                 refused.append(f"{where}: `hostctl {command}`")
     capfd.readouterr()
     assert refused == []
+
+
+def test_export_writes_a_new_private_file_opened_by_hostctl(
+    capfd: pytest.CaptureFixture[str], hostd: FakeHostd, config: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "alice.hda"
+    code, stdout, _ = run(capfd, "--config", config, "user", "export", "alice", "-o", str(out))
+    assert code == 0 and out.read_bytes() == b"ARCHIVE"
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert hostd.requests[-1]["args"] == {"user": "alice", "with_home": False, "since": None}
+    assert "exported alice (full " in stdout and "frozen for 2.1 s" in stdout
+    code, _, err = run(capfd, "--config", config, "user", "export", "alice", "-o", str(out))
+    assert code == 1 and f"hostctl: {out} exists: give another file, or --force" in err
+    code, _, _ = run(capfd, "--config", config, "user", "export", "bo", "-o", str(out), "--force")
+    assert code == 0 and hostd.requests[-1]["args"]["user"] == "bo"
+
+
+def test_export_since_sends_the_parent_and_a_failure_removes_the_file(
+    capfd: pytest.CaptureFixture[str], hostd: FakeHostd, config: str, tmp_path: Path
+) -> None:
+    parent, out = tmp_path / "full.hda", tmp_path / "inc.hda"
+    parent.write_bytes(b"parent")
+    hostd.errors["user.export"] = RuntimeFailure("chunk 3 went wrong", "try again")
+    args = ("--config", config, "user", "export", "alice", "-o", str(out), "--since", str(parent))
+    code, _, err = run(capfd, *args)
+    assert code == 1 and err.endswith("\nhostctl: chunk 3 went wrong: try again\n")
+    assert hostd.fd_counts[-1] == 2 and hostd.requests[-1]["args"]["since"] == str(parent)
+    assert not out.exists()
+    code, _, err = run(capfd, *args[:-1], str(tmp_path / "missing"))
+    assert code == 1 and "cannot read" in err and not out.exists()
+
+
+def test_import_sends_the_archives_in_order(
+    capfd: pytest.CaptureFixture[str], hostd: FakeHostd, config: str, tmp_path: Path
+) -> None:
+    files = [tmp_path / "full.hda", tmp_path / "inc.hda"]
+    for f in files:
+        f.write_bytes(b"x")
+    code, out, err = run(
+        capfd,
+        "--config",
+        config,
+        "user",
+        "import",
+        *map(str, files),
+        "--as",
+        "bo",
+        "--range",
+        "keep",
+        "--no-start",
+    )
+    assert code == 0 and hostd.fd_counts[-1] == 2
+    assert hostd.requests[-1]["args"] == {
+        "files": [str(f) for f in files],
+        "as_user": "bo",
+        "range": "keep",
+        "with_home": False,
+        "start": False,
+    }
+    assert "imported alice: IDs 400000-465535 (files shifted from the archive's range)" in out
+    assert "3 files kept" in out and "hostctl: warning: set aside" in err
+    code, _, err = run(capfd, "--config", config, "user", "import", str(tmp_path / "nope"))
+    assert code == 1 and "cannot read" in err

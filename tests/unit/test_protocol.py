@@ -27,15 +27,16 @@ def _request(op: str, args: object) -> bytes:
 
 
 def test_every_op_is_described_once() -> None:
-    assert len(p.OPS) == 23 and all(name == op.name for name, op in p.OPS.items())
+    assert len(p.OPS) == 25 and all(name == op.name for name, op in p.OPS.items())
     for op in p.OPS.values():
         assert op.callers and op.callers <= {p.ADMIN, p.TENANT}
         assert hasattr(op.request, "_fields")
         reply = typing.get_args(op.reply)[0] if typing.get_origin(op.reply) is list else op.reply
         assert hasattr(reply, "_fields")
     assert {n for n, op in p.OPS.items() if p.TENANT in op.callers} == {"status", "start", "exec"}
-    assert {n: op.fds for n, op in p.OPS.items() if op.fds} == {"exec": 3, "image.import": 1}
-    assert p.MAX_FDS == 3
+    fds = {"exec": 3, "image.import": 1, "user.export": 2, "user.import": p.IMPORT_FDS}
+    assert {n: op.fds for n, op in p.OPS.items() if op.fds} == fds
+    assert p.MAX_FDS == p.IMPORT_FDS == 16
 
 
 @pytest.mark.parametrize(

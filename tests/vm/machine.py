@@ -36,7 +36,7 @@ PACKAGES = (
     "systemd", "systemd-sysv", "linux-image-amd64", "initramfs-tools", "udev", "openssh-server",
     "adduser", "debootstrap", "e2fsprogs", "fuse3", "iproute2", "lxcfs", "nftables",
     "openssh-client", "procps", "runc", "uidmap", "python3", "python3-pyroute2", "python3-systemd",
-    "quota",
+    "quota", "zstd",
 )  # fmt: skip
 # Run in the new tree (chroot): the network of qemu's user mode (static: no DHCP wait), no
 # timers or units a test VM does not need, sshd for root by key only.

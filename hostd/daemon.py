@@ -29,7 +29,7 @@ from hostd.gateway import Gateway
 from hostd.idle import AutoStopper
 from hostd.notify import notify, watchdog_interval
 from hostd.priority import favour_this_thread
-from hostd.service import QUICK_OPS, Service
+from hostd.service import PARALLEL_TRANSFERS, QUICK_OPS, TRANSFER_OPS, Service
 from hostd.sessions import Sessions
 from hostd.startqueue import ordinal
 from hostd.state import State
@@ -84,6 +84,7 @@ class Daemon:
         for line in hostlimits.raise_settings():  # before any tenant starts
             log.info("%s", line)
         self.state = State(cfg.paths.state_dir / "hostd.db")
+        self.runtime = runtime
         self.tenants = Tenants(cfg, self.state, runtime)
         for line in self.tenants.migrate_ranges():  # before any request can allocate a range
             log.info("upgrade: %s", line)
@@ -105,6 +106,8 @@ class Daemon:
         self._quick = Workers(
             api.admin_workers, "admin_workers", queue_when_busy=True, on_thread=favour_this_thread
         )
+        # Exports and imports: a few at once, the others told their place in line.
+        self._transfers = Workers(PARALLEL_TRANSFERS, "transfers", queue_when_busy=True)
         self._user = Door("user", False, api.max_connections, api.max_connections_per_user, users)
         self._admin = Door("admin", True, api.max_connections, None, admins)
         self._receiving: set[asyncio.Task[None]] = set()
@@ -182,6 +185,8 @@ class Daemon:
 
     def _reconcile(self) -> None:
         try:
+            for name in self.runtime.thaw_leftovers():  # a hostd killed during an export
+                log.warning("reconcile: thawed %s, left frozen by an export cut short", name)
             for line in self.tenants.reconcile():
                 log.info("reconcile: %s", line)
             self._refresh_tenants()
@@ -262,7 +267,7 @@ class Daemon:
             door.leave(peer.uid)
             raise
         if request is not None:
-            pool = self._quick if door.admin and _op_name(request.line) in QUICK_OPS else door.pool
+            pool = self._pool(door, request.line)
             serve = functools.partial(self._serve, conn, peer, door, request)
             if pool.try_submit(serve, functools.partial(_say_queued, conn, pool)):
                 return
@@ -273,6 +278,15 @@ class Daemon:
         else:
             refuse(conn, refusal)
         door.leave(peer.uid)
+
+    def _pool(self, door: Door, line: bytes) -> Workers:
+        """Admins' quick reads and transfers have pools of their own; the rest the door's."""
+        if not door.admin:
+            return door.pool
+        op = _op_name(line)
+        if op in QUICK_OPS:
+            return self._quick
+        return self._transfers if op in TRANSFER_OPS else door.pool
 
     def _serve(self, conn: socket.socket, peer: Peer, door: Door, request: Request) -> None:
         """Serve one request in a worker of `door`'s pool. Replies are sent blocking, but a
@@ -300,7 +314,8 @@ class Daemon:
 def _say_queued(conn: socket.socket, pool: Workers, place: int) -> None:
     """Tell an admin whose request waits for a worker (a start storm, say) that it waits, and
     why. Non-blocking: a fresh connection's buffer takes one line."""
-    text = f"waiting for hostd: {ordinal(place)} in line ([api] {pool.name} = {pool.size} at once)"
+    setting = f"[api] {pool.name}" if pool.name != "transfers" else "exports and imports"
+    text = f"waiting for hostd: {ordinal(place)} in line ({setting} = {pool.size} at once)"
     with contextlib.suppress(OSError):
         conn.send(protocol.progress_line(text))
 

@@ -26,6 +26,7 @@ from hostd.errors import HostdError
 from hostd.sessions import Program, Sessions
 from hostd.state import IdRangeRecord, Tenant
 from hostd.tenants import Tenants, TenantStatus
+from hostd.transfer import Transfers
 from hostd.units import parse_count, parse_cpus, parse_ports, parse_size
 from runtime.containers import Runtime
 from runtime.errors import Internal, RuntimeFailure
@@ -39,6 +40,10 @@ MAX_TTY_SIZE = 65535  # rows or columns of a pty (struct winsize holds 16 bits)
 # Reads that take no tenant's lock and run no program: the daemon serves admins' ones in a
 # pool of their own, so they answer during a start storm.
 QUICK_OPS = frozenset({"status", "user.list"})
+# Exports and imports run for minutes: the daemon serves them in a small pool of their own, so
+# they never hold the admins' workers (starts, status) and only this many copy at once.
+TRANSFER_OPS = frozenset({"user.export", "user.import"})
+PARALLEL_TRANSFERS = 2
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class Service:
         self.runtime = runtime
         self.admin_group = admin_group
         self.sessions = sessions
+        self.transfers = Transfers(tenants)
         # Runs after each admin request, before its reply: the daemon reloads who is a tenant.
         self.after_admin_request = after_admin_request
         self.handlers: dict[str, Handler] = {
@@ -84,6 +90,8 @@ class Service:
             "user.set": self.user_set,
             "user.remove": self.user_remove,
             "user.rebase": self.user_rebase,
+            "user.export": self.user_export,
+            "user.import": self.user_import,
             "quota.set": self.quota_set,
             "start": self.start,
             "stop": self.stop,
@@ -238,6 +246,21 @@ class Service:
     def user_rebase(self, req: p.UserRebaseArgs, call: Call) -> p.Rebased:
         r = self.tenants.rebase(req.user, req.image, req.restart, call.progress)
         return p.Rebased(r.user, r.image, r.old, r.new, r.restarted, r.warning, list(r.pruned))
+
+    def user_export(self, req: p.UserExportArgs, call: Call) -> p.Exported:
+        """To the fd hostctl opened as the admin (hostd opens no admin's path as root)."""
+        if len(call.fds) != (1 if req.since is None else 2):
+            raise HostdError(
+                "user.export needs the output (and with since, the parent) as file descriptors",
+                "use `hostctl user export USER -o FILE`",
+            )
+        since = None if req.since is None else (call.fds[1], req.since)
+        return self.transfers.export(req.user, call.fds[0], since, req.with_home, call.progress)
+
+    def user_import(self, req: p.UserImportArgs, call: Call) -> p.Imported:
+        return self.transfers.import_(
+            call.fds, req.files, req.as_user, req.range, req.with_home, req.start, call.progress
+        )
 
     def quota_set(self, req: p.QuotaSetArgs, call: Call) -> p.QuotaSet:
         changes = _limit_changes(req)

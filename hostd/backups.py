@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
+from hostd.archive import MAX_MANIFEST, Manifest
 from hostd.config import BackupSettings
 from hostd.errors import HostdError
 from runtime.errors import Busy, NotFound, RuntimeFailure
@@ -37,21 +38,27 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 SUFFIX = ".hostd"
 MANIFEST = ".manifest.json"
-MAX_MANIFEST = 64 << 20  # bytes of a manifest copy read back (the archive format's bound)
 _NAME = re.compile(r"(\d{8}T\d{6}\.\d{3}Z)-(full|incr)")
 _STAMP = "%Y%m%dT%H%M%S"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 KINDS = {"full": "full", "incr": "incremental"}  # file name word -> the archive's kind
 
 
-class Archiver(Protocol):
-    """What backups need of hostd.archive: export to an fd hostd opened, import of a chain."""
+class Exporter(Protocol):
+    """What backups need of hostd.transfer: an export to files hostd opened itself, its
+    manifest copied to a second one."""
 
     def export(
-        self, user: str, out: int, parent: bytes | None, with_home: bool, progress: Progress
-    ) -> bytes:
-        """Write `user`'s archive to `out` (incremental against the `parent` manifest if
-        given); the manifest it wrote."""
+        self,
+        user: str,
+        out: int,
+        since: tuple[int, str] | None,
+        with_home: bool,
+        progress: Progress,
+        manifest_to: int | None = None,
+    ) -> object:
+        """Write `user`'s archive to `out`, incremental against `since` (a parent's manifest
+        copy: fd and name); the manifest also to `manifest_to`."""
         ...
 
 
@@ -179,11 +186,11 @@ class Backups:
     def __init__(
         self,
         settings: BackupSettings,
-        archiver: Archiver,
+        exporter: Exporter,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.settings = settings
-        self.archiver = archiver
+        self.exporter = exporter
         self.clock = clock
         self._running = threading.Lock()
 
@@ -286,29 +293,30 @@ class Backups:
     def _write(self, udir: int, user: str, full: bool, progress: Progress) -> Archive:
         existing = self._archives(udir)
         kind = next_kind(existing, self.settings.full_every, full)
-        parent = _read_manifest(udir, existing[-1]) if kind == "incr" else None
+        parent = _open_manifest(udir, existing[-1]) if kind == "incr" else None
         if kind == "incr" and parent is None:
             kind = "full"  # the copy is gone or damaged: start a new chain
         when = self.clock()
         if existing and when <= existing[-1].time:  # the clock went back: keep the order
             when = existing[-1].time + timedelta(milliseconds=1)
         stem = f"{stamp(when)}-{kind}"
-        progress(f"{user}: {KINDS[kind]} backup into {self.dir / user / (stem + SUFFIX)}")
-        tmp = f".{stem}{SUFFIX}.tmp"
-        tmp_manifest = f".{stem}{MANIFEST}.tmp"
+        path = self.dir / user
+        progress(f"{user}: {KINDS[kind]} backup into {path / (stem + SUFFIX)}")
+        tmp, tmp_manifest = f".{stem}{SUFFIX}.tmp", f".{stem}{MANIFEST}.tmp"
+        since = None if parent is None else (parent, str(path / (existing[-1].stem + MANIFEST)))
         try:
-            with _new_file(udir, tmp) as out, idle_priority():
-                manifest = self.archiver.export(
-                    user, out, parent, self.settings.with_home, progress
-                )
+            with _new_file(udir, tmp) as out, _new_file(udir, tmp_manifest) as copy:
+                with idle_priority():
+                    home = self.settings.with_home
+                    self.exporter.export(user, out, since, home, progress, manifest_to=copy)
                 os.fsync(out)
-            with _new_file(udir, tmp_manifest) as out:
-                _write_all(out, manifest)
-                os.fsync(out)
+                os.fsync(copy)
             os.rename(tmp_manifest, stem + MANIFEST, src_dir_fd=udir, dst_dir_fd=udir)
             os.rename(tmp, stem + SUFFIX, src_dir_fd=udir, dst_dir_fd=udir)
             os.fsync(udir)
         finally:
+            if parent is not None:
+                os.close(parent)
             for name in (tmp, tmp_manifest):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=udir)
@@ -346,9 +354,10 @@ class Backups:
             return found
 
     @contextlib.contextmanager
-    def chain_files(self, user: str, at: datetime | None) -> Iterator[list[int]]:
-        """The chain to restore `user` from, opened (read-only, no symlink followed) in order;
-        closed on exit. Picked under the run lock: retention cannot delete it meanwhile."""
+    def chain_files(self, user: str, at: datetime | None) -> Iterator[list[tuple[int, str]]]:
+        """The chain to restore `user` from, opened (read-only, no symlink followed) in order,
+        with their paths; closed on exit. Picked and opened under the run lock, so retention
+        cannot delete them meanwhile; an open file outlives its deletion."""
         with self._exclusive(), self._root(create=False) as root:
             try:
                 udir = self._user_dir(root, user, create=False)
@@ -361,17 +370,22 @@ class Backups:
                         f"no backup of {user} at or before {stamp(at) if at else 'now'}",
                         "see `hostctl backup list " + user + "`",
                     )
-                fds = [
-                    os.open(a.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=udir)
-                    for a in chain
-                ]
+                files = []
+                try:
+                    for a in chain:
+                        fd = os.open(
+                            a.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=udir
+                        )
+                        files.append((fd, str(self.dir / user / a.name)))
+                except BaseException:
+                    _close(files)
+                    raise
             finally:
                 os.close(udir)
         try:
-            yield fds
+            yield files
         finally:
-            for fd in fds:
-                os.close(fd)
+            _close(files)
 
 
 def _open_dir(path: Path, dir_fd: int | None, what: str) -> int:
@@ -414,23 +428,29 @@ def _new_file(udir: int, name: str) -> Iterator[int]:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _read_manifest(udir: int, archive: Archive) -> bytes | None:
-    """The manifest copy of `archive`; None if it is missing, not a file or too large."""
+def _open_manifest(udir: int, archive: Archive) -> int | None:
+    """The manifest copy of `archive`, opened and checked; None if it is missing, not a
+    regular file or damaged (then a new chain starts)."""
+    name = archive.stem + MANIFEST
     try:
-        fd = os.open(
-            archive.stem + MANIFEST, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=udir
-        )
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=udir)
     except OSError:
         return None
-    with open(fd, "rb") as f:
-        data = f.read(MAX_MANIFEST + 1)
-    return data if data and len(data) <= MAX_MANIFEST else None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise HostdError(f"{name} is not a file", "")
+        Manifest.parse(os.read(fd, MAX_MANIFEST + 1), name)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except RuntimeFailure as exc:
+        log.warning("a new chain: the manifest copy %s is unusable (%s)", name, exc.cause)
+        os.close(fd)
+        return None
+    return fd
+
+
+def _close(files: list[tuple[int, str]]) -> None:
+    for fd, _ in files:
+        os.close(fd)
 
 
 def _subdirs(root: int) -> list[str]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hostd import backups
 from hostd import protocol as p
 from hostd.api import Channel, ClientGone, Peer, close_fds
 from hostd.config import parse_duration
@@ -40,9 +41,10 @@ MAX_TTY_SIZE = 65535  # rows or columns of a pty (struct winsize holds 16 bits)
 # Reads that take no tenant's lock and run no program: the daemon serves admins' ones in a
 # pool of their own, so they answer during a start storm.
 QUICK_OPS = frozenset({"status", "user.list"})
-# Exports and imports run for minutes: the daemon serves them in a small pool of their own, so
-# they never hold the admins' workers (starts, status) and only this many copy at once.
-TRANSFER_OPS = frozenset({"user.export", "user.import"})
+# Exports, imports, backups and restores run for minutes: the daemon serves them in a small
+# pool of their own, so they never hold the admins' workers (starts, status) and only this
+# many copy at once.
+TRANSFER_OPS = frozenset({"user.export", "user.import", "backup.run", "backup.restore"})
 PARALLEL_TRANSFERS = 2
 
 
@@ -75,6 +77,7 @@ class Service:
         self.admin_group = admin_group
         self.sessions = sessions
         self.transfers = Transfers(tenants)
+        self.backups = backups.Backups(tenants.config.backup, self.transfers)
         # Runs after each admin request, before its reply: the daemon reloads who is a tenant.
         self.after_admin_request = after_admin_request
         self.handlers: dict[str, Handler] = {
@@ -102,6 +105,9 @@ class Service:
             "ports.list": self.ports_list,
             "ranges.list": self.ranges_list,
             "ranges.release": self.ranges_release,
+            "backup.run": self.backup_run,
+            "backup.list": self.backup_list,
+            "backup.restore": self.backup_restore,
             "exec": self.exec,
         }
 
@@ -308,6 +314,37 @@ class Service:
     def ranges_release(self, req: p.RangeArgs, call: Call) -> p.RangeInfo:
         return _range(self.tenants.release_range(req.start))
 
+    # -- backups ---------------------------------------------------------------------------
+
+    def backup_run(self, req: p.BackupRunArgs, call: Call) -> list[p.BackupResult]:
+        t = self.tenants
+        if req.users:
+            users = [t.get(u).user for u in req.users]
+        else:
+            users = [x.user for x in t.state.tenants() if x.phase == "ready"]
+        return [
+            p.BackupResult(
+                r.user,
+                None if r.archive is None else _backup(r.user, r.archive),
+                r.error,
+                [*r.removed],
+            )
+            for r in self.backups.run(users, req.full, call.progress)
+        ]
+
+    def backup_list(self, req: p.BackupListArgs, call: Call) -> list[p.BackupInfo]:
+        found = self.backups.listing(req.user)
+        return [_backup(user, a) for user, archives in found.items() for a in archives]
+
+    def backup_restore(self, req: p.BackupRestoreArgs, call: Call) -> p.Imported:
+        """From hostd's own files, picked from its own listing: no path comes with the request."""
+        at = None if req.at is None else backups.parse_time(req.at)
+        with self.backups.chain_files(req.user, at) as chain:
+            fds, names = [fd for fd, _ in chain], [name for _, name in chain]
+            return self.transfers.import_(
+                fds, names, req.as_user, req.range, req.with_home, req.start, call.progress
+            )
+
     # -- sessions --------------------------------------------------------------------------
 
     def exec(self, req: p.ExecArgs, call: Call) -> p.Exited:
@@ -389,6 +426,12 @@ def _status(s: TenantStatus) -> p.Status:
 
 def _range(r: IdRangeRecord) -> p.RangeInfo:
     return p.RangeInfo(r.start, r.start + RANGE_SIZE - 1, r.user, r.status, r.since)
+
+
+def _backup(user: str, a: backups.Archive) -> p.BackupInfo:
+    created = a.time.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    chain = a.chain and a.chain + backups.SUFFIX
+    return p.BackupInfo(user, a.name, backups.KINDS[a.kind], a.size, created, chain)
 
 
 def _wait_or_hangup(chan: Channel, program: Program) -> int:

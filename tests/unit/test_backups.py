@@ -1,17 +1,20 @@
 """Backups without hostd: names, chains, which archive a run writes, retention, the pick of a
-restore, leftovers of a crash, and a directory hostd cannot trust (a fake archiver writes)."""
+restore, leftovers of a crash, and a directory hostd cannot trust (a fake exporter writes)."""
 
 from __future__ import annotations
 
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 
+from hostd import protocol as p
+from hostd.archive import CHUNK_SIZE, Manifest
 from hostd.backups import (
     Archive,
     Backups,
@@ -25,7 +28,13 @@ from hostd.backups import (
 )
 from hostd.config import BackupSettings
 from hostd.errors import HostdError
+from hostd.service import Service
+from hostd.sessions import Sessions
+from hostd.tenants import Tenants
+from hostd.transfer import Transfers
+from runtime.containers import Runtime
 from runtime.errors import Busy, NotFound, RuntimeFailure
+from tests.unit.test_service import FakeSessions, FakeTenants, World, _tenant, error, result
 
 T0 = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)
 
@@ -93,29 +102,43 @@ def test_restore_picks_the_chain_up_to_the_time() -> None:
     assert chain_at(found, f0.time - timedelta(days=1)) == []
 
 
-class FakeArchiver:
-    """Writes `<user> <n>` as the archive and a manifest naming the parent it was given;
-    fails for the users in `failing`; records its thread's scheduling policy."""
+class FakeExporter:
+    """Writes `<user> <n>` as the archive and a manifest whose id is `<n>`; records the id of
+    the parent it was given and its thread's scheduling policy; fails for users in `failing`."""
 
     def __init__(self) -> None:
         self.failing: set[str] = set()
-        self.parents: list[bytes | None] = []
+        self.parents: list[int | None] = []
         self.policies: list[int] = []
         self.block: threading.Event | None = None
         self.entered = threading.Event()
 
     def export(
-        self, user: str, out: int, parent: bytes | None, with_home: bool, progress: object
-    ) -> bytes:
+        self,
+        user: str,
+        out: int,
+        since: tuple[int, str] | None,
+        with_home: bool,
+        progress: object,
+        manifest_to: int | None = None,
+    ) -> None:
         self.entered.set()
         if self.block is not None:
             self.block.wait(10)
         self.policies.append(os.sched_getscheduler(0))
-        self.parents.append(parent)
-        os.write(out, f"{user} {len(self.parents)}".encode())
+        parent = None if since is None else Manifest.parse(os.read(since[0], 1 << 20), since[1])
+        self.parents.append(None if parent is None else int(parent.id, 16))
+        n = len(self.parents)
+        os.write(out, f"{user} {n}".encode())
         if user in self.failing:
             raise RuntimeFailure(f"cannot read {user}'s volume", "check it")
-        return f"manifest {len(self.parents)}".encode()
+        assert manifest_to is not None
+        os.write(manifest_to, manifest(n))
+
+
+def manifest(n: int) -> bytes:
+    sha = "0" * 64
+    return Manifest(f"{n:032x}", CHUNK_SIZE, {0: sha}, (), sha, sha).encode()
 
 
 class Clock:
@@ -128,8 +151,8 @@ class Clock:
 
 
 @pytest.fixture
-def archiver() -> FakeArchiver:
-    return FakeArchiver()
+def exporter() -> FakeExporter:
+    return FakeExporter()
 
 
 @pytest.fixture
@@ -138,8 +161,8 @@ def backup_dir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path / "backups"
 
 
-def _backups(path: Path | None, archiver: FakeArchiver, keep: int = 2, every: int = 3) -> Backups:
-    return Backups(BackupSettings(path, keep, every, False), archiver, Clock())
+def _backups(path: Path | None, exporter: FakeExporter, keep: int = 2, every: int = 3) -> Backups:
+    return Backups(BackupSettings(path, keep, every, False), exporter, Clock())
 
 
 def _quiet(_: str) -> None:
@@ -151,9 +174,9 @@ def _files(path: Path) -> list[str]:
 
 
 def test_a_run_writes_archives_and_manifests_hostd_alone_can_read(
-    backup_dir: Path, archiver: FakeArchiver
+    backup_dir: Path, exporter: FakeExporter
 ) -> None:
-    backups = _backups(backup_dir, archiver)
+    backups = _backups(backup_dir, exporter)
     (a, b) = backups.run(["alice", "bob"], False, _quiet)
     assert a.error is None and a.archive is not None and a.archive.kind == "full"
     assert stat.S_IMODE(backup_dir.stat().st_mode) == 0o700
@@ -163,24 +186,23 @@ def test_a_run_writes_archives_and_manifests_hostd_alone_can_read(
     archive = backup_dir / "alice" / name
     assert archive.read_bytes() == b"alice 1" and a.archive.size == 7
     assert stat.S_IMODE(archive.stat().st_mode) == 0o600
-    assert (backup_dir / "alice" / name.replace(".hostd", ".manifest.json")).read_bytes() == (
-        b"manifest 1"
-    )
-    assert archiver.policies == [os.SCHED_IDLE, os.SCHED_IDLE]
+    copy = backup_dir / "alice" / name.replace(".hostd", ".manifest.json")
+    assert copy.read_bytes() == manifest(1)
+    assert exporter.policies == [os.SCHED_IDLE, os.SCHED_IDLE]
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the worker thread gets its own back
 
 
 def test_incrementals_get_the_last_archives_manifest_then_a_new_chain(
-    backup_dir: Path, archiver: FakeArchiver
+    backup_dir: Path, exporter: FakeExporter
 ) -> None:
-    backups = _backups(backup_dir, archiver, keep=1, every=2)
+    backups = _backups(backup_dir, exporter, keep=1, every=2)
     kinds = []
     for _ in range(5):
         (r,) = backups.run(["alice"], False, _quiet)
         assert r.archive is not None
         kinds.append(r.archive.kind)
     assert kinds == ["full", "incr", "full", "incr", "full"]
-    assert archiver.parents == [None, b"manifest 1", None, b"manifest 3", None]
+    assert exporter.parents == [None, 1, None, 3, None]
     (only,) = backups.listing("alice")["alice"]
     assert only.kind == "full" and only.chain == only.stem
     assert len(_files(backup_dir / "alice")) == 2  # the archive and its manifest
@@ -188,8 +210,8 @@ def test_incrementals_get_the_last_archives_manifest_then_a_new_chain(
     assert r.archive is not None and r.archive.kind == "full"
 
 
-def test_retention_keeps_the_newest_chains_whole(backup_dir: Path, archiver: FakeArchiver) -> None:
-    backups = _backups(backup_dir, archiver, keep=1, every=2)
+def test_retention_keeps_the_newest_chains_whole(backup_dir: Path, exporter: FakeExporter) -> None:
+    backups = _backups(backup_dir, exporter, keep=1, every=2)
     results = [backups.run(["alice"], False, _quiet)[0] for _ in range(4)]
     written = [r.archive.name for r in results if r.archive is not None]
     assert [r.removed for r in results] == [(), (), tuple(written[:2]), ()]
@@ -198,11 +220,11 @@ def test_retention_keeps_the_newest_chains_whole(backup_dir: Path, archiver: Fak
 
 
 def test_one_failing_tenant_does_not_stop_the_others_and_keeps_its_backups(
-    backup_dir: Path, archiver: FakeArchiver
+    backup_dir: Path, exporter: FakeExporter
 ) -> None:
-    backups = _backups(backup_dir, archiver, keep=1, every=1)
+    backups = _backups(backup_dir, exporter, keep=1, every=1)
     backups.run(["alice", "bob"], False, _quiet)
-    archiver.failing = {"alice"}
+    exporter.failing = {"alice"}
     a, b = backups.run(["alice", "bob"], False, _quiet)
     assert a.archive is None and a.error == "cannot read alice's volume: check it"
     assert b.archive is not None and b.error is None and len(b.removed) == 1
@@ -210,31 +232,32 @@ def test_one_failing_tenant_does_not_stop_the_others_and_keeps_its_backups(
     assert len(_files(backup_dir / "alice")) == 2
 
 
-def test_a_second_run_is_busy(backup_dir: Path, archiver: FakeArchiver) -> None:
-    backups = _backups(backup_dir, archiver)
-    archiver.block = threading.Event()
+def test_a_second_run_is_busy(backup_dir: Path, exporter: FakeExporter) -> None:
+    backups = _backups(backup_dir, exporter)
+    exporter.block = threading.Event()
     first = threading.Thread(target=backups.run, args=(["alice"], False, _quiet))
     first.start()
     try:
-        assert archiver.entered.wait(10)
+        assert exporter.entered.wait(10)
         with pytest.raises(Busy, match="a backup run is under way"):
             backups.run(["bob"], False, _quiet)
         with pytest.raises(Busy), backups.chain_files("alice", None):
             pass
     finally:
-        archiver.block.set()
+        exporter.block.set()
         first.join()
 
 
-def test_restore_opens_the_chain_in_order(backup_dir: Path, archiver: FakeArchiver) -> None:
-    backups = _backups(backup_dir, archiver, every=3)
+def test_restore_opens_the_chain_in_order(backup_dir: Path, exporter: FakeExporter) -> None:
+    backups = _backups(backup_dir, exporter, every=3)
     for _ in range(4):
         backups.run(["alice"], False, _quiet)
     archives = backups.listing("alice")["alice"]
-    with backups.chain_files("alice", None) as fds:
-        assert [os.read(fd, 100) for fd in fds] == [b"alice 4"]
-    with backups.chain_files("alice", archives[1].time) as fds:
-        assert [os.read(fd, 100) for fd in fds] == [b"alice 1", b"alice 2"]
+    with backups.chain_files("alice", None) as files:
+        assert [os.read(fd, 100) for fd, _ in files] == [b"alice 4"]
+        assert [name for _, name in files] == [str(backup_dir / "alice" / archives[3].name)]
+    with backups.chain_files("alice", archives[1].time) as files:
+        assert [os.read(fd, 100) for fd, _ in files] == [b"alice 1", b"alice 2"]
     with (
         pytest.raises(NotFound, match="no backup of alice at or before 2026"),
         backups.chain_files("alice", T0),
@@ -250,9 +273,9 @@ def test_restore_opens_the_chain_in_order(backup_dir: Path, archiver: FakeArchiv
 
 
 def test_a_crash_leaves_nothing_a_restore_picks_and_the_next_run_clears_it(
-    backup_dir: Path, archiver: FakeArchiver
+    backup_dir: Path, exporter: FakeExporter
 ) -> None:
-    backups = _backups(backup_dir, archiver)
+    backups = _backups(backup_dir, exporter)
     backups.run(["alice"], False, _quiet)
     user = backup_dir / "alice"
     left = [
@@ -269,17 +292,24 @@ def test_a_crash_leaves_nothing_a_restore_picks_and_the_next_run_clears_it(
     assert [a.kind for a in backups.listing("alice")["alice"]] == ["full", "incr"]
 
 
-def test_a_lost_manifest_copy_starts_a_new_chain(backup_dir: Path, archiver: FakeArchiver) -> None:
-    backups = _backups(backup_dir, archiver)
+@pytest.mark.parametrize("damage", ["lost", "truncated"])
+def test_a_lost_or_damaged_manifest_copy_starts_a_new_chain(
+    backup_dir: Path, exporter: FakeExporter, damage: str
+) -> None:
+    backups = _backups(backup_dir, exporter)
     (r,) = backups.run(["alice"], False, _quiet)
     assert r.archive is not None
-    (backup_dir / "alice" / (r.archive.stem + ".manifest.json")).unlink()
+    copy = backup_dir / "alice" / (r.archive.stem + ".manifest.json")
+    if damage == "lost":
+        copy.unlink()
+    else:
+        copy.write_bytes(copy.read_bytes()[:-10])
     (r,) = backups.run(["alice"], False, _quiet)
     assert r.archive is not None and r.archive.kind == "full"
 
 
-def test_a_clock_gone_back_keeps_the_order(backup_dir: Path, archiver: FakeArchiver) -> None:
-    backups = _backups(backup_dir, archiver)
+def test_a_clock_gone_back_keeps_the_order(backup_dir: Path, exporter: FakeExporter) -> None:
+    backups = _backups(backup_dir, exporter)
     backups.run(["alice"], False, _quiet)
     backups.clock = lambda: T0  # before the first one
     (r,) = backups.run(["alice"], False, _quiet)
@@ -287,33 +317,93 @@ def test_a_clock_gone_back_keeps_the_order(backup_dir: Path, archiver: FakeArchi
     assert [a.kind for a in backups.listing("alice")["alice"]] == ["full", "incr"]
 
 
-def test_backups_off_say_how_to_turn_them_on(archiver: FakeArchiver) -> None:
+def test_backups_off_say_how_to_turn_them_on(exporter: FakeExporter) -> None:
     with pytest.raises(HostdError, match=r"backups are off \(\[backup\] dir is empty\)"):
-        _backups(None, archiver).run(["alice"], False, _quiet)
+        _backups(None, exporter).run(["alice"], False, _quiet)
 
 
 def test_a_symlinked_or_open_directory_is_refused(
-    backup_dir: Path, archiver: FakeArchiver, tmp_path: Path
+    backup_dir: Path, exporter: FakeExporter, tmp_path: Path
 ) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(mode=0o700)
     backup_dir.symlink_to(elsewhere)
     with pytest.raises(HostdError, match="is not a directory"):
-        _backups(backup_dir, archiver).run(["alice"], False, _quiet)
+        _backups(backup_dir, exporter).run(["alice"], False, _quiet)
     backup_dir.unlink()
     backup_dir.mkdir()
     os.chmod(backup_dir, 0o777)
     with pytest.raises(HostdError, match="can be written by users other than root"):
-        _backups(backup_dir, archiver).run(["alice"], False, _quiet)
+        _backups(backup_dir, exporter).run(["alice"], False, _quiet)
     os.chmod(backup_dir, 0o700)
     os.chmod(tmp_path, 0o777)  # a directory above: a user could swap the backup dir
     try:
         with pytest.raises(HostdError, match="a directory above"):
-            _backups(backup_dir, archiver).run(["alice"], False, _quiet)
+            _backups(backup_dir, exporter).run(["alice"], False, _quiet)
     finally:
         os.chmod(tmp_path, 0o755)
     (backup_dir / "bob").symlink_to(elsewhere)  # a tenant's own directory, planted
-    a, b = _backups(backup_dir, archiver).run(["alice", "bob"], False, _quiet)
+    a, b = _backups(backup_dir, exporter).run(["alice", "bob"], False, _quiet)
     assert a.archive is not None
     assert b.archive is None and b.error is not None and "is not a directory" in b.error
     assert os.listdir(elsewhere) == []
+
+
+class FakeTransfers:
+    def __init__(self) -> None:
+        self.imported: list[tuple[list[bytes], list[str], str | None, str, bool]] = []
+
+    def import_(
+        self,
+        fds: list[int],
+        names: list[str],
+        as_user: str | None,
+        range_mode: str,
+        with_home: bool,
+        start: bool,
+        progress: Callable[[str], None],
+    ) -> p.Imported:
+        self.imported.append(([os.read(fd, 100) for fd in fds], names, as_user, range_mode, start))
+        return p.Imported(
+            "bob", 1, 2, True, "default", "default@1", len(fds), 3, None, start, None, 1.0
+        )
+
+
+@pytest.fixture
+def world(backup_dir: Path, exporter: FakeExporter) -> World:
+    tenants, sessions = FakeTenants(), FakeSessions()
+    tenants.tenants["alice"] = _tenant("alice")
+    service = Service(
+        cast(Tenants, tenants), cast(Runtime, tenants.runtime), "nogroup", cast(Sessions, sessions)
+    )
+    service.backups = _backups(backup_dir, exporter)
+    service.transfers = cast(Transfers, FakeTransfers())
+    return World(service, tenants, sessions, [])
+
+
+def test_the_ops_run_list_and_restore_through_the_service(world: World, backup_dir: Path) -> None:
+    runs = [p.decode_reply("backup.run", result(world, "backup.run", {})) for _ in range(2)]
+    assert [[(r.user, r.archive and r.archive.kind) for r in run] for run in runs] == [
+        [("root", "full"), ("alice", "full")],
+        [("root", "incremental"), ("alice", "incremental")],
+    ]
+    (only,) = p.decode_reply("backup.run", result(world, "backup.run", {"users": ["alice"]}))
+    assert only.user == "alice"
+    assert error(world, "backup.run", {"users": ["alice", "ghost"]})["code"] == "not_found"
+    listed = p.decode_reply("backup.list", result(world, "backup.list", {"user": "alice"}))
+    assert [b.kind for b in listed] == ["full", "incremental", "incremental"]
+    assert {b.chain for b in listed} == {listed[0].name}
+    assert listed[0].created.endswith("Z") and listed[0].size == len(b"alice 2")
+    args = {"user": "alice", "at": listed[1].created, "as_user": "bob", "start": False}
+    done = p.decode_reply("backup.restore", result(world, "backup.restore", args))
+    assert done.archives == 2
+    transfers = cast(FakeTransfers, world.service.transfers)
+    (contents, names, as_user, range_mode, start) = transfers.imported[-1]
+    assert contents == [b"alice 2", b"alice 4"] and (as_user, range_mode, start) == (
+        "bob",
+        "auto",
+        False,
+    )
+    assert names == [str(backup_dir / "alice" / b.name) for b in listed[:2]]
+    bad = error(world, "backup.restore", {"user": "alice", "at": "soon"})
+    assert bad["cause"] == "'soon' is not a time"

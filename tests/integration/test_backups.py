@@ -77,6 +77,8 @@ def test_run_incremental_and_restore_after_remove(
         tenant(hostd, unix_users, True, "one") as up,
         tenant(hostd, unix_users, False, "two") as down,
     ):
+        noise = "head -c 8M /dev/urandom > /var/tmp/noise && sync"
+        hostd.hostctl("exec", up, "--", "sh", "-c", noise)  # what the incremental leaves out
         first = run(hostd, up, down)
         assert [(r["user"], r["archive"]["kind"]) for r in first] == [
             (up, "full"),

@@ -220,13 +220,12 @@ class Backups:
         Refused if it is a symlink, or it or a directory above it is writable by anyone but
         hostd's user (who could then swap in a directory or link of their own)."""
         path = self.dir
+        _check_above(path)  # before making anything there
         if create:
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):
                 path.mkdir(mode=0o700)
-        above = Path(os.path.realpath(path.parent))
-        for parent in [*reversed(above.parents), above]:
-            _check_owner(parent, os.stat(parent), "a directory above [backup] dir", sticky_ok=True)
+            _check_above(path)
         fd = _open_dir(path, None, "[backup] dir")
         try:
             _check_owner(path, os.fstat(fd), "[backup] dir")
@@ -401,6 +400,15 @@ def _open_dir(path: Path, dir_fd: int | None, what: str) -> int:
         if exc.errno == errno.ENOENT:
             raise FileNotFoundError(exc.errno, exc.strerror, str(path)) from None
         raise HostdError(f"cannot open {what} {path}: {exc.strerror}", "check it") from None
+
+
+def _check_above(path: Path) -> None:
+    """The directories above `path` that exist are hostd's user's, or sticky."""
+    above = Path(os.path.realpath(path.parent))
+    for parent in [*reversed(above.parents), above]:
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(parent)
+            _check_owner(parent, st, "a directory above [backup] dir", sticky_ok=True)
 
 
 def _check_owner(path: Path, st: os.stat_result, what: str, sticky_ok: bool = False) -> None:

@@ -190,7 +190,9 @@ def test_a_directory_users_could_swap_is_refused(
         where = tmp_path / "link"
         where.symlink_to(real)
         expected = "is not a directory (a symlink or a file)"
-    with hostd.configured("backup-swap", f'[backup]\ndir = "{where}"\n'):
+    # read after the module's backup.toml, so it wins
+    with hostd.configured("zz-backup", f'[backup]\ndir = "{where}"\n'):
         res = hostd.hostctl("backup", "run", user, check=False)
     assert res.returncode == 1 and expected in res.stderr, res.stderr
     assert not real.exists() or os.listdir(real) == []
+    assert how == "symlink" or not where.exists()  # nothing made in the user's home

@@ -151,10 +151,10 @@ def measure(b: BackupBench, runs: int, fill: int) -> list[tuple[str, str]]:
     return [
         ("volume: file system used, files", f"{used / MB:.0f} MB, {files} files"),
         ("export: hostctl user export", f"{rate['export']:.0f} MB/s ({med['export']:.1f} s)"),
-        ("export baseline: tar | zstd -T0 -3", f"{rate['tar']:.0f} MB/s ({med['tar']:.1f} s)"),
+        ("export baseline: tar \\| zstd -T0 -3", f"{rate['tar']:.0f} MB/s ({med['tar']:.1f} s)"),
         ("export / baseline (goal >= 0.8)", f"{med['tar'] / med['export']:.2f}x"),
         ("import: hostctl user import --as", f"{rate['import']:.0f} MB/s ({med['import']:.1f} s)"),
-        ("import baseline: zstd -d | tar -x", f"{rate['untar']:.0f} MB/s ({med['untar']:.1f} s)"),
+        ("import baseline: zstd -d \\| tar -x", f"{rate['untar']:.0f} MB/s ({med['untar']:.1f} s)"),
         ("import / baseline (goal >= 0.8)", f"{med['untar'] / med['import']:.2f}x"),
         ("archive size: hostd / tar.zst", f"{size(archive)} / {size(tarball)}"),
         ("incremental after a 10 MB change", f"{size(incr)} in {incr_time:.1f} s"),

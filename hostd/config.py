@@ -122,6 +122,16 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class BackupSettings:
+    """Scheduled backups (`hostctl backup run`, hostd-backup.timer): off while dir is None."""
+
+    dir: Path | None  # <dir>/<user>/<time>-<full|incr>.hostd, hostd's own (0700 root)
+    keep: int  # full chains kept per tenant
+    full_every: int  # a full archive every this many runs; the others incremental
+    with_home: bool  # the users' homes too
+
+
+@dataclass(frozen=True)
 class Config:
     paths: Paths
     runtime: RuntimeConfig
@@ -133,6 +143,7 @@ class Config:
     gateway: GatewaySettings
     sessions: SessionSettings
     api: ApiSettings
+    backup: BackupSettings
 
     def cgroup_parent(self) -> str:
         """The containers' parent cgroup; "auto": hostd-tenants.service's under systemd."""
@@ -301,6 +312,11 @@ def _number(lowest: int, highest: int) -> Callable[[Any], int]:
     return check
 
 
+def _backup_dir(value: Any) -> Path | None:
+    """An absolute path, or "" to turn backups off."""
+    return None if value == "" else check_path(value)
+
+
 def _request_size(value: Any) -> int:
     size = parse_size(_text(value), "request")
     if not 4096 <= size <= 16 << 20:
@@ -394,6 +410,12 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "request_timeout": _Key(10.0, _seconds),
         "max_request": _Key("64K", _request_size),
     },
+    "backup": {
+        "dir": _Key("", _backup_dir),
+        "keep": _Key(2, _number(1, 1000)),
+        "full_every": _Key(7, _number(1, 1000)),
+        "with_home": _Key(False, _bool),
+    },
     "limits": {
         "cpus": _Key(DEFAULT_CPUS, _limit(lambda t: parse_cpus(t, os.cpu_count() or 1))),
         "memory": _Key("4G", _limit(lambda t: parse_size(t, "memory"))),
@@ -450,6 +472,7 @@ def load(main: Path = configfiles.MAIN, dropin_dir: Path | None = None) -> Confi
         gateway=GatewaySettings(**values["gateway"]),
         sessions=SessionSettings(**values["sessions"]),
         api=ApiSettings(**values["api"]),
+        backup=BackupSettings(**values["backup"]),
     )
 
 

@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     c = Client.of(args)
     if args.cmd in ("exec", "logs"):
         return _exec(c, args)
+    if args.cmd == "backup":
+        return _backup(c, args)
     commands: dict[str, Callable[[Client, argparse.Namespace], None]] = {
         "image": _image,
         "user": _user,
@@ -205,7 +207,11 @@ def _import(c: Client, args: argparse.Namespace) -> None:
             args.with_home,
             not args.no_start,
         )
-        r = c("user.import", request, fds)
+        _imported(c, c("user.import", request, fds))
+
+
+def _imported(c: Client, r: p.Imported) -> None:
+    """What `user import` and `backup restore` made."""
     moved = " (files shifted from the archive's range)" if r.shifted else ""
     home = (
         ""
@@ -273,6 +279,34 @@ def _transfer(c: Client, args: argparse.Namespace) -> None:
     else:
         c("transfer.discard", p.TransferArgs(args.id))
         c.say(f"discarded {args.id}")
+
+
+def _backup(c: Client, args: argparse.Namespace) -> int:
+    """`backup run` fails (status 1) if any tenant's backup failed, after all were tried."""
+    if args.sub == "list":
+        data = c.raw("backup.list", p.BackupListArgs(args.user))
+        found: list[p.BackupInfo] = p.decode_reply("backup.list", data)
+        rows = [(b.user, b.name, b.kind, human_size(b.size), b.created, b.chain) for b in found]
+        print_table(args.json, data, ("USER", "ARCHIVE", "KIND", "SIZE", "CREATED", "CHAIN"), rows)
+        return 0
+    if args.sub == "restore":
+        request = p.BackupRestoreArgs(
+            args.user, args.at, args.as_user, args.range, args.with_home, not args.no_start
+        )
+        _imported(c, c("backup.restore", request))
+        return 0
+    results: list[p.BackupResult] = c("backup.run", p.BackupRunArgs(args.user or None, args.full))
+    for r in results:
+        if r.archive is None:
+            c.say(f"{r.user}: FAILED: {r.error}")
+        else:
+            removed = f", removed {len(r.removed)} old" if r.removed else ""
+            a = r.archive
+            c.say(f"{r.user}: {a.kind} {a.name} ({human_size(a.size)}){removed}")
+    failed = [r.user for r in results if r.archive is None]
+    if failed and not c.json:
+        print(f"hostctl: backup failed for {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _lifecycle(c: Client, args: argparse.Namespace) -> None:

@@ -165,6 +165,26 @@ def _parser() -> Parser:
     ti.add_argument("--range", choices=("auto", "keep"), default="auto")
     ti.add_argument("--start", action="store_true", help="start it once imported")
     transfer.add_parser("discard", help="remove a staged archive").add_argument("id")
+    backup = sub.add_parser("backup", help="backups into [backup] dir of hostd.toml")
+    backup_sub = backup.add_subparsers(dest="sub", required=True)
+    br = backup_sub.add_parser("run", help="back up tenants now (every one by default)")
+    br.add_argument("user", nargs="*", help="only these tenants")
+    br.add_argument("--full", action="store_true", help="full archives: start new chains")
+    backup_sub.add_parser("list", help="archives, kind, size, time, chain").add_argument(
+        "user", nargs="?"
+    )
+    bs = backup_sub.add_parser("restore", help="make a tenant again from its backups")
+    bs.add_argument("user")
+    bs.add_argument("--at", metavar="TIME", help="from the last backup at or before TIME (UTC)")
+    bs.add_argument("--as", dest="as_user", metavar="USER", help="as another user")
+    bs.add_argument(
+        "--range",
+        choices=("auto", "keep"),
+        default="auto",
+        help="keep: the ID range recorded in the archive (auto: one from [subids])",
+    )
+    bs.add_argument("--with-home", action="store_true", help="restore the home from it too")
+    bs.add_argument("--no-start", action="store_true", help="leave the container stopped")
 
     for verb in ("start", "stop", "restart"):
         sub.add_parser(verb, help=f"{verb} a tenant's container").add_argument("user")

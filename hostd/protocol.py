@@ -153,6 +153,24 @@ class ExecArgs(NamedTuple):
     env: dict[str, str] | None = None  # the client's; hostd keeps few (sessions.client_env)
 
 
+class BackupRunArgs(NamedTuple):
+    users: list[str] | None = None  # None: every tenant
+    full: bool = False  # a full archive even where an incremental would do
+
+
+class BackupListArgs(NamedTuple):
+    user: str | None = None  # None: every user with backups
+
+
+class BackupRestoreArgs(NamedTuple):
+    user: str  # whose backups (hostd finds and opens the files itself)
+    at: str | None = None  # the last backup at or before this time; None: the latest
+    as_user: str | None = None  # restore as another user
+    range: str = "auto"  # "keep": the range recorded in the archive
+    with_home: bool = False
+    start: bool = True
+
+
 # -- replies -------------------------------------------------------------------------------
 
 
@@ -326,6 +344,24 @@ class Verified(NamedTuple):
     parent: str | None
 
 
+class BackupInfo(NamedTuple):
+    user: str
+    name: str  # <UTC time>-<full|incr>.hostd in <dir>/<user>/
+    kind: str  # full | incremental
+    size: int
+    created: str  # ISO 8601, UTC
+    chain: str  # the name of the chain's full archive ("": none, so it cannot be restored)
+
+
+class BackupResult(NamedTuple):
+    """One tenant's part of a run: the archive written (None: it failed, see error)."""
+
+    user: str
+    archive: BackupInfo | None
+    error: str | None
+    removed: list[str]  # what retention deleted after it
+
+
 class Exited(NamedTuple):
     exit: int
 
@@ -375,6 +411,9 @@ OPS: dict[str, Op] = {
         Op("transfer.verify", TransferArgs, Verified),
         Op("transfer.import", TransferImportArgs, Imported),
         Op("transfer.discard", TransferArgs, Done),
+        Op("backup.run", BackupRunArgs, list[BackupResult]),
+        Op("backup.list", BackupListArgs, list[BackupInfo]),
+        Op("backup.restore", BackupRestoreArgs, Imported),
         Op("exec", ExecArgs, Exited, _BOTH, fds=3),  # the caller's stdio; none for a pty
     )
 }

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hostd import backups
 from hostd import protocol as p
 from hostd import state as state_mod
 from hostd.api import Channel, ClientGone, Peer, close_fds
@@ -43,10 +44,19 @@ MAX_TTY_SIZE = 65535  # rows or columns of a pty (struct winsize holds 16 bits)
 # Reads that take no tenant's lock and run no program: the daemon serves admins' ones in a
 # pool of their own, so they answer during a start storm.
 QUICK_OPS = frozenset({"status", "user.list"})
-# Exports and imports run for minutes: the daemon serves them in a small pool of their own, so
-# they never hold the admins' workers (starts, status) and only this many copy at once.
+# Exports, imports, backups and restores run for minutes: the daemon serves them in a small
+# pool of their own, so they never hold the admins' workers (starts, status) and only this
+# many copy at once.
 TRANSFER_OPS = frozenset(
-    {"user.export", "user.import", "transfer.receive", "transfer.verify", "transfer.import"}
+    {
+        "user.export",
+        "user.import",
+        "transfer.receive",
+        "transfer.verify",
+        "transfer.import",
+        "backup.run",
+        "backup.restore",
+    }
 )
 PARALLEL_TRANSFERS = 2
 
@@ -80,6 +90,7 @@ class Service:
         self.admin_group = admin_group
         self.sessions = sessions
         self.transfers = Transfers(tenants)
+        self.backups = backups.Backups(tenants.config.backup, self.transfers)
         # Runs after each admin request, before its reply: the daemon reloads who is a tenant.
         self.after_admin_request = after_admin_request
         self.handlers: dict[str, Handler] = {
@@ -112,6 +123,9 @@ class Service:
             "transfer.verify": self.transfer_verify,
             "transfer.import": self.transfer_import,
             "transfer.discard": self.transfer_discard,
+            "backup.run": self.backup_run,
+            "backup.list": self.backup_list,
+            "backup.restore": self.backup_restore,
             "exec": self.exec,
         }
 
@@ -371,6 +385,37 @@ class Service:
         self.staging.discard(req.id)
         return p.Done(req.id, "discarded")
 
+    # -- backups ---------------------------------------------------------------------------
+
+    def backup_run(self, req: p.BackupRunArgs, call: Call) -> list[p.BackupResult]:
+        t = self.tenants
+        if req.users:
+            users = [t.get(u).user for u in req.users]
+        else:
+            users = [x.user for x in t.state.tenants() if x.phase == "ready"]
+        return [
+            p.BackupResult(
+                r.user,
+                None if r.archive is None else _backup(r.user, r.archive),
+                r.error,
+                [*r.removed],
+            )
+            for r in self.backups.run(users, req.full, call.progress)
+        ]
+
+    def backup_list(self, req: p.BackupListArgs, call: Call) -> list[p.BackupInfo]:
+        found = self.backups.listing(req.user)
+        return [_backup(user, a) for user, archives in found.items() for a in archives]
+
+    def backup_restore(self, req: p.BackupRestoreArgs, call: Call) -> p.Imported:
+        """From hostd's own files, picked from its own listing: no path comes with the request."""
+        at = None if req.at is None else backups.parse_time(req.at)
+        with self.backups.chain_files(req.user, at) as chain:
+            fds, names = [fd for fd, _ in chain], [name for _, name in chain]
+            return self.transfers.import_(
+                fds, names, req.as_user, req.range, req.with_home, req.start, call.progress
+            )
+
     # -- sessions --------------------------------------------------------------------------
 
     def exec(self, req: p.ExecArgs, call: Call) -> p.Exited:
@@ -452,6 +497,12 @@ def _status(s: TenantStatus) -> p.Status:
 
 def _range(r: IdRangeRecord) -> p.RangeInfo:
     return p.RangeInfo(r.start, r.start + RANGE_SIZE - 1, r.user, r.status, r.since)
+
+
+def _backup(user: str, a: backups.Archive) -> p.BackupInfo:
+    created = a.time.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    chain = a.chain and a.chain + backups.SUFFIX
+    return p.BackupInfo(user, a.name, backups.KINDS[a.kind], a.size, created, chain)
 
 
 def _wait_or_hangup(chan: Channel, program: Program) -> int:

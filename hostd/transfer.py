@@ -80,9 +80,11 @@ class Transfers:
         since: tuple[int, str] | None,
         with_home: bool,
         progress: Progress,
+        manifest_to: int | None = None,
     ) -> p.Exported:
         """Write `user`'s archive to `out`: full, or with `since` (the parent's fd and name)
-        only the chunks changed since that archive."""
+        only the chunks changed since that archive. Its manifest also goes to `manifest_to`
+        once the archive is complete (the copy backups keep, for the next incremental)."""
         began = time.monotonic()
         t = self.tenants.get(user)
         parent = None
@@ -97,11 +99,12 @@ class Transfers:
             if with_home:
                 progress(f"reading {t.home} as {user}")
                 pieces, warning = self._export_home(t, w, meter)
-            w.add(
-                archive.MANIFEST,
-                Manifest(head.id, head.volume_size, chunks, (*pieces,), hs, ts).encode(),
-            )
+            manifest = Manifest(head.id, head.volume_size, chunks, (*pieces,), hs, ts).encode()
+            w.add(archive.MANIFEST, manifest)
             w.finish()
+        if manifest_to is not None:
+            with open(manifest_to, "wb", closefd=False) as f:
+                f.write(manifest)
         st = os.fstat(out)
         size = st.st_size if stat.S_ISREG(st.st_mode) else None
         self.tenants.state.log_event(

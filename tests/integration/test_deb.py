@@ -94,8 +94,14 @@ def test_files_and_conffiles(deb: Path, tree: Path, control: Path) -> None:
     sysctl = tree / "usr/lib/sysctl.d/60-hostd.conf"
     assert sysctl.read_text() == (ROOT / "packaging/sysctl.d/60-hostd.conf").read_text()
     # the units of packaging/systemd, running the package's hostd
-    units = {u.name for u in (ROOT / "packaging/systemd").glob("*.service")}
-    assert units == {"hostd.service", "hostd-tenants.service", "hostd-lxcfs.service"}
+    units = {u.name for u in (ROOT / "packaging/systemd").iterdir()}
+    assert units == {
+        "hostd.service",
+        "hostd-tenants.service",
+        "hostd-lxcfs.service",
+        "hostd-backup.service",
+        "hostd-backup.timer",
+    }
     assert {u.name for u in (tree / "lib/systemd/system").iterdir()} == units
     for name in units:
         unit = (tree / "lib/systemd/system" / name).read_text()
@@ -176,6 +182,10 @@ def test_maintainer_scripts(control: Path) -> None:
     # an upgrade restarts hostd; it never restarts (so halts) the tenants' unit nor lxcfs
     assert "deb-systemd-invoke $_dh_action 'hostd.service'" in postinst
     assert "deb-systemd-invoke start 'hostd-lxcfs.service' 'hostd-tenants.service'" in postinst
+    # the backup timer ships disabled (enabled again on upgrade only if an admin enabled it)
+    assert "if deb-systemd-helper debian-installed 'hostd-backup.timer'" in postinst
+    invoked = [line for line in postinst.splitlines() if "deb-systemd-invoke" in line]
+    assert not [line for line in invoked if "hostd-backup" in line]
     prerm = (control / "prerm").read_text()
     stops = [line for line in prerm.splitlines() if "deb-systemd-invoke stop" in line]
     assert len(stops) == 2 and all(

@@ -13,6 +13,7 @@ import pytest
 from hostd import configfiles
 from hostd.config import (
     ApiSettings,
+    BackupSettings,
     Config,
     GatewaySettings,
     NetworkSettings,
@@ -90,6 +91,7 @@ def defaults(login_defs: Path = Path("/etc/login.defs")) -> Config:
             request_timeout=10.0,
             max_request=64 * 1024,
         ),
+        backup=BackupSettings(dir=None, keep=2, full_every=7, with_home=False),
     )
 
 
@@ -490,3 +492,22 @@ def test_hostctl_finds_the_admin_socket_as_configured(files: Files) -> None:
     files.write_dropin("60-bad.toml", '[paths]\nadmin_socket = "relative.sock"\n')
     with pytest.raises(HostdError, match=r"60-bad.toml: \[paths\] admin_socket = .* is invalid"):
         configfiles.admin_socket(main)
+
+
+def test_backup_settings_parse_and_an_empty_dir_turns_backups_off(files: Files) -> None:
+    assert files.load().backup.dir is None
+    files.write_main('[backup]\ndir = "/srv/backups"\nkeep = 3\nfull_every = 1\nwith_home = true\n')
+    assert files.load().backup == BackupSettings(Path("/srv/backups"), 3, 1, True)
+
+
+@pytest.mark.parametrize(
+    ("line", "fix"),
+    [
+        ('dir = "backups"', 'use an absolute path (starting with "/")'),
+        ("keep = 0", "use a whole number from 1 to 1000"),
+        ("full_every = true", "use a whole number from 1 to 1000"),
+    ],
+)
+def test_bad_backup_settings_are_refused(files: Files, line: str, fix: str) -> None:
+    files.write_main(f"[backup]\n{line}\n")
+    assert files.error().endswith(f" is invalid: {fix}")

@@ -27,7 +27,7 @@ def _request(op: str, args: object) -> bytes:
 
 
 def test_every_op_is_described_once() -> None:
-    assert len(p.OPS) == 30 and all(name == op.name for name, op in p.OPS.items())
+    assert len(p.OPS) == 33 and all(name == op.name for name, op in p.OPS.items())
     for op in p.OPS.values():
         assert op.callers and op.callers <= {p.ADMIN, p.TENANT}
         assert hasattr(op.request, "_fields")

@@ -17,6 +17,7 @@ import pytest
 
 from hostd import protocol as p
 from hostd.api import Channel, Peer
+from hostd.config import BackupSettings
 from hostd.service import Service
 from hostd.sessions import Sessions
 from hostd.state import IdRangeRecord, Tenant
@@ -66,7 +67,9 @@ class FakeTenants:
             containers=lambda: [],
             state=lambda user: SimpleNamespace(container=container, status="running", pid=1),
         )
-        self.config = SimpleNamespace(limits=Limits(None, 1, 2, 3))
+        self.config = SimpleNamespace(
+            limits=Limits(None, 1, 2, 3), backup=BackupSettings(None, 2, 7, False)
+        )
         self.state = SimpleNamespace(
             tenants=lambda: list(self.tenants.values()),
             events=lambda user, limit: [("t1", user, "added"), ("t2", user, "started")],

@@ -61,6 +61,10 @@ class Exporter(Protocol):
         copy: fd and name); the manifest also to `manifest_to`."""
         ...
 
+    def frozen_for_export(self, user: str) -> bool:
+        """Whether an export of `user` now would freeze a running container."""
+        ...
+
 
 @dataclass(frozen=True, order=True)
 class Archive:
@@ -170,8 +174,8 @@ def _with_chains(archives: Sequence[Archive]) -> list[Archive]:
 @contextlib.contextmanager
 def idle_priority() -> Iterator[None]:
     """Run the calling thread (and what it starts: zstd, tar) at SCHED_IDLE, which is also
-    the idle I/O class where the I/O scheduler has one: a backup takes only what the tenants
-    leave. Restored after, as the thread serves other requests."""
+    the idle I/O class where the I/O scheduler has one: a backup of a stopped tenant takes
+    only what the running ones leave. Restored after, as the thread serves other requests."""
     before = os.sched_getscheduler(0), os.sched_getparam(0)
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     try:
@@ -305,7 +309,9 @@ class Backups:
         since = None if parent is None else (parent, str(path / (existing[-1].stem + MANIFEST)))
         try:
             with _new_file(udir, tmp) as out, _new_file(udir, tmp_manifest) as copy:
-                with idle_priority():
+                # A running tenant waits frozen for its copy: that one goes at full speed.
+                frozen = self.exporter.frozen_for_export(user)
+                with contextlib.nullcontext() if frozen else idle_priority():
                     home = self.settings.with_home
                     self.exporter.export(user, out, since, home, progress, manifest_to=copy)
                 os.fsync(out)

@@ -73,6 +73,10 @@ class Transfers:
 
     # -- export ----------------------------------------------------------------------------
 
+    def frozen_for_export(self, user: str) -> bool:
+        """Whether an export of `user` now would freeze a running container."""
+        return not self.tenants.is_down(user)
+
     def export(
         self,
         user: str,

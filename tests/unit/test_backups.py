@@ -112,6 +112,10 @@ class FakeExporter:
         self.policies: list[int] = []
         self.block: threading.Event | None = None
         self.entered = threading.Event()
+        self.running: set[str] = set()
+
+    def frozen_for_export(self, user: str) -> bool:
+        return user in self.running
 
     def export(
         self,
@@ -190,6 +194,9 @@ def test_a_run_writes_archives_and_manifests_hostd_alone_can_read(
     assert copy.read_bytes() == manifest(1)
     assert exporter.policies == [os.SCHED_IDLE, os.SCHED_IDLE]
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the worker thread gets its own back
+    exporter.running.add("alice")  # frozen while it is copied: no idle priority for that one
+    backups.run(["alice", "bob"], False, _quiet)
+    assert exporter.policies[2:] == [os.SCHED_OTHER, os.SCHED_IDLE]
 
 
 def test_incrementals_get_the_last_archives_manifest_then_a_new_chain(

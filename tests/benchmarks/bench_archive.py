@@ -83,18 +83,18 @@ def main() -> None:
         sh(f"mkfs.ext4 -q -F -d {args.source} {image}")
         data = image.stat().st_blocks * 512
         rows = [
-            ("export", timed(lambda: export(image, t / "ours.tar.zst")), timed(lambda: sh(
-                f"tar --sparse -C {t} -cf - data.img | zstd -q -T0 -3 > {t}/base.tar.zst"
+            ("export", timed(lambda: export(image, t / "ours.hostd")), timed(lambda: sh(
+                f"tar --sparse -C {t} -cf - data.img | zstd -q -T0 -3 > {t}/base.hostd"
             ))),
-            ("import", timed(lambda: restore(t / "ours.tar.zst", t / "staging.img")), timed(
-                lambda: sh(f"mkdir {t}/x && zstd -dcq {t}/base.tar.zst | tar -C {t}/x -xf -")
+            ("import", timed(lambda: restore(t / "ours.hostd", t / "staging.img")), timed(
+                lambda: sh(f"mkdir {t}/x && zstd -dcq {t}/base.hostd | tar -C {t}/x -xf -")
             )),
         ]  # fmt: skip
         sh(f"cmp {image} {t}/staging.img")  # the restored image is the volume, bit for bit
         mib = data / (1 << 20)
         print(f"volume {args.size} of {args.source}: {mib:.0f} MiB of data")
-        print(f"archive {(t / 'ours.tar.zst').stat().st_size >> 20} MiB, "
-              f"tar|zstd {(t / 'base.tar.zst').stat().st_size >> 20} MiB")  # fmt: skip
+        print(f"archive {(t / 'ours.hostd').stat().st_size >> 20} MiB, "
+              f"tar|zstd {(t / 'base.hostd').stat().st_size >> 20} MiB")  # fmt: skip
         print("| step | hostd (s) | MiB/s | tar+zstd (s) | MiB/s | ratio |")
         print("|---|---|---|---|---|---|")
         for step, ours, base in rows:

@@ -56,13 +56,13 @@ def test_export_remove_import_keeps_docker_data_and_files(
         "echo system | sudo tee /etc/hostd-export-test >/dev/null && "
         "sudo chown 1234:5678 /etc/hostd-export-test"
     )
-    full = tmp_path / "full.tar.zst"
+    full = tmp_path / "full.hostd"
     res = hostd.hostctl("user", "export", user, "-o", str(full))
     assert "frozen for" in res.stdout and full.stat().st_mode & 0o777 == 0o600
     assert "frozen: exporting the volume" in res.stderr
 
     dev.sh("docker run --rm -v data:/v busybox:local sh -c 'echo changed > /v/f; rm /v/g'")
-    inc = tmp_path / "inc.tar.zst"
+    inc = tmp_path / "inc.hostd"
     res = hostd.hostctl("user", "export", user, "-o", str(inc), "--since", str(full))
     assert f"exported {user} (incremental" in res.stdout
     assert full.stat().st_size > 64 << 20

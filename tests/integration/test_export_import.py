@@ -46,9 +46,9 @@ def source(
         for name in ("a.txt", "b.txt"):
             (home / name).write_text(f"{name} from the archive\n")
             shutil.chown(home / name, user, user)
-        hostd.hostctl("user", "export", user, "-o", str(tmp / "src.tar.zst"), "--with-home")
+        hostd.hostctl("user", "export", user, "-o", str(tmp / "src.hostd"), "--with-home")
         show = json.loads(hostd.hostctl("user", "show", user, "--json").stdout)
-        yield Source(user, tmp / "src.tar.zst", show["tenant"]["range_start"])
+        yield Source(user, tmp / "src.hostd", show["tenant"]["range_start"])
     finally:
         hostd.hostctl("user", "remove", user, check=False)
 

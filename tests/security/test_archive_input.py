@@ -52,8 +52,8 @@ def source(
         home = Path(pwd.getpwnam(user).pw_dir)
         (home / "notes.txt").write_text("mine\n")
         shutil.chown(home / "notes.txt", user, user)
-        hostd.hostctl("user", "export", user, "-o", str(tmp / "good.tar.zst"), "--with-home")
-        yield Source(user, tmp / "good.tar.zst", tmp)
+        hostd.hostctl("user", "export", user, "-o", str(tmp / "good.hostd"), "--with-home")
+        yield Source(user, tmp / "good.hostd", tmp)
     finally:
         hostd.hostctl("user", "remove", user, check=False)
 
@@ -158,7 +158,7 @@ def test_truncated_flipped_and_garbage_are_refused(
     hostd: Hostd, source: Source, victim: str
 ) -> None:
     data = source.archive.read_bytes()
-    bad = source.tmp / "bad.tar.zst"
+    bad = source.tmp / "bad.hostd"
     bad.write_bytes(data[: len(data) // 2])
     assert "truncated" in refused(hostd, source, victim, bad) or "damaged" in refused(
         hostd, source, victim, bad
@@ -172,7 +172,7 @@ def test_truncated_flipped_and_garbage_are_refused(
 
 
 def test_newer_format_and_schema_are_refused(hostd: Hostd, source: Source, victim: str) -> None:
-    bad = source.tmp / "newer.tar.zst"
+    bad = source.tmp / "newer.hostd"
     craft(source.archive, bad, header={"format": 2})
     assert "archive format 2, newer than this hostd's 1" in refused(hostd, source, victim, bad)
     craft(source.archive, bad, header={"schema": SCHEMA + 1})
@@ -181,7 +181,7 @@ def test_newer_format_and_schema_are_refused(hostd: Hostd, source: Source, victi
 
 @pytest.mark.parametrize("name", ["volume/../../x", "home/../..", "/etc/cron.d/x", "volume/9"])
 def test_unexpected_names_are_refused(hostd: Hostd, source: Source, victim: str, name: str) -> None:
-    bad = source.tmp / "names.tar.zst"
+    bad = source.tmp / "names.hostd"
     craft(source.archive, bad, extra=[(name, b"* * * * * root touch /pwned\n")])
     assert "unexpected member" in refused(hostd, source, victim, bad)
     assert not Path("/etc/cron.d/x").exists() and not Path("/pwned").exists()
@@ -190,7 +190,7 @@ def test_unexpected_names_are_refused(hostd: Hostd, source: Source, victim: str,
 def test_chunk_past_the_volume_and_oversized_header_are_refused(
     hostd: Hostd, source: Source, victim: str
 ) -> None:
-    bad = source.tmp / "past.tar.zst"
+    bad = source.tmp / "past.hostd"
     craft(source.archive, bad, extra=[("volume/99999999", b"x")])
     assert "past the volume's end" in refused(hostd, source, victim, bad)
     fd = os.open(bad, os.O_WRONLY | os.O_TRUNC)
@@ -225,7 +225,7 @@ def test_a_home_tar_cannot_climb_out_of_the_home(hostd: Hostd, source: Source, v
     target = Path(tempfile.mkdtemp(prefix="hostd-victim-", dir="/var/tmp"))
     os.chmod(target, 0o755)
     home = Path(pwd.getpwnam(victim).pw_dir)
-    bad = source.tmp / "home.tar.zst"
+    bad = source.tmp / "home.hostd"
     try:
         craft(source.archive, bad, home=home_tar(target))
         res = hostd.hostctl(
@@ -268,7 +268,7 @@ def test_hostctl_opens_files_as_the_caller(hostd: Hostd, source: Source, victim:
     os.chmod(protected, 0o755)
     owned = protected / "precious"
     owned.write_text("root's\n")
-    secret = protected / "secret.tar.zst"
+    secret = protected / "secret.hostd"
     shutil.copy(source.archive, secret)
     os.chmod(secret, 0o600)
     uid = pwd.getpwnam(victim).pw_uid

@@ -123,9 +123,9 @@ def refused(archive: Path, tmp: Path, parent: a.Manifest | None = None) -> str:
 def test_round_trip_restores_the_image_sparse(tmp: Path) -> None:
     last = chunk(7, 4096)
     chunks = {0: chunk(1), 2: chunk(2), 3: last}
-    m = write(tmp / "x.tar.zst", header(with_home=True), chunks, home=[b"h0", b"h1"])
+    m = write(tmp / "x.hostd", header(with_home=True), chunks, home=[b"h0", b"h1"])
     image = tmp / "img"
-    got = restore(tmp / "x.tar.zst", image, home=tmp / "home.tar")
+    got = restore(tmp / "x.hostd", image, home=tmp / "home.tar")
     assert got == m and sorted(got.chunks) == [0, 2, 3]
     data = image.read_bytes()
     assert len(data) == VOLUME

@@ -428,7 +428,7 @@ def test_every_suggested_command_parses(capfd: pytest.CaptureFixture[str]) -> No
 def test_export_writes_a_new_private_file_opened_by_hostctl(
     capfd: pytest.CaptureFixture[str], hostd: FakeHostd, config: str, tmp_path: Path
 ) -> None:
-    out = tmp_path / "alice.tar.zst"
+    out = tmp_path / "alice.hostd"
     code, stdout, _ = run(capfd, "--config", config, "user", "export", "alice", "-o", str(out))
     assert code == 0 and out.read_bytes() == b"ARCHIVE"
     assert out.stat().st_mode & 0o777 == 0o600
@@ -443,7 +443,7 @@ def test_export_writes_a_new_private_file_opened_by_hostctl(
 def test_export_since_sends_the_parent_and_a_failure_removes_the_file(
     capfd: pytest.CaptureFixture[str], hostd: FakeHostd, config: str, tmp_path: Path
 ) -> None:
-    parent, out = tmp_path / "full.tar.zst", tmp_path / "inc.tar.zst"
+    parent, out = tmp_path / "full.hostd", tmp_path / "inc.hostd"
     parent.write_bytes(b"parent")
     hostd.errors["user.export"] = RuntimeFailure("chunk 3 went wrong", "try again")
     args = ("--config", config, "user", "export", "alice", "-o", str(out), "--since", str(parent))
@@ -458,7 +458,7 @@ def test_export_since_sends_the_parent_and_a_failure_removes_the_file(
 def test_import_sends_the_archives_in_order(
     capfd: pytest.CaptureFixture[str], hostd: FakeHostd, config: str, tmp_path: Path
 ) -> None:
-    files = [tmp_path / "full.tar.zst", tmp_path / "inc.tar.zst"]
+    files = [tmp_path / "full.hostd", tmp_path / "inc.hostd"]
     for f in files:
         f.write_bytes(b"x")
     code, out, err = run(

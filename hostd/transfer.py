@@ -171,7 +171,7 @@ class Transfers:
                 for n, data in data_chunks(snap.path, CHUNK_SIZE):
                     digest = chunks[n] = archive.sha256(data)
                     if old.get(n) != digest:
-                        w.add(f"volume/{n:08d}", data)
+                        w.add(f"volume/{n:08d}", data, digest)
                         sent += 1
                     meter.update(w.written)
                 held = time.monotonic() - held

@@ -108,7 +108,7 @@ def test_a_taken_range_or_an_existing_tenant_is_refused_before_any_data(
     res = hostd.hostctl(
         "user", "import", str(source.archive), "--as", other, "--range", "keep", check=False
     )
-    assert f"overlap {source.user}'s active range" in one_line_error(res)
+    assert f"collide with {source.user}'s range" in one_line_error(res)
     assert left_behind(hostd, other) == []
     res = hostd.hostctl("user", "import", str(source.archive), check=False)
     assert f"{source.user} is already a tenant here" in one_line_error(res)

@@ -271,7 +271,7 @@ def _transfer(c: Client, args: argparse.Namespace) -> None:
         v = c("transfer.verify", p.TransferArgs(args.id))
         c.say(f"{v.id}: a {v.kind} archive of {v.user}, every checksum right")
     elif args.sub == "import":
-        chain = p.TransferImportArgs(args.ids, args.as_user, args.range, args.start)
+        chain = p.TransferImportArgs(args.ids, args.as_user, args.range, args.start, args.with_home)
         d = c("transfer.import", chain)
         c.say(f"imported {d.user}: IDs {d.range_start}-{d.range_end}")
         if not c.json and d.warning:

@@ -121,6 +121,7 @@ def _parser() -> Parser:
         "--range", choices=("auto", "keep"), default="auto", help="its IDs there (auto: new)"
     )
     mv.add_argument("--keep-source", action="store_true", help="leave it here, stopped")
+    mv.add_argument("--with-home", action="store_true", help="the home goes too (after the stop)")
     mv.add_argument(
         "--remote-hostctl", default="hostctl", metavar="CMD", help='there, e.g. "sudo hostctl"'
     )
@@ -164,6 +165,7 @@ def _parser() -> Parser:
     ti.add_argument("--as", dest="as_user", metavar="USER", help="its user here")
     ti.add_argument("--range", choices=("auto", "keep"), default="auto")
     ti.add_argument("--start", action="store_true", help="start it once imported")
+    ti.add_argument("--with-home", action="store_true", help="the home the last archive holds")
     transfer.add_parser("discard", help="remove a staged archive").add_argument("id")
     backup = sub.add_parser("backup", help="backups into [backup] dir of hostd.toml")
     backup_sub = backup.add_subparsers(dest="sub", required=True)

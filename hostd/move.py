@@ -427,7 +427,10 @@ class Move:
                 if parent is not None:
                     fds.append(files.enter_context(open(parent.path, "rb")).fileno())
                     since = str(parent.path)
-                done = self.c("user.export", p.UserExportArgs(self.user, since=since), fds)
+                # The home goes in the last archive only: read after the stop, as it then is.
+                home = parent is not None and self.args.with_home
+                request = p.UserExportArgs(self.user, with_home=home, since=since)
+                done = self.c("user.export", request, fds)
             path = self.spool.complete(part, done.id)
         finally:
             part.unlink(missing_ok=True)
@@ -448,6 +451,8 @@ class Move:
             args += ["--as", self.args.as_user]
         if start:
             args.append("--start")
+        if self.args.with_home:
+            args.append("--with-home")
         done = self.remote.call(*args)
         if done.get("warning"):
             self.say(f"warning from {self.host}: {done['warning']}")

@@ -137,6 +137,7 @@ class TransferImportArgs(NamedTuple):
     as_user: str | None = None  # None: the user named in the archives
     range: str = "auto"
     start: bool = False  # start it once imported (it ran on the source until the move)
+    with_home: bool = False  # extract the home the last archive holds (never over files)
 
 
 class ExecArgs(NamedTuple):

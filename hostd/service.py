@@ -367,7 +367,7 @@ class Service:
                 fds.append(self.staging.open(archive_id))
             names = [f"the archive {i} staged on this host" for i in req.ids]
             done: p.Imported = self.transfers.import_(
-                fds, names, req.as_user, req.range, False, False, call.progress
+                fds, names, req.as_user, req.range, req.with_home, False, call.progress
             )
         finally:
             close_fds(fds)

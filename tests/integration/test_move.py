@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shlex
 import shutil
 import subprocess
@@ -274,3 +275,22 @@ def test_a_damaged_archive_is_refused_before_the_stop(
     assert tenant not in tenants(target)
     assert list((target.state_dir / "incoming").iterdir()) == []
     assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_with_home_the_home_goes_too_read_after_the_stop(
+    hostd: Hostd, target: Hostd, link: Link, tenant: str, unix_users: UnixUsers, tmp_path: Path
+) -> None:
+    """Moved under another name (whose home is empty): the home comes out there as theirs."""
+    pw = pwd.getpwnam(tenant)
+    notes = Path(pw.pw_dir) / "notes.txt"
+    notes.write_text("mine\n")
+    os.chown(notes, pw.pw_uid, pw.pw_gid)
+    other = unix_users.make()
+    try:
+        res = move(hostd, target, link, tenant, "--as", other, "--with-home", spool=tmp_path)
+        assert res.returncode == 0, res.stderr
+        there = pwd.getpwnam(other)
+        moved = Path(there.pw_dir) / "notes.txt"
+        assert moved.read_text() == "mine\n" and moved.stat().st_uid == there.pw_uid
+    finally:
+        target.hostctl("user", "remove", other, check=False)

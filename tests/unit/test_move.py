@@ -361,6 +361,7 @@ def moving(tmp_path: Path, remote: FakeRemote, **options: Any) -> tuple[FakeSour
         as_user=None,
         range="auto",
         keep_source=False,
+        with_home=False,
         remote_hostctl="hostctl",
         ssh="ssh",
         spool=str(tmp_path / "spool"),

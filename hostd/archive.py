@@ -352,7 +352,8 @@ class Writer:
             self._zstd.wait()
         for f in (self._zstd.stdin, self._zstd.stderr):
             if f is not None:
-                f.close()
+                with contextlib.suppress(OSError):  # what is buffered for a dead zstd: lost
+                    f.close()
 
     def add(self, name: str, data: bytes | memoryview, digest: str | None = None) -> str:
         """Write one member; its sha256 (`digest`, when the caller has it: hashing is a fifth

@@ -65,6 +65,18 @@ def _parser() -> Parser:
         sp.add_argument("--pids", help="most tasks at once, e.g. 2000")
         sp.add_argument("--disk", help="e.g. 20G")
 
+    def import_options(sp: argparse.ArgumentParser) -> None:
+        """What `user import` and `backup restore` share: they import a chain of archives."""
+        sp.add_argument("--as", dest="as_user", metavar="USER", help="another user of this host")
+        sp.add_argument(
+            "--range",
+            choices=("auto", "keep"),
+            default="auto",
+            help="auto: a new ID range from [subids], files shifted (default); keep: the archive's",
+        )
+        sp.add_argument("--with-home", action="store_true", help="restore the home's files too")
+        sp.add_argument("--no-start", action="store_true", help="leave it stopped")
+
     add_image_commands(
         sub.add_parser("image", help="system-container images").add_subparsers(
             dest="sub", required=True
@@ -101,15 +113,7 @@ def _parser() -> Parser:
     ex.add_argument("--force", action="store_true", help="overwrite an existing file")
     im = user.add_parser("import", help="make a tenant from archives of `user export`")
     im.add_argument("files", nargs="+", metavar="FILE", help="a full archive, then incrementals")
-    im.add_argument("--as", dest="as_user", metavar="USER", help="another user of this host")
-    im.add_argument(
-        "--range",
-        choices=("auto", "keep"),
-        default="auto",
-        help="auto: a new ID range here, files shifted (default); keep: the archive's",
-    )
-    im.add_argument("--with-home", action="store_true", help="restore the home's files too")
-    im.add_argument("--no-start", action="store_true", help="leave it stopped")
+    import_options(im)
     rm = user.add_parser("remove", help="remove a tenant and its container")
     rm.add_argument("user")
     rm.add_argument("--keep-data", action="store_true", help="keep the container and its IDs")
@@ -178,15 +182,7 @@ def _parser() -> Parser:
     bs = backup_sub.add_parser("restore", help="make a tenant again from its backups")
     bs.add_argument("user")
     bs.add_argument("--at", metavar="TIME", help="from the last backup at or before TIME (UTC)")
-    bs.add_argument("--as", dest="as_user", metavar="USER", help="as another user")
-    bs.add_argument(
-        "--range",
-        choices=("auto", "keep"),
-        default="auto",
-        help="keep: the ID range recorded in the archive (auto: one from [subids])",
-    )
-    bs.add_argument("--with-home", action="store_true", help="restore the home from it too")
-    bs.add_argument("--no-start", action="store_true", help="leave the container stopped")
+    import_options(bs)
 
     for verb in ("start", "stop", "restart"):
         sub.add_parser(verb, help=f"{verb} a tenant's container").add_argument("user")

@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -511,3 +512,55 @@ def busy_admin_workers(hostd: Hostd, user: str, count: int) -> Iterator[None]:
         pool.shutdown(wait=True)
         for fd in stdio:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def other_hostd(
+    work: Path, state: Path, tag: str, sections: dict[str, str] | None = None
+) -> Iterator[Hostd]:
+    """A second hostd on this machine, as another server would be: its config, subuid files
+    and log in `work`, its state dir `state`, sockets in a run dir of its own, its own
+    gateway port, bridge, nft table, subnet and cgroup parent (named after `tag`, a few
+    letters); `sections` adds lines to sections of its hostd.toml. At the end it is stopped
+    and its containers, network and lxcfs removed (`work` and `state` are the caller's)."""
+    from hostd import config as config_mod
+    from runtime import fsutil, lxcfs, network
+    from runtime.containers import Runtime
+
+    run = Path(tempfile.mkdtemp(prefix=f"hostd-{tag}-", dir="/run"))
+    run.chmod(0o755)
+    h = Hostd(
+        config=work / "hostd.toml",
+        subuid=work / "subuid",
+        subgid=work / "subgid",
+        admin_socket=run / "admin.sock",
+        user_socket=run / "user.sock",
+        state_dir=state,
+        log=work / "hostd.log",
+        ssh_port=free_port(),
+    )
+    subnet = free_subnet(24)
+    toml = {
+        "paths": f'state_dir = "{state}"\nrun_dir = "{run}"\nadmin_socket = "{h.admin_socket}"\n'
+        f'user_socket = "{h.user_socket}"\nsubuid = "{h.subuid}"\nsubgid = "{h.subgid}"\n',
+        "runtime": f'cgroup_parent = "hostd-{tag}"\n',
+        "gateway": f'listen = "127.0.0.1:{h.ssh_port}"\n',
+        "network": f'bridge = "hostd{tag}{os.getpid()}"\nnft_table = "hostd_{tag}_{os.getpid()}"\n'
+        f'subnet = "{subnet}"\ndns = ["{subnet.network_address + 1}"]\n',
+    }
+    for section, lines in (sections or {}).items():
+        toml[section] = toml.get(section, "") + lines
+    h.config.write_text("".join(f"[{s}]\n{lines}" for s, lines in toml.items()))
+    try:
+        h.start()
+        yield h
+    finally:
+        h.stop()
+        settings = config_mod.load(h.config).runtime_settings()
+        rt = Runtime(settings)
+        for c in rt.containers():  # what a failure left behind
+            rt.delete(c.name, force=True)
+        network.teardown_host(rt.network_config())
+        assert settings.lxcfs is not None
+        lxcfs.stop(settings.lxcfs)
+        fsutil.remove_tree(run)

@@ -42,12 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from hostd import config as config_mod
-from runtime import fsutil, lxcfs, network
-from runtime.containers import Runtime
+from runtime import fsutil
 from tests.benchmarks.images import state_with_default_image
 from tests.e2e.conftest import add_developer
-from tests.hostd_harness import Hostd, Login, UnixUsers, free_port, make_busybox_tar
+from tests.hostd_harness import Hostd, Login, UnixUsers, make_busybox_tar, other_hostd
 
 CACHE = Path("/var/cache/hostd/bench")
 BOOKWORM = ("docker.io", "containerd")  # what `apt-get install docker.io` brings on Debian 12
@@ -350,47 +348,6 @@ def load_images(side: Side) -> None:
     )
 
 
-@contextlib.contextmanager
-def private_hostd(work: Path, state: Path) -> Iterator[Hostd]:
-    """A hostd of its own (temp config and subuid files, its own bridge and nft table); at the
-    end its tenants' leftovers, bridge, rules and lxcfs are removed."""
-    rundir = Path(tempfile.mkdtemp(prefix="hostd-bench-", dir="/run"))
-    rundir.chmod(0o755)
-    h = Hostd(
-        config=work / "hostd.toml",
-        subuid=work / "subuid",
-        subgid=work / "subgid",
-        admin_socket=rundir / "admin.sock",
-        user_socket=rundir / "user.sock",
-        state_dir=state,
-        log=work / "hostd.log",
-        ssh_port=free_port(),
-    )
-    h.config.write_text(
-        f'[paths]\nstate_dir = "{state}"\nrun_dir = "{rundir}"\n'
-        f'admin_socket = "{h.admin_socket}"\nuser_socket = "{h.user_socket}"\n'
-        f'subuid = "{h.subuid}"\nsubgid = "{h.subgid}"\n'
-        '[runtime]\ncgroup_parent = "hostd-bench"\n'
-        f'[gateway]\nlisten = "127.0.0.1:{h.ssh_port}"\n'
-        '[network]\nbridge = "hostdbt0"\nnft_table = "hostd_bench_docker"\n'
-        'subnet = "10.232.1.0/24"\n'
-    )
-    try:
-        h.start()
-        yield h
-    finally:
-        h.stop()
-        settings = config_mod.load(h.config).runtime_settings()
-        rt = Runtime(settings)
-        for c in rt.containers():  # tenants a failure left behind (they have addresses)
-            if c.address is not None:
-                rt.delete(c.name, force=True)
-        network.teardown_host(rt.network_config())
-        assert settings.lxcfs is not None
-        lxcfs.stop(settings.lxcfs)
-        fsutil.remove_tree(rundir)
-
-
 def tenant(
     stack: contextlib.ExitStack, h: Hostd, users: UnixUsers, work: Path, busybox: Path, name: str
 ) -> TenantSide:
@@ -560,7 +517,7 @@ def main() -> None:
             stack.callback(users.remove_all)
             (work / "busybox").mkdir()
             busybox = make_busybox_tar(work / "busybox")
-            h = stack.enter_context(private_hostd(work, state))
+            h = stack.enter_context(other_hostd(work, state, "bt"))
             a = tenant(stack, h, users, work, busybox, "tenant")
             b = tenant(stack, h, users, work, busybox, "tenant-containerd")
             use_containerd_store(h, b)

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from hostd import config as config_mod
-from runtime import fsutil, lxcfs, network
+from runtime import fsutil
 from runtime.containers import Runtime
 from tests.hostd_harness import (
     SSH_OPTIONS,
@@ -30,8 +29,8 @@ from tests.hostd_harness import (
     Hostd,
     UnixUsers,
     free_port,
-    free_subnet,
     keypair,
+    other_hostd,
     start_sshd,
     stop_sshd,
 )
@@ -91,43 +90,12 @@ def target(rt: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ho
     tmp = tmp_path_factory.mktemp("target")
     state = Path(tempfile.mkdtemp(prefix="hostd-it-move-", dir="/var/tmp"))
     os.chmod(state, 0o711)
-    run = Path(tempfile.mkdtemp(prefix="hostd-it-move-", dir="/run"))
-    os.chmod(run, 0o755)
     subprocess.run(["cp", "-al", str(rt.state_dir / "images"), str(state)], check=True)
-    h = Hostd(
-        config=tmp / "hostd.toml",
-        subuid=tmp / "subuid",
-        subgid=tmp / "subgid",
-        admin_socket=run / "admin.sock",
-        user_socket=run / "user.sock",
-        state_dir=state,
-        log=tmp / "hostd.log",
-        ssh_port=free_port(),
-    )
-    subnet = free_subnet(24)
-    h.config.write_text(
-        f'[paths]\nstate_dir = "{state}"\nrun_dir = "{run}"\n'
-        f'admin_socket = "{h.admin_socket}"\nuser_socket = "{h.user_socket}"\n'
-        f'subuid = "{h.subuid}"\nsubgid = "{h.subgid}"\n'
-        '[runtime]\ncgroup_parent = "hostd-test-move"\nstop_timeout = 10\n'
-        "[subids]\nmin = 400000000\nmax = 500000000\n"
-        f'[gateway]\nlisten = "127.0.0.1:{h.ssh_port}"\n'
-        f'[network]\nbridge = "hostdm{os.getpid()}"\nnft_table = "hostd_move_{os.getpid()}"\n'
-        f'subnet = "{subnet}"\ndns = ["{subnet.network_address + 1}"]\n'
-    )
+    sections = {"runtime": "stop_timeout = 10\n", "subids": "min = 400000000\nmax = 500000000\n"}
     try:
-        h.start()
-        yield h
+        with other_hostd(tmp, state, "mv", sections) as h:
+            yield h
     finally:
-        h.stop()
-        settings = config_mod.load(h.config).runtime_settings()
-        target_rt = Runtime(settings)
-        for c in target_rt.containers():
-            target_rt.delete(c.name, force=True)
-        network.teardown_host(target_rt.network_config())
-        assert settings.lxcfs is not None
-        lxcfs.stop(settings.lxcfs)
-        shutil.rmtree(run)
         fsutil.remove_tree(state)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,11 +18,9 @@ from pathlib import Path
 import pytest
 
 from hostd import config as config_mod
-from runtime import fsutil, lxcfs, network
-from runtime.containers import Runtime
+from runtime import fsutil
 from runtime.ids import RANGE_SIZE
-from tests.conftest import CGROUP_PARENT
-from tests.hostd_harness import Hostd, UnixUsers, free_port, free_subnet
+from tests.hostd_harness import Hostd, UnixUsers, other_hostd
 
 REPO = Path(__file__).resolve().parents[2]
 DETERMINISTIC = '[subids]\nsource = "deterministic"\n'
@@ -42,45 +39,17 @@ def other_host(deterministic: Hostd, busybox_tar: Path) -> Iterator[Hostd]:
     bridge and sockets; the first one's [subids] and [users] settings; a busybox image."""
     first = config_mod.load(deterministic.config)
     work = Path(tempfile.mkdtemp(prefix="hostd-it-ranges-", dir="/var/tmp"))
-    run = Path(tempfile.mkdtemp(prefix="hostd-it-", dir="/run"))
     os.chmod(work, 0o711)
-    os.chmod(run, 0o755)
-    subnet = free_subnet(24)
-    h = Hostd(
-        config=work / "hostd.toml",
-        subuid=work / "subuid",
-        subgid=work / "subgid",
-        admin_socket=run / "admin.sock",
-        user_socket=run / "user.sock",
-        state_dir=work / "state",
-        log=work / "hostd.log",
-        ssh_port=free_port(),
-    )
-    h.config.write_text(
-        f'[paths]\nstate_dir = "{h.state_dir}"\nrun_dir = "{run}"\n'
-        f'admin_socket = "{h.admin_socket}"\nuser_socket = "{h.user_socket}"\n'
-        f'subuid = "{h.subuid}"\nsubgid = "{h.subgid}"\n'
-        f'[runtime]\ncgroup_parent = "{CGROUP_PARENT}"\ndefault_image = "bb"\n'
-        f'[subids]\nsource = "deterministic"\nmin = {first.subids.min}\n'
-        f"max = {first.subids.max}\n[users]\nmin_uid = {first.users.min_uid}\n"
-        f'[gateway]\nlisten = "127.0.0.1:{h.ssh_port}"\n'
-        f'[network]\nbridge = "hostdr{os.getpid()}"\nnft_table = "hostd_rng_{os.getpid()}"\n'
-        f'subnet = "{subnet}"\ndns = ["{subnet.network_address + 1}"]\n'
-    )
+    sections = {
+        "runtime": 'default_image = "bb"\n',
+        "subids": f'source = "deterministic"\nmin = {first.subids.min}\nmax = {first.subids.max}\n',
+        "users": f"min_uid = {first.users.min_uid}\n",
+    }
     try:
-        h.start()
-        h.hostctl("image", "import", "bb", str(busybox_tar))
-        yield h
+        with other_hostd(work, work / "state", "rg", sections) as h:
+            h.hostctl("image", "import", "bb", str(busybox_tar))
+            yield h
     finally:
-        h.stop()
-        settings = config_mod.load(h.config).runtime_settings()
-        other_rt = Runtime(settings)
-        for c in other_rt.containers():
-            other_rt.delete(c.name, force=True)
-        network.teardown_host(other_rt.network_config())
-        assert settings.lxcfs is not None
-        lxcfs.stop(settings.lxcfs)
-        shutil.rmtree(run)
         fsutil.remove_tree(work)
 
 

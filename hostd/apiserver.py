@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from hostd import aio
 from hostd.api import close_fds
-from hostd.protocol import MAX_FDS, error_line
+from hostd.protocol import ADMIN, MAX_FDS, TENANT, error_line, max_fds
 from runtime.errors import Busy, RuntimeFailure
 
 log = logging.getLogger(__name__)
@@ -43,24 +43,26 @@ class Request:
     fds: list[int]  # passed with it; whoever serves the request closes them
 
 
-async def read_request(sock: socket.socket, max_size: int) -> Request | None:
+async def read_request(
+    sock: socket.socket, max_size: int, max_fds: int = MAX_FDS
+) -> Request | None:
     """The first request line on non-blocking `sock` and its fds; None if the client closed
-    first. Raises Refused past `max_size` bytes or MAX_FDS fds: the kernel discards fds that do
-    not fit the control buffer, and those received are closed, so none stay in hostd."""
+    first. Raises Refused past `max_size` bytes or `max_fds` fds: the kernel discards fds that
+    do not fit the control buffer, and those received are closed, so none stay in hostd."""
     buf = bytearray()
     fds: list[int] = []
     try:
         while True:
             await aio.ready(sock.fileno())
             try:
-                data, got, truncated = _recv(sock, max_size + 1 - len(buf), MAX_FDS - len(fds))
+                data, got, truncated = _recv(sock, max_size + 1 - len(buf), max_fds - len(fds))
             except (BlockingIOError, InterruptedError):
                 continue
             fds += got
             if truncated:
                 raise Refused(
-                    f"more than {MAX_FDS} file descriptors sent with a request",
-                    "send stdin, stdout and stderr at most",
+                    f"more than {max_fds} file descriptors sent with a request",
+                    "send only those the operation takes",
                 )
             if not data:
                 close_fds(fds)
@@ -173,6 +175,11 @@ class Door:
     open: int = 0
     per_uid: Counter[int] = field(default_factory=Counter)
     _logged: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def max_fds(self) -> int:
+        """File descriptors a request may bring: what this door's ops take at most."""
+        return max_fds(ADMIN if self.admin else TENANT)
 
     def refusal(self, uid: int) -> Busy | None:
         """Why a new connection of `uid` is over a cap, or None."""

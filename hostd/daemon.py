@@ -251,7 +251,7 @@ class Daemon:
         refusal: RuntimeFailure | None = None
         try:
             request = await asyncio.wait_for(
-                read_request(conn, api.max_request), api.request_timeout
+                read_request(conn, api.max_request, door.max_fds), api.request_timeout
             )
         except TimeoutError:
             request = None

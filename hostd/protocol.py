@@ -419,6 +419,14 @@ OPS: dict[str, Op] = {
     )
 }
 MAX_FDS = max(op.fds for op in OPS.values())
+
+
+def max_fds(caller: str) -> int:
+    """The most file descriptors any op this caller may use takes: a door's cap (tenants need
+    only exec's stdio, admins an archive chain)."""
+    return max(op.fds for op in OPS.values() if caller in op.callers)
+
+
 MAX_REPLY = 1 << 20  # a reply line a client accepts (a status of every tenant fits)
 
 

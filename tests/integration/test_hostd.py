@@ -397,7 +397,8 @@ def test_ready_notification_and_unit_file(hostd: Hostd, tmp_path: Path) -> None:
     units = []  # hostd.service needs hostd-tenants.service: checked together
     for unit in sorted((Path(__file__).parents[2] / "packaging/systemd").glob("*.service")):
         units.append(tmp_path / unit.name)
-        units[-1].write_text(unit.read_text().replace("/usr/sbin/hostd", str(exe)))
+        text = unit.read_text().replace("/usr/sbin/hostd", str(exe))
+        units[-1].write_text(text.replace("/usr/bin/hostctl", str(exe.with_name("hostctl"))))
     assert {u.name for u in units} >= {"hostd.service", "hostd-tenants.service"}
     # --man=no: its man pages come with the package (tests/integration/test_deb.py checks them)
     res = subprocess.run(

@@ -140,6 +140,7 @@ def test_fds_beyond_the_cap_are_refused_and_not_kept(
     before = len(_fd_targets(pid))
     try:
         attacks: list[tuple[str, list[int], str]] = [
+            # the user socket's cap is exec's stdio (the admin socket's: an archive chain)
             ("status", [200], "more than 3 file descriptors"),  # one sendmsg with 200 fds
             ("status", [3] * 67, "more than 3 file descriptors"),  # 3 at a time, 201 in all
             ("status", [3], "status takes at most 0 file descriptors, got 3"),

@@ -38,6 +38,7 @@ def test_every_op_is_described_once() -> None:
     fds["transfer.receive"] = 1
     assert {n: op.fds for n, op in p.OPS.items() if op.fds} == fds
     assert p.MAX_FDS == p.IMPORT_FDS == 16
+    assert p.max_fds(p.ADMIN) == 16 and p.max_fds(p.TENANT) == 3  # exec's stdio
 
 
 @pytest.mark.parametrize(

@@ -190,23 +190,10 @@ def test_hostd_killed_mid_backup_leaves_no_archive_to_restore(
         assert again["archive"]["kind"] == "incremental"
 
 
-def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
-    """The backup units, with the ones they name, as packaged (the commands from this venv)."""
-    bindir = Path(sys.executable).parent
-    for name in ("hostd", "hostctl"):
-        if not (bindir / name).exists():
-            pytest.skip(f"no {name} entry point next to {sys.executable}: pip install -e .")
-    units = []
-    for unit in sorted(UNITS.iterdir()):
-        text = unit.read_text().replace("/usr/sbin/hostd", str(bindir / "hostd"))
-        units.append(tmp_path / unit.name)
-        units[-1].write_text(text.replace("/usr/bin/hostctl", str(bindir / "hostctl")))
+def test_the_units_run_a_backup_daily_at_idle_io() -> None:
+    """What the units say (test_hostd's unit test runs systemd-analyze verify on all of them)."""
     backup = (UNITS / "hostd-backup.service").read_text()
     assert "Type=oneshot" in backup and "backup run" in backup
     assert "IOSchedulingClass=idle" in backup and "Requires=hostd.service" in backup
     timer = (UNITS / "hostd-backup.timer").read_text()
     assert "OnCalendar=daily" in timer and "Persistent=true" in timer
-    res = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", *map(str, units)], capture_output=True, text=True
-    )
-    assert res.returncode == 0, res.stderr

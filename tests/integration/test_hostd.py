@@ -394,12 +394,16 @@ def test_ready_notification_and_unit_file(hostd: Hostd, tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("hostd")  # installed with this environment's hostd
     if not exe.exists():
         pytest.skip(f"no hostd entry point next to {sys.executable}: pip install -e .")
-    units = []  # hostd.service needs hostd-tenants.service: checked together
-    for unit in sorted((Path(__file__).parents[2] / "packaging/systemd").glob("*.service")):
+    units = []  # every unit, with the ones it names (hostd.service needs hostd-tenants.service)
+    for unit in sorted((Path(__file__).parents[2] / "packaging/systemd").iterdir()):
         units.append(tmp_path / unit.name)
         text = unit.read_text().replace("/usr/sbin/hostd", str(exe))
         units[-1].write_text(text.replace("/usr/bin/hostctl", str(exe.with_name("hostctl"))))
-    assert {u.name for u in units} >= {"hostd.service", "hostd-tenants.service"}
+    assert {u.name for u in units} >= {
+        "hostd.service",
+        "hostd-tenants.service",
+        "hostd-backup.timer",
+    }
     # --man=no: its man pages come with the package (tests/integration/test_deb.py checks them)
     res = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", *map(str, units)], capture_output=True, text=True

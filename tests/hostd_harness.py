@@ -564,3 +564,55 @@ def other_hostd(
         assert settings.lxcfs is not None
         lxcfs.stop(settings.lxcfs)
         fsutil.remove_tree(run)
+
+
+HOST_PYTHON = "/usr/bin/python3"  # executable by every host user (the venv's is not)
+
+# Run as a host user: each attempt, and the errno name it got (or "ok").
+_PROBE = """
+import errno, json, os, subprocess, sys
+out = {}
+for op, path in json.loads(sys.argv[1]):
+    try:
+        if op == "stat":
+            os.stat(path)
+        elif op == "open":
+            os.close(os.open(path, os.O_RDWR))
+        elif op == "exec":
+            subprocess.run([path], check=True)
+        elif op == "write":
+            with open(path, "w") as f:
+                f.write("x")
+        elif op == "create":
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        elif op == "symlink":
+            os.symlink("/tmp", path)
+        elif op == "read":
+            with open(path, "rb") as f:
+                f.read(1)
+        elif op == "list":
+            os.listdir(path)
+        else:
+            raise ValueError(op)
+        out[op + " " + path] = "ok"
+    except OSError as exc:
+        out[op + " " + path] = errno.errorcode[exc.errno]
+print(json.dumps(out))
+"""
+
+
+def probe_as(uid: int, gid: int, ops: list[tuple[str, str]]) -> dict[str, str]:
+    """Try each (op, path) as a host user with no supplementary groups: stat, open (read and
+    write), exec, write, create, symlink, read, list. What each got, by "op path": "ok" or the
+    errno's name."""
+    res = subprocess.run(
+        [HOST_PYTHON, "-c", _PROBE, json.dumps(ops)],
+        user=uid,
+        group=gid,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    return dict(json.loads(res.stdout.splitlines()[-1]))

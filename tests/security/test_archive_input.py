@@ -27,10 +27,9 @@ from hostd.client import call
 from hostd.state import MIGRATIONS
 from runtime.errors import RuntimeFailure
 from runtime.volume import data_chunks
-from tests.hostd_harness import Hostd, UnixUsers
+from tests.hostd_harness import HOST_PYTHON, Hostd, UnixUsers
 
 SCHEMA = len(MIGRATIONS)
-HOST_PYTHON = "/usr/bin/python3"  # executable by every host user (the venv's is not)
 
 
 @dataclass(frozen=True)

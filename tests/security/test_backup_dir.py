@@ -9,7 +9,6 @@ import os
 import pwd
 import shutil
 import stat
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,46 +17,7 @@ import pytest
 from hostd.api import Channel
 from hostd.client import request
 from runtime.errors import RuntimeFailure
-from tests.hostd_harness import Hostd, UnixUsers, connect_as
-
-HOST_PYTHON = "/usr/bin/python3"  # executable by every host user (the venv's is not)
-
-# Run as a host user: each attempt, and the errno name it got (or "ok").
-PROBE = """
-import errno, json, os, sys
-out = {}
-for op, path in json.loads(sys.argv[1]):
-    try:
-        if op == "create":
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        elif op == "symlink":
-            os.symlink("/tmp", path)
-        elif op == "read":
-            with open(path, "rb") as f:
-                f.read(1)
-        elif op == "list":
-            os.listdir(path)
-        out[op + " " + path] = "ok"
-    except OSError as exc:
-        out[op + " " + path] = errno.errorcode[exc.errno]
-print(json.dumps(out))
-"""
-
-
-def _probe(user: str, ops: list[tuple[str, str]]) -> dict[str, str]:
-    pw = pwd.getpwnam(user)
-    res = subprocess.run(
-        [HOST_PYTHON, "-c", PROBE, json.dumps(ops)],
-        user=pw.pw_uid,
-        group=pw.pw_gid,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    result: dict[str, str] = json.loads(res.stdout)
-    return result
+from tests.hostd_harness import Hostd, UnixUsers, connect_as, probe_as
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +67,8 @@ def test_a_host_user_cannot_write_plant_or_read_there(
         ("read", str(archive)),
         ("list", str(backups)),
     ]
-    got = _probe(user, ops)  # the tenant's own host account, after its own backup
+    pw = pwd.getpwnam(user)  # the tenant's own host account, after its own backup
+    got = probe_as(pw.pw_uid, pw.pw_gid, ops)
     assert got == {f"{op} {path}": "EACCES" for op, path in ops}
     assert sorted(os.listdir(backups / user)) == sorted(
         [archive.name, archive.name.replace(".hostd", ".manifest.json")]

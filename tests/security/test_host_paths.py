@@ -5,12 +5,10 @@ Each attack is performed for real and must fail; a control shows what it would h
 from __future__ import annotations
 
 import errno
-import json
 import os
 import pwd
 import socket
 import stat
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,44 +21,7 @@ from runtime.execs import ExecSpec
 from runtime.ids import IdRange
 from runtime.shares import Share
 from tests.conftest import ContainerFactory, sh
-from tests.hostd_harness import Hostd, UnixUsers
-
-HOST_PYTHON = "/usr/bin/python3"  # executable by every host user (the venv's is not)
-
-# Run as a host user: try each path and report the errno name (or "ok").
-PROBE = """
-import errno, json, os, subprocess, sys
-out = {}
-for op, path in json.loads(sys.argv[1]):
-    try:
-        if op == "stat":
-            os.stat(path)
-        elif op == "open":
-            os.close(os.open(path, os.O_RDWR))
-        elif op == "exec":
-            subprocess.run([path], check=True)
-        elif op == "write":
-            with open(path, "w") as f:
-                f.write("x")
-        out[path] = "ok"
-    except OSError as exc:
-        out[path] = errno.errorcode[exc.errno]
-print(json.dumps(out))
-"""
-
-
-def _probe(uid: int, gid: int, ops: list[tuple[str, str]]) -> dict[str, str]:
-    res = subprocess.run(
-        [HOST_PYTHON, "-c", PROBE, json.dumps(ops)],
-        user=uid,
-        group=gid,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert res.returncode == 0, res.stderr
-    return dict(json.loads(res.stdout.splitlines()[-1]))
+from tests.hostd_harness import Hostd, UnixUsers, probe_as
 
 
 def _rss_kib(pid: int) -> int:
@@ -124,9 +85,9 @@ def test_the_ranges_root_cannot_write_the_shared_template(
         ("write", str(cdir / "lower/opt/planted")),
         ("write", str(cdir / "lower/etc/sudoers.d/x")),
     ]
-    result = _probe(ids.root, ids.root, [("stat", str(cdir / "lower/etc")), *planted])
-    assert result[str(cdir / "lower/etc")] == "ok"  # it reaches the mount: only ro stops it
-    assert {result[p] for _, p in planted} == {"EROFS"}
+    result = probe_as(ids.root, ids.root, [("stat", str(cdir / "lower/etc")), *planted])
+    assert result[f"stat {cdir / 'lower/etc'}"] == "ok"  # it reaches the mount: only ro stops it
+    assert {result[f"{op} {p}"] for op, p in planted} == {"EROFS"}
     assert not (template / "opt/planted").exists()
     assert not (template / "etc/sudoers.d/x").exists()
 
@@ -158,11 +119,11 @@ def test_host_users_reach_nothing_of_a_tenant(
         ("exec", str(suid)),
         ("open", str(cdir / "dev/fuse")),
     ]
-    result = _probe(other.pw_uid, other.pw_gid, ops)
+    result = probe_as(other.pw_uid, other.pw_gid, ops)
     assert set(result.values()) == {"EACCES"}, result
     # ... and the tenant's own host account neither: its container's IDs are not its own
     own = pwd.getpwnam(tenant)
-    result = _probe(own.pw_uid, own.pw_gid, ops)
+    result = probe_as(own.pw_uid, own.pw_gid, ops)
     assert set(result.values()) == {"EACCES"}, result
 
 

@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
+from hostd import priority
 from hostd.archive import MAX_MANIFEST, Manifest
 from hostd.config import BackupSettings
 from hostd.errors import HostdError
@@ -171,19 +172,6 @@ def _with_chains(archives: Sequence[Archive]) -> list[Archive]:
     return [Archive(a.stem, a.time, a.kind, a.size, named.get(a, "")) for a in sorted(archives)]
 
 
-@contextlib.contextmanager
-def idle_priority() -> Iterator[None]:
-    """Run the calling thread (and what it starts: zstd, tar) at SCHED_IDLE, which is also
-    the idle I/O class where the I/O scheduler has one: a backup of a stopped tenant takes
-    only what the running ones leave. Restored after, as the thread serves other requests."""
-    before = os.sched_getscheduler(0), os.sched_getparam(0)
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    try:
-        yield
-    finally:
-        os.sched_setscheduler(0, *before)
-
-
 class Backups:
     """The backup directory and runs over it; one run (or restore's pick) at a time."""
 
@@ -311,7 +299,7 @@ class Backups:
             with _new_file(udir, tmp) as out, _new_file(udir, tmp_manifest) as copy:
                 # A running tenant waits frozen for its copy: that one goes at full speed.
                 frozen = self.exporter.frozen_for_export(user)
-                with contextlib.nullcontext() if frozen else idle_priority():
+                with contextlib.nullcontext() if frozen else priority.idle():
                     home = self.settings.with_home
                     self.exporter.export(user, out, since, home, progress, manifest_to=copy)
                 os.fsync(out)

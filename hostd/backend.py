@@ -14,13 +14,12 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Protocol
 
-from runtime.cgroups import Usage
 from runtime.execs import ExecSpec
 from runtime.ids import IdRange
 from runtime.limits import Limits
 from runtime.netplan import Forward, NetworkConfig
 from runtime.proc import Result
-from runtime.records import Container, ContainerState, Rebased
+from runtime.records import Container, ContainerState, Rebased, Report
 from runtime.shares import Share
 from runtime.snapshot import ImportedVolume, VolumeSnapshot
 
@@ -71,8 +70,7 @@ class ContainerRuntime(Protocol):
 
     # -- limits and usage ------------------------------------------------------------------
     def set_limits(self, name: str, limits: Limits) -> dict[str, str]: ...
-    def usage(self, name: str) -> Usage | None: ...
-    def disk_used(self, name: str) -> int | None: ...
+    def report(self, name: str) -> Report: ...
 
     # -- network ---------------------------------------------------------------------------
     def network_config(self) -> NetworkConfig: ...

@@ -240,7 +240,7 @@ class Service:
         return _tenant(self.tenants.add(req.user, req.image, quota, call.progress))
 
     def user_list(self, _: p.NoArgs, call: Call) -> list[p.Status]:
-        return [_status(self.tenants.status(t.user)) for t in self.tenants.state.tenants()]
+        return [_status(s) for s in self.tenants.statuses()]
 
     def user_show(self, req: p.UserArgs, call: Call) -> p.UserDetails:
         t = self.tenants
@@ -311,9 +311,7 @@ class Service:
         return p.Done(req.user, "restart")
 
     def status(self, req: p.StatusArgs, call: Call) -> list[p.Status]:
-        t = self.tenants
-        users = [req.user] if req.user else [x.user for x in t.state.tenants()]
-        return [_status(t.status(u)) for u in users]
+        return [_status(s) for s in self.tenants.statuses(req.user or None)]
 
     # -- ports and ranges ------------------------------------------------------------------
 

@@ -152,6 +152,16 @@ class Tenant:
         _check_desired(self.desired)
 
 
+@dataclass(frozen=True)
+class TenantRecord:
+    """A tenant with what the state holds about it beside its row."""
+
+    tenant: Tenant
+    quota: Limits
+    failure: str | None  # why its last start failed
+    dormant: str | None  # idle since when, if stopped for idleness
+
+
 class State:
     """The state database (in an existing directory). Thread-safe: one connection, used under
     a lock."""
@@ -383,6 +393,21 @@ class State:
         with self._reading() as db:
             rows = db.execute(f"SELECT {_TENANT_COLUMNS} FROM tenants ORDER BY user")
             return [Tenant(*row) for row in rows]
+
+    def records(self, user: str | None = None) -> list[TenantRecord]:
+        """Every tenant (or just `user`) with its quota, failure and dormancy, ordered by user
+        name: one statement, so one snapshot however many tenants `hostctl status` lists."""
+        columns = ", ".join(f"t.{c}" for c in _TENANT_COLUMNS.split(", "))
+        where, params = ("WHERE t.user = ?", (user,)) if user is not None else ("", ())
+        with self._reading() as db:
+            rows = db.execute(
+                f"SELECT {columns}, q.cpus, q.memory, q.pids, q.disk, f.reason, d.idle_since"
+                " FROM tenants t LEFT JOIN quotas q ON q.user = t.user"
+                " LEFT JOIN failures f ON f.user = t.user"
+                f" LEFT JOIN dormant d ON d.user = t.user {where} ORDER BY t.user",
+                params,
+            ).fetchall()
+        return [TenantRecord(Tenant(*r[:9]), Limits(*r[9:13]), r[13], r[14]) for r in rows]
 
     def range_starts(self) -> list[int]:
         """Every ID range handed out, whatever the tenant's phase, and every kept or

@@ -116,7 +116,7 @@ class Tenants:
     def get(self, user: str) -> Tenant:
         tenant = self.state.tenant(user)
         if tenant is None:
-            raise NotFound(f"{user} is not a tenant", f"add them with `hostctl user add {user}`")
+            raise _not_a_tenant(user)
         return tenant
 
     def _unix_account(self, user: str) -> pwd.struct_passwd:
@@ -550,16 +550,24 @@ class Tenants:
         self.addresses.revoke(user, first, last)
 
     def status(self, user: str) -> TenantStatus:
-        t = self.get(user)
-        place = self.starts.view.get(user)  # the queue's snapshot: status takes no lock
-        return tenant_status(
-            self.runtime,
-            t,
-            self.state.quota(user),
-            self.state.failure(user),
-            self.state.dormant(user),
-            place,
-        )
+        (status,) = self.statuses(user)
+        return status
+
+    def statuses(self, user: str | None = None) -> list[TenantStatus]:
+        """Of every tenant, or of `user`: one read of the state, one pass over each container's
+        files, no lock taken (the start queue's snapshot says who waits)."""
+        records = self.state.records(user)
+        if user is not None and not records:
+            raise _not_a_tenant(user)
+        place = self.starts.view
+        statuses = []
+        for record in records:
+            try:
+                statuses.append(tenant_status(self.runtime, record, place.get(record.tenant.user)))
+            except NotFound:  # its container was deleted since the read: a removal
+                if user is not None:
+                    raise
+        return statuses
 
     def release_range(self, start: int) -> IdRangeRecord:
         return self.ranges.release(start)
@@ -639,3 +647,7 @@ def _set_aside_warning(t: Tenant, done: Rebased) -> str:
     if done.packages:
         text += f"; packages to reinstall: {' '.join(done.packages)}"
     return text
+
+
+def _not_a_tenant(user: str) -> NotFound:
+    return NotFound(f"{user} is not a tenant", f"add them with `hostctl user add {user}`")

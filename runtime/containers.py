@@ -47,8 +47,8 @@ from runtime.images import ImageStore
 from runtime.limits import Limits
 from runtime.names import check_name, hostname_for
 from runtime.netplan import Forward, NetworkConfig
-from runtime.records import Container, ContainerState, Rebased, Records
-from runtime.runc import CpusetBusy, Runc
+from runtime.records import Container, ContainerState, Rebased, Records, Report
+from runtime.runc import CpusetBusy, Runc, RuncState
 from runtime.settings import RootfsMode, Settings
 from runtime.shares import Share
 from runtime.snapshot import ImportedVolume, VolumeSnapshot
@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 NOW, NEXT_START = "now", "at next start"
 CPUS_NOW_SET_LATER = "now (its CPU set at next start)"  # the cap now; cgroup v1 refused the set
 STAGING = "staging"  # below the state dir: staging files (imported volumes, clones)
+CLK_TCK = os.sysconf("SC_CLK_TCK")  # the unit of a process's start time in /proc
 DISK_WALK_TTL = 30.0  # seconds a disk walk of a container without a mounted volume is kept
 _LXCFS_LOCK = threading.Lock()  # one lxcfs per host, started by whichever start comes first
 
@@ -530,9 +531,10 @@ class Runtime:
 
     def usage(self, name: str) -> cgroups.Usage | None:
         """Memory, CPU time and tasks used now (None when not running): a few cgroup files,
-        no program run (`hostctl status` asks this of every tenant)."""
-        if self.state(name).status != "running":
-            return None
+        no program run."""
+        return self._usage(name) if self.state(name).status == "running" else None
+
+    def _usage(self, name: str) -> cgroups.Usage:
         if self._layout is None:  # cgroup hierarchies are mounted at boot, not while we run
             self._layout = cgroups.detect(mountinfo.current())
         return cgroups.usage(self._layout, self.settings.cgroup_parent, name)
@@ -540,17 +542,34 @@ class Runtime:
     def disk_used(self, name: str) -> int | None:
         """Bytes of the container's own storage (upper layer, Docker data, shifted copy): of
         its volume at once, None if that is not known; without one, a walk of its
-        directories, kept for DISK_WALK_TTL seconds (`hostctl status` asks this of every
-        tenant)."""
-        c, cdir = self.get(name), self.records.dir(name)
+        directories, kept for DISK_WALK_TTL seconds."""
+        return self._disk_used(self.get(name))
+
+    def _disk_used(self, c: Container) -> int | None:
+        cdir = self.records.dir(c.name)
         if c.limits.disk is not None:
             return storage.volume_used(cdir)
         now = time.monotonic()
-        walked = self._walked.get(name)
+        walked = self._walked.get(c.name)
         if walked is None or walked[0] != c.created or now - walked[1] >= DISK_WALK_TTL:
             walked = (c.created, now, storage.walked_used(cdir))
-            self._walked[name] = walked
+            self._walked[c.name] = walked
         return walked[2]
+
+    def report(self, name: str) -> Report:
+        """State, uptime, usage and disk of a container, each file read once and no program
+        run: `hostctl status` asks this of every tenant, during start storms too."""
+        c = self.get(name)
+        st = self.runc.state(name) or RuncState("stopped", 0)
+        uptime = None
+        if st.started:
+            uptime = max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - st.started / CLK_TCK)
+        return Report(
+            ContainerState(c, st.status, st.pid),
+            uptime,
+            self._usage(name) if st.status == "running" else None,
+            self._disk_used(c),
+        )
 
     # -- images --------------------------------------------------------------------------------
 
@@ -633,10 +652,8 @@ class Runtime:
 
     def state(self, name: str) -> ContainerState:
         c = self.get(name)
-        st = self.runc.state(name)
-        if st is None:
-            return ContainerState(c, "stopped", 0)
-        return ContainerState(c, st.status, st.pid if st.status != "stopped" else 0)
+        st = self.runc.state(name) or RuncState("stopped", 0)
+        return ContainerState(c, st.status, st.pid)
 
     def states(self) -> list[ContainerState]:
         return [self.state(c.name) for c in self.containers()]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime import fsutil
+from runtime.cgroups import Usage
 from runtime.errors import NotFound
 from runtime.ids import IdRange
 from runtime.limits import Limits
@@ -75,6 +76,16 @@ class ContainerState:
     container: Container
     status: str  # stopped | created | running | paused
     pid: int  # host PID of init while running, else 0
+
+
+@dataclass(frozen=True)
+class Report:
+    """What `hostctl status` shows of a container."""
+
+    state: ContainerState
+    uptime: float | None  # seconds since its init started, None when stopped
+    usage: Usage | None  # None unless running
+    disk: int | None  # bytes of its own storage, None if not known
 
 
 @dataclass(frozen=True)

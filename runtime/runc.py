@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # execs imports this module
 class RuncState:
     status: str  # created | running | paused | stopped
     pid: int
+    started: int = 0  # init's start time, clock ticks after boot (0 when stopped)
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,14 @@ class Runc:
         except FileNotFoundError:
             return None
         pid = int(data.get("init_process_pid") or 0)
-        if not pid or _process_start(pid) != data.get("init_process_start"):
+        started = _process_start(pid) if pid else None
+        if started is None or started != data.get("init_process_start"):
             return RuncState("stopped", 0)
         if _frozen(data.get("cgroup_paths") or {}):
-            return RuncState("paused", pid)
+            return RuncState("paused", pid, started)
         if (directory / "exec.fifo").exists():  # removed by `runc start`
-            return RuncState("created", pid)
-        return RuncState("running", pid)
+            return RuncState("created", pid, started)
+        return RuncState("running", pid, started)
 
     def kill(self, cid: str, signal: int, all_processes: bool = False) -> None:
         argv = [*self._base(), "kill", *(["--all"] if all_processes else []), cid, str(signal)]

@@ -25,7 +25,7 @@ from runtime.ids import IdRange
 from runtime.limits import Limits
 from runtime.netplan import Forward, NetworkConfig
 from runtime.proc import Result
-from runtime.records import Container, ContainerState, Rebased
+from runtime.records import Container, ContainerState, Rebased, Report
 from runtime.settings import RootfsMode
 from runtime.shares import Share
 from runtime.snapshot import ImportedVolume, VolumeSnapshot
@@ -307,12 +307,12 @@ class FakeRuntime:
         live = {key: key == "disk" or box.status == "running" for key in changed}
         return {key: "now" if now else "at next start" for key, now in live.items()}
 
-    def usage(self, name: str) -> Usage | None:
-        return Usage(64 << 20, 1.5, 12) if self._box(name).status == "running" else None
-
-    def disk_used(self, name: str) -> int:
-        self._box(name)
-        return 11 << 20
+    def report(self, name: str) -> Report:
+        st = self.state(name)
+        running = st.status == "running"
+        return Report(
+            st, 42.0 if st.pid else None, Usage(64 << 20, 1.5, 12) if running else None, 11 << 20
+        )
 
     def network_config(self) -> NetworkConfig:
         return self.network

@@ -91,10 +91,11 @@ def _start_of(pid: int) -> int:
 def test_state_of_a_live_init_without_starting_runc(tmp_path: Path) -> None:
     runc = fake_runc(tmp_path, "exit 99")  # never run
     me = os.getpid()
-    created = _state_json(runc, "alice", me, _start_of(me))
-    assert runc.state("alice") == RuncState("running", me)
+    started = _start_of(me)
+    created = _state_json(runc, "alice", me, started)
+    assert runc.state("alice") == RuncState("running", me, started)
     (created / "exec.fifo").touch()  # `runc create` done, `runc start` not yet
-    assert runc.state("alice") == RuncState("created", me)
+    assert runc.state("alice") == RuncState("created", me, started)
     assert runc.state("bob") is None
 
 
@@ -130,9 +131,9 @@ def test_state_is_paused_when_frozen(
     cgroup.mkdir()
     _state_json(runc, "alice", me, _start_of(me), cgroup_paths={controller: str(cgroup)})
     (cgroup / file).write_text(frozen + "\n")
-    assert runc.state("alice") == RuncState("paused", me)
+    assert runc.state("alice") == RuncState("paused", me, _start_of(me))
     (cgroup / file).write_text("THAWED\n" if controller else "0\n")
-    assert runc.state("alice") == RuncState("running", me)
+    assert runc.state("alice") == RuncState("running", me, _start_of(me))
 
 
 # -- exec_argv -------------------------------------------------------------------------------

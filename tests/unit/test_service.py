@@ -88,6 +88,9 @@ class FakeTenants:
         uptime, cpu = 148.97000000000003, 0.30000000000000004
         return TenantStatus(user, "running", uptime, 5, cpu, 7, 9, QUOTA, t.range_start, t.image)
 
+    def statuses(self, user: str | None = None) -> list[TenantStatus]:
+        return [self.status(u) for u in ([user] if user else sorted(self.tenants))]
+
     def address(self, user: str) -> str:
         return "10.231.64.2"
 

@@ -612,6 +612,28 @@ def test_status_of_a_stopped_a_running_and_a_half_added_tenant(
     assert tenants.status("alice").state == "adding"
 
 
+def test_status_of_all_reads_each_tenants_own_records(host: Host, tenants: Tenants) -> None:
+    """One statement reads every tenant's quota, failure and dormancy: none gets another's.
+    A container deleted since that read (a removal) is left out of the list."""
+    for user, pids in (("alice", 100), ("bob", 200), ("carol", 300)):
+        tenants.add(host.user(user), quota=Limits(pids=pids))
+    host.state.set_failure("bob", "it broke")
+    host.state.set_dormant("carol", "2026-11-01T00:00:00+00:00")
+    got = [(s.user, s.state, s.quota.pids, s.reason) for s in tenants.statuses()]
+    assert got == [
+        ("alice", "stopped", 100, None),
+        ("bob", "failed", 200, "it broke"),
+        ("carol", "stopped", 300, "idle since 2026-11-01T00:00:00+00:00; starts at the next login"),
+    ]
+    assert [s.user for s in tenants.statuses("bob")] == ["bob"]
+    with pytest.raises(NotFound, match="dave is not a tenant"):
+        tenants.statuses("dave")
+    host.rt.delete("bob", force=True)  # as a removal does, after status read the state
+    assert [s.user for s in tenants.statuses()] == ["alice", "carol"]
+    with pytest.raises(NotFound, match="container 'bob' does not exist"):
+        tenants.status("bob")
+
+
 # -- ranges ----------------------------------------------------------------------------------
 
 

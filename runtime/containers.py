@@ -97,8 +97,8 @@ class Runtime:
         )
         self.runc = Runc(settings.runc, settings.state_dir / "runc")
         self.records = Records(settings.state_dir)
-        self.execs = Execs(self.runc, settings.cgroup_parent)
-        self._layout: cgroups.Layout | None = None  # the host's cgroup mounts, read once
+        self.execs = Execs(self.runc, settings.cgroup_parent, self.cgroup_layout)
+        self._layout: cgroups.Layout | None = None
         # name: (its creation, when, bytes) of the last disk walk of a container
         self._walked: dict[str, tuple[str, float, int]] = {}
 
@@ -457,8 +457,7 @@ class Runtime:
         return thawed
 
     def _freezer(self, c: Container) -> cgroups.Freezer:
-        layout = cgroups.detect(mountinfo.current())
-        return cgroups.freezer(layout, self.settings.cgroup_parent, c.name)
+        return cgroups.freezer(self.cgroup_layout(), self.settings.cgroup_parent, c.name)
 
     # -- limits and usage ----------------------------------------------------------------------
 
@@ -526,8 +525,14 @@ class Runtime:
         return limits.cpu_set(os.cpu_count() or 1, zlib.crc32(name.encode()))
 
     def _cgroup_plan(self, c: Container) -> cgroups.CgroupPlan:
-        layout = cgroups.detect(mountinfo.current())
-        return cgroups.plan(layout, self.settings.cgroup_parent, c.name, c.ids.root)
+        return cgroups.plan(self.cgroup_layout(), self.settings.cgroup_parent, c.name, c.ids.root)
+
+    def cgroup_layout(self) -> cgroups.Layout:
+        """The host's cgroup mounts, read once: hierarchies are mounted at boot, not while we
+        run, and /proc/self/mountinfo is long on a host with many tenants."""
+        if self._layout is None:
+            self._layout = cgroups.detect(mountinfo.current())
+        return self._layout
 
     def usage(self, name: str) -> cgroups.Usage | None:
         """Memory, CPU time and tasks used now (None when not running): a few cgroup files,
@@ -535,9 +540,7 @@ class Runtime:
         return self._usage(name) if self.state(name).status == "running" else None
 
     def _usage(self, name: str) -> cgroups.Usage:
-        if self._layout is None:  # cgroup hierarchies are mounted at boot, not while we run
-            self._layout = cgroups.detect(mountinfo.current())
-        return cgroups.usage(self._layout, self.settings.cgroup_parent, name)
+        return cgroups.usage(self.cgroup_layout(), self.settings.cgroup_parent, name)
 
     def disk_used(self, name: str) -> int | None:
         """Bytes of the container's own storage (upper layer, Docker data, shifted copy): of

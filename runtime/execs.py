@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime import cgroups, mountinfo, proc, ttyexec
+from runtime import cgroups, proc, ttyexec
 from runtime.names import check_name
 from runtime.runc import Runc
 from runtime.spec import exec_process
@@ -38,9 +38,10 @@ class ExecSpec:
 
 
 class Execs:
-    def __init__(self, runc: Runc, cgroup_parent: str) -> None:
+    def __init__(self, runc: Runc, cgroup_parent: str, layout: Callable[[], cgroups.Layout]):
         self.runc = runc
         self.cgroup_parent = cgroup_parent
+        self.layout = layout  # the host's cgroup mounts
 
     def run(
         self, name: str, spec: ExecSpec, input: bytes | None, timeout: float, max_output: int
@@ -95,8 +96,7 @@ class Execs:
 
     def _session(self, name: str) -> cgroups.SessionCgroup:
         """The container's session cgroup (made if missing)."""
-        layout = cgroups.detect(mountinfo.current())
-        plan = cgroups.session_plan(layout, self.cgroup_parent, check_name(name))
+        plan = cgroups.session_plan(self.layout(), self.cgroup_parent, check_name(name))
         cgroups.apply_session(plan)
         return plan
 

@@ -15,6 +15,8 @@ class Mount:
 
 def _unescape(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    if "\\" not in field:  # nearly every field: a host with many tenants has many mounts
+        return field
     out, i = [], 0
     while i < len(field):
         code = field[i + 1 : i + 4]

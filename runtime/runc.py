@@ -7,7 +7,7 @@ import os
 import re
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,10 +25,18 @@ class RuncState:
     started: int = 0  # init's start time, clock ticks after boot (0 when stopped)
 
 
+# init's PID and start time, and the cgroup paths, as state.json records them
+_Saved = tuple[int, object, dict[str, str]]
+
+
 @dataclass(frozen=True)
 class Runc:
     binary: str
     root: Path  # runc's own state directory, private to this runtime
+    # container: (state.json's inode, size, mtime and ctime; what it says)
+    _parsed: dict[str, tuple[tuple[int, ...], _Saved]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def base_argv(self) -> list[str]:
         return self._base()
@@ -69,20 +77,45 @@ class Runc:
         says, read as runc 1.1 derives it (libcontainer's runType and isPaused) from its
         state.json, /proc and the freezer, without starting runc (~10-20 ms a time, and every
         session and status asks)."""
-        directory = self.root / cid
-        try:
-            data = json.loads((directory / "state.json").read_bytes())
-        except FileNotFoundError:
+        directory = f"{self.root}/{cid}"
+        saved = self._saved(cid, f"{directory}/state.json")
+        if saved is None:
             return None
-        pid = int(data.get("init_process_pid") or 0)
+        pid, start, cgroup_paths = saved
         started = _process_start(pid) if pid else None
-        if started is None or started != data.get("init_process_start"):
+        if started is None or started != start:
             return RuncState("stopped", 0)
-        if _frozen(data.get("cgroup_paths") or {}):
+        if _frozen(cgroup_paths):
             return RuncState("paused", pid, started)
-        if (directory / "exec.fifo").exists():  # removed by `runc start`
+        if os.path.exists(f"{directory}/exec.fifo"):  # removed by `runc start`
             return RuncState("created", pid, started)
         return RuncState("running", pid, started)
+
+    def _saved(self, cid: str, path: str) -> _Saved | None:
+        """What state.json says of init and the cgroups, parsed again only once runc wrote
+        the file anew (it replaces it whole): it is ~16 KB of JSON, and `hostctl status`
+        asks it of every tenant."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self._parsed.pop(cid, None)
+            return None
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        known = self._parsed.get(cid)
+        if known is not None and known[0] == key:
+            return known[1]
+        try:
+            with open(path, "rb") as f:
+                data = json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        saved = (
+            int(data.get("init_process_pid") or 0),
+            data.get("init_process_start"),
+            data.get("cgroup_paths") or {},
+        )
+        self._parsed[cid] = (key, saved)  # a file replaced meanwhile has another key: parsed again
+        return saved
 
     def kill(self, cid: str, signal: int, all_processes: bool = False) -> None:
         argv = [*self._base(), "kill", *(["--all"] if all_processes else []), cid, str(signal)]
@@ -164,15 +197,16 @@ def _process_start(pid: int) -> int | None:
 def _frozen(cgroup_paths: dict[str, str]) -> bool:
     """Whether the container's cgroup is frozen: the v1 freezer, or v2's one unified path."""
     if cgroup_paths.get("freezer"):
-        return _read(Path(cgroup_paths["freezer"], "freezer.state")) == "FROZEN"
+        return _read(f"{cgroup_paths['freezer']}/freezer.state") == "FROZEN"
     if cgroup_paths.get(""):
-        return _read(Path(cgroup_paths[""], "cgroup.freeze")) == "1"
+        return _read(f"{cgroup_paths['']}/cgroup.freeze") == "1"
     return False
 
 
-def _read(path: Path) -> str:
+def _read(path: str | Path) -> str:
     try:
-        return path.read_text().strip()
+        with open(path) as f:
+            return f.read().strip()
     except OSError:
         return ""
 

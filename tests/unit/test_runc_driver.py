@@ -7,9 +7,11 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+import runtime.runc
 from runtime.errors import RuntimeFailure
 from runtime.execs import ExecSpec
 from runtime.runc import Runc, RuncState, _runc_error
@@ -97,6 +99,29 @@ def test_state_of_a_live_init_without_starting_runc(tmp_path: Path) -> None:
     (created / "exec.fifo").touch()  # `runc create` done, `runc start` not yet
     assert runc.state("alice") == RuncState("created", me, started)
     assert runc.state("bob") is None
+
+
+def test_state_json_is_parsed_again_only_once_runc_replaced_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runc = fake_runc(tmp_path, "exit 99")
+    me = os.getpid()
+    started = _start_of(me)
+    directory = _state_json(runc, "alice", me, started)
+    parses: list[bytes] = []
+    counting = SimpleNamespace(loads=lambda b: parses.append(b) or json.loads(b))
+    monkeypatch.setattr(runtime.runc, "json", counting)
+    for _ in range(3):
+        assert runc.state("alice") == RuncState("running", me, started)
+    assert len(parses) == 1
+    # runc writes a new file and renames it over the old one: a restart's new init
+    new = directory / "state.json.new"
+    new.write_text(json.dumps({"init_process_pid": me, "init_process_start": started - 1}))
+    new.rename(directory / "state.json")
+    assert runc.state("alice") == RuncState("stopped", 0)
+    assert len(parses) == 2
+    (directory / "state.json").unlink()
+    assert runc.state("alice") is None
 
 
 def test_state_is_stopped_when_init_is_gone_reused_or_a_zombie(tmp_path: Path) -> None:

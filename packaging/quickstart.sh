@@ -24,7 +24,9 @@ if [ -d /run/systemd/system ]; then  # systemd is PID 1: the package started hos
   systemctl is-active --quiet hostd || systemctl start hostd
 elif ! hostctl status >/dev/null 2>&1; then
   echo "no systemd here: starting hostd in the background (log: /var/log/hostd.log)"
-  nohup hostd >>/var/log/hostd.log 2>&1 &
+  # a session of its own, as systemd gives a service: with the kernel's autogroup scheduling,
+  # hostd then shares its CPU weight with nothing else started from this shell
+  setsid nohup hostd >>/var/log/hostd.log 2>&1 </dev/null &
 fi
 for _ in $(seq 100); do hostctl status >/dev/null 2>&1 && break; sleep 0.1; done
 hostctl status >/dev/null

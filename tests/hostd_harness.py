@@ -80,12 +80,16 @@ class Hostd:
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                # as the quickstart starts it (`nohup hostd &`): SIGHUP and SIGQUIT ignored
+                # as the quickstart starts it (`setsid nohup hostd &`): SIGHUP and SIGQUIT
+                # ignored, and a session of its own, as systemd gives each service (the
+                # kernel's autogroup scheduling then weighs hostd apart from what the tests
+                # and benchmarks start)
                 ["sh", "-c", 'trap "" HUP QUIT; exec "$@"', "hostd"]
                 + [sys.executable, "-m", "hostd.daemon", "--config", str(self.config)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                start_new_session=True,
             )
         wait_for(lambda: self._running() and self._answers(), 60, "hostd's admin socket")
         if reconciled:  # reconcile may start every tenant

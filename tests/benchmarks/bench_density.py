@@ -192,8 +192,11 @@ def reconcile(h: Hostd) -> float:
     return time.perf_counter() - t0
 
 
+ASK_EVERY = 0.25  # s between the starts of two status requests: an admin's `watch`, not a flood
+
+
 class StatusPoller:
-    """A status request over and over in a thread until stopped: its latencies."""
+    """A status request every ASK_EVERY seconds in a thread until stopped: its latencies."""
 
     def __init__(self, ask: Callable[[], object]) -> None:
         self.ask = ask
@@ -205,6 +208,7 @@ class StatusPoller:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.times.append(timed(self.ask))
+            self._stop.wait(max(0.0, ASK_EVERY - self.times[-1]))  # the period, or stopped
 
     def stop(self) -> list[float]:
         self._stop.set()
@@ -213,22 +217,27 @@ class StatusPoller:
 
 
 class StatusProbe:
-    """hostd's answer to status, asked over and over by a process of its own (in a thread of
-    this one, the storm's hundred threads would time their own interpreter too): its
-    latencies."""
+    """hostd's answer to status, asked every ASK_EVERY seconds by a process of its own (in a
+    thread of this one, the storm's hundred threads would time their own interpreter too):
+    its latencies."""
 
     SCRIPT = (
         "import sys, time\n"
         "from hostd.client import call\n"
+        "every = float(sys.argv[2])\n"
         "while True:\n"
         "    t = time.perf_counter()\n"
         "    call(sys.argv[1], 'status', {})\n"
-        "    print(time.perf_counter() - t, flush=True)\n"
+        "    took = time.perf_counter() - t\n"
+        "    print(took, flush=True)\n"
+        "    time.sleep(max(0.0, every - took))  # the sampling period\n"
     )
 
     def __init__(self, socket: Path) -> None:
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", self.SCRIPT, str(socket)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", self.SCRIPT, str(socket), str(ASK_EVERY)],
+            stdout=subprocess.PIPE,
+            text=True,
         )
 
     def stop(self) -> list[float]:

@@ -330,7 +330,8 @@ class Tenants:
             else:
                 with self.starts.slot(t.user, progress):  # a boot burns CPU: K at once
                     progress("starting the container")
-                    if self.apply_network():  # the bridge was gone: deleted by hand, say
+                    if not self.runtime.bridge_present():  # deleted by hand, say
+                        self.apply_network()
                         for line in self._reattach():
                             log.warning("%s", line)
                     self._ready(t, self.runtime.start(t.user).pid, progress)

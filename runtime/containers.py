@@ -626,6 +626,9 @@ class Runtime:
         True when the bridge had to be created."""
         return network.setup_host(self.network_config(), forwards)
 
+    def bridge_present(self) -> bool:
+        return network.bridge_present(self.network_config())
+
     def ensure_attached(self, name: str) -> bool:
         """Re-attach a running container whose veth is gone or off the bridge (after the
         bridge was re-created, say). True when it had to."""

@@ -70,6 +70,15 @@ def _index(ipr: Any, ifname: str) -> int | None:
     return int(found[0]) if found else None
 
 
+def bridge_present(cfg: NetworkConfig) -> bool:
+    """Whether the bridge exists: one ioctl, where setup_host re-applies the nft table."""
+    try:
+        socket.if_nametoindex(cfg.bridge)
+    except OSError:
+        return False
+    return True
+
+
 def setup_host(cfg: NetworkConfig, forwards: Sequence[Forward] = ()) -> bool:
     """Bridge up with its address, nft table (re)applied, forwarding on. Idempotent: call it
     again with the new forwards whenever they change; attached containers are not disturbed.

@@ -323,6 +323,9 @@ class FakeRuntime:
         created, self.bridge_up = not self.bridge_up, True
         return created
 
+    def bridge_present(self) -> bool:
+        return self.bridge_up
+
     def unattached(self, names: Iterable[str]) -> list[str]:
         self._step("unattached")
         return [n for n in names if n in self.boxes and n in self.detached]

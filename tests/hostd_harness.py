@@ -138,11 +138,14 @@ class Hostd:
             self.proc.wait(timeout=60)
         self.proc = None
 
+    def hostctl_argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "hostd.hostctl", "--config", str(self.config), *args]
+
     def hostctl(
         self, *args: str, input: bytes | None = None, check: bool = True, user: int | None = None
     ) -> subprocess.CompletedProcess[str]:
         raw = subprocess.run(
-            [sys.executable, "-m", "hostd.hostctl", "--config", str(self.config), *args],
+            self.hostctl_argv(*args),
             input=input or b"",
             capture_output=True,
             timeout=600,

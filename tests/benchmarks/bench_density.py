@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -195,49 +194,33 @@ def reconcile(h: Hostd) -> float:
 ASK_EVERY = 0.25  # s between the starts of two status requests: an admin's `watch`, not a flood
 
 
-class StatusPoller:
-    """A status request every ASK_EVERY seconds in a thread until stopped: its latencies."""
-
-    def __init__(self, ask: Callable[[], object]) -> None:
-        self.ask = ask
-        self.times: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.times.append(timed(self.ask))
-            self._stop.wait(max(0.0, ASK_EVERY - self.times[-1]))  # the period, or stopped
-
-    def stop(self) -> list[float]:
-        self._stop.set()
-        self._thread.join()
-        return self.times
-
-
-class StatusProbe:
-    """hostd's answer to status, asked every ASK_EVERY seconds by a process of its own (in a
-    thread of this one, the storm's hundred threads would time their own interpreter too):
-    its latencies."""
+class StatusSampler:
+    """A status request asked every ASK_EVERY seconds by a process in a session of its own, as
+    from an admin's login (with the kernel's autogroup scheduling, a process in the bench's
+    session shares one CPU weight with its hundreds of `hostctl`): the latencies."""
 
     SCRIPT = (
-        "import sys, time\n"
+        "import subprocess, sys, time\n"
         "from hostd.client import call\n"
-        "every = float(sys.argv[2])\n"
+        "every, argv = float(sys.argv[1]), sys.argv[2:]\n"
         "while True:\n"
         "    t = time.perf_counter()\n"
-        "    call(sys.argv[1], 'status', {})\n"
+        "    if len(argv) == 1:  # hostd's answer alone, on its admin socket\n"
+        "        call(argv[0], 'status', {})\n"
+        "    else:  # the whole command: interpreter, parse, request\n"
+        "        subprocess.run(argv, capture_output=True, check=True)\n"
         "    took = time.perf_counter() - t\n"
         "    print(took, flush=True)\n"
         "    time.sleep(max(0.0, every - took))  # the sampling period\n"
     )
 
-    def __init__(self, socket: Path) -> None:
+    def __init__(self, *ask: str) -> None:
+        """`ask`: hostd's admin socket, or a hostctl command line."""
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", self.SCRIPT, str(socket), str(ASK_EVERY)],
+            [sys.executable, "-c", self.SCRIPT, str(ASK_EVERY), *ask],
             stdout=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
 
     def stop(self) -> list[float]:
@@ -272,8 +255,8 @@ def measure(b: DensityBench) -> list[Row]:
 
     # The whole `hostctl status` (an interpreter starting on a loaded host), and hostd's own
     # answer to the same request sent from here.
-    command = StatusPoller(lambda: b.ctl("status"))
-    answer = StatusProbe(h.admin_socket)
+    command = StatusSampler(*h.hostctl_argv("status"))
+    answer = StatusSampler(str(h.admin_socket))
     parallel(start_and_docker, b.tenants, n)
     storm = time.perf_counter() - t0
     during, answered = command.stop(), answer.stop()

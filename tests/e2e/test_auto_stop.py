@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,8 +48,7 @@ def test_idle_tenants_stop_and_start_again_at_the_next_login(
     # session open (as root inside: no process of a user's account, only the session)
     worker.sh("setsid nohup sleep 3600 </dev/null >/dev/null 2>&1 &")
     session = subprocess.Popen(
-        [sys.executable, "-m", "hostd.hostctl", "--config", str(auto_hostd.config)]
-        + ["exec", watched.user, "--", "sleep", "3600"],
+        auto_hostd.hostctl_argv("exec", watched.user, "--", "sleep", "3600"),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

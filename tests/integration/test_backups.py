@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -161,9 +160,10 @@ def test_hostd_killed_mid_backup_leaves_no_archive_to_restore(
         # 256 MB a backup takes a while to read: time to kill hostd in the middle
         fill = "head -c 256M /dev/urandom > /var/tmp/noise && sync"
         hostd.hostctl("exec", user, "--", "sh", "-c", fill)
-        cmd = [sys.executable, "-m", "hostd.hostctl", "--config", str(hostd.config)]
         client = subprocess.Popen(
-            [*cmd, "backup", "run", user], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            hostd.hostctl_argv("backup", "run", user),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         try:
 

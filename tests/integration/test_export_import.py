@@ -11,7 +11,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,9 +140,8 @@ def test_hostd_killed_during_an_import_is_undone_at_restart(
     fifo = source.archive.parent / "slow.fifo"
     os.mkfifo(fifo)
     data = source.archive.read_bytes()
-    cmd = [sys.executable, "-m", "hostd.hostctl", "--config", str(hostd.config)]
     importer = subprocess.Popen(
-        [*cmd, "user", "import", str(fifo), "--as", other],
+        hostd.hostctl_argv("user", "import", str(fifo), "--as", other),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import select
 import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -71,9 +70,8 @@ def test_admin_requests_waiting_for_a_worker_hear_so(hostd: Hostd, unix_users: U
                 hostd.hostctl("user", "add", user)
             hostd.hostctl("start", busy)
             with busy_admin_workers(hostd, busy, 1):
-                argv = [sys.executable, "-m", "hostd.hostctl", "--config", str(hostd.config)]
                 start = subprocess.Popen(
-                    [*argv, "start", waiting], stderr=subprocess.PIPE, text=True
+                    hostd.hostctl_argv("start", waiting), stderr=subprocess.PIPE, text=True
                 )
                 started.append(start)
                 assert start.stderr is not None

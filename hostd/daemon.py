@@ -28,7 +28,7 @@ from hostd.apiserver import Door, Refused, Request, Workers, read_request, refus
 from hostd.gateway import Gateway
 from hostd.idle import AutoStopper
 from hostd.notify import notify, watchdog_interval
-from hostd.priority import favour_this_thread
+from hostd.priority import favour_this_session, favour_this_thread
 from hostd.service import PARALLEL_TRANSFERS, QUICK_OPS, TRANSFER_OPS, Service
 from hostd.sessions import Sessions
 from hostd.startqueue import ordinal
@@ -412,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.hold_tenants:
             return hold_tenants()
         daemon = Daemon(config_mod.load(args.config))
+        favour_this_session()
         favour_this_thread()  # the event loop's: it reads every request
         asyncio.run(daemon.run())
     except RuntimeFailure as exc:

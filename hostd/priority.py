@@ -12,6 +12,7 @@ from collections.abc import Iterator
 log = logging.getLogger(__name__)
 
 NICE = -5  # a weight of 3121 against a nice-0 task's 1024
+AUTOGROUP = "/proc/self/autogroup"
 
 
 def favour_this_thread() -> None:
@@ -23,6 +24,21 @@ def favour_this_thread() -> None:
         os.setpriority(os.PRIO_PROCESS, 0, NICE)  # 0: this thread (Linux nice is per thread)
     except PermissionError as exc:
         log.debug("hostd's own priority left as it is: %s", exc)
+
+
+def favour_this_session() -> None:
+    """Where the kernel schedules each session as one group (autogroup: processes outside any
+    CPU cgroup, as on a host without systemd), a thread's nice counts only within its
+    session; hostd's session as a whole then gets weight NICE against the others' (an
+    admin's login, a start storm's clients). Only for a session of hostd's own (systemd's, or
+    `setsid hostd`), never its caller's shell. Best effort, as above."""
+    if os.getsid(0) != os.getpid():
+        return
+    try:
+        with open(AUTOGROUP, "w") as f:
+            f.write(str(NICE))
+    except OSError as exc:  # no autogroup in this kernel, or no CAP_SYS_NICE
+        log.debug("hostd's session's priority left as it is: %s", exc)
 
 
 @contextlib.contextmanager

@@ -1,10 +1,12 @@
 """hostd answers ahead of the tenants' programs (its event loop and status workers run at nice
-hostd.priority.NICE), and no program of a tenant inherits that: whatever hostd starts runs at
-nice 0, over SSH, `hostctl exec` and the container's own init alike."""
+hostd.priority.NICE, and so does its session's autogroup), and no program of a tenant inherits
+that: whatever hostd starts runs at nice 0 outside hostd's session, over SSH, `hostctl exec`
+and the container's own init alike."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 from hostd.priority import NICE
@@ -32,15 +34,44 @@ def test_hostd_is_favoured_and_tenants_programs_are_not(
         nices = [_nice((t / "stat").read_text()) for t in tasks.iterdir()]
         assert _nice(Path(f"/proc/{hostd.proc.pid}/stat").read_text()) == NICE
         assert nices.count(NICE) >= 2, f"the event loop and a status worker: {nices}"
+        ours = Path(f"/proc/{hostd.proc.pid}/autogroup").read_text().split()
+        assert ours[-1] == str(NICE), ours
+        show = "cat /proc/self/stat /proc/1/stat /proc/self/autogroup /proc/1/autogroup"
         over_ssh = subprocess.run(
-            [*ssh_argv(hostd.ssh_port, key, user), "cat /proc/self/stat /proc/1/stat"],
+            [*ssh_argv(hostd.ssh_port, key, user), show],
             capture_output=True,
             text=True,
             timeout=60,
             check=True,
         ).stdout
-        by_exec = hostd.hostctl("exec", user, "--", "cat", "/proc/self/stat").stdout
-        for line in [*over_ssh.splitlines(), by_exec]:
-            assert _nice(line) == 0, f"a tenant's program runs at another nice: {line}"
+        by_exec = hostd.hostctl("exec", user, "--", "sh", "-c", show)
+        lines = [*over_ssh.splitlines(), *by_exec.stdout.splitlines()]
+        assert sum(line.startswith("/autogroup-") for line in lines) == 4, lines
+        for line in lines:
+            if line.startswith("/autogroup-"):  # "/autogroup-ID nice N"
+                group = line.split()
+                assert group[0] != ours[0], f"a tenant's program is in hostd's session: {line}"
+                assert group[-1] == "0", f"a tenant's program is favoured: {line}"
+            else:
+                assert _nice(line) == 0, f"a tenant's program runs at another nice: {line}"
     finally:
         hostd.hostctl("user", "remove", user)
+
+
+def test_only_a_session_of_hostds_own_is_favoured() -> None:
+    """`hostd &` from an admin's shell must not favour that shell's whole session."""
+    favour = (
+        "from hostd.priority import favour_this_session\n"
+        "favour_this_session()\n"
+        "print(open('/proc/self/autogroup').read().split()[-1])\n"
+    )
+    callers = Path("/proc/self/autogroup").read_text().split()[-1]
+    for own_session, nice in ((False, callers), (True, str(NICE))):
+        out = subprocess.run(
+            [sys.executable, "-c", favour],
+            capture_output=True,
+            text=True,
+            check=True,
+            start_new_session=own_session,
+        ).stdout
+        assert out.strip() == nice, f"own session {own_session}: nice {out.strip()}"

@@ -10,6 +10,8 @@ Definitions (the figures printed, each the median of --runs rounds, with its par
 - reconcile: hostd killed (-9, its tenants keep running) and started again with --tenants
   running, from its start until it logs the end of its reconcile. Goal 2 s for 100 tenants
   (bench_density measures that N; here a few).
+- reference: `python -c pass`, the interpreter each hostctl starts (three in the cold path),
+  to compare runs on days when the machine is faster or slower (it varied 20-34 ms here).
 
     sudo .venv/bin/python -m tests.benchmarks.bench_fastpaths [--runs 5] [--tenants 3]
         [--state-dir DIR] [--markdown]
@@ -125,6 +127,7 @@ def measure(b: FastBench, runs: int) -> list[Row]:
         b.ctl("user", "add", u)
         b.ctl("start", u)
     recon = [reconcile(b.hostd) for _ in range(max(1, runs // 2))]
+    interpreter = [timed(lambda: subprocess.run([sys.executable, "-c", "pass"])) for _ in range(9)]
 
     def col(key: str) -> list[float]:
         return [r[key] for r in rounds]
@@ -137,6 +140,7 @@ def measure(b: FastBench, runs: int) -> list[Row]:
         _row("cold SSH login (gateway, `ssh U true`)", col("login"), GOALS["login"]),
         _row("hostctl user remove of a running tenant", col("remove"), GOALS["remove"]),
         _row(f"reconcile after kill -9, {b.n} running", recon, None),
+        _row("reference: the interpreter alone (`python -c pass`)", interpreter, None),
     ]
 
 

@@ -8,7 +8,7 @@ the account check, runc exec).
     sudo .venv/bin/python -m tests.benchmarks.bench_hostctl [--runs 30] [--state-dir DIR]
 
 hostctl runs as its console script does, from this checkout, with bytecode cached in a temp
-dir (PYTHONDONTWRITEBYTECODE would make every run compile every module). It starts its own
+dir (bench_ssh.cache_bytecode). It starts its own
 hostd (the setup of bench_ssh: temp config and subuid files, a bridge and nft table of its own)
 with one tenant, started, and removes all of it at the end. Without --state-dir it builds the
 default image in a fresh directory first (about a minute).
@@ -55,9 +55,9 @@ def _rounds(runs: int, once: Callable[[], object]) -> list[float]:
     return times
 
 
-def _command(argv: list[str], env: dict[str, str]) -> Callable[[], object]:
+def _command(argv: list[str]) -> Callable[[], object]:
     def once() -> None:
-        subprocess.run(argv, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(argv, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
     return once
 
@@ -66,28 +66,26 @@ def _p95(times: list[float]) -> float:
     return statistics.quantiles(times, n=20)[-1] if len(times) > 1 else times[0]
 
 
-def measure(b: Bench, runs: int, cache: Path) -> None:
+def measure(b: Bench, runs: int) -> None:
     h = b.hostd
     h.hostctl("user", "add", b.user)
     h.hostctl("start", b.user)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = str(cache)
     hostctl = [sys.executable, "-c", HOSTCTL, "--config", str(h.config)]
     stdio = [os.open(os.devnull, os.O_RDWR) for _ in range(3)]
     exec_args = {"user": b.user, "argv": ["true"]}  # a dict: also what hostctl sent before
     rows: list[tuple[str, list[float], float | None]] = [
         (
             "python -c pass (the floor)",
-            _rounds(runs, _command([sys.executable, "-c", ""], env)),
+            _rounds(runs, _command([sys.executable, "-c", ""])),
             None,
         ),
-        ("hostctl --help", _rounds(runs, _command([*hostctl, "--help"], env)), 0.050),
+        ("hostctl --help", _rounds(runs, _command([*hostctl, "--help"])), 0.050),
         (
             "hostctl exec USER -- true",
-            _rounds(runs, _command([*hostctl, "exec", b.user, "--", "true"], env)),
+            _rounds(runs, _command([*hostctl, "exec", b.user, "--", "true"])),
             0.100,
         ),
-        ("hostctl status USER", _rounds(runs, _command([*hostctl, "status", b.user], env)), None),
+        ("hostctl status USER", _rounds(runs, _command([*hostctl, "status", b.user])), None),
         (
             "exec request in-process (hostd's side)",
             _rounds(runs, lambda: call(h.admin_socket, "exec", exec_args, stdio)),
@@ -116,7 +114,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hostd-bench-hostctl-"))
     try:
         with state_with_default_image(args.state_dir) as state, HostctlBench(work, state) as b:
-            measure(b, args.runs, work / "pycache")
+            measure(b, args.runs)
     finally:
         fsutil.remove_tree(work)
 

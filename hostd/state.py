@@ -255,7 +255,7 @@ class State:
     def _change_one(self, user: str, sql: str, params: tuple[object, ...]) -> None:
         with self._write() as db:
             if db.execute(sql, params).rowcount == 0:
-                raise _not_a_tenant(user)
+                raise not_a_tenant(user)
 
     def begin_add(self, tenant: Tenant, quota: Limits) -> None:
         """Record a tenant being added (phase 'adding') with its quota, both or neither."""
@@ -298,7 +298,7 @@ class State:
         with self._write() as db:
             sql = "UPDATE tenants SET desired = ? WHERE user = ?"
             if db.execute(sql, (desired, user)).rowcount == 0:
-                raise _not_a_tenant(user)
+                raise not_a_tenant(user)
             db.execute("DELETE FROM dormant WHERE user = ?", (user,))
 
     # -- auto-stop -------------------------------------------------------------------------
@@ -307,7 +307,7 @@ class State:
         """The tenant's own idle time before auto-stop (seconds, 0: never); None: the default."""
         with self._write() as db:
             if not db.execute("SELECT 1 FROM tenants WHERE user = ?", (user,)).fetchone():
-                raise _not_a_tenant(user)
+                raise not_a_tenant(user)
             db.execute("DELETE FROM auto_stop WHERE user = ?", (user,))
             if after is not None:
                 db.execute("INSERT INTO auto_stop (user, after) VALUES (?, ?)", (user, after))
@@ -323,7 +323,7 @@ class State:
         with self._write() as db:
             sql = "UPDATE tenants SET desired = 'stopped' WHERE user = ?"
             if db.execute(sql, (user,)).rowcount == 0:
-                raise _not_a_tenant(user)
+                raise not_a_tenant(user)
             db.execute(
                 "INSERT OR REPLACE INTO dormant (user, idle_since, at) VALUES (?, ?, ?)",
                 (user, idle_since, utc_now()),
@@ -361,7 +361,7 @@ class State:
         with self._write() as db:
             row = db.execute("SELECT range_start FROM tenants WHERE user = ?", (user,)).fetchone()
             if row is None:
-                raise _not_a_tenant(user)
+                raise not_a_tenant(user)
             db.execute("DELETE FROM tenants WHERE user = ?", (user,))
             if range_to == "free":
                 db.execute("DELETE FROM ranges WHERE start = ? AND user = ?", (row[0], user))
@@ -468,13 +468,13 @@ class State:
                 (user,),
             ).fetchone()
         if row is None:
-            raise _not_a_tenant(user)
+            raise not_a_tenant(user)
         return Limits(*row)
 
     def set_quota(self, user: str, quota: Limits) -> None:
         with self._write() as db:
             if not db.execute("SELECT 1 FROM tenants WHERE user = ?", (user,)).fetchone():
-                raise _not_a_tenant(user)
+                raise not_a_tenant(user)
             db.execute(
                 "INSERT OR REPLACE INTO quotas (user, cpus, memory, pids, disk)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -493,7 +493,7 @@ class State:
             if row:
                 return int(row[0])
             if not db.execute("SELECT 1 FROM tenants WHERE user = ?", (user,)).fetchone():
-                raise _not_a_tenant(user)
+                raise not_a_tenant(user)
             used = {int(r[0]) for r in db.execute("SELECT idx FROM addresses")} | set(exclude)
             if prefer is not None and prefer not in used:
                 idx = prefer
@@ -513,7 +513,7 @@ class State:
         with self._write() as db:
             row = db.execute("SELECT phase FROM tenants WHERE user = ?", (user,)).fetchone()
             if not row:
-                raise _not_a_tenant(user)
+                raise not_a_tenant(user)
             if row[0] != "ready":
                 raise Busy(f"{user} is being set up or removed ({row[0]})", "try again in a minute")
             clash = db.execute(
@@ -622,5 +622,5 @@ def _range_in_use(r: IdRangeRecord) -> Conflict:
     )
 
 
-def _not_a_tenant(user: str) -> NotFound:
-    return NotFound(f"user {user} is not a tenant", "check the name, or add the user first")
+def not_a_tenant(user: str) -> NotFound:
+    return NotFound(f"{user} is not a tenant", f"add them with `hostctl user add {user}`")

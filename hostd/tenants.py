@@ -39,7 +39,7 @@ from hostd.errors import HostdError
 from hostd.inneraccounts import Account, InnerAccounts, ReadFile, inner_id
 from hostd.ranges import GetPwNam, Ranges
 from hostd.startqueue import StartQueue
-from hostd.state import IdRangeRecord, State, Tenant, utc_now
+from hostd.state import IdRangeRecord, State, Tenant, not_a_tenant, utc_now
 from hostd.status import TenantStatus, tenant_status
 from hostd.subids import SubIdFiles
 from runtime import inside
@@ -116,7 +116,7 @@ class Tenants:
     def get(self, user: str) -> Tenant:
         tenant = self.state.tenant(user)
         if tenant is None:
-            raise _not_a_tenant(user)
+            raise not_a_tenant(user)
         return tenant
 
     def _unix_account(self, user: str) -> pwd.struct_passwd:
@@ -559,7 +559,7 @@ class Tenants:
         files, no lock taken (the start queue's snapshot says who waits)."""
         records = self.state.records(user)
         if user is not None and not records:
-            raise _not_a_tenant(user)
+            raise not_a_tenant(user)
         place = self.starts.view
         statuses = []
         for record in records:
@@ -648,7 +648,3 @@ def _set_aside_warning(t: Tenant, done: Rebased) -> str:
     if done.packages:
         text += f"; packages to reinstall: {' '.join(done.packages)}"
     return text
-
-
-def _not_a_tenant(user: str) -> NotFound:
-    return NotFound(f"{user} is not a tenant", f"add them with `hostctl user add {user}`")

@@ -176,7 +176,7 @@ def test_invalid_values_are_programming_errors(db: State, call: object) -> None:
     ],
 )
 def test_unknown_user_is_reported(db: State, call: object) -> None:
-    with pytest.raises(NotFound, match="^user bob is not a tenant: "):
+    with pytest.raises(NotFound, match="^bob is not a tenant: add them with"):
         call(db)  # type: ignore[operator]
 
 

@@ -57,6 +57,9 @@ def test_docker_starts_on_first_use_and_stops_when_idle(
     dev.sh(f"{DOCKER_DOWN} && {SOCKET_LISTENS}")
     load_busybox(dev, busybox_tar)  # the first call starts it
     assert dev.sh("docker run --rm busybox:local echo activated").strip() == "activated"
+    # containerd starts without the `modprobe overlay` a container cannot run (an error each time)
+    journal = dev.sh("sudo journalctl -b -u containerd --no-pager -o cat")
+    assert "/sbin/modprobe" not in journal, journal
     dev.sh(f"sudo iptables -I DOCKER-USER {USER_RULE}")  # the user's own firewall rule
     wait_inside(dev, DOCKER_DOWN, "dockerd and containerd idle-stopped", WHY, timeout=60)
     dev.sh(SOCKET_LISTENS)

@@ -256,8 +256,10 @@ class Machine:
             res.stderr.decode(errors="replace"),
         )  # fmt: skip
         if check:
+            # 255: ssh lost the VM (or never reached it): what its console said shows why
+            lost = f"\nits console:\n{console_tail(self)}" if out.returncode == 255 else ""
             assert out.returncode == 0, (
-                f"in the VM, {script!r} exited {out.returncode}:\n{out.stdout}\n{out.stderr}"
+                f"in the VM, {script!r} exited {out.returncode}:\n{out.stdout}\n{out.stderr}{lost}"
             )
         return out
 

@@ -59,11 +59,11 @@ class Addresses:
     def forwards(self) -> list[Forward]:
         return [Forward(a, b, self.address(u)) for a, b, u in self.state.port_grants()]
 
-    def apply(self) -> bool:
-        """Bridge and nft rules exactly as the state says (when hostd or a container starts,
-        and after every change). True when the bridge had to be created."""
+    def apply(self) -> None:
+        """Bridge and nft rules exactly as the state says (when hostd starts, when a start
+        finds the bridge gone, and after every change)."""
         with self._apply:
-            return self.runtime.setup_network(self.forwards())
+            self.runtime.setup_network(self.forwards())
 
     def reattach(self, users: Iterable[str]) -> list[str]:
         """Put these running tenants' veths back on the bridge where they are off it; what was

@@ -538,8 +538,8 @@ class Tenants:
 
     # -- network, status, ranges: the helpers' work, under Tenants' names --------------------
 
-    def apply_network(self) -> bool:
-        return self.addresses.apply()
+    def apply_network(self) -> None:
+        self.addresses.apply()
 
     def _reattach(self) -> list[str]:
         return self.addresses.reattach(t.user for t in self.state.tenants() if t.phase == "ready")

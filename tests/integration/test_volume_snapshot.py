@@ -105,6 +105,19 @@ def test_a_running_container_is_frozen_for_the_copy_and_runs_after(
     assert list((rt.state_dir / "staging").iterdir()) == []  # no clone left
 
 
+def test_a_container_that_keeps_forking_freezes_every_time(
+    rt: Runtime, make_container: ContainerFactory
+) -> None:
+    """Its writer forks two programs a tick. A v1 freezer asked once could stay FREEZING for
+    good under that (2 freezes in 40 here, and this file's first test in CI once): every
+    snapshot of 40 freezes it now."""
+    name = running_writer(rt, make_container)
+    for _ in range(40):
+        with rt.volume_snapshot(name) as snap:
+            assert snap.consistency == "frozen" and cgroups.is_frozen(freezer(name))
+    assert not cgroups.is_frozen(freezer(name))
+
+
 def test_an_exception_inside_thaws_the_container(
     rt: Runtime, make_container: ContainerFactory
 ) -> None:

@@ -195,7 +195,9 @@ class Ranges:
         """Bring an installation from before the dedicated owner up to date, once, at start:
         create the owner, record ranges of containers kept by `remove --keep-data`, and give
         every recorded range's entries under the user's own name (or uid), which newuidmap
-        would let the user map, to the owner. Idempotent; returns what was done."""
+        would let the user map, to the owner. Then every recorded range has its entries again:
+        a release cut short by a crash (entries gone, record kept) leaves one quarantined
+        without them. Idempotent; returns what was done."""
         done = []
         if ensure_owner(self.owner, min_uid):
             done.append(f"created the locked system account {self.owner} for tenants' ID ranges")
@@ -208,6 +210,11 @@ class Ranges:
                     what = f"IDs {IdRange(r.start)} of {r.user} moved to owner {self.owner}"
                     self.state.log_event(r.user, what)
                     done.append(f"{what} in {self.files.subuid} and {self.files.subgid}")
+                if self.files.add(self.owner, r.start, RANGE_SIZE):
+                    done.append(
+                        f"entered the {r.status} IDs {IdRange(r.start)} of {r.user} again in "
+                        f"{self.files.subuid} and {self.files.subgid}"
+                    )
         return done
 
     def _record_kept(self, containers: Sequence[Container]) -> list[str]:

@@ -161,16 +161,20 @@ class SubIdFiles:
         """Entries of (subuid, subgid); a missing file has none."""
         return parse(_read(self.subuid)), parse(_read(self.subgid))
 
-    def add(self, user: str, start: int, count: int) -> None:
-        """Give `user` the range in both files; an entry already there is left as it is."""
+    def add(self, user: str, start: int, count: int) -> bool:
+        """Give `user` the range in both files; an entry already there is left as it is.
+        True when an entry had to be written."""
         self._check_locked()
         self._check_owner(user)
         entry = SubIdEntry(user, start, count)
+        wrote = False
         for path in (self.subuid, self.subgid):
             text = _read(path)
             if entry not in parse(text):
                 sep = "\n" if text and not text.endswith("\n") else ""
                 _replace(path, f"{text}{sep}{user}:{start}:{count}\n")
+                wrote = True
+        return wrote
 
     def reown(self, start: int, count: int, old: Iterable[str], new: str) -> list[Path]:
         """Give the range's entries of any `old` owner to `new` in both files, each on its own

@@ -191,6 +191,22 @@ def test_an_undone_add_puts_a_reclaimed_range_back_in_quarantine(host: Host) -> 
     assert host.ranges() == {at(2): ("alice", "quarantined")} and files(host) == entries
 
 
+def test_a_release_cut_short_gets_its_entries_back_at_start(host: Host) -> None:
+    """A crash between a release's removal of the entries and the end of its transaction
+    leaves the range quarantined without entries: hostd's next start enters them again."""
+    tenants = host.tenants()
+    tenants.add(host.user("alice", uid=ALICE))
+    tenants.remove("alice")
+    ((start, _),) = host.ranges().items()
+    entries = files(host)
+    with tenants.ranges.locked():
+        tenants.ranges.files.remove(tenants.ranges.owner, start, RANGE_SIZE)
+    assert files(host) != entries and host.ranges() == {start: ("alice", "quarantined")}
+    (done,) = tenants.migrate_ranges()
+    assert done.startswith(f"entered the quarantined IDs {start}-") and files(host) == entries
+    assert tenants.migrate_ranges() == []  # nothing more to do
+
+
 # -- subid ------------------------------------------------------------------------------------
 
 

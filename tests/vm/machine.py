@@ -194,6 +194,7 @@ class Machine:
         self.argv = list(argv)
         self.console = workdir / "console.log"
         self._control = workdir / "ssh.control"
+        self.ssh_log = workdir / "ssh.log"
         self.qemu: subprocess.Popen[bytes] | None = None
 
     def power_on(self) -> float:
@@ -228,16 +229,17 @@ class Machine:
         if self.qemu is not None:
             _kill(self.qemu)
 
-    def ssh_argv(self, *command: str, master: str = "no") -> list[str]:
+    def ssh_argv(self, *command: str, master: str = "no", control: str = "") -> list[str]:
         """ssh as root into the VM; through the shared connection once `open_master` ran
-        (one key exchange under emulation instead of one per command)."""
+        (one key exchange under emulation instead of one per command), or through `control`
+        ("none": a connection of its own). What ssh itself says goes to `ssh_log`."""
         return [
             "ssh", "-p", str(self.port), "-i", str(self.image.key), "-o", "BatchMode=yes",
             "-o", "IdentitiesOnly=yes", "-o", f"HostKeyAlias={HOST_ALIAS}",
             "-o", f"UserKnownHostsFile={self.image.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-            "-o", "ConnectTimeout=30", "-o", "ServerAliveInterval=30", "-o", "LogLevel=ERROR",
-            "-o", f"ControlMaster={master}", "-o", f"ControlPath={self._control}",
-            "root@127.0.0.1", *command,
+            "-o", "ConnectTimeout=30", "-o", "ServerAliveInterval=30", "-o", "LogLevel=INFO",
+            "-E", str(self.ssh_log), "-o", f"ControlMaster={master}",
+            "-o", f"ControlPath={control or self._control}", "root@127.0.0.1", *command,
         ]  # fmt: skip
 
     def run(
@@ -256,8 +258,9 @@ class Machine:
             res.stderr.decode(errors="replace"),
         )  # fmt: skip
         if check:
-            # 255: ssh lost the VM (or never reached it): what its console said shows why
-            lost = f"\nits console:\n{console_tail(self)}" if out.returncode == 255 else ""
+            # 255: ssh lost the VM (or never reached it): what ssh, the console and the VM
+            # itself (over a new connection, if it still answers) say shows why
+            lost = f"\n{self.post_mortem()}" if out.returncode == 255 else ""
             assert out.returncode == 0, (
                 f"in the VM, {script!r} exited {out.returncode}:\n{out.stdout}\n{out.stderr}{lost}"
             )
@@ -266,6 +269,27 @@ class Machine:
     def sh(self, script: str, input: bytes | None = None, timeout: float = 600) -> str:
         """The output of a script that must succeed."""
         return self.run(script, input=input, timeout=timeout).stdout
+
+    def post_mortem(self) -> str:
+        """What ssh logged, the console's last lines and, over a connection of its own, the
+        VM's state: for a command that lost the VM."""
+        script = (
+            "uptime; free -m; systemctl --no-pager --lines=0 status hostd; "
+            "journalctl -b --no-pager -o short-monotonic -n 60; "
+            "ps -eo pid,ni,stat,etime,time,rss,comm --sort=-time | head -15"
+        )
+        try:
+            res = subprocess.run(
+                self.ssh_argv("bash", "-c", _quote(script), control="none"),
+                capture_output=True, timeout=120,
+            )  # fmt: skip
+            state = res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            state = "(no answer within 120 s)"
+        return (
+            f"ssh's log:\n{tail(self.ssh_log, 20)}\nits console:\n{tail(self.console, 40)}\n"
+            f"the VM now:\n{state}"
+        )
 
     def answers(self) -> bool:
         try:
@@ -337,10 +361,14 @@ def _wait_booted(machine: Machine, qemu: subprocess.Popen[bytes]) -> None:
 
 
 def console_tail(machine: Machine, lines: int = 40) -> str:
+    return tail(machine.console, lines)
+
+
+def tail(path: Path, lines: int) -> str:
     with contextlib.suppress(OSError):
-        text = machine.console.read_bytes().decode(errors="replace")
+        text = path.read_bytes().decode(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
-    return "(no console output)"
+    return f"(nothing in {path.name})"
 
 
 def _kill(qemu: subprocess.Popen[bytes]) -> None:

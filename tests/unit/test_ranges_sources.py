@@ -27,7 +27,10 @@ def at(slot: int) -> int:
 
 
 @pytest.fixture
-def host(tmp_path: Path) -> Iterator[Host]:
+def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
+    """The test host; its owner of ranges is taken as existing: a unit test never creates a
+    real account (CI's fresh machine has no hostd-ids when unit tests run)."""
+    monkeypatch.setattr(ranges, "ensure_owner", lambda *_: False)
     h = make_host(tmp_path)
     yield h
     h.state.close()
@@ -218,9 +221,7 @@ def test_subid_takes_the_directorys_range_and_writes_no_entry(host: Host) -> Non
     assert host.registered() == []  # the directory owns it: no hostd-ids entry
 
 
-def test_subid_with_the_files_provider_leaves_the_users_entry_theirs(
-    host: Host, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_subid_with_the_files_provider_leaves_the_users_entry_theirs(host: Host) -> None:
     """With `files`, the directory IS /etc/subuid: alice's own entry is her grant; neither add
     nor the start-up migration moves it to hostd's owner."""
     write(host, f"alice:{at(1)}:{RANGE_SIZE}")
@@ -228,16 +229,13 @@ def test_subid_with_the_files_provider_leaves_the_users_entry_theirs(
     tenants = switch(host, "subid")
     directory(tenants, {"alice": (at(1), RANGE_SIZE)})
     tenants.add(host.user("alice", uid=ALICE))
-    monkeypatch.setattr(ranges, "ensure_owner", lambda *_: False)
     assert tenants.migrate_ranges() == []
     assert files(host) == before
     tenants.remove("alice")
     assert files(host) == before and host.ranges() == {at(1): ("alice", "quarantined")}
 
 
-def test_migration_still_moves_a_range_the_directory_does_not_give(
-    host: Host, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_migration_still_moves_a_range_the_directory_does_not_give(host: Host) -> None:
     """A local-era tenant under her own name (an old hostd) is moved to the owner even with
     source = subid, when the directory gives her another range (or none)."""
     host.tenants().add(host.user("alice", uid=ALICE))
@@ -245,7 +243,6 @@ def test_migration_still_moves_a_range_the_directory_does_not_give(
         (host.root / name).write_text(f"alice:{at(0)}:{RANGE_SIZE}\n")
     tenants = switch(host, "subid")
     directory(tenants, {"alice": (at(3), RANGE_SIZE)})
-    monkeypatch.setattr(ranges, "ensure_owner", lambda *_: False)
     assert len(tenants.migrate_ranges()) == 1
     assert host.registered() == [at(0)]
 

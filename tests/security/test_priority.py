@@ -60,18 +60,21 @@ def test_hostd_is_favoured_and_tenants_programs_are_not(
 
 def test_only_a_session_of_hostds_own_is_favoured() -> None:
     """`hostd &` from an admin's shell must not favour that shell's whole session."""
-    favour = (
+    favour = (  # its log at debug on stderr: why a write was refused, if it was
+        "import logging, os\n"
+        "logging.basicConfig(level=logging.DEBUG)\n"
         "from hostd.priority import favour_this_session\n"
         "favour_this_session()\n"
-        "print(open('/proc/self/autogroup').read().split()[-1])\n"
+        "print(os.getpid(), os.getsid(0), open('/proc/self/autogroup').read().strip())\n"
     )
     callers = Path("/proc/self/autogroup").read_text().split()[-1]
     for own_session, nice in ((False, callers), (True, str(NICE))):
-        out = subprocess.run(
+        res = subprocess.run(
             [sys.executable, "-c", favour],
             capture_output=True,
             text=True,
             check=True,
             start_new_session=own_session,
-        ).stdout
-        assert out.strip() == nice, f"own session {own_session}: nice {out.strip()}"
+        )
+        said = f"own session {own_session}, ours {callers}: {res.stdout.strip()} {res.stderr}"
+        assert res.stdout.split()[-1] == nice, said

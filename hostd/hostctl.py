@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from runtime.errors import RuntimeFailure
 from runtime.output import add_image_commands
@@ -52,42 +52,36 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def _parser() -> Parser:
-    p = Parser(prog="hostctl", description=__doc__)
-    p.set_defaults(json=False)
-    p.add_argument("--config", help="hostd's configuration (/etc/hostd/hostd.toml)")
-    p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _limits(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--cpus", help="hard cap in CPUs, e.g. 1.5")
+    sp.add_argument("--memory", help="e.g. 2G ('none' lifts the limit)")
+    sp.add_argument("--pids", help="most tasks at once, e.g. 2000")
+    sp.add_argument("--disk", help="e.g. 20G")
 
-    def limits(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--cpus", help="hard cap in CPUs, e.g. 1.5")
-        sp.add_argument("--memory", help="e.g. 2G ('none' lifts the limit)")
-        sp.add_argument("--pids", help="most tasks at once, e.g. 2000")
-        sp.add_argument("--disk", help="e.g. 20G")
 
-    def import_options(sp: argparse.ArgumentParser) -> None:
-        """What `user import` and `backup restore` share: they import a chain of archives."""
-        sp.add_argument("--as", dest="as_user", metavar="USER", help="another user of this host")
-        sp.add_argument(
-            "--range",
-            choices=("auto", "keep"),
-            default="auto",
-            help="auto: a new ID range from [subids], files shifted (default); keep: the archive's",
-        )
-        sp.add_argument("--with-home", action="store_true", help="restore the home's files too")
-        sp.add_argument("--no-start", action="store_true", help="leave it stopped")
-
-    add_image_commands(
-        sub.add_parser("image", help="system-container images").add_subparsers(
-            dest="sub", required=True
-        )
+def _import_options(sp: argparse.ArgumentParser) -> None:
+    """What `user import` and `backup restore` share: they import a chain of archives."""
+    sp.add_argument("--as", dest="as_user", metavar="USER", help="another user of this host")
+    sp.add_argument(
+        "--range",
+        choices=("auto", "keep"),
+        default="auto",
+        help="auto: a new ID range from [subids], files shifted (default); keep: the archive's",
     )
+    sp.add_argument("--with-home", action="store_true", help="restore the home's files too")
+    sp.add_argument("--no-start", action="store_true", help="leave it stopped")
 
-    user = sub.add_parser("user", help="tenants").add_subparsers(dest="sub", required=True)
+
+def _image(sp: Parser) -> None:
+    add_image_commands(sp.add_subparsers(dest="sub", required=True))
+
+
+def _user(sp: Parser) -> None:
+    user = sp.add_subparsers(dest="sub", required=True)
     a = user.add_parser("add", help="make a Unix user a tenant")
     a.add_argument("user")
     a.add_argument("--image")
-    limits(a)
+    _limits(a)
     user.add_parser("list", help="every tenant, its state and usage")
     user.add_parser("show", help="one tenant in detail").add_argument("user")
     us = user.add_parser("set", help="change a tenant's settings")
@@ -113,7 +107,7 @@ def _parser() -> Parser:
     ex.add_argument("--force", action="store_true", help="overwrite an existing file")
     im = user.add_parser("import", help="make a tenant from archives of `user export`")
     im.add_argument("files", nargs="+", metavar="FILE", help="a full archive, then incrementals")
-    import_options(im)
+    _import_options(im)
     rm = user.add_parser("remove", help="remove a tenant and its container")
     rm.add_argument("user")
     rm.add_argument("--keep-data", action="store_true", help="keep the container and its IDs")
@@ -133,29 +127,33 @@ def _parser() -> Parser:
     mv.add_argument("--spool", default="/var/tmp", metavar="DIR", help="archives wait here")
     mv.add_argument("--retries", type=int, default=3, help="of a broken transfer (3)")
 
-    quota = sub.add_parser("quota", help="limits").add_subparsers(dest="sub", required=True)
-    q = quota.add_parser("set", help="change a tenant's limits")
-    q.add_argument("user")
-    limits(q)
 
-    ports = sub.add_parser("ports", help="host ports forwarded to tenants").add_subparsers(
-        dest="sub", required=True
+def _quota(sp: Parser) -> None:
+    q = sp.add_subparsers(dest="sub", required=True).add_parser(
+        "set", help="change a tenant's limits"
     )
+    q.add_argument("user")
+    _limits(q)
+
+
+def _ports(sp: Parser) -> None:
+    ports = sp.add_subparsers(dest="sub", required=True)
     for verb in ("grant", "revoke"):
         pg = ports.add_parser(verb, help=f"{verb} host ports (PORT or FIRST-LAST)")
         pg.add_argument("user")
         pg.add_argument("ports")
     ports.add_parser("list", help="every grant")
 
-    ranges = sub.add_parser("ranges", help="subordinate ID ranges: whose, and quarantined ones")
-    ranges_sub = ranges.add_subparsers(dest="sub")  # none: list
-    ranges_sub.add_parser("list", help="every recorded range (the default)")
-    rel = ranges_sub.add_parser("release", help="let a quarantined range be handed out again")
+
+def _ranges(sp: Parser) -> None:
+    ranges = sp.add_subparsers(dest="sub")  # none: list
+    ranges.add_parser("list", help="every recorded range (the default)")
+    rel = ranges.add_parser("release", help="let a quarantined range be handed out again")
     rel.add_argument("start", type=int, help="first ID of the range (see `hostctl ranges`)")
 
-    transfer = sub.add_parser(
-        "transfer", help="archives arriving from `user move` (it runs these over ssh)"
-    ).add_subparsers(dest="sub", required=True)
+
+def _transfer(sp: Parser) -> None:
+    transfer = sp.add_subparsers(dest="sub", required=True)
     transfer.add_parser("offset", help="bytes of an archive staged here").add_argument("id")
     tr = transfer.add_parser("receive", help="stage more of an archive, read from stdin")
     tr.add_argument("id")
@@ -171,36 +169,99 @@ def _parser() -> Parser:
     ti.add_argument("--start", action="store_true", help="start it once imported")
     ti.add_argument("--with-home", action="store_true", help="the home the last archive holds")
     transfer.add_parser("discard", help="remove a staged archive").add_argument("id")
-    backup = sub.add_parser("backup", help="backups into [backup] dir of hostd.toml")
-    backup_sub = backup.add_subparsers(dest="sub", required=True)
-    br = backup_sub.add_parser("run", help="back up tenants now (every one by default)")
+
+
+def _backup(sp: Parser) -> None:
+    backup = sp.add_subparsers(dest="sub", required=True)
+    br = backup.add_parser("run", help="back up tenants now (every one by default)")
     br.add_argument("user", nargs="*", help="only these tenants")
     br.add_argument("--full", action="store_true", help="full archives: start new chains")
-    backup_sub.add_parser("list", help="archives, kind, size, time, chain").add_argument(
+    backup.add_parser("list", help="archives, kind, size, time, chain").add_argument(
         "user", nargs="?"
     )
-    bs = backup_sub.add_parser("restore", help="make a tenant again from its backups")
+    bs = backup.add_parser("restore", help="make a tenant again from its backups")
     bs.add_argument("user")
     bs.add_argument("--at", metavar="TIME", help="from the last backup at or before TIME (UTC)")
-    import_options(bs)
+    _import_options(bs)
 
-    for verb in ("start", "stop", "restart"):
-        sub.add_parser(verb, help=f"{verb} a tenant's container").add_argument("user")
-    st = sub.add_parser("status", help="state and usage against quota")
-    st.add_argument("user", nargs="?")
-    e = sub.add_parser("exec", help="run a command in a tenant's container")
-    e.add_argument("user")
-    e.add_argument("--user", dest="as_user", default="root", help="account inside (root)")
-    e.add_argument("-t", "--tty", action="store_true")
-    e.add_argument("command", nargs="*", help="after `--`")
-    lg = sub.add_parser("logs", help="the container's journal")
-    lg.add_argument("user")
-    lg.add_argument("-n", "--lines", type=int, default=100)
-    lg.add_argument("-f", "--follow", action="store_true")
-    sub.add_parser("doctor", help="check the host")
-    comp = sub.add_parser("completion", help="print a shell completion script")
-    comp.add_argument("shell", choices=("bash",))
+
+def _one_user(sp: Parser) -> None:
+    sp.add_argument("user")
+
+
+def _status(sp: Parser) -> None:
+    sp.add_argument("user", nargs="?")
+
+
+def _exec(sp: Parser) -> None:
+    sp.add_argument("user")
+    sp.add_argument("--user", dest="as_user", default="root", help="account inside (root)")
+    sp.add_argument("-t", "--tty", action="store_true")
+    sp.add_argument("command", nargs="*", help="after `--`")
+
+
+def _logs(sp: Parser) -> None:
+    sp.add_argument("user")
+    sp.add_argument("-n", "--lines", type=int, default=100)
+    sp.add_argument("-f", "--follow", action="store_true")
+
+
+def _nothing(sp: Parser) -> None:
+    pass
+
+
+def _completion(sp: Parser) -> None:
+    sp.add_argument("shell", choices=("bash",))
+
+
+# Every command: its help, and what builds its arguments and subcommands.
+COMMANDS: dict[str, tuple[str, Callable[[Parser], None]]] = {
+    "image": ("system-container images", _image),
+    "user": ("tenants", _user),
+    "quota": ("limits", _quota),
+    "ports": ("host ports forwarded to tenants", _ports),
+    "ranges": ("subordinate ID ranges: whose, and quarantined ones", _ranges),
+    "transfer": ("archives arriving from `user move` (it runs these over ssh)", _transfer),
+    "backup": ("backups into [backup] dir of hostd.toml", _backup),
+    "start": ("start a tenant's container", _one_user),
+    "stop": ("stop a tenant's container", _one_user),
+    "restart": ("restart a tenant's container", _one_user),
+    "status": ("state and usage against quota", _status),
+    "exec": ("run a command in a tenant's container", _exec),
+    "logs": ("the container's journal", _logs),
+    "doctor": ("check the host", _nothing),
+    "completion": ("print a shell completion script", _completion),
+}
+
+
+def _parser(command: str | None = None) -> Parser:
+    """The command line's parser. With `command`, only that command's arguments and
+    subcommands are built, the others named only: what parsing it needs, at a fraction of
+    the cost of the whole tree (--help, usage errors and completion get the whole tree)."""
+    p = Parser(prog="hostctl", description=__doc__)
+    p.set_defaults(json=False)
+    p.add_argument("--config", help="hostd's configuration (/etc/hostd/hostd.toml)")
+    p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, (text, build) in COMMANDS.items():
+        sp = sub.add_parser(name, help=text)
+        if command in (None, name):
+            build(sp)
     return p
+
+
+def _command(words: Sequence[str]) -> str | None:
+    """The command the words name (the first word that is not an option or --config's
+    value), if it is one; None for anything else."""
+    after_config = False
+    for word in words:
+        if after_config:
+            after_config = False
+        elif word == "--config":
+            after_config = True
+        elif not word.startswith("-"):
+            return word if word in COMMANDS and word != "completion" else None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,11 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in words:  # everything after `--` is the command to exec, options included
         cut = words.index("--")
         words, command = words[:cut], words[cut + 1 :]
-    parser = _parser()
+    parser = _parser(_command(words))
     args = parser.parse_args(words)
     if args.cmd == "exec":
         args.command = [*args.command, *command]
-    if args.cmd == "completion":
+    if args.cmd == "completion":  # of the whole tree: _command gave it
         print(completion_bash(parser), end="")
         return 0
     from hostd import ctl  # the protocol and the client: not for --help or usage errors

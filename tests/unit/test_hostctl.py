@@ -418,12 +418,31 @@ def test_every_suggested_command_parses(capfd: pytest.CaptureFixture[str]) -> No
     for where, command in suggested:
         words = [re.sub(r"^[A-Z][A-Z-]*$", "1", w) for w in command.split()]
         try:
-            hostctl._parser().parse_args(words)
+            whole = hostctl._parser().parse_args(words)
         except SystemExit as exc:  # --help exits 0; a usage error 2
             if exc.code != 0:
                 refused.append(f"{where}: `hostctl {command}`")
+            continue
+        # main builds only the named command's branch: it must read the words the same way
+        assert hostctl._parser(hostctl._command(words)).parse_args(words) == whole, command
     capfd.readouterr()
     assert refused == []
+
+
+@pytest.mark.parametrize(
+    ("words", "command"),
+    [
+        (["start", "alice"], "start"),
+        (["--json", "user", "show", "alice"], "user"),
+        (["--config", "user", "start", "alice"], "start"),  # a configuration file named user
+        (["--config=/etc/x.toml", "exec", "alice", "--", "ls"], "exec"),
+        (["completion", "bash"], None),  # the whole tree, to describe it
+        (["--help"], None),
+        (["bogus"], None),
+    ],
+)
+def test_only_the_named_commands_branch_is_built(words: list[str], command: str | None) -> None:
+    assert hostctl._command(words) == command
 
 
 def test_export_writes_a_new_private_file_opened_by_hostctl(

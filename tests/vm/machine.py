@@ -247,8 +247,10 @@ class Machine:
     ) -> subprocess.CompletedProcess[str]:
         """Run a bash script as root in the VM; with `check`, fail the test showing its output
         if it exits non-zero."""
+        # `exit $?` after the script: bash never execs its last command in place, so a
+        # command killed by signal N exits 128 + N here; ssh's own 255 then means a lost VM
         res = subprocess.run(
-            self.ssh_argv("bash", "-c", _quote(script)),
+            self.ssh_argv("bash", "-c", _quote(f"{script}\nexit $?")),
             input=input,
             capture_output=True,
             timeout=timeout,
@@ -258,9 +260,9 @@ class Machine:
             res.stderr.decode(errors="replace"),
         )  # fmt: skip
         if check:
-            # 255: ssh lost the VM (or never reached it): what ssh, the console and the VM
-            # itself (over a new connection, if it still answers) say shows why
-            lost = f"\n{self.post_mortem()}" if out.returncode == 255 else ""
+            # 255: ssh lost the VM (or never reached it); above 128: killed by a signal. What
+            # ssh, the console and the VM itself (over a new connection) say shows why
+            lost = f"\n{self.post_mortem()}" if out.returncode > 128 else ""
             assert out.returncode == 0, (
                 f"in the VM, {script!r} exited {out.returncode}:\n{out.stdout}\n{out.stderr}{lost}"
             )

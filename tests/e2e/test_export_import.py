@@ -86,3 +86,22 @@ def test_export_remove_import_keeps_docker_data_and_files(
     assert show["status"]["quota"]["disk"] == 8 << 30
     assert show["ports"] == [{"first": port, "last": port}]
     assert owned_by_range(hostd.state_dir / "containers" / user, old) == []
+
+
+def test_a_tenant_whose_build_keeps_forking_is_frozen_for_every_export(
+    hostd: Hostd, dev: Login, tmp_path: Path
+) -> None:
+    """A build forks without a pause; each export of the running tenant still freezes it (a
+    cgroup v1 freezer asked once could stay FREEZING for good: Busy) and thaws it after."""
+    loop = "while :; do /bin/true; done"  # /bin/true is busybox's: a fork and exec each time
+    cid = dev.sh(f"docker run -d busybox:local sh -c '{loop}'").strip()
+    try:
+        for i in range(5):
+            archive = tmp_path / f"{i}.hostd"
+            res = hostd.hostctl("user", "export", dev.user, "-o", str(archive))
+            assert "frozen for" in res.stdout, res
+            archive.unlink()
+        state = dev.sh(f"docker inspect -f '{{{{.State.Status}}}}' {cid}").strip()
+        assert state == "running"  # thawed: the build goes on
+    finally:
+        dev.sh(f"docker rm -f {cid} >/dev/null")

@@ -61,6 +61,9 @@ IMAGE_SIZE = "4G"
 MEMORY = "4096"
 CPUS = "2"
 BOOT_TIMEOUT = 600.0  # seconds from qemu's start to sshd answering: generous, emulation is slow
+# The connection counts as lost after 30 s x this without a word from the VM: under emulation
+# on a loaded host, a guest can stall for a minute or more (ssh's default gives up after 90 s)
+ALIVE_COUNT = 10
 HOST_ALIAS = "hostd-vm"  # the name the image's host key is known under, whatever the port
 
 
@@ -237,7 +240,8 @@ class Machine:
             "ssh", "-p", str(self.port), "-i", str(self.image.key), "-o", "BatchMode=yes",
             "-o", "IdentitiesOnly=yes", "-o", f"HostKeyAlias={HOST_ALIAS}",
             "-o", f"UserKnownHostsFile={self.image.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-            "-o", "ConnectTimeout=30", "-o", "ServerAliveInterval=30", "-o", "LogLevel=INFO",
+            "-o", "ConnectTimeout=30", "-o", "ServerAliveInterval=30",
+            "-o", f"ServerAliveCountMax={ALIVE_COUNT}", "-o", "LogLevel=INFO",
             "-E", str(self.ssh_log), "-o", f"ControlMaster={master}",
             "-o", f"ControlPath={control or self._control}", "root@127.0.0.1", *command,
         ]  # fmt: skip

@@ -220,7 +220,7 @@ class Machine:
         try:
             self.qemu.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"the VM did not shut down:\n{console_tail(self)}") from None
+            raise AssertionError(f"the VM did not shut down:\n{tail(self.console)}") from None
         down = time.monotonic() - began
         self.close_ssh()
         return down, self.power_on()
@@ -293,7 +293,7 @@ class Machine:
         except subprocess.TimeoutExpired:
             state = "(no answer within 120 s)"
         return (
-            f"ssh's log:\n{tail(self.ssh_log, 20)}\nits console:\n{tail(self.console, 40)}\n"
+            f"ssh's log:\n{tail(self.ssh_log, 20)}\nits console:\n{tail(self.console)}\n"
             f"the VM now:\n{state}"
         )
 
@@ -354,10 +354,10 @@ def boot(img: Image, disks: Sequence[Disk] = ()) -> Iterator[tuple[Machine, floa
 def _wait_booted(machine: Machine, qemu: subprocess.Popen[bytes]) -> None:
     def up() -> bool:
         if qemu.poll() is not None:
-            raise AssertionError(f"qemu exited {qemu.returncode}:\n{console_tail(machine)}")
+            raise AssertionError(f"qemu exited {qemu.returncode}:\n{tail(machine.console)}")
         return machine.answers()
 
-    wait_for(up, BOOT_TIMEOUT, lambda: f"the VM's sshd:\n{console_tail(machine)}", interval=1)
+    wait_for(up, BOOT_TIMEOUT, lambda: f"the VM's sshd:\n{tail(machine.console)}", interval=1)
     machine.open_master()
     state = machine.run("systemctl is-system-running --wait", check=False, timeout=BOOT_TIMEOUT)
     assert state.stdout.strip() == "running", (
@@ -366,11 +366,8 @@ def _wait_booted(machine: Machine, qemu: subprocess.Popen[bytes]) -> None:
     )
 
 
-def console_tail(machine: Machine, lines: int = 40) -> str:
-    return tail(machine.console, lines)
-
-
-def tail(path: Path, lines: int) -> str:
+def tail(path: Path, lines: int = 40) -> str:
+    """The last lines of a log (the console's, ssh's)."""
     with contextlib.suppress(OSError):
         text = path.read_bytes().decode(errors="replace")
         return "\n".join(text.splitlines()[-lines:])

@@ -23,22 +23,16 @@ from runtime.ids import RANGE_SIZE
 from tests.hostd_harness import Hostd, UnixUsers, other_hostd
 
 REPO = Path(__file__).resolve().parents[2]
-DETERMINISTIC = '[subids]\nsource = "deterministic"\n'
 
 
-@pytest.fixture(scope="module")
-def deterministic(hostd: Hostd) -> Iterator[Hostd]:
-    """The session's hostd with source = deterministic (restarted without it afterwards)."""
-    with hostd.configured("60-range-source", DETERMINISTIC) as h:
-        yield h
-
-
-@pytest.fixture(scope="module")
-def other_host(deterministic: Hostd, busybox_tar: Path) -> Iterator[Hostd]:
-    """A second hostd on this machine, as another server: its own state dir, subuid files,
-    bridge and sockets; the first one's [subids] and [users] settings; a busybox image."""
-    first = config_mod.load(deterministic.config)
-    work = Path(tempfile.mkdtemp(prefix="hostd-it-ranges-", dir="/var/tmp"))
+@contextlib.contextmanager
+def deterministic_host(model: Hostd, tag: str, busybox_tar: Path) -> Iterator[Hostd]:
+    """A hostd on this machine as a server of its own: its own state dir, subuid files, bridge
+    and sockets; source = deterministic with `model`'s [subids] and [users] bounds; a
+    busybox image. Its state is fresh: the session's holds ranges that earlier tests' removed
+    tenants left quarantined, and a formula range may fall on one of them."""
+    first = config_mod.load(model.config)
+    work = Path(tempfile.mkdtemp(prefix=f"hostd-it-ranges-{tag}-", dir="/var/tmp"))
     os.chmod(work, 0o711)
     sections = {
         "runtime": 'default_image = "bb"\n',
@@ -46,11 +40,24 @@ def other_host(deterministic: Hostd, busybox_tar: Path) -> Iterator[Hostd]:
         "users": f"min_uid = {first.users.min_uid}\n",
     }
     try:
-        with other_hostd(work, work / "state", "rg", sections) as h:
+        with other_hostd(work, work / "state", tag, sections) as h:
             h.hostctl("image", "import", "bb", str(busybox_tar))
             yield h
     finally:
         fsutil.remove_tree(work)
+
+
+@pytest.fixture(scope="module")
+def deterministic(hostd: Hostd, busybox_tar: Path) -> Iterator[Hostd]:
+    with deterministic_host(hostd, "rd", busybox_tar) as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def other_host(hostd: Hostd, busybox_tar: Path) -> Iterator[Hostd]:
+    """A second server, with the same bounds."""
+    with deterministic_host(hostd, "rg", busybox_tar) as h:
+        yield h
 
 
 def formula_start(h: Hostd, user: str) -> int:

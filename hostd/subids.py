@@ -162,19 +162,21 @@ class SubIdFiles:
         return parse(_read(self.subuid)), parse(_read(self.subgid))
 
     def add(self, user: str, start: int, count: int) -> bool:
-        """Give `user` the range in both files; an entry already there is left as it is.
+        """Give `user` the range in both files; entries already in both are left as they are.
+        When one file lacks it (a change cut short between the two files), the entry goes to
+        the end of both, moved from where it was, so the files stay alike line for line.
         True when an entry had to be written."""
         self._check_locked()
         self._check_owner(user)
         entry = SubIdEntry(user, start, count)
-        wrote = False
-        for path in (self.subuid, self.subgid):
-            text = _read(path)
-            if entry not in parse(text):
-                sep = "\n" if text and not text.endswith("\n") else ""
-                _replace(path, f"{text}{sep}{user}:{start}:{count}\n")
-                wrote = True
-        return wrote
+        texts = {path: _read(path) for path in (self.subuid, self.subgid)}
+        if all(entry in parse(text) for text in texts.values()):
+            return False
+        for path, text in texts.items():
+            kept = "".join(ln for ln in _lines(text) if _entry(ln.removesuffix("\n")) != entry)
+            sep = "\n" if kept and not kept.endswith("\n") else ""
+            _replace(path, f"{kept}{sep}{user}:{start}:{count}\n")
+        return True
 
     def reown(self, start: int, count: int, old: Iterable[str], new: str) -> list[Path]:
         """Give the range's entries of any `old` owner to `new` in both files, each on its own

@@ -162,6 +162,9 @@ def hostd(rt: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hos
         f'subuid = "{h.subuid}"\nsubgid = "{h.subgid}"\n'
         f'[runtime]\ncgroup_parent = "{CGROUP_PARENT}"\nstop_timeout = 10\n'
         "[subids]\nmin = 200000000\nmax = 300000000\n"
+        # Small sparse volumes by default: doctor's disk headroom (the sum of quotas against
+        # the free space) stays ok on a test machine with tens of GB free and many tenants.
+        '[limits]\ndisk = "2G"\n'
         f'[gateway]\nlisten = "127.0.0.1:{h.ssh_port}"\nmax_failures = 1000\n'
         "max_unauthenticated_per_source = 64\n"
         f'[network]\nbridge = "{TEST_BRIDGE}"\nnft_table = "{TEST_TABLE}"\n'

@@ -203,6 +203,20 @@ def test_add_after_a_last_line_without_newline(files: SubIdFiles) -> None:
     assert files.subgid.read_text() == "bob:100000:65536\nalice:165536:65536\n"
 
 
+def test_add_after_a_change_cut_short_between_the_files_makes_them_alike(
+    files: SubIdFiles,
+) -> None:
+    """A remove killed after subuid, before subgid, then the range entered again: appending to
+    subuid alone would leave the files in different orders."""
+    files.subuid.write_text("bob:100000:65536\ncarol:300000:65536\n")
+    files.subgid.write_text("bob:100000:65536\nalice:165536:65536\ncarol:300000:65536\n")
+    with files.locked():
+        assert files.add(USER, 165536, RANGE_SIZE)
+        assert not files.add(USER, 165536, RANGE_SIZE)
+    want = "bob:100000:65536\ncarol:300000:65536\nalice:165536:65536\n"
+    assert (files.subuid.read_text(), files.subgid.read_text()) == (want, want)
+
+
 def test_remove_takes_only_that_range_and_is_idempotent(files: SubIdFiles) -> None:
     text = "alice:100000:65536\nbob:165536:65536\nalice:165536:65536\nalice:231072:65536"
     _write_both(files, text.encode())

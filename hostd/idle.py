@@ -30,7 +30,6 @@ from pathlib import Path
 
 from hostd.config import format_duration
 from hostd.sessions import Sessions
-from hostd.status import uptime
 from hostd.tenants import Tenants
 from runtime.errors import RuntimeFailure
 from runtime.ids import RANGE_SIZE
@@ -129,7 +128,7 @@ class AutoStopper:
         """Stop every tenant idle for its auto-stop time; what was done, one line each."""
         now = self.clock()
         own = self.tenants.state.auto_stops()
-        candidates: list[tuple[str, int, int, int]] = []  # user, after, range start, init pid
+        candidates: list[tuple[str, int, int]] = []  # user, after, range start
         for t in self.tenants.state.tenants():
             after = own.get(t.user, self.default)
             if t.phase != "ready" or t.desired != "running" or after <= 0:
@@ -139,13 +138,13 @@ class AutoStopper:
             except RuntimeFailure:  # removed meanwhile
                 continue
             if st.status == "running":
-                candidates.append((t.user, after, t.range_start, st.pid))
+                candidates.append((t.user, after, t.range_start))
         busy = self.scan(c[2] for c in candidates) if candidates else set()
         done = []
-        for user, after, start, pid in candidates:
+        for user, after, start in candidates:
             if start in busy:
                 self._seen[user] = now
-            since = self._since(user, pid, now)
+            since = self._since(user, now)
             if is_due(after, since, now) and self._stop(user, since):
                 self._seen.pop(user, None)
                 done.append(f"stopped {user}, idle for {format_duration(after)}")
@@ -160,8 +159,8 @@ class AutoStopper:
             log.warning("auto-stop: cannot stop %s: %s", user, exc)
             return False
 
-    def _since(self, user: str, pid: int, now: float) -> float:
-        up = uptime(pid)
+    def _since(self, user: str, now: float) -> float:
+        up = self.tenants.runtime.uptime(user)
         started = None if up is None else now - up
         return idle_since(self._born, started, self._seen.get(user), self.sessions.last_use(user))
 

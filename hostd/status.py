@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from hostd.backend import ContainerRuntime
@@ -63,15 +62,3 @@ def tenant_status(
         range_start=t.range_start,
         image=t.image,
     )
-
-
-def uptime(pid: int) -> float | None:
-    """Seconds since process `pid` started, None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            now = float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return max(0.0, now - start_ticks / os.sysconf("SC_CLK_TCK"))

@@ -564,12 +564,9 @@ class Runtime:
         run: `hostctl status` asks this of every tenant, during start storms too."""
         c = self.get(name)
         st = self.runc.state(name) or RuncState("stopped", 0)
-        uptime = None
-        if st.started:
-            uptime = max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - st.started / CLK_TCK)
         return Report(
             ContainerState(c, st.status, st.pid),
-            uptime,
+            _uptime(st),
             self._usage(name) if st.status == "running" else None,
             self._disk_used(c),
         )
@@ -656,6 +653,10 @@ class Runtime:
 
     # -- queries -------------------------------------------------------------------------------
 
+    def uptime(self, name: str) -> float | None:
+        """Seconds since the container's init started, None when it has none."""
+        return _uptime(self.runc.state(name))
+
     def state(self, name: str) -> ContainerState:
         c = self.get(name)
         st = self.runc.state(name) or RuncState("stopped", 0)
@@ -726,3 +727,10 @@ class Runtime:
         st = self.state(name)
         if st.status != "running":
             raise Conflict(f"container {name!r} is {st.status}", "start it first")
+
+
+def _uptime(st: RuncState | None) -> float | None:
+    """Seconds since init started, from its start time in clock ticks after boot."""
+    if st is None or not st.started:
+        return None
+    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - st.started / CLK_TCK)

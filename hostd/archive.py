@@ -326,13 +326,14 @@ def _tar_header(name: str, size: int) -> bytes:
 
 
 class Writer:
-    """An archive being written to `fd`: tar members piped into a `zstd` child writing to it.
-    Use as a context manager and call `finish()`; an exception kills zstd."""
+    """An archive being written to `fd`: tar members piped into a `zstd` child writing to it,
+    started behind `prefix` (the runtime's background cgroup, say). Use as a context manager
+    and call `finish()`; an exception kills zstd."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, prefix: Sequence[str] = ()) -> None:
         zstd = proc.require("zstd", "zstd")
         self._zstd = subprocess.Popen(
-            [zstd, "-q", "-T0", "-3", "-c"],
+            [*prefix, zstd, "-q", "-T0", "-3", "-c"],
             stdin=subprocess.PIPE,
             stdout=fd,
             stderr=subprocess.PIPE,

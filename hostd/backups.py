@@ -57,9 +57,11 @@ class Exporter(Protocol):
         with_home: bool,
         progress: Progress,
         manifest_to: int | None = None,
+        background: bool = False,
     ) -> object:
         """Write `user`'s archive to `out`, incremental against `since` (a parent's manifest
-        copy: fd and name); the manifest also to `manifest_to`."""
+        copy: fd and name); the manifest also to `manifest_to`; `background`: behind every
+        tenant."""
         ...
 
     def frozen_for_export(self, user: str) -> bool:
@@ -298,10 +300,12 @@ class Backups:
         try:
             with _new_file(udir, tmp) as out, _new_file(udir, tmp_manifest) as copy:
                 # A running tenant waits frozen for its copy: that one goes at full speed.
-                frozen = self.exporter.frozen_for_export(user)
-                with contextlib.nullcontext() if frozen else priority.idle():
+                idle = not self.exporter.frozen_for_export(user)
+                with priority.idle() if idle else contextlib.nullcontext():
                     home = self.settings.with_home
-                    self.exporter.export(user, out, since, home, progress, manifest_to=copy)
+                    self.exporter.export(
+                        user, out, since, home, progress, manifest_to=copy, background=idle
+                    )
                 os.fsync(out)
                 os.fsync(copy)
             os.rename(tmp_manifest, stem + MANIFEST, src_dir_fd=udir, dst_dir_fd=udir)

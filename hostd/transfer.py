@@ -85,10 +85,12 @@ class Transfers:
         with_home: bool,
         progress: Progress,
         manifest_to: int | None = None,
+        background: bool = False,
     ) -> p.Exported:
         """Write `user`'s archive to `out`: full, or with `since` (the parent's fd and name)
         only the chunks changed since that archive. Its manifest also goes to `manifest_to`
-        once the archive is complete (the copy backups keep, for the next incremental)."""
+        once the archive is complete (the copy backups keep, for the next incremental).
+        `background`: the compression runs behind every tenant (a stopped tenant's backup)."""
         began = time.monotonic()
         t = self.tenants.get(user)
         parent = None
@@ -96,7 +98,8 @@ class Transfers:
             progress(f"reading the parent's manifest from {since[1]}")
             parent = archive.parent_manifest(since[0], since[1], SCHEMA)
         meter = Meter(progress, "exported")
-        with self._only(user), Writer(out) as w:
+        behind = self.tenants.runtime.background() if background else contextlib.nullcontext([])
+        with self._only(user), behind as prefix, Writer(out, prefix) as w:
             head, hs, ts, chunks, sent, frozen = self._export_volume(t, w, parent, meter, with_home)
             pieces: list[str] = []
             warning = None

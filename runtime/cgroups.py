@@ -20,6 +20,9 @@ and cpu hierarchies, so the container's limits cover them too. On v2 the program
 inside go there as well (`runc exec --cgroup`): the node itself holds no process, and runc's
 fallback, init's own leaf, is the inner systemd's init.scope, which it caps at 15 % of the
 tenant's tasks (DefaultTasksMax). On v1 they join the container's cgroup, as runc does.
+hostd's own bulk work (a backup's compression) runs in BACKGROUND beside the containers, with
+the least CPU weight there is: SCHED_IDLE alone counts only among hostd's own tasks, and hostd's
+session or unit as a whole weighs as much as all the tenants' parent, or more.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ V2_CONTROLLERS = ("cpuset", "cpu", "io", "memory", "pids")
 CPUSET_FILES = ("cpuset.cpus", "cpuset.mems")
 UNIFIED = "unified"  # marks the cgroup2 tree of a hybrid host
 SESSIONS = "hostd-sessions"  # child of a container's cgroup holding its helpers on the host
+BACKGROUND = ".background"  # beside the containers: hostd's bulk work (no user name has a dot)
+BACKGROUND_WEIGHT = (("cpu.weight", "1"), ("cpu.shares", "2"))  # v2's and v1's least
 OWN_PARENT = "hostd"  # the containers' parent cgroup without systemd
 SYSTEMD_PARENT = "hostd.slice/hostd-tenants.service"  # packaging/systemd/hostd-tenants.service
 HOLDER = ".holder"  # v2: the leaf of hostd-tenants.service's process (no user name has a dot)
@@ -187,19 +192,71 @@ def apply_session(p: SessionCgroup) -> None:
     """Create the directories (idempotent). They must be root's: one the container's root
     made in its own cgroup would let it set the limits of hostd's helpers."""
     for d in p.dirs:
-        try:
-            os.mkdir(d, 0o755)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
+        if not _mkdir(d):
             raise RuntimeFailure(
                 f"no cgroup {os.path.dirname(d)}: the container is not running", "start it first"
-            ) from None
+            )
         if os.stat(d, follow_symlinks=False).st_uid != 0:
             raise RuntimeFailure(
                 f"{d} is not root's: the container made it",
                 "restart the container (`hostctl restart`)",
             )
+
+
+def background_plan(layout: Layout, parent: str) -> SessionCgroup:
+    """Where hostd's background work goes: BACKGROUND below the containers' parent, in the
+    cpu hierarchy on v1."""
+    if layout.version == 2:
+        return SessionCgroup((f"{layout.hierarchies[0].root}/{parent}/{BACKGROUND}",))
+    return SessionCgroup(
+        tuple(
+            f"{h.root}/{parent}/{BACKGROUND}" for h in layout.hierarchies if "cpu" in h.controllers
+        )
+    )
+
+
+def apply_background(p: SessionCgroup) -> bool:
+    """Create the directories with the least CPU weight; False, with none left, when there is
+    no parent (no container runs: nobody to yield to) or no CPU weight to set in it."""
+    made = []
+    for d in p.dirs:
+        if not _mkdir(d):
+            break
+        made.append(d)
+        if not any(_write_if_present(f"{d}/{f}", value) for f, value in BACKGROUND_WEIGHT):
+            break
+    else:
+        return bool(p.dirs)
+    remove_background(SessionCgroup(tuple(made)))
+    return False
+
+
+def _mkdir(path: str) -> bool:
+    """Make a cgroup directory (one already there will do); False when its parent is not."""
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def remove_background(p: SessionCgroup) -> None:
+    for d in p.dirs:
+        _rmdir_if_unused(d)
+
+
+def _write_if_present(path: str, value: str) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)  # never created: a cgroup's files exist
+    except FileNotFoundError:
+        return False
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+    return True
 
 
 def join_argv(p: SessionCgroup, argv: Sequence[str]) -> list[str]:

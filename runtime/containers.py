@@ -65,6 +65,8 @@ STAGING = "staging"  # below the state dir: staging files (imported volumes, clo
 CLK_TCK = os.sysconf("SC_CLK_TCK")  # the unit of a process's start time in /proc
 DISK_WALK_TTL = 30.0  # seconds a disk walk of a container without a mounted volume is kept
 _LXCFS_LOCK = threading.Lock()  # one lxcfs per host, started by whichever start comes first
+_BACKGROUND_LOCK = threading.Lock()  # the background cgroup: made by its first user, removed
+_background_users = 0  # by its last (a user's child must never find it gone)
 
 
 WAIT_FOR_SYSTEMD = (
@@ -439,10 +441,13 @@ class Runtime:
     def thaw_leftovers(self) -> list[str]:
         """Thaw the containers a runtime killed while it held them frozen left frozen (their
         marker is there, nobody holds their snapshot), and remove staging files left by dead
-        processes; the names of the containers thawed. For hostd's start."""
+        processes and the background cgroup of a killed backup; the names of the containers
+        thawed. For hostd's start."""
         thawed = []
         with self._locked():
             self._clear_staging()
+            plan = cgroups.background_plan(self.cgroup_layout(), self.settings.cgroup_parent)
+            cgroups.remove_background(plan)
             for c in self.containers():
                 cdir = self.records.dir(c.name)
                 if not (cdir / snapshot.MARKER).exists():
@@ -533,6 +538,26 @@ class Runtime:
         if self._layout is None:
             self._layout = cgroups.detect(mountinfo.current())
         return self._layout
+
+    @contextlib.contextmanager
+    def background(self) -> Iterator[list[str]]:
+        """An argv prefix that runs a program behind every container for CPU, for hostd's bulk
+        work (a backup's compression); [] when no container runs, as nobody is slowed then.
+        The prefix is valid inside the block only."""
+        global _background_users
+        plan = cgroups.background_plan(self.cgroup_layout(), self.settings.cgroup_parent)
+        with _BACKGROUND_LOCK:
+            ready = cgroups.apply_background(plan)
+            if ready:
+                _background_users += 1
+        try:
+            yield cgroups.join_argv(plan, []) if ready else []
+        finally:
+            if ready:
+                with _BACKGROUND_LOCK:
+                    _background_users -= 1
+                    if not _background_users:
+                        cgroups.remove_background(plan)
 
     def usage(self, name: str) -> cgroups.Usage | None:
         """Memory, CPU time and tasks used now (None when not running): a few cgroup files,

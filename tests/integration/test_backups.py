@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from runtime import cgroups, mountinfo
+from tests.conftest import CGROUP_PARENT
 from tests.hostd_harness import Hostd, UnixUsers, wait_for
 
 UNITS = Path(__file__).parents[2] / "packaging/systemd"
@@ -188,6 +190,72 @@ def test_hostd_killed_mid_backup_leaves_no_archive_to_restore(
         (again,) = run(hostd, user)  # and the next run clears what the killed one left
         assert not [n for n in files(backups, user) if n.endswith(".tmp")]
         assert again["archive"]["kind"] == "incremental"
+
+
+def _compressing(hostd: Hostd) -> str | None:
+    """The cpu cgroup of hostd's zstd child, while a backup compresses."""
+    assert hostd.proc is not None
+    children: list[str] = []
+    for task in Path(f"/proc/{hostd.proc.pid}/task").glob("*/children"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that has just ended
+            children += task.read_text().split()
+    for pid in children:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "zstd":
+                lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                fields = [line.split(":", 2) for line in lines]
+                cpu = [path for _, names, path in fields if "cpu" in names.split(",")]
+                return (cpu or [path for _, names, path in fields if not names])[0]
+    return None
+
+
+def test_a_stopped_tenants_backup_waits_for_what_busy_tenants_leave(
+    hostd: Hostd, unix_users: UnixUsers, backups: Path
+) -> None:
+    """SCHED_IDLE alone counts only among hostd's own threads, and hostd's session (or unit)
+    weighs as much as all the tenants or more: the compression runs beside the tenants, with
+    the least CPU weight there is."""
+    cpus = os.cpu_count() or 1
+    busy = unix_users.make()
+    hostd.hostctl("user", "add", busy, "--cpus", str(cpus), "--disk", "1G")
+    try:
+        with tenant(hostd, unix_users, True, "data") as down:
+            fill = "head -c 64M /dev/urandom > /var/tmp/noise && sync"
+            hostd.hostctl("exec", down, "--", "sh", "-c", fill)
+            hostd.hostctl("stop", down)
+            hostd.hostctl("start", busy)
+            spin = f"for i in $(seq {cpus}); do setsid sh -c 'while :; do :; done' & done"
+            hostd.hostctl("exec", busy, "--", "sh", "-c", f"{spin} >/dev/null 2>&1")
+            client = subprocess.Popen(
+                hostd.hostctl_argv("backup", "run", down, "--json"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                where = wait_for(lambda: _compressing(hostd), 60, "hostd's zstd child")
+                assert where == f"/{CGROUP_PARENT}/.background"
+                (root,) = [
+                    h.root
+                    for h in cgroups.detect(mountinfo.current()).hierarchies
+                    if "cpu" in h.controllers
+                ] or ["/sys/fs/cgroup"]
+                node = Path(f"{root}{where}")
+                weight = {
+                    f: (node / f).read_text().strip()
+                    for f in ("cpu.shares", "cpu.weight")
+                    if (node / f).exists()
+                }
+                assert weight in ({"cpu.shares": "2"}, {"cpu.weight": "1"})  # v1's or v2's least
+            finally:
+                hostd.hostctl("stop", busy)  # the backup then goes at full speed
+                out, err = client.communicate(timeout=120)
+            assert client.returncode == 0, err
+            (result,) = json.loads(out)
+            assert result["archive"]["kind"] == "full"
+            assert not node.exists()  # removed by its last user
+    finally:
+        hostd.hostctl("user", "remove", busy, check=False)
 
 
 def test_the_units_run_a_backup_daily_at_idle_io() -> None:

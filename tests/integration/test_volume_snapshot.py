@@ -1,7 +1,7 @@
 """Runtime.volume_snapshot on real containers: a running one is frozen (cgroup and ext4) while
 its volume is read, and runs again after; a stopped one is held unmounted; nothing that would
-hang on a frozen container is let through; a runtime killed inside leaves a marker that
-thaw_leftovers() clears."""
+hang on a frozen container is let through; a runtime killed inside leaves a marker (and a
+backup's background cgroup) that thaw_leftovers() clears."""
 
 from __future__ import annotations
 
@@ -167,6 +167,8 @@ def test_a_runtime_killed_while_frozen_is_thawed_at_the_next_start(
     (rt.state_dir / "staging").mkdir(mode=0o700, exist_ok=True)
     stale = rt.state_dir / "staging" / "99999999-0123"  # above pid_max: its process is gone
     stale.write_bytes(b"x")
+    background = cgroups.background_plan(rt.cgroup_layout(), CGROUP_PARENT)
+    assert cgroups.apply_background(background)  # as a backup killed with hostd leaves it
     argv = [sys.executable, "-c", KILLED_INSIDE, str(rt.state_dir), CGROUP_PARENT, name]
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=Path(__file__).parents[2])
     try:
@@ -179,6 +181,7 @@ def test_a_runtime_killed_while_frozen_is_thawed_at_the_next_start(
         assert rt.thaw_leftovers() == [name]
         assert not (cdir / snapshot.MARKER).exists() and not cgroups.is_frozen(freezer(name))
         assert not fs_frozen(cdir / "data") and not stale.exists() and mine.exists()
+        assert not any(os.path.exists(d) for d in background.dirs)
         mine.unlink()
         before = tick(rt, name)
         wait_for(lambda: tick(rt, name) != before, 30, "the writer to run again")

@@ -307,6 +307,10 @@ class FakeRuntime:
         live = {key: key == "disk" or box.status == "running" for key in changed}
         return {key: "now" if now else "at next start" for key, now in live.items()}
 
+    def background(self) -> contextlib.AbstractContextManager[list[str]]:
+        """No cgroups here: programs run as they are."""
+        return contextlib.nullcontext([])
+
     def uptime(self, name: str) -> float | None:
         """Unknown: the fake keeps no clock (auto-stop then counts from hostd's start)."""
         return None

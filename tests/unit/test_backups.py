@@ -104,12 +104,13 @@ def test_restore_picks_the_chain_up_to_the_time() -> None:
 
 class FakeExporter:
     """Writes `<user> <n>` as the archive and a manifest whose id is `<n>`; records the id of
-    the parent it was given and its thread's scheduling policy; fails for users in `failing`."""
+    the parent it was given, its thread's scheduling policy and whether it was asked to run in
+    the background; fails for users in `failing`."""
 
     def __init__(self) -> None:
         self.failing: set[str] = set()
         self.parents: list[int | None] = []
-        self.policies: list[int] = []
+        self.policies: list[tuple[int, bool]] = []
         self.block: threading.Event | None = None
         self.entered = threading.Event()
         self.running: set[str] = set()
@@ -125,11 +126,12 @@ class FakeExporter:
         with_home: bool,
         progress: object,
         manifest_to: int | None = None,
+        background: bool = False,
     ) -> None:
         self.entered.set()
         if self.block is not None:
             self.block.wait(10)
-        self.policies.append(os.sched_getscheduler(0))
+        self.policies.append((os.sched_getscheduler(0), background))
         parent = None if since is None else Manifest.parse(os.read(since[0], 1 << 20), since[1])
         self.parents.append(None if parent is None else int(parent.id, 16))
         n = len(self.parents)
@@ -192,11 +194,11 @@ def test_a_run_writes_archives_and_manifests_hostd_alone_can_read(
     assert stat.S_IMODE(archive.stat().st_mode) == 0o600
     copy = backup_dir / "alice" / name.replace(".hostd", ".manifest.json")
     assert copy.read_bytes() == manifest(1)
-    assert exporter.policies == [os.SCHED_IDLE, os.SCHED_IDLE]
+    assert exporter.policies == [(os.SCHED_IDLE, True), (os.SCHED_IDLE, True)]
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the worker thread gets its own back
     exporter.running.add("alice")  # frozen while it is copied: no idle priority for that one
     backups.run(["alice", "bob"], False, _quiet)
-    assert exporter.policies[2:] == [os.SCHED_OTHER, os.SCHED_IDLE]
+    assert exporter.policies[2:] == [(os.SCHED_OTHER, False), (os.SCHED_IDLE, True)]
 
 
 def test_incrementals_get_the_last_archives_manifest_then_a_new_chain(

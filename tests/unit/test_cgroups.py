@@ -285,6 +285,32 @@ def test_a_session_cgroup_made_by_someone_else_is_refused(tmp_path: Path) -> Non
         cgroups.apply_session(plan)
 
 
+# -- hostd's background work ------------------------------------------------------------------
+
+
+def test_background_work_goes_beside_the_containers_in_the_cpu_hierarchy() -> None:
+    v1 = cgroups.background_plan(detect(V1_HYBRID), "hostd")
+    assert v1.dirs == ("/sys/fs/cgroup/cpu/hostd/.background",)
+    v2 = cgroups.background_plan(detect(V2_UNIFIED), "hostd.slice/hostd-tenants.service")
+    assert v2.dirs == ("/sys/fs/cgroup/hostd.slice/hostd-tenants.service/.background",)
+
+
+def test_background_gets_the_least_cpu_weight_of_v1_or_v2(tmp_path: Path) -> None:
+    for weight, value in (("cpu.shares", "2"), ("cpu.weight", "1")):
+        d = tmp_path / weight / ".background"
+        d.mkdir(parents=True)  # a cgroup file system makes the file with the directory
+        (d / weight).touch()
+        assert cgroups.apply_background(cgroups.SessionCgroup((str(d),)))
+        assert (d / weight).read_text() == value
+
+
+def test_no_background_without_a_parent_or_a_weight_to_set(tmp_path: Path) -> None:
+    """No container runs (no parent), or the cpu controller is off there: none, nothing left."""
+    assert not cgroups.apply_background(cgroups.SessionCgroup((str(tmp_path / "p/.background"),)))
+    assert not cgroups.apply_background(cgroups.SessionCgroup((str(tmp_path / ".background"),)))
+    assert os.listdir(tmp_path) == []
+
+
 # -- the parent under systemd ------------------------------------------------------------------
 
 

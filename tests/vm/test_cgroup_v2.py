@@ -100,6 +100,32 @@ def test_limits_are_the_kernels(vm: Machine, tenant: Tenant, cgroup: str) -> Non
     assert keyed(vm, f"{cgroup}/cpu.stat")["nr_throttled"] > throttled
 
 
+# Where hostd compresses a stopped tenant's backup (tests/integration/test_backups.py drives
+# a backup on v1): its node, CPU weight, and whether it is left after.
+BACKGROUND = b"""
+import json, subprocess
+from pathlib import Path
+from hostd import config
+from runtime.containers import Runtime
+rt = Runtime(config.load().runtime_settings())
+with rt.background() as prefix:
+    cat = [*prefix, "cat", "/proc/self/cgroup"]
+    line = subprocess.run(cat, capture_output=True, text=True, check=True).stdout.strip()
+    node = Path("/sys/fs/cgroup" + line.removeprefix("0::"))
+    weight = (node / "cpu.weight").read_text().strip()
+print(json.dumps({"cgroup": line, "weight": weight, "left": node.exists()}))
+"""
+
+
+def test_hostds_background_work_weighs_least_beside_the_tenants(
+    vm: Machine, tenant: Tenant
+) -> None:
+    """Beside the tenants in hostd-tenants.service (hostd.service weighs as much as all of
+    them), with v2's least weight; made for the work, removed after it."""
+    seen = json.loads(vm.sh(f"{VENV_PYTHON} -", input=BACKGROUND))
+    assert seen == {"cgroup": f"0::{tenants_cgroup(vm)}/.background", "weight": "1", "left": False}
+
+
 def test_inner_docker_makes_its_own_cgroups(
     vm: Machine, tenant: Tenant, cgroup: str, busybox_tar: Path
 ) -> None:

@@ -74,13 +74,13 @@ def _processes() -> Iterator[tuple[int, str, list[bytes]]]:
         yield int(entry), os.path.basename(exe.removesuffix(" (deleted)")), argv
 
 
-def _pids(mountpoint: Path, programs: tuple[str, ...] = ("lxcfs",)) -> list[int]:
-    """Processes running one of `programs` with `mountpoint` as their last argument."""
+def _pids(mountpoint: Path) -> list[int]:
+    """Processes running lxcfs with `mountpoint` as their last argument."""
     where = os.fsencode(mountpoint.resolve())
     return [
         pid
         for pid, program, argv in _processes()
-        if program in programs and argv and argv[-1] == where
+        if program == "lxcfs" and argv and argv[-1] == where
     ]
 
 
@@ -109,21 +109,32 @@ def ensure_running(mountpoint: Path) -> None:
     mountpoint.mkdir(parents=True, exist_ok=True)
     log, pidfile = _sidecar(mountpoint, ".log"), _sidecar(mountpoint, ".pid")
     offset = log.stat().st_size if log.exists() else 0
-    # Through the chokepoint: the shell points stdio at the log, then `setsid --fork` starts
-    # lxcfs in a session of its own and returns at once; lxcfs (which never daemonizes
-    # itself) is orphaned to init, so it outlives us and never becomes our zombie.
-    argv = [setsid, "--fork", lxcfs, *OPTIONS, "--pidfile", str(pidfile), str(mountpoint)]
-    proc.run(["sh", "-c", 'exec "$@" </dev/null >>"$0" 2>&1', str(log), *argv])
-    deadline = time.monotonic() + START_TIMEOUT
-    while not _serving(mountpoint):
-        # The child is `setsid` until it has exec'd lxcfs: both count as starting.
-        if not _pids(mountpoint, ("lxcfs", "setsid")) or time.monotonic() > deadline:
-            stop(mountpoint)
-            raise RuntimeFailure(
-                f"lxcfs did not start at {mountpoint}: {_last_error(log, offset)}",
-                f"see {log}; check that /dev/fuse exists (modprobe fuse) and fuse3 is installed",
-            )
-        time.sleep(0.05)
+    # Through the chokepoint: the shell starts lxcfs in the background with stdio on the log,
+    # prints its pid and returns at once; lxcfs (which never daemonizes itself) is orphaned
+    # to init, so it outlives us and never becomes our zombie. `setsid` gives it a session of
+    # its own without a fork (a background job of a shell without job control leads no
+    # process group), so the pid stays lxcfs's. It is watched by a pidfd, not found by its
+    # argv: a process reads with an empty cmdline for a moment while it execs.
+    argv = [setsid, lxcfs, *OPTIONS, "--pidfile", str(pidfile), str(mountpoint)]
+    started = proc.run(["sh", "-c", '"$@" </dev/null >>"$0" 2>&1 & echo $!', str(log), *argv])
+    try:
+        pidfd: int | None = os.pidfd_open(int(started.stdout))
+    except ProcessLookupError:  # it failed at once, and init has reaped it already
+        pidfd = None
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _serving(mountpoint):
+            exited = pidfd is None or select.select([pidfd], [], [], 0.05)[0]
+            if exited or time.monotonic() > deadline:
+                stop(mountpoint)
+                raise RuntimeFailure(
+                    f"lxcfs did not start at {mountpoint}: {_last_error(log, offset)}",
+                    f"see {log}; check that /dev/fuse exists (modprobe fuse) and fuse3 is "
+                    "installed",
+                )
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _pidfd(pid: int, mountpoint: Path) -> int | None:

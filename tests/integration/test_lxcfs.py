@@ -46,6 +46,10 @@ def ours(mp: Path) -> list[int]:
     return found
 
 
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def meminfo(text: str) -> dict[str, int]:
     """/proc/meminfo as bytes per field."""
     fields = {}
@@ -62,6 +66,8 @@ def test_lxcfs_serves_proc_files_and_stops_cleanly(mountpoint: Path) -> None:
     assert lxcfs.is_mounted(mp)
     pids = ours(mp)
     assert len(pids) == 1
+    assert os.getsid(pids[0]) == pids[0]  # a session of its own: no terminal signal reaches it
+    assert _parent(pids[0]) != os.getpid()  # orphaned: never our zombie
     lxcfs.ensure_running(mp)  # already serving: nothing new is started
     assert ours(mp) == pids
 
@@ -119,6 +125,18 @@ def test_a_crashed_lxcfs_is_replaced(mountpoint: Path) -> None:
     lxcfs.ensure_running(mountpoint)
     assert meminfo((mountpoint / "proc/meminfo").read_text())["MemTotal"] > 0
     assert ours(mountpoint) not in ([], [pid])
+
+
+def test_the_start_waits_on_lxcfs_itself_not_on_its_argv(
+    mountpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a process execs, its cmdline reads empty: a start that looked for lxcfs by its
+    argv took that moment for a failed start ("did not start: no output", seen in CI). Here
+    every scan of /proc falls in that moment."""
+    monkeypatch.setattr(lxcfs, "_processes", lambda: iter(()))
+    lxcfs.ensure_running(mountpoint)
+    monkeypatch.undo()
+    assert lxcfs.is_mounted(mountpoint) and len(ours(mountpoint)) == 1
 
 
 def test_a_failed_start_says_why_and_leaves_nothing(mountpoint: Path) -> None:

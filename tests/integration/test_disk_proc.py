@@ -22,7 +22,7 @@ MiB = 2**20
 @pytest.fixture(scope="module")
 def lxcfs_rt(state_dir: Path, rt: Runtime) -> Iterator[Runtime]:
     """The session's runtime, plus lxcfs on a mount point of the test's own."""
-    mountpoint = state_dir / "lxcfs"
+    mountpoint = state_dir / "lxcfs-disk-proc"  # not the session hostd's state_dir/lxcfs
     yield Runtime(Settings(state_dir, cgroup_parent=CGROUP_PARENT, lxcfs=mountpoint))
     lxcfs.stop(mountpoint)
     assert not lxcfs.is_mounted(mountpoint)

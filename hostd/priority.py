@@ -45,8 +45,8 @@ def favour_this_session() -> None:
 def idle() -> Iterator[None]:
     """Run the calling thread (and what it starts: zstd, tar) at SCHED_IDLE, which is also
     the idle I/O class where the I/O scheduler has one. That counts only among hostd's own
-    tasks: against the tenants, a stopped tenant's backup compresses in the runtime's
-    background cgroup. Restored after, as the thread serves other requests."""
+    tasks: against the tenants, a stopped tenant's backup compresses (and tars the home) in
+    the runtime's background cgroup. Restored after, as the thread serves other requests."""
     before = os.sched_getscheduler(0), os.sched_getparam(0)
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     try:

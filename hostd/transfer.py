@@ -90,7 +90,8 @@ class Transfers:
         """Write `user`'s archive to `out`: full, or with `since` (the parent's fd and name)
         only the chunks changed since that archive. Its manifest also goes to `manifest_to`
         once the archive is complete (the copy backups keep, for the next incremental).
-        `background`: the compression runs behind every tenant (a stopped tenant's backup)."""
+        `background`: the compression and the home's tar run behind every tenant (a stopped
+        tenant's backup)."""
         began = time.monotonic()
         t = self.tenants.get(user)
         parent = None
@@ -105,7 +106,7 @@ class Transfers:
             warning = None
             if with_home:
                 progress(f"reading {t.home} as {user}")
-                pieces, warning = self._export_home(t, w, meter)
+                pieces, warning = self._export_home(t, w, meter, prefix)
             manifest = Manifest(head.id, head.volume_size, chunks, (*pieces,), hs, ts).encode()
             w.add(archive.MANIFEST, manifest)
             w.finish()
@@ -198,12 +199,14 @@ class Transfers:
             created=t.created,
         )
 
-    def _export_home(self, t: Tenant, w: Writer, meter: Meter) -> tuple[list[str], str | None]:
-        """The home as a tar stream made by `tar` as the user, in pieces; the pieces' sha256
-        and what tar could not read, if anything."""
+    def _export_home(
+        self, t: Tenant, w: Writer, meter: Meter, behind: Sequence[str]
+    ) -> tuple[list[str], str | None]:
+        """The home as a tar stream made by `tar` as the user (started behind the argv prefix
+        `behind`), in pieces; the pieces' sha256 and what tar could not read, if anything."""
         pw = self.tenants.getpwnam(t.user)
         argv = ["tar", "-C", pw.pw_dir, "--one-file-system", "-cf", "-", "."]
-        with _as_user(argv, pw, stdin=subprocess.PIPE) as (tar, errors):
+        with _as_user(argv, pw, stdin=subprocess.PIPE, behind=behind) as (tar, errors):
             assert tar.stdout is not None and tar.stdin is not None
             tar.stdin.close()
             pieces: list[str] = []
@@ -461,19 +464,34 @@ class _Tail:
 
 @contextlib.contextmanager
 def _as_user(
-    argv: list[str], pw: pwd.struct_passwd, stdin: int | IO[bytes] | None
+    argv: list[str],
+    pw: pwd.struct_passwd,
+    stdin: int | IO[bytes] | None,
+    behind: Sequence[str] = (),
 ) -> Iterator[tuple[subprocess.Popen[bytes], _Tail]]:
     """`argv` run as the user (their uid, gid and groups; never root), in /, stdout piped;
-    killed if the block fails."""
+    killed if the block fails. `behind`: an argv prefix run as root first (only root may move
+    a process into another cgroup), which setpriv then turns into the user."""
     groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+    uid: int | None = pw.pw_uid
+    gid: int | None = pw.pw_gid
+    extra: list[int] | None = groups
+    if behind:  # the prefix runs as root, setpriv becomes the user: no switch in the fork
+        ids = [
+            f"--reuid={pw.pw_uid}",
+            f"--regid={pw.pw_gid}",
+            f"--groups={','.join(map(str, groups))}",
+        ]
+        argv = [*behind, "setpriv", *ids, "--", *argv]
+        uid = gid = extra = None
     child = subprocess.Popen(
         argv,
         stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        user=pw.pw_uid,
-        group=pw.pw_gid,
-        extra_groups=groups,
+        user=uid,
+        group=gid,
+        extra_groups=extra,
         cwd="/",
         env={**TAR_ENV, "HOME": pw.pw_dir},
     )

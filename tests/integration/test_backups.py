@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -192,8 +193,8 @@ def test_hostd_killed_mid_backup_leaves_no_archive_to_restore(
         assert again["archive"]["kind"] == "incremental"
 
 
-def _compressing(hostd: Hostd) -> str | None:
-    """The cpu cgroup of hostd's zstd child, while a backup compresses."""
+def _child(hostd: Hostd, comm: str) -> tuple[str, int] | None:
+    """The cpu cgroup and uid of hostd's child running `comm`, while there is one."""
     assert hostd.proc is not None
     children: list[str] = []
     for task in Path(f"/proc/{hostd.proc.pid}/task").glob("*/children"):
@@ -201,11 +202,12 @@ def _compressing(hostd: Hostd) -> str | None:
             children += task.read_text().split()
     for pid in children:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            if Path(f"/proc/{pid}/comm").read_text().strip() == "zstd":
+            if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
                 lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                uid = os.stat(f"/proc/{pid}").st_uid
                 fields = [line.split(":", 2) for line in lines]
                 cpu = [path for _, names, path in fields if "cpu" in names.split(",")]
-                return (cpu or [path for _, names, path in fields if not names])[0]
+                return (cpu or [path for _, names, path in fields if not names])[0], uid
     return None
 
 
@@ -213,16 +215,22 @@ def test_a_stopped_tenants_backup_waits_for_what_busy_tenants_leave(
     hostd: Hostd, unix_users: UnixUsers, backups: Path
 ) -> None:
     """SCHED_IDLE alone counts only among hostd's own threads, and hostd's session (or unit)
-    weighs as much as all the tenants or more: the compression runs beside the tenants, with
-    the least CPU weight there is."""
+    weighs as much as all the tenants or more: the compression, and the home's tar run as the
+    user, go beside the tenants, with the least CPU weight there is."""
     cpus = os.cpu_count() or 1
     busy = unix_users.make()
-    hostd.hostctl("user", "add", busy, "--cpus", str(cpus), "--disk", "1G")
+    hostd.hostctl("user", "add", busy, "--disk", "1G", "--cpus", str(cpus))
     try:
-        with tenant(hostd, unix_users, True, "data") as down:
+        with (
+            hostd.configured("home", "[backup]\nwith_home = true\n"),
+            tenant(hostd, unix_users, True, "data") as down,
+        ):
             fill = "head -c 64M /dev/urandom > /var/tmp/noise && sync"
             hostd.hostctl("exec", down, "--", "sh", "-c", fill)
             hostd.hostctl("stop", down)
+            pw = pwd.getpwnam(down)
+            # 2 GB of zeros for tar to read (a sparse file): seconds of tar to look at
+            subprocess.run(["truncate", "-s", "2G", f"{pw.pw_dir}/zeros"], check=True, user=down)
             hostd.hostctl("start", busy)
             spin = f"for i in $(seq {cpus}); do setsid sh -c 'while :; do :; done' & done"
             hostd.hostctl("exec", busy, "--", "sh", "-c", f"{spin} >/dev/null 2>&1")
@@ -232,15 +240,16 @@ def test_a_stopped_tenants_backup_waits_for_what_busy_tenants_leave(
                 stderr=subprocess.PIPE,
                 text=True,
             )
+            behind = f"/{CGROUP_PARENT}/.background"
             try:
-                where = wait_for(lambda: _compressing(hostd), 60, "hostd's zstd child")
-                assert where == f"/{CGROUP_PARENT}/.background"
+                zstd = wait_for(lambda: _child(hostd, "zstd"), 60, "hostd's zstd child")
+                assert zstd == (behind, 0)
                 (root,) = [
                     h.root
                     for h in cgroups.detect(mountinfo.current()).hierarchies
                     if "cpu" in h.controllers
                 ] or ["/sys/fs/cgroup"]
-                node = Path(f"{root}{where}")
+                node = Path(f"{root}{behind}")
                 weight = {
                     f: (node / f).read_text().strip()
                     for f in ("cpu.shares", "cpu.weight")
@@ -249,6 +258,10 @@ def test_a_stopped_tenants_backup_waits_for_what_busy_tenants_leave(
                 assert weight in ({"cpu.shares": "2"}, {"cpu.weight": "1"})  # v1's or v2's least
             finally:
                 hostd.hostctl("stop", busy)  # the backup then goes at full speed
+            try:  # after the volume, the home: tar as the user, still behind
+                tar = wait_for(lambda: _child(hostd, "tar"), 60, "hostd's tar child")
+                assert tar == (behind, pw.pw_uid)
+            finally:
                 out, err = client.communicate(timeout=120)
             assert client.returncode == 0, err
             (result,) = json.loads(out)

@@ -14,6 +14,7 @@ from runtime.containers import Runtime
 from runtime.execs import ExecSpec
 from runtime.limits import Limits
 from tests.conftest import CGROUP_PARENT, INNER_DRIVER, next_range, sh
+from tests.hostd_harness import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,17 @@ def test_fork_bomb_stays_inside(rt: Runtime, limited: str) -> None:
     # killed (here from the host, by their PIDs in the container's cgroup)
     assert subprocess.run(["true"], check=False).returncode == 0
     procs = Path(f"/sys/fs/cgroup/pids/{CGROUP_PARENT}/{limited}").rglob("cgroup.procs")
+    killed = []
     for pid in {int(p) for f in procs for p in f.read_text().split()}:
         if Path(f"/proc/{pid}/comm").read_text().strip() == "sleep":
             os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    # a PID is given back to the container's count when init inside reaps the process
+    wait_for(
+        lambda: not any(os.path.exists(f"/proc/{pid}") for pid in killed),
+        60,
+        lambda: f"init inside to reap the killed processes ({rt.usage(limited)})",
+    )
     assert sh(rt, limited, "echo alive").strip() == "alive"
 
 
